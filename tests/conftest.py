@@ -1,0 +1,57 @@
+"""Shared fixtures: the real SmolLM2 GGUF converted once per session, and a tiny random Llama
+that borrows its tokenizer (fast to train, same text pipeline as the real model)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedllm.config import ModelConfig
+from fedllm.model import MODEL_CACHE, convert_gguf, packaged_gguf
+
+logging.getLogger("fedllm").setLevel(logging.WARNING)
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(model_cache) -> Path:
+    """The packaged SmolLM2-135M-Instruct GGUF, converted to safetensors (real, ~30 s once)."""
+    return convert_gguf(packaged_gguf(), model_cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A 2-layer random Llama (hidden 32) with SmolLM2's tokenizer and chat template."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_cfg(tiny_model_dir) -> ModelConfig:
+    return ModelConfig(name=str(tiny_model_dir))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_model_cache():
+    MODEL_CACHE.clear()
+    yield
+    MODEL_CACHE.clear()

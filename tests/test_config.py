@@ -1,0 +1,69 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedllm import Config, ConfigError, parse_overrides
+from fedllm.config import help_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_and_dashed_keys():
+    cfg = Config.from_flat({"lora.rank": 16, "server.num-rounds": 5, "train.local_steps": 3})
+    assert cfg.lora.rank == 16
+    assert cfg.server.num_rounds == 5
+    assert cfg.train.local_steps == 3
+    assert cfg.model.dtype == "float32"
+
+
+def test_strings_are_typed():
+    cfg = Config.from_flat(parse_overrides(["lora.alpha=32", "train.lr=0.01", "server.merge=true"]))
+    assert cfg.lora.alpha == 32.0 and isinstance(cfg.lora.alpha, float)
+    assert cfg.train.lr == 0.01
+    assert cfg.server.merge is True
+
+
+def test_flat_round_trip():
+    cfg = Config.from_flat({"lora.rank": 4, "data.partition": "iid"})
+    assert Config.from_flat(cfg.to_flat()) == cfg
+    assert cfg.replace(lora__rank=2).lora.rank == 2
+    assert cfg.lora.rank == 4  # replace returns a copy
+
+
+@pytest.mark.parametrize(
+    "flat, named",
+    [
+        ({"lora.rnak": 8}, "lora.rnak"),
+        ({"nosection.x": 1}, "nosection.x"),
+        ({"lora": 1}, "lora"),
+        ({"lora.rank": "eight"}, "lora.rank"),
+        ({"lora.rank": 2.5}, "lora.rank"),
+        ({"server.merge": "maybe"}, "server.merge"),
+        ({"lora.rank": 0}, "lora.rank"),
+        ({"data.partition": "random"}, "data.partition"),
+        ({"model.dtype": "float8"}, "model.dtype"),
+        ({"server.fraction-train": 1.5}, "server.fraction-train"),
+    ],
+)
+def test_bad_keys_name_themselves(flat, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        Config.from_flat(flat)
+
+
+def test_override_syntax():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["lora.rank"])
+
+
+def test_pyproject_defaults_are_valid_keys():
+    app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    cfg = Config.from_flat(app)
+    assert cfg.model.name == "smollm2-135m-instruct"
+    assert cfg.server.strategy == "fedavg"
+
+
+def test_every_key_has_help():
+    rows = help_table()
+    assert len(rows) >= 30
+    assert all(text for _, text, _ in rows)
