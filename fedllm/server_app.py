@@ -65,6 +65,7 @@ def run(grid: Grid, cfg: Config) -> Path:
             **ev,
             "bytes-down": down,
             "bytes-up": {str(u.node_id): u.bytes_up for u in getattr(strategy, "updates", [])},
+            "clients": {str(u.node_id): u.metrics for u in getattr(strategy, "updates", [])},
             "dropped": [{"node": str(n), "reason": r} for n, r in getattr(strategy, "dropped", [])],
             "train-seconds": round(train_seconds, 3),
             "round-seconds": round(time.perf_counter() - t0, 3),

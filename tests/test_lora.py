@@ -1,0 +1,90 @@
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from fedllm.config import DataConfig, LoraConfig, TrainConfig
+from fedllm.data import builtin, encode
+from fedllm.evaluate import eval_loss
+from fedllm.model import MODEL_CACHE
+from fedllm.updates import lora
+
+
+def _rows(tok, n=16):
+    train, _ = builtin.builtin_splits(["parity"], n, 1, seed=0)
+    return train, [encode(tok, e, 64) for e in train]
+
+
+def test_model_is_cached_per_shape(tiny_cfg):
+    a, _ = lora.lora_model(tiny_cfg, LoraConfig())
+    b, _ = lora.lora_model(tiny_cfg, LoraConfig())
+    c, _ = lora.lora_model(tiny_cfg, LoraConfig(rank=4))
+    assert a is b and a is not c
+    assert MODEL_CACHE.loads == 2
+
+
+def test_only_adapter_tensors_travel(tiny_cfg):
+    model, _ = lora.lora_model(tiny_cfg, LoraConfig(rank=4, target_modules="q_proj,v_proj"))
+    state = lora.adapter_state(model)
+    assert len(state) == 2 * 2 * 2  # layers x modules x (A, B)
+    assert all("lora_A" in k or "lora_B" in k for k in state)
+    shapes = {k.split(".")[-2]: tuple(v.shape) for k, v in state.items() if "q_proj" in k}
+    assert shapes == {"lora_A": (4, 64), "lora_B": (64, 4)}
+
+
+def test_adapter_round_trip(tiny_cfg, tmp_path):
+    model, tok = lora.lora_model(tiny_cfg, LoraConfig(rank=4))
+    state = {k: torch.randn_like(v) * 0.1 for k, v in lora.adapter_state(model).items()}
+    lora.set_adapter_state(model, state)
+    assert all(torch.equal(v, state[k]) for k, v in lora.adapter_state(model).items())
+    ids = tok("hello world", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = model(ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(tiny_cfg.name)
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, want, atol=1e-6)
+        merged = loaded.merge_and_unload()
+        assert torch.allclose(merged(ids).logits, want, atol=1e-5)
+
+
+def test_set_adapter_state_rejects_other_keys(tiny_cfg):
+    model, _ = lora.lora_model(tiny_cfg, LoraConfig(rank=4))
+    state = lora.adapter_state(model)
+    state.pop(next(iter(state)))
+    try:
+        lora.set_adapter_state(model, state)
+    except Exception as err:
+        assert "missing" in str(err)
+    else:
+        raise AssertionError("a missing tensor was accepted")
+
+
+def test_train_lowers_loss_and_is_repeatable(tiny_cfg):
+    model, tok = lora.lora_model(tiny_cfg, LoraConfig(rank=8, dropout=0.0))
+    train, rows = _rows(tok)
+    start = lora.adapter_state(model)
+    before = eval_loss(model, tok, train, DataConfig(max_length=64, system_prompt=""))
+    cfg = TrainConfig(local_steps=15, batch_size=4, lr=0.02)
+    stats = lora.train(model, rows, cfg, tok.pad_token_id, seed=1)
+    after = eval_loss(model, tok, train, DataConfig(max_length=64, system_prompt=""))
+    assert after < before - 0.5, (before, after)
+    assert stats["steps"] == 15 and stats["examples-seen"] == 60
+    first = lora.adapter_state(model)
+    lora.set_adapter_state(model, start)
+    lora.train(model, rows, cfg, tok.pad_token_id, seed=1)
+    assert all(torch.allclose(first[k], v) for k, v in lora.adapter_state(model).items())
+    assert not model.training
+
+
+def test_grad_accum_matches_a_bigger_batch(tiny_cfg):
+    model, tok = lora.lora_model(tiny_cfg, LoraConfig(rank=4, dropout=0.0))
+    _, rows = _rows(tok, 8)
+    rows = [rows[0]] * 8  # identical rows: accumulation of 2x2 equals one batch of 4
+    start = lora.adapter_state(model)
+    lora.train(model, rows, TrainConfig(local_steps=1, batch_size=4, lr=0.01, max_grad_norm=0), tok.pad_token_id, 0)
+    big = lora.adapter_state(model)
+    lora.set_adapter_state(model, start)
+    lora.train(model, rows, TrainConfig(local_steps=1, batch_size=2, grad_accum=2, lr=0.01, max_grad_norm=0),
+               tok.pad_token_id, 0)
+    assert all(torch.allclose(big[k], v, atol=1e-6) for k, v in lora.adapter_state(model).items())

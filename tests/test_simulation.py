@@ -1,0 +1,84 @@
+"""End to end: a real Flower simulation (Ray backend) of a tiny model, through the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+pytestmark = pytest.mark.slow
+
+
+def _fedllm(*args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", "fedllm", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=900)
+
+
+def test_two_clients_two_rounds(tiny_model_dir, tmp_path):
+    sets = {
+        "model.name": tiny_model_dir, "server.run-dir": tmp_path, "server.run-name": "e2e",
+        "server.num-rounds": 2, "data.families": "parity,arithmetic,units",
+        "data.train-per-family": 16, "data.eval-per-family": 4, "train.local-steps": 8,
+        "train.lr": 0.02, "lora.dropout": 0.0, "server.exact-match-examples": 4,
+        "server.max-new-tokens": 4, "server.merge": "true",
+    }
+    args = ["simulate", "--num-clients", "2"] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    proc = _fedllm(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "e2e"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[2]["eval-loss"] < rows[0]["eval-loss"] - 0.3
+    for r in rows[1:]:
+        assert r["clients-ok"] == 2 and r["dropped"] == []
+        assert len(r["bytes-up"]) == 2 and len(r["bytes-down"]) == 2
+        assert all(b > 10_000 for b in r["bytes-up"].values())
+        assert r["round-seconds"] > 0 and r["train-loss"] > 0
+        partitions = sorted(c["partition-id"] for c in r["clients"].values())
+        assert partitions == [0, 1]
+        # Both virtual clients share one worker process, which loaded the model once.
+        assert all(c["model-loads"] == 1 for c in r["clients"].values())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval-loss-after"] == rows[2]["eval-loss"]
+    assert "eval loss" in proc.stderr + proc.stdout
+
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run / "adapter")
+        merged = AutoModelForCausalLM.from_pretrained(run / "merged")
+        assert torch.allclose(adapted(ids).logits, merged(ids).logits, atol=1e-4)
+        assert not torch.allclose(adapted(ids).logits, plain, atol=1e-3)  # the adapter was trained
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["lora.rnak=4"], "lora.rnak: unknown config key"),
+        (["data.source=/no/such/file.jsonl"], "data.source: file not found: /no/such/file.jsonl"),
+        (["model.name=/no/such/model.gguf"], "model.name: GGUF file not found"),
+        (["server.strategy=fedmagic"], "server.strategy: unknown strategy 'fedmagic'"),
+        (["train.lr=fast"], "train.lr: expected float, got 'fast'"),
+    ],
+)
+def test_bad_input_one_line_error(sets, message, tmp_path):
+    proc = _fedllm("simulate", *[a for s in sets for a in ("--set", s)], "--set", f"server.run-dir={tmp_path}")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("fedllm: error: ") and message in lines[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_missing_field_in_data_file(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "c"}\n')
+    proc = _fedllm("simulate", "--set", f"data.source={data}", "--set", "data.instruction-field=prompt",
+                   "--set", "data.response-field=answer", "--set", f"server.run-dir={tmp_path / 'runs'}")
+    assert proc.returncode == 2
+    assert f"{data}: row 1 has no field 'answer'" in proc.stderr.strip().splitlines()[-1]
