@@ -43,15 +43,15 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Before/after figures of a run from its metrics rows."""
-    evaluated = [r for r in rows if "eval-loss" in r]
+    evaluated = [r for r in rows if "eval-loss" in r] or [{}]
     first, last = evaluated[0], evaluated[-1]
     trained = [r for r in rows if r["round"] > 0]
     return {
         "rounds": len(trained),
-        "eval-loss-before": first["eval-loss"],
-        "eval-loss-after": last["eval-loss"],
-        "exact-match-before": first["exact-match"],
-        "exact-match-after": last["exact-match"],
+        "eval-loss-before": first.get("eval-loss"),
+        "eval-loss-after": last.get("eval-loss"),
+        "exact-match-before": first.get("exact-match"),
+        "exact-match-after": last.get("exact-match"),
         "bytes-up-total": sum(sum(r.get("bytes-up", {}).values()) for r in trained),
         "bytes-down-total": sum(sum(r.get("bytes-down", {}).values()) for r in trained),
         "seconds": sum(r.get("round-seconds", 0.0) for r in trained),
@@ -59,10 +59,13 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def format_summary(s: dict[str, Any]) -> str:
+    def num(v: Any, digits: int) -> str:
+        return "-" if v is None else f"{v:.{digits}f}"
+
     return "\n".join([
         f"rounds             {s['rounds']}",
-        f"eval loss          {s['eval-loss-before']:.4f} -> {s['eval-loss-after']:.4f}",
-        f"exact match        {s['exact-match-before']:.3f} -> {s['exact-match-after']:.3f}",
+        f"eval loss          {num(s['eval-loss-before'], 4)} -> {num(s['eval-loss-after'], 4)}",
+        f"exact match        {num(s['exact-match-before'], 3)} -> {num(s['exact-match-after'], 3)}",
         f"bytes up / down    {s['bytes-up-total'] / 1e6:.2f} MB / {s['bytes-down-total'] / 1e6:.2f} MB",
         f"training time      {s['seconds']:.1f} s",
     ])

@@ -39,7 +39,8 @@ def run(grid: Grid, cfg: Config) -> Path:
 
     def evaluate_state(server_round: int) -> dict[str, float]:
         every = cfg.server.eval_every
-        if server_round not in (0, n_rounds) and (every <= 0 or server_round % every):
+        if not cfg.server.evaluate or (
+                server_round not in (0, n_rounds) and (every <= 0 or server_round % every)):
             return {}
         lora.set_adapter_state(model, state)
         return evaluate(model, tokenizer, held_out, cfg.data, cfg.server.eval_batch_size,
@@ -47,7 +48,8 @@ def run(grid: Grid, cfg: Config) -> Path:
 
     start = evaluate_state(0)
     metrics.write({"round": 0, **start})
-    log.info("round 0/%d: eval loss %.4f, exact match %.3f", n_rounds, start["eval-loss"], start["exact-match"])
+    log.info("round 0/%d: eval loss %s, exact match %s", n_rounds, _fmt(start.get("eval-loss")),
+             _fmt(start.get("exact-match")))
     for server_round in range(1, n_rounds + 1):
         t0 = time.perf_counter()
         messages = list(strategy.configure_train(

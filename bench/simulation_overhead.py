@@ -1,0 +1,147 @@
+"""What does the federation cost? The same LoRA steps on the same samples, run
+(a) centralized with plain PEFT + torch, and (b) as a Flower simulation (Ray backend).
+
+    python bench/simulation_overhead.py [--clients 2] [--rounds 2] [--steps 12] [--out FILE]
+
+Both run as child processes from a cold start (imports, model load from the safetensors cache,
+training, saving the adapter); server-side evaluation is off in (b) so that only training is
+compared. Memory is the peak, over time, of the summed RSS of the whole process tree (for (b):
+the driver, Ray's raylet and GCS, and the worker). Prints a table and writes JSON.
+Goal: time ratio <= 1.10, memory ratio <= 1.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The centralized baseline: the clients' work done back to back in one process with plain
+# PEFT and torch (fresh AdamW per client-round, the same seeded batches as the clients).
+CENTRAL = r"""
+import sys, torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from fedllm.config import Config
+from fedllm.data import collate, encode, load_splits, partition
+from fedllm.model import resolve
+
+cfg = Config.from_flat(dict(a.split("=", 1) for a in sys.argv[3:]))
+clients, rounds = int(sys.argv[1]), int(sys.argv[2])
+path = resolve(cfg.model)
+tok = AutoTokenizer.from_pretrained(path)
+model = AutoModelForCausalLM.from_pretrained(path)
+torch.manual_seed(cfg.train.seed)
+model = get_peft_model(model, LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
+    lora_dropout=cfg.lora.dropout, target_modules=cfg.lora.modules(), task_type="CAUSAL_LM"))
+train, _ = load_splits(cfg.data)
+data = [[encode(tok, e, cfg.data.max_length, cfg.data.system_prompt)
+         for e in partition(train, cfg.data, clients, pid)] for pid in range(clients)]
+params = [p for p in model.parameters() if p.requires_grad]
+model.train()
+for rnd in range(1, rounds + 1):
+    for pid, rows in enumerate(data):
+        opt = torch.optim.AdamW(params, lr=cfg.train.lr)
+        gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + rnd * 1009 + pid)
+        order = []
+        for _ in range(cfg.train.local_steps):
+            if len(order) < cfg.train.batch_size:
+                order += torch.randperm(len(rows), generator=gen).tolist()
+            picked, order = order[:cfg.train.batch_size], order[cfg.train.batch_size:]
+            loss = model(**collate([rows[i] for i in picked], tok.pad_token_id)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+model.save_pretrained(sys.argv[-1].split("=", 1)[1] + "/central-adapter")
+"""
+
+
+def measure(cmd: list[str], env: dict) -> dict:
+    """Wall time and peak summed RSS of a command's process tree (sampled every 50 ms)."""
+    peak = 0
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    root = psutil.Process(proc.pid)
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            total = 0
+            try:
+                for p in [root, *root.children(recursive=True)]:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                pass
+            peak = max(peak, total)
+            time.sleep(0.05)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    out, _ = proc.communicate()
+    seconds = time.perf_counter() - start
+    done.set()
+    t.join()
+    if proc.returncode != 0:
+        sys.stderr.write(out.decode()[-4000:])
+        raise SystemExit(f"{cmd[:4]} failed with exit code {proc.returncode}")
+    return {"seconds": seconds, "peak_rss_mb": peak / 2**20}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=12, help="local steps per client per round")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "simulation_overhead.json"))
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="fedllm-bench-"))
+    sets = {
+        "model.name": args.model, "data.partition": "iid", "data.train-per-family": 16,
+        "train.local-steps": args.steps, "train.batch-size": 4, "lora.dropout": 0.0,
+        "server.num-rounds": args.rounds, "server.min-clients": args.clients,
+        "server.evaluate": "false", "server.run-dir": str(work), "server.run-name": "fed",
+    }
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    subprocess.run([sys.executable, "-m", "fedllm", "prepare-model", "--set", f"model.name={args.model}"],
+                   env=env, check=True, capture_output=True)
+    flat = [f"{k}={v}" for k, v in sets.items()]
+    central = measure([sys.executable, "-c", CENTRAL, str(args.clients), str(args.rounds), *flat], env)
+    fed_cmd = [sys.executable, "-m", "fedllm", "simulate", "--num-clients", str(args.clients)]
+    for kv in flat:
+        fed_cmd += ["--set", kv]
+    federated = measure(fed_cmd, env)
+    steps = args.clients * args.rounds * args.steps
+    result = {
+        "model": args.model, "clients": args.clients, "rounds": args.rounds, "lora_steps": steps,
+        "centralized": central, "federated": federated,
+        "time_ratio": federated["seconds"] / central["seconds"],
+        "memory_ratio": federated["peak_rss_mb"] / central["peak_rss_mb"],
+        "goal": {"time_ratio": 1.10, "memory_ratio": 1.5},
+    }
+    print(f"{'':14}{'seconds':>10}{'peak RSS MB':>14}")
+    for name in ("centralized", "federated"):
+        print(f"{name:14}{result[name]['seconds']:>10.1f}{result[name]['peak_rss_mb']:>14.0f}")
+    print(f"{'ratio':14}{result['time_ratio']:>10.3f}{result['memory_ratio']:>14.3f}"
+          f"   (goal <= 1.10 time, <= 1.5 memory; {steps} LoRA steps each)")
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
