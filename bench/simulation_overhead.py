@@ -1,7 +1,7 @@
 """What does the federation cost? The same LoRA steps on the same samples, run
 (a) centralized with plain PEFT + torch, and (b) as a Flower simulation (Ray backend).
 
-    python bench/simulation_overhead.py [--clients 2] [--rounds 2] [--steps 12] [--out FILE]
+    python bench/simulation_overhead.py [--clients 2] [--rounds 3] [--steps 20] [--out FILE]
 
 Both run as child processes from a cold start (imports, model load from the safetensors cache,
 training, saving the adapter); server-side evaluation is off in (b) so that only training is
@@ -68,7 +68,7 @@ model.save_pretrained(sys.argv[-1].split("=", 1)[1] + "/central-adapter")
 
 
 def measure(cmd: list[str], env: dict) -> dict:
-    """Wall time and peak summed RSS of a command's process tree (sampled every 50 ms)."""
+    """Wall time and peak summed RSS of a command's process tree (sampled every 200 ms)."""
     peak = 0
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -88,7 +88,7 @@ def measure(cmd: list[str], env: dict) -> dict:
             except psutil.Error:
                 pass
             peak = max(peak, total)
-            time.sleep(0.05)
+            time.sleep(0.2)
 
     t = threading.Thread(target=sample, daemon=True)
     t.start()
@@ -105,8 +105,8 @@ def measure(cmd: list[str], env: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=12, help="local steps per client per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=20, help="local steps per client per round")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--out", default=str(ROOT / "bench" / "simulation_overhead.json"))
     args = ap.parse_args()

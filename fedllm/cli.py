@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("flwr").propagate = False  # Flower logs through its own handler
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state database set-up
     try:
         if args.command == "simulate":
             run_dir = simulate(parse_overrides(args.set), args.num_clients, args.cpus_per_client)

@@ -30,9 +30,14 @@ def run(grid: Grid, cfg: Config) -> Path:
     """Run the federated rounds; returns the run directory."""
     run_dir = make_run_dir(cfg)
     log.info("run directory: %s", run_dir)
-    model, tokenizer = lora.lora_model(cfg.model, cfg.lora, cfg.train.seed)
+    # The server holds the base model only to evaluate or merge; otherwise the adapter is all.
+    if cfg.server.evaluate or cfg.server.merge:
+        model, tokenizer = lora.lora_model(cfg.model, cfg.lora, cfg.train.seed)
+        state = lora.adapter_state(model)
+    else:
+        model = tokenizer = None
+        state = lora.init_adapter_state(cfg.model, cfg.lora, cfg.train.seed)
     _, held_out = load_splits(cfg.data)
-    state = lora.adapter_state(model)
     strategy = get_strategy(cfg.server.strategy)(cfg)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     n_rounds = cfg.server.num_rounds
@@ -76,21 +81,21 @@ def run(grid: Grid, cfg: Config) -> Path:
         log.info("round %d/%d: train loss %s, eval loss %s, exact match %s (%.1f s)", server_round,
                  n_rounds, _fmt(row.get("train-loss")), _fmt(row.get("eval-loss")),
                  _fmt(row.get("exact-match")), row["round-seconds"])
-    save(model, tokenizer, state, run_dir, cfg.server.merge)
+    lora.save_adapter(state, cfg.model, cfg.lora, run_dir / "adapter")
+    if cfg.server.merge:
+        merge(model, tokenizer, state, run_dir / "merged")
     s = summary(metrics.rows)
     (run_dir / "summary.json").write_text(json.dumps(s, indent=2) + "\n")
     log.info("summary of %s\n%s", run_dir, format_summary(s))
     return run_dir
 
 
-def save(model: Any, tokenizer: Any, state: dict, run_dir: Path, merge: bool) -> None:
-    """adapter/ loads with PeftModel.from_pretrained; merged/ with AutoModelForCausalLM."""
+def merge(model: Any, tokenizer: Any, state: dict, path: Path) -> None:
+    """Save base + adapter as one model that loads with AutoModelForCausalLM."""
     lora.set_adapter_state(model, state)
-    model.save_pretrained(run_dir / "adapter")
-    if merge:
-        merged = copy.deepcopy(model).merge_and_unload()
-        merged.save_pretrained(run_dir / "merged")
-        tokenizer.save_pretrained(run_dir / "merged")
+    merged = copy.deepcopy(model).merge_and_unload()  # a copy: the cached model keeps its adapter
+    merged.save_pretrained(path)
+    tokenizer.save_pretrained(path)
 
 
 def _fmt(value: Any) -> str:

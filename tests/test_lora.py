@@ -88,3 +88,15 @@ def test_grad_accum_matches_a_bigger_batch(tiny_cfg):
     lora.train(model, rows, TrainConfig(local_steps=1, batch_size=2, grad_accum=2, lr=0.01, max_grad_norm=0),
                tok.pad_token_id, 0)
     assert all(torch.allclose(big[k], v, atol=1e-6) for k, v in lora.adapter_state(model).items())
+
+
+def test_adapter_without_base_weights_matches_shapes_and_saves(tiny_cfg, tmp_path):
+    model, _ = lora.lora_model(tiny_cfg, LoraConfig(rank=4))
+    full = lora.adapter_state(model)
+    light = lora.init_adapter_state(tiny_cfg, LoraConfig(rank=4))
+    assert {k: v.shape for k, v in light.items()} == {k: v.shape for k, v in full.items()}
+    assert all(v.device.type == "cpu" for v in light.values())
+    assert all((v == 0).all() == ("lora_B" in k) for k, v in light.items())  # B starts at zero, A does not
+    lora.save_adapter(light, tiny_cfg, LoraConfig(rank=4), tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_cfg.name), tmp_path / "adapter")
+    assert all(torch.equal(v, light[k]) for k, v in lora.adapter_state(loaded).items())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,27 +38,72 @@ def lora_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, seed: int = 0) -> t
            lora_cfg.dropout, lora_cfg.target_modules, seed)
 
     def build() -> tuple[Any, Any]:
-        from peft import LoraConfig as PeftLoraConfig
-        from peft import get_peft_model
-
         base, tokenizer = load_base_model(model_cfg, cached=False)
-        peft_cfg = PeftLoraConfig(
-            r=lora_cfg.rank,
-            lora_alpha=lora_cfg.alpha,
-            lora_dropout=lora_cfg.dropout,
-            target_modules=lora_cfg.modules(),
-            task_type="CAUSAL_LM",
-        )
         torch.manual_seed(seed)  # same initial adapter on every party
-        try:
-            model = get_peft_model(base, peft_cfg)
-        except ValueError as err:
-            raise ConfigError(f"lora.target-modules: {err}") from err
+        model = _wrap(base, lora_cfg)
         model.to(accelerator("no").device)
         model.eval()
         return model, tokenizer
 
     return MODEL_CACHE.get(key, build)
+
+
+def peft_config(lora_cfg: LoraConfig, base_name: str = "") -> Any:
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=lora_cfg.rank,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=lora_cfg.modules(),
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_name or None,
+    )
+
+
+def _wrap(base: Any, lora_cfg: LoraConfig) -> Any:
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(base, peft_config(lora_cfg))
+    except ValueError as err:
+        raise ConfigError(f"lora.target-modules: {err}") from err
+
+
+def init_adapter_state(model_cfg: ModelConfig, lora_cfg: LoraConfig, seed: int = 0) -> State:
+    """A freshly initialised adapter without loading the base weights.
+
+    The base model is built on the meta device (no memory); only the LoRA tensors are
+    materialised and initialised as PEFT does (A: Kaiming-uniform, B: zeros). For a server
+    that neither evaluates nor merges, this is all it needs.
+    """
+    from accelerate import init_empty_weights
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fedllm.model import resolve
+
+    with init_empty_weights():
+        base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(resolve(model_cfg))))
+    model = _wrap(base, lora_cfg)
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name in module.lora_A:
+                module.lora_A[name].to_empty(device="cpu")
+                module.lora_B[name].to_empty(device="cpu")
+                module.reset_lora_parameters(name, init_lora_weights=True)
+    return adapter_state(model)
+
+
+def save_adapter(state: State, model_cfg: ModelConfig, lora_cfg: LoraConfig, path: Path) -> None:
+    """Write adapter_config.json + adapter_model.safetensors, as PeftModel.save_pretrained does."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    peft_config(lora_cfg, model_cfg.name).save_pretrained(str(path))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
 
 
 @functools.lru_cache(maxsize=None)
