@@ -31,6 +31,7 @@ def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float
     """
     from fedllm.data import load_splits
     from fedllm.model import resolve
+    from fedllm.server_app import strategy_name
     from strategies import get_strategy
 
     overrides = dict(overrides)
@@ -38,7 +39,7 @@ def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float
     cfg = Config.from_flat(overrides)
     if num_clients < cfg.server.min_clients:
         raise FedLLMError(f"--num-clients: {num_clients} is below server.min-clients={cfg.server.min_clients}")
-    get_strategy(cfg.server.strategy)
+    get_strategy(strategy_name(cfg))
     load_splits(cfg.data)
     resolve(cfg.model)  # converts a GGUF once, before workers start
     run_dir = Path(cfg.server.run_dir).expanduser() / cfg.server.run_name

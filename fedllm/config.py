@@ -96,7 +96,8 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    local_steps: int = _help("Optimizer steps per client per round.", 10)
+    method: str = _help("Update kind: lora (PEFT adapters) or zo (seed-based zeroth-order).", "lora")
+    local_steps: int = _help("Optimizer steps per client per round (tau for zo).", 10)
     batch_size: int = _help("Examples per micro-batch.", 4)
     grad_accum: int = _help("Micro-batches accumulated per optimizer step.", 1)
     lr: float = _help("AdamW learning rate.", 1e-3)
@@ -111,12 +112,37 @@ class TrainConfig:
         _positive("train.grad-accum", self.grad_accum)
         _positive("train.lr", self.lr)
         _choice("train.precision", self.precision, ("no", "bf16", "fp16"))
+        _choice("train.method", self.method, ("lora", "zo"))
+
+
+@dataclass
+class ZOConfig:
+    num_seeds: int = _help("K: size of the seed pool fixed for the run.", 4096)
+    pool_seed: int = _help("Seed that draws the pool of K seeds.", 42)
+    eps: float = _help("Perturbation scale of the two forward passes.", 1e-3)
+    lr: float = _help("Learning rate of theta -= lr * g * z.", 1e-5)
+    dist: str = _help("Perturbation distribution: gaussian or rademacher.", "gaussian")
+    params: str = _help("Perturbed parameters: all (full fine-tuning) or lora.", "all")
+    pro: bool = _help("FedKSeed-Pro: sample seeds by their history of scalar magnitudes.", False)
+    bits: int = _help("Bits per uploaded scalar (8, 4 or 2; 0 sends float32).", 8)
+    rebuild_every: int = _help("Rebuild the model from base + accumulators every N syncs (0: never).", 0)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_seeds <= 65536:
+            raise ConfigError(f"zo.num-seeds: must be in 1..65536, got {self.num_seeds}")
+        _positive("zo.eps", self.eps)
+        _positive("zo.lr", self.lr)
+        _choice("zo.dist", self.dist, ("gaussian", "rademacher"))
+        _choice("zo.params", self.params, ("all", "lora"))
+        if self.bits not in (0, 2, 4, 8):
+            raise ConfigError(f"zo.bits: must be 0, 2, 4 or 8, got {self.bits}")
 
 
 @dataclass
 class ServerConfig:
     num_rounds: int = _help("Federated rounds.", 3)
-    strategy: str = _help("Strategy name from the registry, or 'module:Class'.", "fedavg")
+    strategy: str = _help(
+        "Strategy name from the registry, or 'module:Class'; '' picks fedavg for lora, fedkseed for zo.", "")
     fraction_train: float = _help("Share of connected clients sampled each round.", 1.0)
     min_clients: int = _help("Fewest clients a round needs.", 2)
     round_timeout: float = _help("Seconds to wait for client replies.", 3600.0)
@@ -144,6 +170,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    zo: ZOConfig = field(default_factory=ZOConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
 
     @classmethod

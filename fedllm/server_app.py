@@ -1,7 +1,8 @@
-"""Flower ServerApp: rounds of sample -> local LoRA -> aggregate -> evaluate -> log.
+"""Flower ServerApp: rounds of sample -> local update -> aggregate -> evaluate -> log.
 
 Started by Flower (`flwr run .`) or by `fedllm simulate`. Writes a run directory:
-config.json, metrics.jsonl (one line per round), adapter/ (PEFT format), merged/ on request.
+config.json, metrics.jsonl (one line per round), summary.json, and the result: adapter/ (PEFT
+format) for LoRA or zo/accumulators.bin for ZO, merged/ on request.
 """
 
 from __future__ import annotations
@@ -13,32 +14,98 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedllm.config import Config
 from fedllm.data import load_splits
 from fedllm.evaluate import evaluate
 from fedllm.report import MetricsLog, format_summary, make_run_dir, summary
-from fedllm.updates import lora
+from fedllm.updates import lora, zo
 from strategies import get_strategy
 
 log = logging.getLogger(__name__)
+
+
+class LoraGlobal:
+    """The global adapter. The server holds the base model only to evaluate or merge."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        if cfg.server.evaluate or cfg.server.merge:
+            self.model, self.tokenizer = lora.lora_model(cfg.model, cfg.lora, cfg.train.seed)
+            self.state = lora.adapter_state(self.model)
+        else:
+            self.model = self.tokenizer = None
+            self.state = lora.init_adapter_state(cfg.model, cfg.lora, cfg.train.seed)
+
+    def strategy(self, cls: type) -> Any:
+        return cls(self.cfg)
+
+    def arrays(self) -> ArrayRecord:
+        return ArrayRecord(self.state)
+
+    def absorb(self, arrays: ArrayRecord | None, strategy: Any) -> None:
+        if arrays is not None:
+            self.state = arrays.to_torch_state_dict()
+
+    def ready_model(self, strategy: Any) -> Any:
+        lora.set_adapter_state(self.model, self.state)
+        return self.model
+
+    def save(self, run_dir: Path, strategy: Any) -> None:
+        """adapter/ loads with PeftModel.from_pretrained; merged/ with AutoModelForCausalLM."""
+        lora.save_adapter(self.state, self.cfg.model, self.cfg.lora, run_dir / "adapter")
+        if self.cfg.server.merge:
+            merged = copy.deepcopy(self.ready_model(strategy)).merge_and_unload()  # the cached model keeps its adapter
+            merged.save_pretrained(run_dir / "merged")
+            self.tokenizer.save_pretrained(run_dir / "merged")
+
+
+class ZOGlobal:
+    """The global accumulators live in the strategy; the server's engine follows them to
+    evaluate, and gives the perturbation fingerprint every client must match."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.engine, self.tokenizer = zo.engine_for(cfg)
+        self.model = self.engine.model
+
+    def strategy(self, cls: type) -> Any:
+        strategy = cls(self.cfg)
+        strategy.fingerprint = self.engine.fingerprint
+        return strategy
+
+    def arrays(self) -> ArrayRecord:
+        return ArrayRecord()
+
+    def absorb(self, arrays: ArrayRecord | None, strategy: Any) -> None:
+        pass
+
+    def ready_model(self, strategy: Any) -> Any:
+        self.engine.sync(strategy.state)
+        return self.model
+
+    def save(self, run_dir: Path, strategy: Any) -> None:
+        """zo/accumulators.bin (K scalars: the whole fine-tuned model, given the base) and,
+        on request, merged/ (the rebuilt model, loadable with AutoModelForCausalLM)."""
+        (run_dir / "zo").mkdir(exist_ok=True)
+        (run_dir / "zo" / "accumulators.bin").write_bytes(strategy.state.to_bytes())
+        if self.cfg.server.merge:
+            model = self.ready_model(strategy)
+            if self.cfg.zo.params == "lora":
+                model = copy.deepcopy(model).merge_and_unload()
+            model.save_pretrained(run_dir / "merged")
+            self.tokenizer.save_pretrained(run_dir / "merged")
 
 
 def run(grid: Grid, cfg: Config) -> Path:
     """Run the federated rounds; returns the run directory."""
     run_dir = make_run_dir(cfg)
     log.info("run directory: %s", run_dir)
-    # The server holds the base model only to evaluate or merge; otherwise the adapter is all.
-    if cfg.server.evaluate or cfg.server.merge:
-        model, tokenizer = lora.lora_model(cfg.model, cfg.lora, cfg.train.seed)
-        state = lora.adapter_state(model)
-    else:
-        model = tokenizer = None
-        state = lora.init_adapter_state(cfg.model, cfg.lora, cfg.train.seed)
+    gstate = ZOGlobal(cfg) if cfg.train.method == "zo" else LoraGlobal(cfg)
+    strategy = gstate.strategy(get_strategy(strategy_name(cfg)))
     _, held_out = load_splits(cfg.data)
-    strategy = get_strategy(cfg.server.strategy)(cfg)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     n_rounds = cfg.server.num_rounds
 
@@ -47,8 +114,7 @@ def run(grid: Grid, cfg: Config) -> Path:
         if not cfg.server.evaluate or (
                 server_round not in (0, n_rounds) and (every <= 0 or server_round % every)):
             return {}
-        lora.set_adapter_state(model, state)
-        return evaluate(model, tokenizer, held_out, cfg.data, cfg.server.eval_batch_size,
+        return evaluate(gstate.ready_model(strategy), gstate.tokenizer, held_out, cfg.data, cfg.server.eval_batch_size,
                         cfg.server.exact_match_examples, cfg.server.max_new_tokens)
 
     start = evaluate_state(0)
@@ -57,13 +123,11 @@ def run(grid: Grid, cfg: Config) -> Path:
              _fmt(start.get("exact-match")))
     for server_round in range(1, n_rounds + 1):
         t0 = time.perf_counter()
-        messages = list(strategy.configure_train(
-            server_round, ArrayRecord(state), ConfigRecord(cfg.to_flat()), grid))
-        down = {str(m.metadata.dst_node_id): m.content.array_records["arrays"].count_bytes() for m in messages}
+        messages = list(strategy.configure_train(server_round, gstate.arrays(), ConfigRecord(cfg.to_flat()), grid))
+        down = {str(m.metadata.dst_node_id): payload_bytes(m.content) for m in messages}
         replies = list(grid.send_and_receive(messages, timeout=cfg.server.round_timeout))
         arrays, agg = strategy.aggregate_train(server_round, replies)
-        if arrays is not None:
-            state = arrays.to_torch_state_dict()
+        gstate.absorb(arrays, strategy)
         train_seconds = time.perf_counter() - t0
         ev = evaluate_state(server_round)
         row: dict[str, Any] = {
@@ -81,21 +145,25 @@ def run(grid: Grid, cfg: Config) -> Path:
         log.info("round %d/%d: train loss %s, eval loss %s, exact match %s (%.1f s)", server_round,
                  n_rounds, _fmt(row.get("train-loss")), _fmt(row.get("eval-loss")),
                  _fmt(row.get("exact-match")), row["round-seconds"])
-    lora.save_adapter(state, cfg.model, cfg.lora, run_dir / "adapter")
-    if cfg.server.merge:
-        merge(model, tokenizer, state, run_dir / "merged")
+    gstate.save(run_dir, strategy)
     s = summary(metrics.rows)
     (run_dir / "summary.json").write_text(json.dumps(s, indent=2) + "\n")
     log.info("summary of %s\n%s", run_dir, format_summary(s))
     return run_dir
 
 
-def merge(model: Any, tokenizer: Any, state: dict, path: Path) -> None:
-    """Save base + adapter as one model that loads with AutoModelForCausalLM."""
-    lora.set_adapter_state(model, state)
-    merged = copy.deepcopy(model).merge_and_unload()  # a copy: the cached model keeps its adapter
-    merged.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+def strategy_name(cfg: Config) -> str:
+    """server.strategy, or the default for the update kind (fedavg for lora, fedkseed for zo)."""
+    return cfg.server.strategy or {"lora": "fedavg", "zo": "fedkseed"}[cfg.train.method]
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of what a message carries besides its run config: arrays and byte payloads."""
+    total = sum(record.count_bytes() for record in content.array_records.values())
+    for name, record in content.config_records.items():
+        if name != "config":
+            total += sum(len(v) for v in record.values() if isinstance(v, bytes))
+    return total
 
 
 def _fmt(value: Any) -> str:

@@ -59,15 +59,10 @@ def parse_reply(msg: Message, reference: State) -> Update:
     Raises:
         PayloadError: with the reason, for an error reply or any malformed content.
     """
-    if msg.has_error():
-        raise PayloadError(f"client error: {msg.error.reason}")
+    n, metrics = reply_metrics(msg)
     content = msg.content
-    if ARRAYS not in content.array_records or METRICS not in content.metric_records:
-        raise PayloadError(f"reply lacks the {ARRAYS!r} or {METRICS!r} record")
-    metrics = dict(content.metric_records[METRICS])
-    n = metrics.get("num-examples")
-    if not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
-        raise PayloadError(f"num-examples must be a positive number, got {n!r}")
+    if ARRAYS not in content.array_records:
+        raise PayloadError(f"reply lacks the {ARRAYS!r} record")
     record = content.array_records[ARRAYS]
     if set(record) != set(reference):
         raise PayloadError(f"tensor names differ from the global state ({len(record)} vs {len(reference)})")
@@ -82,9 +77,24 @@ def parse_reply(msg: Message, reference: State) -> Update:
         if not torch.isfinite(t).all():
             raise PayloadError(f"{k}: non-finite values")
     delta = {k: t - reference[k] for k, t in local.items()}
-    return Update(msg.metadata.src_node_id, delta, float(n),
-                  {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
-                  record.count_bytes())
+    return Update(msg.metadata.src_node_id, delta, n, metrics, record.count_bytes())
+
+
+def reply_metrics(msg: Message) -> tuple[float, dict[str, float]]:
+    """(num-examples, numeric metrics) of a reply, checked.
+
+    Raises:
+        PayloadError: for an error reply, a missing metrics record, or a bad example count.
+    """
+    if msg.has_error():
+        raise PayloadError(f"client error: {msg.error.reason}")
+    if METRICS not in msg.content.metric_records:
+        raise PayloadError(f"reply lacks the {METRICS!r} record")
+    metrics = dict(msg.content.metric_records[METRICS])
+    n = metrics.get("num-examples")
+    if not isinstance(n, (int, float)) or isinstance(n, bool) or not math.isfinite(n) or n <= 0:
+        raise PayloadError(f"num-examples must be a positive number, got {n!r}")
+    return float(n), {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 class FedLLMStrategy(Strategy):
@@ -106,34 +116,48 @@ class FedLLMStrategy(Strategy):
         log.info("%s: fraction-train %.2f, min-clients %d", type(self).__name__,
                  self.cfg.server.fraction_train, self.cfg.server.min_clients)
 
+    def sample(self, grid: Grid) -> list[int]:
+        """Node ids for this round (waits until server.min-clients are connected)."""
+        connected = len(list(grid.get_node_ids()))
+        size = max(int(connected * self.cfg.server.fraction_train), self.cfg.server.min_clients)
+        node_ids, _ = sample_nodes(grid, self.cfg.server.min_clients, size)
+        return node_ids
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.global_state = arrays.to_torch_state_dict()
         config = ConfigRecord({**dict(config), "server-round": server_round})  # never mutate the caller's
-        connected = len(list(grid.get_node_ids()))
-        size = max(int(connected * self.cfg.server.fraction_train), self.cfg.server.min_clients)
-        node_ids, _ = sample_nodes(grid, self.cfg.server.min_clients, size)
         record = RecordDict({ARRAYS: arrays, CONFIG: config})
-        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n) for n in node_ids]
+        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n) for n in self.sample(grid)]
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def parse(self, msg: Message) -> Update:
+        """A reply as a validated Update; raises PayloadError."""
+        return parse_reply(msg, self.global_state)
+
+    def collect(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
+        """Parse every reply into self.updates or self.dropped (with the reason)."""
         self.updates, self.dropped = [], []
         for msg in replies:
             try:
-                self.updates.append(parse_reply(msg, self.global_state))
+                self.updates.append(self.parse(msg))
             except PayloadError as err:
                 self.dropped.append((msg.metadata.src_node_id, str(err)))
                 log.warning("round %d: dropped reply of node %d: %s", server_round,
                             msg.metadata.src_node_id, err)
         metrics = MetricRecord({"clients-ok": len(self.updates), "clients-dropped": len(self.dropped)})
+        if self.updates:
+            weights = [u.num_examples for u in self.updates]
+            metrics["train-loss"] = sum(
+                w * u.metrics.get("train-loss", 0.0) for w, u in zip(weights, self.updates)) / sum(weights)
+        return metrics
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        metrics = self.collect(server_round, replies)
         if not self.updates:
             return None, metrics
         delta = self.aggregate(server_round, self.updates)
         new_state = {k: self.global_state[k] + delta[k].to(self.global_state[k].dtype) for k in self.global_state}
-        weights = [u.num_examples for u in self.updates]
-        loss = sum(w * u.metrics.get("train-loss", 0.0) for w, u in zip(weights, self.updates)) / sum(weights)
-        metrics["train-loss"] = loss
         return ArrayRecord(new_state), metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

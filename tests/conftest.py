@@ -59,3 +59,21 @@ def _fresh_model_cache():
     MODEL_CACHE.clear()
     yield
     MODEL_CACHE.clear()
+
+
+@pytest.fixture
+def task_identity():
+    """Flower stamps messages with the running task's identity; outside a run we set one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None
+
+
+def reply_to(node: int, content):
+    """A reply from `node` to a train message, as Flower's grid would hand it to a strategy."""
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    out = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=MessageType.TRAIN)
+    return Message(content, reply_to=out)

@@ -60,7 +60,7 @@ def test_pyproject_defaults_are_valid_keys():
     app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     cfg = Config.from_flat(app)
     assert cfg.model.name == "smollm2-135m-instruct"
-    assert cfg.server.strategy == "fedavg"
+    assert cfg.server.strategy == ""  # by update kind: fedavg for lora
 
 
 def test_every_key_has_help():

@@ -70,6 +70,9 @@ def test_corrupt_gguf(tmp_path):
 
 
 def test_hub_id_without_network(monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once at import
     with pytest.raises(ModelError, match="model.name: cannot load 'no-such-org/no-such-model'"):
         load_base_model(ModelConfig(name="no-such-org/no-such-model"), cached=False)

@@ -82,3 +82,29 @@ def test_missing_field_in_data_file(tmp_path):
                    "--set", "data.response-field=answer", "--set", f"server.run-dir={tmp_path / 'runs'}")
     assert proc.returncode == 2
     assert f"{data}: row 1 has no field 'answer'" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_zo_simulation_lowers_eval_loss(tiny_model_dir, tmp_path):
+    """FedKSeed end to end: 2 clients, 3 rounds of full-parameter ZO on the tiny model."""
+    sets = {
+        "model.name": tiny_model_dir, "server.run-dir": tmp_path, "server.run-name": "zo",
+        "train.method": "zo", "zo.num-seeds": 256, "zo.lr": 1e-4, "server.num-rounds": 3,
+        "data.families": "parity", "data.train-per-family": 32, "data.eval-per-family": 8,
+        "train.local-steps": 40, "server.exact-match-examples": 2, "server.max-new-tokens": 2,
+        "server.merge": "true",
+    }
+    proc = _fedllm("simulate", "--num-clients", "2", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "zo"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[3]["eval-loss"] < rows[0]["eval-loss"] - 0.5, [r.get("eval-loss") for r in rows]
+    for r in rows[1:]:
+        assert r["clients-ok"] == 2 and r["zo-version"] == r["round"]
+        # 40 (index, scalar) pairs in 8 bits: a 16-byte header + 80 index bytes + 40 value bytes
+        assert all(b <= 16 + 40 * 3 for b in r["bytes-up"].values()), r["bytes-up"]
+        assert all(b < 1000 for b in r["bytes-down"].values()), r["bytes-down"]
+    state = (run / "zo" / "accumulators.bin").read_bytes()
+    assert len(state) == 8 + 8 * 256  # the whole fine-tuned model, given the base: 2 KB
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not torch.equal(merged.model.embed_tokens.weight, base.model.embed_tokens.weight)

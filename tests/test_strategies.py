@@ -7,15 +7,7 @@ from fedllm import ConfigError
 from strategies import STRATEGIES, FedAvg, FedLLMStrategy, get_strategy, register, weighted_mean
 
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Flower stamps messages with the running task's identity; outside a run we set one."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 GLOBAL = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([[0.0]])}

@@ -37,15 +37,17 @@ def lora_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, seed: int = 0) -> t
     key = ("lora", model_cfg.name, model_cfg.dtype, lora_cfg.rank, lora_cfg.alpha,
            lora_cfg.dropout, lora_cfg.target_modules, seed)
 
-    def build() -> tuple[Any, Any]:
-        base, tokenizer = load_base_model(model_cfg, cached=False)
-        torch.manual_seed(seed)  # same initial adapter on every party
-        model = _wrap(base, lora_cfg)
-        model.to(accelerator("no").device)
-        model.eval()
-        return model, tokenizer
+    return MODEL_CACHE.get(key, lambda: build_lora_model(model_cfg, lora_cfg, seed))
 
-    return MODEL_CACHE.get(key, build)
+
+def build_lora_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, seed: int = 0) -> tuple[Any, Any]:
+    """A new (PeftModel, tokenizer); the adapter initialisation depends only on `seed`."""
+    base, tokenizer = load_base_model(model_cfg, cached=False)
+    torch.manual_seed(seed)  # same initial adapter on every party
+    model = _wrap(base, lora_cfg)
+    model.to(accelerator("no").device)
+    model.eval()
+    return model, tokenizer
 
 
 def peft_config(lora_cfg: LoraConfig, base_name: str = "") -> Any:

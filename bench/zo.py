@@ -1,0 +1,128 @@
+"""Zeroth-order (FedKSeed) figures: bytes on the wire, perturbation throughput, sync time.
+
+    python bench/zo.py [--quick] [--out FILE]
+
+(1) Bytes up and down per client per round at K=4096, tau=200, 8-bit scalars, for 1, 4 and 10
+    clients, through the real codec and the FedKSeed strategy's round payload (goal: up <= 0.7
+    KB, down <= 4 KB; FedKSeed sends about 1.6 KB up and 16 KB down).
+(2) Regenerating z for every weight of SmolLM2-135M: plain `torch.randn` per tensor versus
+    fedllm's perturbation (Gaussian, and Rademacher from packed bits). Goal: >= 5x.
+(3) Wall time of a sync for a client that missed 10 rounds, on SmolLM2-135M.
+Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from fedllm.config import Config
+from fedllm.model import load_base_model
+from fedllm.updates import zo
+from strategies import FedKSeed, Update
+
+OUT = Path(__file__).with_suffix(".json")
+
+
+def wire_bytes(k: int, tau: int, clients: int, bits: int, rounds: int = 11) -> dict:
+    cfg = Config.from_flat({"train.method": "zo", "zo.num-seeds": k, "zo.bits": bits})
+    strategy = FedKSeed(cfg, fingerprint=0)
+    gen = torch.Generator().manual_seed(0)
+    ups, downs = [], []
+    for r in range(1, rounds + 1):
+        updates = []
+        for c in range(clients):
+            idx = torch.randint(k, (tau,), generator=gen).tolist()
+            g = (torch.randn(tau, generator=gen) * 5).tolist()  # projected gradients: a few units
+            up = zo.encode_upload(k, list(zip(idx, g)), bits, seed=r * 100 + c)
+            ups.append(len(up))
+            updates.append(Update(c, {"sums": zo.decode(up, k)}, 10.0, {}, len(up)))
+        if r > 1:  # a client that took part last round gets that round's payload
+            downs.append(len(zo.encode_down(strategy.state, strategy.history, strategy.state.version - 1)))
+        payload = strategy.round_payload(r, updates)
+        strategy.state.apply(payload)
+        strategy.history.append(payload)
+    stale = len(zo.encode_down(strategy.state, strategy.history, strategy.state.version - 10))
+    return {"clients": clients, "up_bytes": statistics.mean(ups), "down_bytes": statistics.mean(downs),
+            "down_bytes_missed_10": stale, "full_state_bytes": 1 + 8 + 8 * k,
+            "fedkseed_up_bytes": tau * 8, "fedkseed_down_bytes": k * 4}
+
+
+def throughput(params: list[torch.Tensor], repeats: int) -> dict:
+    n = sum(p.numel() for p in params)
+
+    def plain(seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=gen), alpha=1e-6)
+
+    def ours(dist: str):
+        return lambda seed: zo.perturb_(params, seed, 1e-6, dist)
+
+    out = {}
+    for name, fn in (("torch.randn", plain), ("fedllm gaussian", ours("gaussian")),
+                     ("fedllm rademacher", ours("rademacher"))):
+        fn(0)  # warm-up
+        times = []
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            fn(i + 1)
+            times.append(time.perf_counter() - t0)
+        out[name] = {"seconds": statistics.median(times), "elements_per_s": n / statistics.median(times)}
+    base = out["torch.randn"]["seconds"]
+    for v in out.values():
+        v["speedup"] = base / v["seconds"]
+    return {"elements": n, "results": out}
+
+
+def sync_time(missed: int, tau: int, k: int, dist: str) -> dict:
+    cfg = Config.from_flat({"train.method": "zo", "zo.num-seeds": k, "zo.dist": dist})
+    engine, _ = zo.engine_for(cfg)
+    state, gen = zo.Accumulators(k), torch.Generator().manual_seed(1)
+    for r in range(missed):
+        idx = torch.randint(k, (tau,), generator=gen)
+        state.apply(zo.encode(k, idx, torch.randn(tau, generator=gen).double(), 8, r, zo.SUMS))
+    t0 = time.perf_counter()
+    seeds = engine.sync(state)
+    seconds = time.perf_counter() - t0
+    return {"missed_rounds": missed, "tau": tau, "K": k, "dist": dist, "seeds_regenerated": seeds,
+            "seconds": seconds, "seconds_per_seed": seconds / max(seeds, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and a shorter sync")
+    ap.add_argument("--out", default=str(OUT))
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+
+    wire = [wire_bytes(4096, 200, c, 8) for c in (1, 4, 10)]
+    print("(1) bytes per client per round, K=4096, tau=200, 8-bit scalars")
+    print(f"{'clients':>8}{'up':>8}{'down':>8}{'down, missed 10':>17}{'FedKSeed up/down':>18}")
+    for w in wire:
+        print(f"{w['clients']:>8}{w['up_bytes']:>8.0f}{w['down_bytes']:>8.0f}{w['down_bytes_missed_10']:>17}"
+              f"{w['fedkseed_up_bytes']:>10}/{w['fedkseed_down_bytes']}")
+
+    model, _ = load_base_model(Config().model, cached=False)
+    params = [p for _, p in zo.trainable(model, "all")]
+    thr = throughput(params, 2 if args.quick else 5)
+    print(f"\n(2) regenerating z for all {thr['elements'] / 1e6:.1f} M weights of SmolLM2-135M")
+    for name, v in thr["results"].items():
+        print(f"{name:>20}{v['seconds'] * 1e3:>9.0f} ms{v['elements_per_s'] / 1e9:>7.2f} G/s{v['speedup']:>7.2f}x")
+    del model, params
+
+    tau = 20 if args.quick else 50
+    sync = sync_time(10, tau, 4096, "rademacher")
+    print(f"\n(3) sync after missing 10 rounds (tau={tau}, K=4096, one client a round): "
+          f"{sync['seeds_regenerated']} seeds in {sync['seconds']:.1f} s ({sync['seconds_per_seed'] * 1e3:.0f} ms a seed)")
+    Path(args.out).write_text(json.dumps({"wire": wire, "throughput": thr, "sync": sync}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,437 @@
+"""Zeroth-order, seed-based updates: FedKSeed with one-byte scalars.
+
+A pool of K seeds is fixed for the run. A local step draws a seed s, perturbs the weights in
+place by +eps z_s, -2 eps z_s (two forward passes on the same batch, dropout off), and keeps
+one scalar, the projected gradient g = (l+ - l-) / (2 eps); the last pass moves the weights by
+(eps - lr g) z_s, which restores them and takes the step at once. So the weights are always
+
+    theta = base - lr * sum_k coef_k * z_k          (K scalars describe the whole model)
+
+`ZOEngine` keeps `coef` (float64) for its in-memory weights; syncing to any target vector
+regenerates only the seeds whose coefficient differs. The canonical global state is
+`Accumulators` (acc, mag, version), built identically by the server and every client from
+the same 8-bit round payloads.
+
+References: Qin et al., "Federated Full-Parameter Tuning of Billion-Sized Language Models
+with Communication Cost under 18 Kilobytes" (FedKSeed, ICML 2024); Malladi et al., "Fine-Tuning
+Language Models with Just Forward Passes" (MeZO, 2023); Zelikman et al., "Just One Byte (per
+gradient)" (2023).
+
+What must match on every party for z to be identical: the parameter order and shapes, their
+dtype, the device type (CPU and CUDA generators differ), and the torch version (its RNG
+streams, for Gaussian z; Rademacher z come from numpy's SFC64, the same on every platform).
+`fingerprint()` hashes all of these; the server checks every client's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from fedllm.config import Config, TrainConfig, ZOConfig
+from fedllm.data.templates import collate
+from fedllm.errors import PayloadError
+
+# --- perturbations -----------------------------------------------------------------------
+
+_BITS = torch.arange(8, dtype=torch.uint8)
+# Byte -> its 8 bits as +-1.0, so that one table lookup expands 8 random bits (256, 8).
+_SIGNS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).astype(np.float32) * 2 - 1
+
+
+def seed_pool(k: int, pool_seed: int) -> list[int]:
+    """K distinct 31-bit seeds, the same on every party."""
+    return random.Random(pool_seed).sample(range(1, 2**31 - 1), k)
+
+
+def generator(seed: int, dist: str, device: torch.device | str = "cpu") -> Any:
+    """The random stream of one seed: torch's for Gaussian z (parity with the papers), numpy's
+    SFC64 for Rademacher z (platform-independent, and it hands out bytes cheaply)."""
+    if dist == "gaussian":
+        return torch.Generator(device=device).manual_seed(seed)
+    return np.random.Generator(np.random.SFC64(seed))
+
+
+def draw(p: torch.Tensor, gen: Any, dist: str) -> torch.Tensor:
+    """z of p's shape from `gen`: N(0, 1), or Rademacher +-1 from random bytes, 8 signs a byte
+    expanded by one table lookup (several times faster than randn: see bench/zo.py)."""
+    if dist == "gaussian":
+        return torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device)
+    n = p.numel()
+    packed = np.frombuffer(gen.bytes((n + 7) // 8), dtype=np.uint8)
+    z = _SIGNS.take(packed, axis=0).reshape(-1)[:n]  # (n/8, 8) -> (n,)
+    return torch.from_numpy(z).view(p.shape).to(device=p.device, dtype=p.dtype)
+
+
+@torch.no_grad()
+def perturb_(params: list[torch.Tensor], seed: int, scale: float, dist: str) -> None:
+    """params += scale * z(seed), in place, one tensor's z at a time (no copy of the model)."""
+    gen = generator(seed, dist, params[0].device)
+    for p in params:
+        p.add_(draw(p, gen, dist), alpha=scale)
+
+
+def trainable(model: Any, which: str) -> list[tuple[str, torch.Tensor]]:
+    """The perturbed parameters, sorted by name so that every party agrees on the order."""
+    named = [(n, p) for n, p in model.named_parameters() if which == "all" or "lora_" in n]
+    seen: set[int] = set()
+    out = []
+    for n, p in sorted(named):
+        if id(p) not in seen:  # tied weights (embeddings / lm_head) are one tensor
+            seen.add(id(p))
+            out.append((n, p))
+    return out
+
+
+def fingerprint(named: list[tuple[str, torch.Tensor]], cfg: ZOConfig) -> int:
+    """A 48-bit hash of parameter names, shapes, dtypes, device type and the first z values."""
+    h = hashlib.sha256()
+    for n, p in named:
+        h.update(f"{n}:{tuple(p.shape)}:{p.dtype}:{p.device.type};".encode())
+    probe = torch.empty(64, dtype=named[0][1].dtype, device=named[0][1].device)
+    gen = generator(seed_pool(1, cfg.pool_seed)[0], cfg.dist, probe.device)
+    h.update(draw(probe, gen, cfg.dist).cpu().float().numpy().tobytes())
+    return int.from_bytes(h.digest()[:6], "big")
+
+
+# --- the scalar codec --------------------------------------------------------------------
+
+MAGIC = b"ZK"
+PAIRS, SUMS = 0, 1
+_HEAD = struct.Struct("<2sBBIIf")  # magic, mode, bits, K, count, scale
+
+
+def _quantize(values: torch.Tensor, bits: int, gen: torch.Generator) -> tuple[torch.Tensor, float]:
+    """Shared-scale symmetric quantization with stochastic rounding (unbiased)."""
+    qmax = 2 ** (bits - 1) - 1
+    top = float(values.abs().max()) if values.numel() else 0.0
+    scale = top / qmax if top > 0 else 1.0
+    x = values.double() / scale
+    q = torch.floor(x + torch.rand(x.shape, generator=gen, dtype=torch.float64))
+    return q.clamp_(-qmax, qmax).to(torch.int64), scale
+
+
+def _pack(q: torch.Tensor, bits: int) -> bytes:
+    """Offset-binary codes, `8 / bits` per byte, little-end first."""
+    per = 8 // bits
+    u = (q + 2 ** (bits - 1)).to(torch.uint8)
+    pad = (-len(u)) % per
+    u = torch.cat([u, torch.zeros(pad, dtype=torch.uint8)]).view(-1, per)
+    shifts = torch.arange(per, dtype=torch.uint8) * bits
+    return (u << shifts).sum(dim=1, dtype=torch.uint8).numpy().tobytes() if per > 1 else u.numpy().tobytes()
+
+
+def _unpack(raw: bytes, count: int, bits: int) -> torch.Tensor:
+    per = 8 // bits
+    u = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    if per > 1:
+        shifts = torch.arange(per, dtype=torch.uint8) * bits
+        u = ((u.unsqueeze(1) >> shifts) & (2**bits - 1)).reshape(-1)
+    return u[:count].to(torch.int64) - 2 ** (bits - 1)
+
+
+def encode(k: int, idx: torch.Tensor, values: torch.Tensor, bits: int, seed: int, mode: int) -> bytes:
+    """Encode per-seed scalars: `PAIRS` keeps (index, value) per step, `SUMS` a K-bit mask
+    plus one value per non-zero seed. bits=0 sends float32 values."""
+    gen = torch.Generator().manual_seed(seed)
+    if mode == SUMS:
+        dense = torch.zeros(k, dtype=torch.float64).index_add_(0, idx, values.double())
+        mask = dense != 0
+        values = dense[mask]
+        bitmask = torch.zeros((k + 7) // 8 * 8, dtype=torch.uint8)
+        bitmask[:k] = mask.to(torch.uint8)
+        where = (bitmask.view(-1, 8) << _BITS).sum(dim=1, dtype=torch.uint8).numpy().tobytes()
+    else:
+        where = idx.numpy().astype(_index_dtype(k)).tobytes()
+    if bits == 0:
+        body, scale = values.float().numpy().tobytes(), 1.0
+    else:
+        q, scale = _quantize(values, bits, gen)
+        body = _pack(q, bits)
+    return _HEAD.pack(MAGIC, mode, bits, k, len(values), scale) + where + body
+
+
+def _index_dtype(k: int) -> Any:
+    return np.uint8 if k <= 256 else np.uint16
+
+
+def decode(payload: bytes, k: int) -> torch.Tensor:
+    """Dense float32 per-seed sums (K,) of an encoded payload.
+
+    Raises:
+        PayloadError: on a wrong header, K, length, index or a non-finite value.
+    """
+    if len(payload) < _HEAD.size:
+        raise PayloadError(f"zo payload: {len(payload)} bytes is shorter than its header")
+    magic, mode, bits, k_in, count, scale = _HEAD.unpack_from(payload)
+    if magic != MAGIC or mode not in (PAIRS, SUMS) or bits not in (0, 2, 4, 8):
+        raise PayloadError("zo payload: bad header")
+    if k_in != k:
+        raise PayloadError(f"zo payload: made for K={k_in}, expected K={k}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise PayloadError(f"zo payload: bad scale {scale}")
+    rest = payload[_HEAD.size:]
+    where_len = (k + 7) // 8 if mode == SUMS else count * np.dtype(_index_dtype(k)).itemsize
+    body_len = count * 4 if bits == 0 else math.ceil(count * bits / 8)
+    if len(rest) != where_len + body_len:
+        raise PayloadError(f"zo payload: {len(rest)} body bytes, expected {where_len + body_len}")
+    if mode == SUMS:
+        mask = ((torch.frombuffer(bytearray(rest[:where_len]), dtype=torch.uint8).unsqueeze(1) >> _BITS) & 1)
+        idx = mask.reshape(-1)[:k].nonzero().flatten()
+        if len(idx) != count:
+            raise PayloadError(f"zo payload: mask has {len(idx)} seeds, header says {count}")
+    else:
+        idx = torch.from_numpy(np.frombuffer(rest[:where_len], dtype=_index_dtype(k)).astype(np.int64))
+        if len(idx) and idx.max() >= k:
+            raise PayloadError(f"zo payload: seed index outside 0..{k - 1}")
+    raw = rest[where_len:]
+    if bits == 0:
+        values = torch.frombuffer(bytearray(raw), dtype=torch.float32).double() if count else \
+            torch.zeros(0, dtype=torch.float64)
+    else:
+        values = _unpack(raw, count, bits).double() * scale
+    if not torch.isfinite(values).all():
+        raise PayloadError("zo payload: non-finite scalar")
+    return torch.zeros(k, dtype=torch.float64).index_add_(0, idx, values).float()
+
+
+def encode_upload(k: int, pairs: list[tuple[int, float]], bits: int, seed: int) -> bytes:
+    """A round's (seed index, scalar) pairs, or their per-seed sums, whichever is smaller."""
+    idx = torch.tensor([i for i, _ in pairs], dtype=torch.int64)
+    values = torch.tensor([g for _, g in pairs], dtype=torch.float64)
+    return min((encode(k, idx, values, bits, seed, m) for m in (PAIRS, SUMS)), key=len)
+
+
+# --- the canonical global state ----------------------------------------------------------
+
+@dataclass
+class Accumulators:
+    """acc: per-seed sum of the applied scalars; mag: sum of their magnitudes (for -Pro)."""
+
+    k: int
+    acc: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    mag: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    version: int = 0
+
+    def __post_init__(self) -> None:
+        self.acc = torch.zeros(self.k) if self.acc is None else self.acc
+        self.mag = torch.zeros(self.k) if self.mag is None else self.mag
+
+    def apply(self, payload: bytes) -> torch.Tensor:
+        """Add one round's decoded update (float32, the same order everywhere)."""
+        update = decode(payload, self.k)
+        self.acc = self.acc + update
+        self.mag = self.mag + update.abs()
+        self.version += 1
+        return update
+
+    def probabilities(self) -> torch.Tensor:
+        """FedKSeed-Pro: seeds with larger scalar history are drawn more often; the mean
+        magnitude is added to every seed so that none is starved."""
+        weight = self.mag.double()
+        weight = weight + (weight.mean() if weight.sum() > 0 else 1.0)
+        return weight / weight.sum()
+
+    def to_bytes(self) -> bytes:
+        return struct.pack("<II", self.k, self.version) + self.acc.numpy().tobytes() + self.mag.numpy().tobytes()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, k: int) -> "Accumulators":
+        if len(raw) != 8 + 8 * k:
+            raise PayloadError(f"zo state: {len(raw)} bytes, expected {8 + 8 * k}")
+        k_in, version = struct.unpack_from("<II", raw)
+        if k_in != k:
+            raise PayloadError(f"zo state: made for K={k_in}, expected K={k}")
+        acc = torch.frombuffer(bytearray(raw[8:8 + 4 * k]), dtype=torch.float32).clone()
+        mag = torch.frombuffer(bytearray(raw[8 + 4 * k:]), dtype=torch.float32).clone()
+        if not (torch.isfinite(acc).all() and torch.isfinite(mag).all()):
+            raise PayloadError("zo state: non-finite accumulator")
+        return cls(k, acc, mag, version)
+
+
+# Down messages: either the full state, or the round payloads since a version.
+FULL, HISTORY = b"F", b"H"
+
+
+def encode_down(state: Accumulators, history: list[bytes], since: int | None) -> bytes:
+    """The smaller of the full state and the history of rounds since version `since`."""
+    full = FULL + state.to_bytes()
+    if since is None or since > state.version:
+        return full
+    parts = history[since:]
+    hist = HISTORY + struct.pack("<II", since, len(parts)) + b"".join(
+        struct.pack("<I", len(p)) + p for p in parts)
+    return min(full, hist, key=len)
+
+
+def decode_down(raw: bytes, local: Accumulators) -> Accumulators:
+    """The global state a down message describes, given this party's own state.
+
+    Raises:
+        PayloadError: when malformed, or when `local` is older than the history starts.
+    """
+    if raw[:1] == FULL:
+        return Accumulators.from_bytes(raw[1:], local.k)
+    if raw[:1] != HISTORY or len(raw) < 9:
+        raise PayloadError("zo down message: bad header")
+    since, n = struct.unpack_from("<II", raw, 1)
+    if local.version < since:
+        raise PayloadError(f"zo sync: local state is at version {local.version}, history starts at {since}; "
+                           "the server sends the full state next round")
+    if local.version > since + n:
+        raise PayloadError(f"zo sync: local state version {local.version} is newer than the server's")
+    out = Accumulators(local.k, local.acc.clone(), local.mag.clone(), local.version)
+    pos = 9
+    for i in range(n):
+        if pos + 4 > len(raw):
+            raise PayloadError("zo down message: truncated")
+        (size,) = struct.unpack_from("<I", raw, pos)
+        part = raw[pos + 4:pos + 4 + size]
+        if len(part) != size:
+            raise PayloadError("zo down message: truncated")
+        pos += 4 + size
+        if since + i >= local.version:  # rounds this party has already applied are skipped
+            out.apply(part)
+    if pos != len(raw):
+        raise PayloadError("zo down message: trailing bytes")
+    return out
+
+
+# --- the engine --------------------------------------------------------------------------
+
+class ZOEngine:
+    """In-place ZO training of a model whose weights are base - lr * sum_k coef_k z_k."""
+
+    def __init__(self, model: Any, cfg: ZOConfig, reload_base: Callable[[], list[torch.Tensor]] | None = None):
+        self.model = model
+        self.cfg = cfg
+        named = trainable(model, cfg.params)
+        if not named:
+            raise PayloadError(f"zo.params={cfg.params}: the model has no such parameters")
+        self.params = [p for _, p in named]
+        for p in self.params:
+            p.requires_grad_(False)
+        self.pool = seed_pool(cfg.num_seeds, cfg.pool_seed)
+        self.coef = torch.zeros(cfg.num_seeds, dtype=torch.float64)
+        self.state = Accumulators(cfg.num_seeds)
+        self.fingerprint = fingerprint(named, cfg)
+        self.reload_base = reload_base
+        self.syncs = 0
+
+    @torch.no_grad()
+    def move(self, diff: torch.Tensor) -> int:
+        """weights -= lr * diff_k * z_k for every non-zero diff_k; returns seeds regenerated."""
+        nonzero = diff.nonzero().flatten().tolist()
+        for k in nonzero:
+            perturb_(self.params, self.pool[k], -self.cfg.lr * float(diff[k]), self.cfg.dist)
+            self.coef[k] += float(diff[k])
+        return len(nonzero)
+
+    def sync(self, state: Accumulators) -> int:
+        """Bring the weights to `state` (and adopt it); returns seeds regenerated."""
+        self.syncs += 1
+        if self.reload_base is not None and self.cfg.rebuild_every > 0 and self.syncs % self.cfg.rebuild_every == 0:
+            self.rebuild()
+        moved = self.move(state.acc.double() - self.coef)
+        self.state = state
+        return moved
+
+    @torch.no_grad()
+    def rebuild(self) -> None:
+        """Reset to the base weights and re-apply coef: clears in-place floating-point drift."""
+        for p, b in zip(self.params, self.reload_base()):
+            p.copy_(b)
+        coef, self.coef = self.coef, torch.zeros_like(self.coef)
+        self.move(coef)
+
+    @torch.no_grad()
+    def loss(self, batch: dict[str, torch.Tensor]) -> float:
+        return float(self.model(**batch).loss)
+
+    @torch.no_grad()
+    def step(self, batch: dict[str, torch.Tensor], k: int) -> tuple[float, float] | None:
+        """One two-point step on seed index k; returns (g, mean of the two losses), or None
+        (weights restored) if a loss was not finite."""
+        seed, eps = self.pool[k], self.cfg.eps
+        perturb_(self.params, seed, eps, self.cfg.dist)
+        plus = self.loss(batch)
+        perturb_(self.params, seed, -2 * eps, self.cfg.dist)
+        minus = self.loss(batch)
+        g = (plus - minus) / (2 * eps)
+        if not math.isfinite(g):
+            perturb_(self.params, seed, eps, self.cfg.dist)
+            return None
+        perturb_(self.params, seed, eps - self.cfg.lr * g, self.cfg.dist)  # restore + step
+        self.coef[k] += g
+        return g, (plus + minus) / 2
+
+    def train(self, rows: list[dict[str, list[int]]], cfg: TrainConfig, pad_id: int,
+              seed: int) -> tuple[list[tuple[int, float]], dict[str, float]]:
+        """`cfg.local_steps` ZO steps; returns the (seed index, g) pairs and stats."""
+        gen = torch.Generator().manual_seed(seed)
+        probs = self.state.probabilities() if self.cfg.pro else None
+        was_training = self.model.training
+        self.model.eval()  # dropout off: both passes must see the same function
+        pairs: list[tuple[int, float]] = []
+        losses: list[float] = []
+        skipped = 0
+        order: list[int] = []
+        try:
+            for _ in range(cfg.local_steps):
+                if len(order) < cfg.batch_size:
+                    order += torch.randperm(len(rows), generator=gen).tolist()
+                picked, order = order[:cfg.batch_size], order[cfg.batch_size:]
+                batch = collate([rows[i] for i in picked], pad_id)
+                if probs is None:
+                    k = int(torch.randint(len(self.pool), (1,), generator=gen))
+                else:
+                    k = int(torch.multinomial(probs, 1, generator=gen))
+                out = self.step(batch, k)
+                if out is None:
+                    skipped += 1
+                    continue
+                pairs.append((k, out[0]))
+                losses.append(out[1])
+        finally:
+            self.model.train(was_training)
+        return pairs, {"train-loss": sum(losses) / max(len(losses), 1), "steps": float(len(pairs)),
+                       "skipped-steps": float(skipped)}
+
+
+def engine_for(cfg: Config) -> tuple[ZOEngine, Any]:
+    """(engine, tokenizer) for this run's model, built once per process.
+
+    zo.params=all perturbs every base weight, and a rebuild reloads them from the model cache
+    on disk; zo.params=lora perturbs only the LoRA tensors of a PEFT model (initialised from
+    train.seed), and a rebuild restores their initial values.
+    """
+    from fedllm.model import MODEL_CACHE, load_base_model
+    from fedllm.updates import lora
+
+    z = cfg.zo
+    key = ("zo", cfg.model.name, cfg.model.dtype, z.params, z.num_seeds, z.pool_seed, z.dist, z.lr, z.eps,
+           cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.train.seed)
+
+    def build() -> tuple[ZOEngine, Any]:
+        if z.params == "all":
+            model, tokenizer = load_base_model(cfg.model, cached=False)
+
+            def reload() -> list[torch.Tensor]:
+                fresh, _ = load_base_model(cfg.model, cached=False)
+                return [p for _, p in trainable(fresh, "all")]
+        else:
+            model, tokenizer = lora.build_lora_model(cfg.model, cfg.lora, cfg.train.seed)
+            initial = [p.detach().clone() for _, p in trainable(model, "lora")]
+
+            def reload() -> list[torch.Tensor]:
+                return initial
+        return ZOEngine(model, z, reload), tokenizer
+
+    return MODEL_CACHE.get(key, build)

@@ -1,0 +1,263 @@
+import math
+
+import pytest
+import torch
+from conftest import reply_to
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedllm import PayloadError
+from fedllm.config import Config
+from fedllm.data import encode, load_splits
+from fedllm.model import MODEL_CACHE
+from fedllm.updates import zo
+from strategies import FedKSeed
+
+K = 64
+
+
+def _cfg(tiny_model_dir, **kw):
+    flat = {"model.name": str(tiny_model_dir), "train.method": "zo", "zo.num-seeds": K, "zo.lr": 1e-4,
+            "data.families": "parity", "data.train-per-family": 16, "data.eval-per-family": 8,
+            "train.local-steps": 10, "train.batch-size": 4, "server.min-clients": 1}
+    flat.update(kw)
+    return Config.from_flat(flat)
+
+
+def _fresh_engine(cfg):
+    MODEL_CACHE.clear()  # a new process, as far as the engine cache is concerned
+    return zo.engine_for(cfg)
+
+
+def _rows(cfg, tok):
+    train, _ = load_splits(cfg.data)
+    return [encode(tok, e, 64, cfg.data.system_prompt) for e in train]
+
+
+# --- perturbations --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+def test_z_is_reproducible_and_distributed(dist):
+    p = torch.empty(100_003)
+    a = zo.draw(p, zo.generator(7, dist), dist)
+    b = zo.draw(p, zo.generator(7, dist), dist)
+    c = zo.draw(p, zo.generator(8, dist), dist)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert abs(float(a.mean())) < 0.02 and abs(float(a.std()) - 1) < 0.02
+    if dist == "rademacher":
+        assert set(a.unique().tolist()) == {-1.0, 1.0}
+    gen = zo.generator(7, dist)  # one stream across tensors: the second tensor continues it
+    first, second = zo.draw(torch.empty(40), gen, dist), zo.draw(torch.empty(40), gen, dist)
+    assert torch.equal(first, zo.draw(torch.empty(40), zo.generator(7, dist), dist))
+    assert not torch.equal(second, first)
+
+
+def test_seed_pool_is_fixed_and_distinct():
+    assert zo.seed_pool(100, 42) == zo.seed_pool(100, 42)
+    assert len(set(zo.seed_pool(4096, 1))) == 4096
+    assert zo.seed_pool(10, 1) != zo.seed_pool(10, 2)
+
+
+# --- the codec ------------------------------------------------------------------------------
+
+PAIRS = [(3, 0.5), (10, -1.25), (3, 0.25), (63, 2.0)]
+
+
+def test_float_pairs_round_trip_exactly_by_hand():
+    payload = zo.encode_upload(K, PAIRS, 0, seed=0)
+    dense = zo.decode(payload, K)
+    assert dense[3] == 0.75 and dense[10] == -1.25 and dense[63] == 2.0
+    assert float(dense.abs().sum()) == 4.0
+    # K=64: SUMS needs an 8-byte mask + 3 floats; PAIRS 4 one-byte indices + 4 floats
+    assert len(payload) == zo._HEAD.size + min(8 + 3 * 4, 4 + 4 * 4)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("mode", [zo.PAIRS, zo.SUMS])
+def test_quantized_error_bound_and_size(bits, mode):
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(K, (200,), generator=gen)
+    values = torch.randn(200, generator=gen, dtype=torch.float64)
+    payload = zo.encode(K, idx, values, bits, seed=1, mode=mode)
+    exact = torch.zeros(K, dtype=torch.float64).index_add_(0, idx, values)
+    got = zo.decode(payload, K).double()
+    if mode == zo.SUMS:
+        count = int((exact != 0).sum())
+        scale = float(exact.abs().max()) / (2 ** (bits - 1) - 1)
+        assert (got - exact).abs().max() <= scale + 1e-6  # one quantum per seed at most
+        assert len(payload) == zo._HEAD.size + K // 8 + math.ceil(count * bits / 8)
+    else:
+        scale = float(values.abs().max()) / (2 ** (bits - 1) - 1)
+        per_seed = torch.bincount(idx, minlength=K).double()
+        assert ((got - exact).abs() <= per_seed * scale + 1e-6).all()
+        assert len(payload) == zo._HEAD.size + 200 + math.ceil(200 * bits / 8)
+
+
+def test_stochastic_rounding_is_unbiased():
+    idx, value = torch.tensor([0, 1]), torch.tensor([1.0, 0.3], dtype=torch.float64)
+    means = torch.stack([zo.decode(zo.encode(4, idx, value, 2, seed=s, mode=zo.SUMS), 4)[1] for s in range(2000)])
+    assert abs(float(means.mean()) - 0.3) < 0.02  # 0.3 sits between the codes 0 and 1 (scale 1)
+
+
+def test_upload_at_fedkseed_scale_is_under_700_bytes():
+    gen = torch.Generator().manual_seed(0)
+    pairs = [(int(torch.randint(4096, (1,), generator=gen)), float(torch.randn(1, generator=gen))) for _ in range(200)]
+    assert len(zo.encode_upload(4096, pairs, 8, seed=0)) <= 700
+
+
+GOOD = zo.encode_upload(K, PAIRS, 8, seed=0)
+MALFORMED = {
+    "empty": b"",
+    "truncated header": GOOD[:5],
+    "truncated body": GOOD[:-1],
+    "trailing byte": GOOD + b"\x00",
+    "bad magic": b"XX" + GOOD[2:],
+    "bad mode": GOOD[:2] + b"\x07" + GOOD[3:],
+    "wrong K": zo.encode_upload(K * 2, PAIRS, 8, seed=0),
+    "index out of range": zo.encode(K, torch.tensor([1]), torch.tensor([1.0]), 0, 0, zo.PAIRS)[:-5] + b"\xff"
+    + zo.encode(K, torch.tensor([1]), torch.tensor([1.0]), 0, 0, zo.PAIRS)[-4:],
+    "nan scalar": zo.encode(K, torch.tensor([1]), torch.tensor([float("nan")]), 0, 0, zo.PAIRS),
+    "zero scale": zo._HEAD.pack(b"ZK", 0, 8, K, 1, 0.0) + b"\x01\x05",
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_payload_is_rejected(case):
+    with pytest.raises(PayloadError):
+        zo.decode(MALFORMED[case], K)
+
+
+def test_down_message_picks_history_or_full_state():
+    state, history = zo.Accumulators(K), []
+    for r in range(3):
+        p = zo.encode(K, torch.tensor([r, 5]), torch.tensor([1.0, -2.0]), 8, r, zo.SUMS)
+        state.apply(p)
+        history.append(p)
+    fresh = zo.decode_down(zo.encode_down(state, history, 0), zo.Accumulators(K))
+    assert torch.equal(fresh.acc, state.acc) and fresh.version == 3
+    full = zo.encode_down(state, history, None)
+    assert full[:1] == zo.FULL and len(full) == 1 + 8 + 8 * K
+    assert torch.equal(zo.decode_down(full, zo.Accumulators(K)).acc, state.acc)
+    behind = zo.Accumulators(K)
+    behind.apply(history[0])
+    with pytest.raises(PayloadError, match="history starts at 2"):
+        zo.decode_down(zo.encode_down(state, history, 2), behind)
+
+
+def test_pro_probabilities_follow_magnitudes():
+    state = zo.Accumulators(4)
+    assert torch.allclose(state.probabilities(), torch.full((4,), 0.25, dtype=torch.float64))
+    state.apply(zo.encode(4, torch.tensor([0, 1]), torch.tensor([3.0, -1.0]), 0, 0, zo.SUMS))
+    p = state.probabilities()  # (|g| + mean) / sum = (3+1, 1+1, 0+1, 0+1) / 8
+    assert torch.allclose(p, torch.tensor([0.5, 0.25, 0.125, 0.125], dtype=torch.float64))
+
+
+# --- the engine -----------------------------------------------------------------------------
+
+def test_step_restores_and_skips_non_finite(tiny_model_dir, monkeypatch):
+    cfg = _cfg(tiny_model_dir)
+    engine, tok = _fresh_engine(cfg)
+    before = [p.clone() for p in engine.params]
+    monkeypatch.setattr(engine, "loss", lambda batch: float("nan"))
+    pairs, stats = engine.train(_rows(cfg, tok), cfg.train, tok.pad_token_id, 0)
+    assert pairs == [] and stats["skipped-steps"] == 10
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(before, engine.params))
+    assert float(engine.coef.abs().sum()) == 0
+
+
+def test_in_place_drift_is_bounded(tiny_model_dir):
+    """300 in-place steps (900 in-place adds of eps-sized z) stay within 2e-5 of the exact
+    base - lr * sum coef z: rounding errors of ~1e-7 (float32 near |w| ~ 1) add up like a random
+    walk, sqrt(900) * 1e-7 ~ 3e-6 typical. A rebuild clears them."""
+    cfg = _cfg(tiny_model_dir, **{"train.local-steps": 300})
+    engine, tok = _fresh_engine(cfg)
+    engine.train(_rows(cfg, tok), cfg.train, tok.pad_token_id, 0)
+    rebuilt, _ = _fresh_engine(cfg)
+    rebuilt.move(engine.coef.clone())
+    drift = max(float((a - b).abs().max()) for a, b in zip(engine.params, rebuilt.params))
+    moved = max(float((a - b.detach()).abs().max()) for a, b in zip(rebuilt.params, engine.reload_base()))
+    assert moved > 1e-3  # the model did change
+    assert drift < 2e-5, drift
+    engine.rebuild()
+    assert max(float((a - b).abs().max()) for a, b in zip(engine.params, rebuilt.params)) < 1e-7
+
+
+def test_fingerprint_tracks_what_must_match(tiny_model_dir):
+    a, _ = _fresh_engine(_cfg(tiny_model_dir))
+    b, _ = _fresh_engine(_cfg(tiny_model_dir))
+    c, _ = _fresh_engine(_cfg(tiny_model_dir, **{"zo.dist": "rademacher"}))
+    d, _ = _fresh_engine(_cfg(tiny_model_dir, **{"zo.params": "lora"}))
+    assert a.fingerprint == b.fingerprint
+    assert len({a.fingerprint, c.fingerprint, d.fingerprint}) == 3
+
+
+def _server_round(strategy, engines, cfg, server_round, rows, pad_id):
+    """One FedKSeed round driven by hand: down messages, local steps, replies, aggregation."""
+
+    class Grid:
+        def get_node_ids(self):
+            return list(engines)
+
+    msgs = list(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord({}), Grid()))
+    replies = []
+    for m in msgs:
+        node = m.metadata.dst_node_id
+        engine = engines[node]
+        down = m.content.config_records["zo"]
+        engine.sync(zo.decode_down(bytes(down["down"]), engine.state))
+        pairs, stats = engine.train(rows, cfg.train, pad_id, seed=server_round * 10 + node)
+        up = zo.encode_upload(K, pairs, cfg.zo.bits, seed=node)
+        replies.append(reply_to(node, RecordDict({"zo": ConfigRecord({"up": up}), "metrics": MetricRecord(
+            {"num-examples": 10, "train-loss": stats["train-loss"], "zo-version": engine.state.version})})))
+    return strategy.aggregate_train(server_round, replies)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_local_model_equals_model_rebuilt_from_aggregated_scalars(tiny_model_dir):
+    """Single client, float32 scalars: the client's trained weights equal base - lr * sum acc z
+    rebuilt by a fresh party from the server's accumulators, within 1e-5 (float32 scalars and
+    in-place rounding, see test_in_place_drift_is_bounded)."""
+    cfg = _cfg(tiny_model_dir, **{"zo.bits": 0, "train.local-steps": 25})
+    client, tok = _fresh_engine(cfg)
+    strategy = FedKSeed(cfg, fingerprint=client.fingerprint)
+    _, metrics = _server_round(strategy, {1: client}, cfg, 1, _rows(cfg, tok), tok.pad_token_id)
+    assert metrics["clients-ok"] == 1 and strategy.state.version == 1
+    rebuilt, _ = _fresh_engine(cfg)
+    rebuilt.sync(strategy.state)
+    diff = max(float((a - b).abs().max()) for a, b in zip(client.params, rebuilt.params))
+    assert diff < 1e-5, diff
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_client_that_skipped_rounds_syncs_to_the_same_model(tiny_model_dir):
+    cfg = _cfg(tiny_model_dir, **{"train.local-steps": 6})
+    a, tok = _fresh_engine(cfg)
+    b, _ = _fresh_engine(cfg)
+    rows = _rows(cfg, tok)
+    strategy = FedKSeed(cfg, fingerprint=a.fingerprint)
+    _server_round(strategy, {1: a, 2: b}, cfg, 1, rows, tok.pad_token_id)
+    for r in (2, 3, 4):  # node 2 misses three rounds
+        _server_round(strategy, {1: a}, cfg, r, rows, tok.pad_token_id)
+    down_a = zo.encode_down(strategy.state, strategy.history, strategy.node_version[1])
+    down_b = zo.encode_down(strategy.state, strategy.history, strategy.node_version[2])
+    assert len(down_b) > len(down_a)  # the stale client gets the rounds it missed
+    a.sync(zo.decode_down(down_a, a.state))
+    b.sync(zo.decode_down(down_b, b.state))
+    assert torch.equal(a.state.acc, b.state.acc) and a.state.version == b.state.version == 4
+    assert max(float((x - y).abs().max()) for x, y in zip(a.params, b.params)) < 1e-5
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_stale_or_malformed_replies_are_dropped(tiny_model_dir):
+    cfg = _cfg(tiny_model_dir)
+    strategy = FedKSeed(cfg, fingerprint=1)
+    good = zo.encode_upload(K, PAIRS, 8, 0)
+
+    def reply(node, up, version=0, n=10):
+        return reply_to(node, RecordDict({"zo": ConfigRecord({"up": up}), "metrics": MetricRecord(
+            {"num-examples": n, "zo-version": version})}))
+
+    _, metrics = strategy.aggregate_train(1, [reply(1, good, version=5), reply(2, good[:-3]), reply(3, good, n=0)])
+    assert metrics["clients-dropped"] == 3 and strategy.state.version == 0
+    assert float(strategy.state.acc.abs().sum()) == 0
+    _, metrics = strategy.aggregate_train(1, [reply(4, good)])
+    assert metrics["clients-ok"] == 1 and strategy.state.version == 1
