@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench lock clean
+.PHONY: demo demo-zo test test-fast bench lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,7 +14,10 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/simulation/run_demo.py
+	$(PY) examples/simulation/run_demo.py --preset lora
+
+demo-zo: $(STAMP)
+	$(PY) examples/simulation/run_demo.py --preset zo
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -24,6 +27,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/simulation_overhead.py
+	$(PY) bench/zo.py
 
 lock: $(STAMP)
 	head -3 requirements.lock > requirements.lock.new
