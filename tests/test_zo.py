@@ -261,3 +261,38 @@ def test_stale_or_malformed_replies_are_dropped(tiny_model_dir):
     assert float(strategy.state.acc.abs().sum()) == 0
     _, metrics = strategy.aggregate_train(1, [reply(4, good)])
     assert metrics["clients-ok"] == 1 and strategy.state.version == 1
+
+
+def test_pro_sampling_prefers_seeds_with_large_history(tiny_model_dir):
+    cfg = _cfg(tiny_model_dir, **{"zo.pro": "true", "train.local-steps": 40})
+    engine, tok = _fresh_engine(cfg)
+    engine.state = zo.Accumulators(K)
+    engine.state.apply(zo.encode(K, torch.tensor([5]), torch.tensor([1000.0]), 0, 0, zo.SUMS))
+    pairs, _ = engine.train(_rows(cfg, tok), cfg.train, tok.pad_token_id, 0)
+    share = sum(1 for k, _ in pairs if k == 5) / len(pairs)
+    assert share > 0.3  # p(5) = (1000 + 15.6) / (1000 + 64 * 15.6) ~ 0.51; uniform would be 1/64
+
+
+def test_lora_only_engine_leaves_base_weights_alone(tiny_model_dir):
+    cfg = _cfg(tiny_model_dir, **{"zo.params": "lora", "zo.lr": 1e-2})
+    engine, tok = _fresh_engine(cfg)
+    base = {n: p.clone() for n, p in engine.model.named_parameters() if "lora_" not in n}
+    engine.train(_rows(cfg, tok), cfg.train, tok.pad_token_id, 0)
+    assert all(torch.equal(p, base[n]) for n, p in engine.model.named_parameters() if "lora_" not in n)
+    assert float(engine.coef.abs().sum()) > 0
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_client_refuses_a_different_perturbation_fingerprint(tiny_model_dir):
+    from flwr.app import Message, MessageType
+
+    from fedllm.client_app import train_zo
+
+    cfg = _cfg(tiny_model_dir)
+    engine, _ = _fresh_engine(cfg)
+    down = zo.encode_down(zo.Accumulators(K), [], 0)
+    msg = Message(RecordDict({"config": ConfigRecord(cfg.to_flat()), "zo": ConfigRecord(
+        {"down": down, "fingerprint": engine.fingerprint + 1, "version": 0})}),
+        dst_node_id=1, message_type=MessageType.TRAIN)
+    with pytest.raises(PayloadError, match="perturbations differ"):
+        train_zo(msg, cfg, 1, 0, 1)

@@ -37,7 +37,7 @@ import torch
 
 from fedllm.config import Config, TrainConfig, ZOConfig
 from fedllm.data.templates import collate
-from fedllm.errors import PayloadError
+from fedllm.errors import ConfigError, PayloadError
 
 # --- perturbations -----------------------------------------------------------------------
 
@@ -314,7 +314,7 @@ class ZOEngine:
         self.cfg = cfg
         named = trainable(model, cfg.params)
         if not named:
-            raise PayloadError(f"zo.params={cfg.params}: the model has no such parameters")
+            raise ConfigError(f"zo.params: the model has no {cfg.params!r} parameters to perturb")
         self.params = [p for _, p in named]
         for p in self.params:
             p.requires_grad_(False)
