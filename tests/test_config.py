@@ -59,6 +59,7 @@ def test_override_syntax():
 def test_pyproject_defaults_are_valid_keys():
     app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     cfg = Config.from_flat(app)
+    assert set(app) == set(Config().to_flat())  # `flwr run --run-config` accepts only listed keys
     assert cfg.model.name == "smollm2-135m-instruct"
     assert cfg.server.strategy == ""  # by update kind: fedavg for lora
 
