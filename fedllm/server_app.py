@@ -166,6 +166,16 @@ def payload_bytes(content: RecordDict) -> int:
     return total
 
 
+def _log_through_flower() -> None:
+    """Under `flwr run` nobody configures logging: send fedllm's progress to Flower's handler,
+    so that it shows in the run's log stream."""
+    ours = logging.getLogger("fedllm")
+    if not ours.handlers and not logging.getLogger().handlers:
+        ours.handlers = list(logging.getLogger("flwr").handlers)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else "-"
 
@@ -176,6 +186,7 @@ def make_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        _log_through_flower()
         cfg = Config.from_flat({**dict(context.run_config), **dict(overrides or {})})
         run(grid, cfg)
 

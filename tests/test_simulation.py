@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,3 +109,32 @@ def test_zo_simulation_lowers_eval_loss(tiny_model_dir, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(run / "merged")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert not torch.equal(merged.model.embed_tokens.weight, base.model.embed_tokens.weight)
+
+
+def test_flwr_run_local_simulation(tiny_model_dir, tmp_path):
+    """`flwr run .` on Flower's own local simulation SuperLink, with run-config overrides.
+
+    FLWR_HOME keeps Flower's config, apps and SuperLink database in tmp_path; the SuperLink
+    that `flwr run` starts in the background is stopped afterwards, also on failure.
+    """
+    root = Path(__file__).resolve().parents[1]
+    home = tmp_path / "flwr-home"
+    env = {**os.environ, "FLWR_HOME": str(home), "HF_HUB_OFFLINE": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    overrides = (f"model.name='{tiny_model_dir}' server.run-dir='{tmp_path / 'runs'}' server.run-name='flwr' "
+                 "server.num-rounds=2 data.families='parity,units' data.train-per-family=16 "
+                 "data.eval-per-family=4 train.local-steps=6 train.lr=0.02 server.exact-match-examples=2")
+    try:
+        proc = subprocess.run([str(Path(sys.executable).parent / "flwr"), "run", str(root), "--run-config",
+                               overrides, "--stream"], env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        subprocess.run(["pkill", "-f", str(home)], check=False)
+    out = proc.stdout + proc.stderr
+    run = tmp_path / "runs" / "flwr"
+    assert (run / "summary.json").exists(), out[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[2]["eval-loss"] < rows[0]["eval-loss"]
+    assert all(r["clients-ok"] == 2 for r in rows[1:])
+    assert "round 2/2" in out  # fedllm's progress reaches Flower's log stream
