@@ -98,6 +98,7 @@ def train_zo(msg: Message, cfg: Config, server_round: int, pid: int, n: int) -> 
         "partition-id": pid,
         "model-loads": MODEL_CACHE.loads,
         "zo-version": engine.state.version,
+        "zo-fingerprint": engine.fingerprint,
         "sync-seeds": regenerated,
         "sync-seconds": sync_seconds,
     }

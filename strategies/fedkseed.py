@@ -63,6 +63,9 @@ class FedKSeed(FedLLMStrategy):
         up = record.get("up") if record is not None else None
         if not isinstance(up, bytes):
             raise PayloadError("reply lacks the zo 'up' payload")
+        if metrics.get("zo-fingerprint") != self.fingerprint:
+            raise PayloadError("perturbation fingerprint differs from the server's "
+                               "(torch version, device type, dtype or model)")
         if metrics.get("zo-version") != self.state.version:
             raise PayloadError(f"stale update: trained at version {metrics.get('zo-version')}, "
                                f"global is {self.state.version}")

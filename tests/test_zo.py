@@ -207,7 +207,8 @@ def _server_round(strategy, engines, cfg, server_round, rows, pad_id):
         pairs, stats = engine.train(rows, cfg.train, pad_id, seed=server_round * 10 + node)
         up = zo.encode_upload(K, pairs, cfg.zo.bits, seed=node)
         replies.append(reply_to(node, RecordDict({"zo": ConfigRecord({"up": up}), "metrics": MetricRecord(
-            {"num-examples": 10, "train-loss": stats["train-loss"], "zo-version": engine.state.version})})))
+            {"num-examples": 10, "train-loss": stats["train-loss"], "zo-version": engine.state.version,
+             "zo-fingerprint": engine.fingerprint})})))
     return strategy.aggregate_train(server_round, replies)
 
 
@@ -252,12 +253,14 @@ def test_stale_or_malformed_replies_are_dropped(tiny_model_dir):
     strategy = FedKSeed(cfg, fingerprint=1)
     good = zo.encode_upload(K, PAIRS, 8, 0)
 
-    def reply(node, up, version=0, n=10):
+    def reply(node, up, version=0, n=10, fingerprint=1):
         return reply_to(node, RecordDict({"zo": ConfigRecord({"up": up}), "metrics": MetricRecord(
-            {"num-examples": n, "zo-version": version})}))
+            {"num-examples": n, "zo-version": version, "zo-fingerprint": fingerprint})}))
 
-    _, metrics = strategy.aggregate_train(1, [reply(1, good, version=5), reply(2, good[:-3]), reply(3, good, n=0)])
-    assert metrics["clients-dropped"] == 3 and strategy.state.version == 0
+    _, metrics = strategy.aggregate_train(1, [reply(1, good, version=5), reply(2, good[:-3]), reply(3, good, n=0),
+                                              reply(5, good, fingerprint=2)])
+    assert metrics["clients-dropped"] == 4 and strategy.state.version == 0
+    assert "fingerprint differs" in strategy.dropped[3][1]
     assert float(strategy.state.acc.abs().sum()) == 0
     _, metrics = strategy.aggregate_train(1, [reply(4, good)])
     assert metrics["clients-ok"] == 1 and strategy.state.version == 1
