@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Iterable
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
