@@ -8,7 +8,7 @@ loss.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -53,3 +53,18 @@ def collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Te
         labels[i, :n] = torch.tensor(r["labels"])
         mask[i, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def batches(rows: list[dict[str, list[int]]], batch_size: int, pad_id: int,
+            gen: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless collated batches from seeded permutations, epoch after epoch (repeatable).
+
+    A new permutation is drawn from `gen` only when fewer than `batch_size` rows are left, so a
+    caller that draws from `gen` between batches sees the same stream every run.
+    """
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            order += torch.randperm(len(rows), generator=gen).tolist()
+        picked, order = order[:batch_size], order[batch_size:]
+        yield collate([rows[i] for i in picked], pad_id)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from fedllm.config import LoraConfig, ModelConfig, TrainConfig
-from fedllm.data.templates import collate
+from fedllm.data.templates import batches
 from fedllm.errors import ConfigError
 from fedllm.model import MODEL_CACHE, load_base_model
 
@@ -153,18 +153,14 @@ def train(model: Any, rows: list[dict[str, list[int]]], cfg: TrainConfig, pad_id
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    order: list[int] = []
+    stream = batches(rows, cfg.batch_size, pad_id, torch.Generator().manual_seed(seed))
     losses: list[float] = []
     model.train()
     try:
         for _ in range(cfg.local_steps):
             step_loss = 0.0
             for _ in range(cfg.grad_accum):
-                if len(order) < cfg.batch_size:
-                    order += torch.randperm(len(rows), generator=gen).tolist()
-                picked, order = order[: cfg.batch_size], order[cfg.batch_size:]
-                batch = {k: v.to(acc.device) for k, v in collate([rows[i] for i in picked], pad_id).items()}
+                batch = {k: v.to(acc.device) for k, v in next(stream).items()}
                 with acc.autocast():
                     loss = model(**batch).loss / cfg.grad_accum
                 if anchor is not None:

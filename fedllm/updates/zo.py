@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from fedllm.config import Config, TrainConfig, ZOConfig
-from fedllm.data.templates import collate
+from fedllm.data.templates import batches
 from fedllm.errors import ConfigError, PayloadError
 
 # --- perturbations -----------------------------------------------------------------------
@@ -382,13 +382,10 @@ class ZOEngine:
         pairs: list[tuple[int, float]] = []
         losses: list[float] = []
         skipped = 0
-        order: list[int] = []
+        stream = batches(rows, cfg.batch_size, pad_id, gen)
         try:
             for _ in range(cfg.local_steps):
-                if len(order) < cfg.batch_size:
-                    order += torch.randperm(len(rows), generator=gen).tolist()
-                picked, order = order[:cfg.batch_size], order[cfg.batch_size:]
-                batch = collate([rows[i] for i in picked], pad_id)
+                batch = next(stream)
                 if probs is None:
                     k = int(torch.randint(len(self.pool), (1,), generator=gen))
                 else:
