@@ -57,9 +57,7 @@ class LoraGlobal:
         """adapter/ loads with PeftModel.from_pretrained; merged/ with AutoModelForCausalLM."""
         lora.save_adapter(self.state, self.cfg.model, self.cfg.lora, run_dir / "adapter")
         if self.cfg.server.merge:
-            merged = copy.deepcopy(self.ready_model(strategy)).merge_and_unload()  # the cached model keeps its adapter
-            merged.save_pretrained(run_dir / "merged")
-            self.tokenizer.save_pretrained(run_dir / "merged")
+            save_merged(self.ready_model(strategy), self.tokenizer, run_dir / "merged")
 
 
 class ZOGlobal:
@@ -92,11 +90,7 @@ class ZOGlobal:
         (run_dir / "zo").mkdir(exist_ok=True)
         (run_dir / "zo" / "accumulators.bin").write_bytes(strategy.state.to_bytes())
         if self.cfg.server.merge:
-            model = self.ready_model(strategy)
-            if self.cfg.zo.params == "lora":
-                model = copy.deepcopy(model).merge_and_unload()
-            model.save_pretrained(run_dir / "merged")
-            self.tokenizer.save_pretrained(run_dir / "merged")
+            save_merged(self.ready_model(strategy), self.tokenizer, run_dir / "merged")
 
 
 def run(grid: Grid, cfg: Config) -> Path:
@@ -150,6 +144,15 @@ def run(grid: Grid, cfg: Config) -> Path:
     (run_dir / "summary.json").write_text(json.dumps(s, indent=2) + "\n")
     log.info("summary of %s\n%s", run_dir, format_summary(s))
     return run_dir
+
+
+def save_merged(model: Any, tokenizer: Any, path: Path) -> None:
+    """Save a full model that loads with AutoModelForCausalLM; a PEFT model's adapters are
+    merged into a copy, so the cached model keeps them."""
+    if hasattr(model, "merge_and_unload"):
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
 
 
 def strategy_name(cfg: Config) -> str:
