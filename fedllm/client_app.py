@@ -18,6 +18,10 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from fedllm.compression import Feedback, compress, decode, parse
 from fedllm.config import Config
 from fedllm.data import encode, load_splits, partition
 from fedllm.errors import PayloadError
@@ -25,12 +29,23 @@ from fedllm.model import MODEL_CACHE
 from fedllm.updates import lora, zo
 
 log = logging.getLogger(__name__)
-app = ClientApp()
 
 
 def config_from_message(msg: Message) -> Config:
-    flat = {k: v for k, v in msg.content.config_records["config"].items() if k != "server-round"}
+    """The run config; keys without a dot are per-round values (server-round, proximal-mu,
+    Flower's clipping_norm), not config."""
+    flat = {k: v for k, v in msg.content.config_records["config"].items() if "." in k}
     return Config.from_flat(flat)
+
+
+def dp_clipping(msg: Message, context: Context, call_next: Any) -> Message:
+    """Flower's client-side fixed clipping, for messages that ask for it (dp.clipping-norm > 0)."""
+    if KEY_CLIPPING_NORM in msg.content.config_records.get("config", {}):
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[dp_clipping])
 
 
 @functools.lru_cache(maxsize=8)
@@ -63,19 +78,75 @@ def train(msg: Message, context: Context) -> Message:
     pid, n = node_partition(context)
     if cfg.train.method == "zo":
         return train_zo(msg, cfg, server_round, pid, n)
+    # exact-lora sends the frozen global delta and wants a fresh adapter of this node's rank
+    exact = "frozen" in msg.content.array_records
+    if "lora-rank" in context.node_config:  # this site's own rank (exact-lora accepts any)
+        cfg = cfg.replace(lora__rank=int(context.node_config["lora-rank"]))
     model, tokenizer = lora.lora_model(cfg.model, cfg.lora, cfg.train.seed)
-    global_state = msg.content.array_records["arrays"].to_torch_state_dict()
-    lora.set_adapter_state(model, global_state)
+    seed = round_seed(cfg, server_round, pid)
+    if exact:
+        frozen, global_state = msg.content.array_records["frozen"].to_torch_state_dict(), {}
+        lora.reset_adapter(model, seed)
+    else:
+        frozen, global_state = {}, receive_global(msg, context, cfg)
+        lora.set_adapter_state(model, global_state)
     rows, num_examples = client_rows(tuple(sorted(cfg.to_flat().items())), pid, n)
-    stats = lora.train(model, rows, cfg.train, tokenizer.pad_token_id, seed=round_seed(cfg, server_round, pid))
+    mu = float(msg.content.config_records["config"].get("proximal-mu", 0.0))
+    with lora.frozen_delta(model, frozen):
+        stats = lora.train(model, rows, cfg.train, tokenizer.pad_token_id, seed=seed, proximal_mu=mu)
     metrics: dict[str, Any] = {
         **stats,
         "num-examples": num_examples,
         "partition-id": pid,
         "model-loads": MODEL_CACHE.loads,
+        "lora-rank": cfg.lora.rank,
     }
     log.info("client %d round %d: loss %.4f", pid, server_round, stats["train-loss"])
-    return Message(RecordDict({"arrays": ArrayRecord(lora.adapter_state(model)), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    local = lora.adapter_state(model)
+    if exact or not cfg.compression.up:
+        return Message(RecordDict({"arrays": ArrayRecord(local), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    payload = send_compressed(lora.subtract(local, global_state), context, cfg, seed)
+    return Message(RecordDict({"update": ConfigRecord({"payload": payload}), "metrics": MetricRecord(metrics)}),
+                   reply_to=msg)
+
+
+def receive_global(msg: Message, context: Context, cfg: Config) -> dict[str, Any]:
+    """The global adapter: sent whole as arrays, or (compression.down) rebuilt from the copy in
+    this node's state plus the encoded round deltas it lacks. The node keeps the result.
+
+    Raises:
+        PayloadError: when the deltas do not start at the version this node holds.
+    """
+    content, down = msg.content, msg.content.config_records.get("down")
+    if "arrays" in content.array_records:
+        state = content.array_records["arrays"].to_torch_state_dict()
+    else:
+        if down is None:
+            raise PayloadError("message carries neither the global arrays nor the encoded deltas")
+        held = context.state.config_records.get("fedllm-global")
+        if held is None or "global" not in context.state.array_records or held["version"] != down["base"]:
+            raise PayloadError(f"this node does not hold global version {down['base']}; it needs the full state")
+        state = context.state.array_records["global"].to_torch_state_dict()
+        codec = parse(cfg.compression.down)
+        for payload in down["deltas"]:
+            delta = decode(codec, payload, sorted(state))
+            state = {k: state[k] + delta[k].to(state[k].dtype) for k in state}
+    if down is not None:
+        context.state["global"] = ArrayRecord(state)
+        context.state["fedllm-global"] = ConfigRecord({"version": down["version"]})
+    return state
+
+
+def send_compressed(delta: dict[str, Any], context: Context, cfg: Config, seed: int) -> bytes:
+    """Encode the update with compression.up, through this node's error-feedback residual."""
+    feedback = None
+    if cfg.compression.error_feedback:
+        held = context.state.array_records.get("ef-residual")
+        feedback = Feedback(held.to_torch_state_dict() if held is not None else {})
+    payload, feedback = compress(parse(cfg.compression.up), delta, feedback, seed)
+    if feedback is not None:
+        context.state["ef-residual"] = ArrayRecord(feedback.residual)
+    return payload
 
 
 def train_zo(msg: Message, cfg: Config, server_round: int, pid: int, n: int) -> Message:

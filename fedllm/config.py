@@ -165,6 +165,63 @@ class ServerConfig:
 
 
 @dataclass
+class CompressionConfig:
+    up: str = _help(
+        "Codec chain for client uploads (LoRA deltas), e.g. 'topk(0.01) > quantize(4) > zstd' or a "
+        "preset (int8, topk-int4, topk-int2, fedzip); '' sends float32 arrays.", "")
+    down: str = _help("Codec chain for the global delta sent to clients; '' sends the full global adapter.", "")
+    error_feedback: bool = _help("Carry what compression dropped into the next round (per node, and on the server).",
+                                 True)
+
+    def __post_init__(self) -> None:
+        from fedllm.compression import parse
+
+        parse(self.up)
+        parse(self.down)
+
+
+@dataclass
+class StrategyConfig:
+    proximal_mu: float = _help("FedProx: weight mu of the proximal term (mu / 2) ||w - w_global||^2.", 0.01)
+    server_lr: float = _help("Server learning rate of fedavgm/fedadam/fedyogi/fedadagrad; 0 picks 1.0 for "
+                             "fedavgm and 1e-3 for the adaptive ones.", 0.0)
+    momentum: float = _help("FedAvgM server momentum.", 0.9)
+    beta1: float = _help("FedAdam/FedYogi first-moment decay.", 0.9)
+    beta2: float = _help("FedAdam/FedYogi second-moment decay.", 0.99)
+    tau: float = _help("FedAdam/FedYogi/FedAdagrad adaptivity (added to the root of the second moment).", 1e-3)
+    trim_fraction: float = _help("Trimmed mean: share of clients cut from each end, per coordinate.", 0.2)
+    byzantine: int = _help("Krum/Multi-Krum: number f of Byzantine clients tolerated.", 1)
+    multikrum_keep: int = _help("Multi-Krum: updates averaged; 0 keeps n - f.", 0)
+    max_norm: float = _help("Norm-bounded averaging: each update is scaled down to this L2 norm.", 1.0)
+    exact_max_rank: int = _help("exact-lora: cap on the rank of the frozen global delta (0: exact, no cap).", 0)
+
+    def __post_init__(self) -> None:
+        if self.proximal_mu < 0 or self.server_lr < 0 or self.tau <= 0 or self.max_norm <= 0:
+            raise ConfigError("strategy: proximal-mu and server-lr must be >= 0, tau and max-norm > 0")
+        for key, value in (("strategy.momentum", self.momentum), ("strategy.beta1", self.beta1),
+                           ("strategy.beta2", self.beta2)):
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{key}: must be in [0, 1), got {value}")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"strategy.trim-fraction: must be in [0, 0.5), got {self.trim_fraction}")
+        if self.byzantine < 0 or self.multikrum_keep < 0 or self.exact_max_rank < 0:
+            raise ConfigError("strategy: byzantine, multikrum-keep and exact-max-rank must be >= 0")
+
+
+@dataclass
+class DPConfig:
+    clipping_norm: float = _help("Client-side fixed clipping of each update's L2 norm (Flower's DP wrapper); "
+                                 "0 turns differential privacy off.", 0.0)
+    noise_multiplier: float = _help("Gaussian noise std on the aggregate = multiplier x clipping-norm / "
+                                    "sampled clients.", 1.0)
+    sampled_clients: int = _help("Clients sampled per round, for the noise scale; 0 uses server.min-clients.", 0)
+
+    def __post_init__(self) -> None:
+        if self.clipping_norm < 0 or self.noise_multiplier < 0 or self.sampled_clients < 0:
+            raise ConfigError("dp: clipping-norm, noise-multiplier and sampled-clients must be >= 0")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -172,6 +229,16 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     zo: ZOConfig = field(default_factory=ZOConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.method == "zo" and (self.compression.up or self.compression.down):
+            raise ConfigError("compression.up/down: codecs apply to LoRA updates; zo uploads are sized by zo.bits")
+        if self.dp.clipping_norm > 0 and (self.compression.up or self.compression.down or self.train.method != "lora"):
+            raise ConfigError("dp.clipping-norm: differential privacy needs train.method=lora without compression "
+                              "(Flower's clipping mod works on the float32 arrays)")
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any] | None = None) -> "Config":

@@ -7,12 +7,16 @@ format) for LoRA or zo/accumulators.bin for ZO, merged/ on request.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
+
+import torch
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -49,15 +53,31 @@ class LoraGlobal:
         if arrays is not None:
             self.state = arrays.to_torch_state_dict()
 
-    def ready_model(self, strategy: Any) -> Any:
-        lora.set_adapter_state(self.model, self.state)
-        return self.model
+    @contextlib.contextmanager
+    def ready(self, strategy: Any) -> Iterator[Any]:
+        """The model at the global state: the global adapter, or for exact-lora a zero adapter
+        over the frozen delta."""
+        frozen = getattr(strategy, "frozen", None)
+        if frozen is None:
+            lora.set_adapter_state(self.model, self.state)
+            yield self.model
+        else:
+            lora.reset_adapter(self.model, self.cfg.train.seed)  # B = 0: the adapter adds nothing
+            with lora.frozen_delta(self.model, frozen):
+                yield self.model
 
     def save(self, run_dir: Path, strategy: Any) -> None:
         """adapter/ loads with PeftModel.from_pretrained; merged/ with AutoModelForCausalLM."""
-        lora.save_adapter(self.state, self.cfg.model, self.cfg.lora, run_dir / "adapter")
+        frozen = getattr(strategy, "frozen", None)
+        if frozen:
+            state, rank = pad_ranks(frozen)  # scaling 1: lora_alpha = r
+            lora.save_adapter(state, self.cfg.model, dataclasses.replace(self.cfg.lora, rank=rank, alpha=float(rank)),
+                              run_dir / "adapter")
+        else:
+            lora.save_adapter(self.state, self.cfg.model, self.cfg.lora, run_dir / "adapter")
         if self.cfg.server.merge:
-            save_merged(self.ready_model(strategy), self.tokenizer, run_dir / "merged")
+            with self.ready(strategy) as model:
+                save_merged(model, self.tokenizer, run_dir / "merged")
 
 
 class ZOGlobal:
@@ -80,9 +100,10 @@ class ZOGlobal:
     def absorb(self, arrays: ArrayRecord | None, strategy: Any) -> None:
         pass
 
-    def ready_model(self, strategy: Any) -> Any:
+    @contextlib.contextmanager
+    def ready(self, strategy: Any) -> Iterator[Any]:
         self.engine.sync(strategy.state)
-        return self.model
+        yield self.model
 
     def save(self, run_dir: Path, strategy: Any) -> None:
         """zo/accumulators.bin (K scalars: the whole fine-tuned model, given the base) and,
@@ -90,7 +111,19 @@ class ZOGlobal:
         (run_dir / "zo").mkdir(exist_ok=True)
         (run_dir / "zo" / "accumulators.bin").write_bytes(strategy.state.to_bytes())
         if self.cfg.server.merge:
-            save_merged(self.ready_model(strategy), self.tokenizer, run_dir / "merged")
+            with self.ready(strategy) as model:
+                save_merged(model, self.tokenizer, run_dir / "merged")
+
+
+def pad_ranks(factors: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """Zero-pad every module's factors to the largest rank (B @ A is unchanged), as one PEFT
+    rank r needs; returns the padded factors and r."""
+    rank = max(1, max(t.shape[0] for k, t in factors.items() if k.endswith(".lora_A.weight")))
+    out = {}
+    for k, t in factors.items():
+        pad = rank - (t.shape[0] if k.endswith(".lora_A.weight") else t.shape[1])
+        out[k] = torch.nn.functional.pad(t, (0, 0, 0, pad) if k.endswith(".lora_A.weight") else (0, pad))
+    return out, rank
 
 
 def run(grid: Grid, cfg: Config) -> Path:
@@ -99,6 +132,7 @@ def run(grid: Grid, cfg: Config) -> Path:
     log.info("run directory: %s", run_dir)
     gstate = ZOGlobal(cfg) if cfg.train.method == "zo" else LoraGlobal(cfg)
     strategy = gstate.strategy(get_strategy(strategy_name(cfg)))
+    outer = with_dp(strategy, cfg)
     _, held_out = load_splits(cfg.data)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     n_rounds = cfg.server.num_rounds
@@ -108,8 +142,9 @@ def run(grid: Grid, cfg: Config) -> Path:
         if not cfg.server.evaluate or (
                 server_round not in (0, n_rounds) and (every <= 0 or server_round % every)):
             return {}
-        return evaluate(gstate.ready_model(strategy), gstate.tokenizer, held_out, cfg.data, cfg.server.eval_batch_size,
-                        cfg.server.exact_match_examples, cfg.server.max_new_tokens)
+        with gstate.ready(strategy) as model:
+            return evaluate(model, gstate.tokenizer, held_out, cfg.data, cfg.server.eval_batch_size,
+                            cfg.server.exact_match_examples, cfg.server.max_new_tokens)
 
     start = evaluate_state(0)
     metrics.write({"round": 0, **start})
@@ -117,10 +152,10 @@ def run(grid: Grid, cfg: Config) -> Path:
              _fmt(start.get("exact-match")))
     for server_round in range(1, n_rounds + 1):
         t0 = time.perf_counter()
-        messages = list(strategy.configure_train(server_round, gstate.arrays(), ConfigRecord(cfg.to_flat()), grid))
+        messages = list(outer.configure_train(server_round, gstate.arrays(), ConfigRecord(cfg.to_flat()), grid))
         down = {str(m.metadata.dst_node_id): payload_bytes(m.content) for m in messages}
         replies = list(grid.send_and_receive(messages, timeout=cfg.server.round_timeout))
-        arrays, agg = strategy.aggregate_train(server_round, replies)
+        arrays, agg = outer.aggregate_train(server_round, replies)
         gstate.absorb(arrays, strategy)
         train_seconds = time.perf_counter() - t0
         ev = evaluate_state(server_round)
@@ -155,6 +190,17 @@ def save_merged(model: Any, tokenizer: Any, path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
+def with_dp(strategy: Any, cfg: Config) -> Any:
+    """Wrap in Flower's client-side fixed-clipping DP strategy when dp.clipping-norm > 0: each
+    client clips its update to that norm, the server adds Gaussian noise to the aggregate."""
+    if cfg.dp.clipping_norm <= 0:
+        return strategy
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+
+    return DifferentialPrivacyClientSideFixedClipping(
+        strategy, cfg.dp.noise_multiplier, cfg.dp.clipping_norm, cfg.dp.sampled_clients or cfg.server.min_clients)
+
+
 def strategy_name(cfg: Config) -> str:
     """server.strategy, or the default for the update kind (fedavg for lora, fedkseed for zo)."""
     return cfg.server.strategy or {"lora": "fedavg", "zo": "fedkseed"}[cfg.train.method]
@@ -165,7 +211,9 @@ def payload_bytes(content: RecordDict) -> int:
     total = sum(record.count_bytes() for record in content.array_records.values())
     for name, record in content.config_records.items():
         if name != "config":
-            total += sum(len(v) for v in record.values() if isinstance(v, bytes))
+            for value in record.values():
+                items = value if isinstance(value, list) else [value]
+                total += sum(len(x) for x in items if isinstance(x, bytes))
     return total
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from fedllm.compression import Codec, Feedback, compress, decode, parse
 from fedllm.config import Config
 from fedllm.errors import PayloadError
 
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 State = dict[str, torch.Tensor]
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
+UPDATE, DOWN = "update", "down"  # the encoded upload; the encoded global deltas a node lacks
 
 
 @dataclass
@@ -51,16 +53,24 @@ def weighted_mean(states: list[State], weights: list[float]) -> State:
     return {k: sum(w * s[k] for s, w in zip(states, weights)) / total for k in states[0]}
 
 
-def parse_reply(msg: Message, reference: State) -> Update:
+def parse_reply(msg: Message, reference: State, codec: Codec | None = None) -> Update:
     """Validate a train reply against the global state's names, shapes and dtypes.
 
-    The reply's arrays are the client's local state; the returned update holds local - reference.
+    The reply carries either the client's local state as arrays (no upload codec; the update
+    is local - reference), or, with `codec`, the encoded delta in the "update" record.
 
     Raises:
         PayloadError: with the reason, for an error reply or any malformed content.
     """
     n, metrics = reply_metrics(msg)
     content = msg.content
+    if codec is not None:
+        payload = content.config_records.get(UPDATE, {}).get("payload")
+        if not isinstance(payload, bytes):
+            raise PayloadError(f"reply lacks the {UPDATE!r} payload bytes")
+        delta = decode(codec, payload, sorted(reference))
+        check_like(delta, reference, check_dtype=False)
+        return Update(msg.metadata.src_node_id, delta, n, metrics, len(payload))
     if ARRAYS not in content.array_records:
         raise PayloadError(f"reply lacks the {ARRAYS!r} record")
     record = content.array_records[ARRAYS]
@@ -70,14 +80,25 @@ def parse_reply(msg: Message, reference: State) -> Update:
         local = record.to_torch_state_dict()
     except Exception as err:  # numpy refuses malformed array bytes in many ways
         raise PayloadError(f"cannot decode arrays: {err}") from err
-    for k, t in local.items():
+    check_like(local, reference)
+    delta = {k: t - reference[k] for k, t in local.items()}
+    return Update(msg.metadata.src_node_id, delta, n, metrics, record.count_bytes())
+
+
+def check_like(tensors: State, reference: State, check_dtype: bool = True) -> None:
+    """Same names and shapes as `reference` (and dtypes, if asked), all values finite.
+
+    Raises:
+        PayloadError: naming the first tensor that differs.
+    """
+    if set(tensors) != set(reference):
+        raise PayloadError(f"tensor names differ from the global state ({len(tensors)} vs {len(reference)})")
+    for k, t in tensors.items():
         ref = reference[k]
-        if t.shape != ref.shape or t.dtype != ref.dtype:
+        if t.shape != ref.shape or (check_dtype and t.dtype != ref.dtype):
             raise PayloadError(f"{k}: got {t.dtype}{list(t.shape)}, expected {ref.dtype}{list(ref.shape)}")
         if not torch.isfinite(t).all():
             raise PayloadError(f"{k}: non-finite values")
-    delta = {k: t - reference[k] for k, t in local.items()}
-    return Update(msg.metadata.src_node_id, delta, n, metrics, record.count_bytes())
 
 
 def reply_metrics(msg: Message) -> tuple[float, dict[str, float]]:
@@ -98,23 +119,40 @@ def reply_metrics(msg: Message) -> tuple[float, dict[str, float]]:
 
 
 class FedLLMStrategy(Strategy):
-    """Samples clients, validates replies, applies `aggregate`'s delta to the global state."""
+    """Samples clients, validates replies, applies `aggregate`'s delta to the global state.
+
+    With compression.up set, clients send encoded deltas; with compression.down set, the
+    server sends each client the encoded round deltas it has not applied yet (or the full
+    state when that is smaller or its state is unknown) and applies the same decoded delta to
+    its own global state, so every party holds identical weights.
+    """
 
     def __init__(self, cfg: Config | None = None) -> None:
         self.cfg = cfg or Config()
         self.global_state: State = {}
         self.dropped: list[tuple[int, str]] = []  # (node id, reason) of the last round
         self.updates: list[Update] = []  # accepted updates of the last round
+        self.up = parse(self.cfg.compression.up) if self.cfg.compression.up else None
+        self.down = parse(self.cfg.compression.down) if self.cfg.compression.down else None
+        self.history: list[bytes] = []  # compression.down: the encoded delta of every round
+        self.node_version: dict[int, int | None] = {}  # history length each node has applied
+        self.feedback = Feedback({}) if self.cfg.compression.error_feedback else None
 
     # --- the one method to override -------------------------------------------------------
     def aggregate(self, server_round: int, updates: list[Update]) -> State:
         """The global delta from the round's accepted updates."""
         raise NotImplementedError
 
+    # --- hooks ------------------------------------------------------------------------------
+    def round_config(self, server_round: int) -> dict[str, Any]:
+        """Per-round values sent beside the run config (keys without a dot)."""
+        return {"server-round": server_round}
+
     # --- Flower Strategy plumbing ---------------------------------------------------------
     def summary(self) -> None:
-        log.info("%s: fraction-train %.2f, min-clients %d", type(self).__name__,
-                 self.cfg.server.fraction_train, self.cfg.server.min_clients)
+        log.info("%s: fraction-train %.2f, min-clients %d, compression up %r down %r", type(self).__name__,
+                 self.cfg.server.fraction_train, self.cfg.server.min_clients,
+                 self.cfg.compression.up, self.cfg.compression.down)
 
     def sample(self, grid: Grid) -> list[int]:
         """Node ids for this round (waits until server.min-clients are connected)."""
@@ -126,13 +164,27 @@ class FedLLMStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.global_state = arrays.to_torch_state_dict()
-        config = ConfigRecord({**dict(config), "server-round": server_round})  # never mutate the caller's
-        record = RecordDict({ARRAYS: arrays, CONFIG: config})
-        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n) for n in self.sample(grid)]
+        config = ConfigRecord({**dict(config), **self.round_config(server_round)})  # never mutate the caller's
+        messages = []
+        for node in self.sample(grid):
+            record = RecordDict({CONFIG: config, **self.global_records(node, arrays)})
+            messages.append(Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node))
+        return messages
+
+    def global_records(self, node: int, arrays: ArrayRecord) -> dict[str, Any]:
+        """What brings `node` to the global state: the arrays, or the encoded deltas it lacks."""
+        if self.down is None:
+            return {ARRAYS: arrays}
+        version, known = len(self.history), self.node_version.get(node)
+        self.node_version[node] = None  # unknown until it replies
+        missing = self.history[known:] if known is not None else None
+        if missing is None or sum(map(len, missing)) >= arrays.count_bytes():
+            return {ARRAYS: arrays, DOWN: ConfigRecord({"version": version})}
+        return {DOWN: ConfigRecord({"version": version, "base": known, "deltas": missing})}
 
     def parse(self, msg: Message) -> Update:
         """A reply as a validated Update; raises PayloadError."""
-        return parse_reply(msg, self.global_state)
+        return parse_reply(msg, self.global_state, self.up)
 
     def collect(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
         """Parse every reply into self.updates or self.dropped (with the reason)."""
@@ -157,6 +209,12 @@ class FedLLMStrategy(Strategy):
         if not self.updates:
             return None, metrics
         delta = self.aggregate(server_round, self.updates)
+        if self.down is not None:
+            for u in self.updates:
+                self.node_version[u.node_id] = len(self.history)
+            payload, self.feedback = compress(self.down, delta, self.feedback, seed=server_round)
+            self.history.append(payload)
+            delta = decode(self.down, payload, sorted(delta))
         new_state = {k: self.global_state[k] + delta[k].to(self.global_state[k].dtype) for k in self.global_state}
         return ArrayRecord(new_state), metrics
 

@@ -13,10 +13,11 @@ LoRA: Hu et al., 2021, https://arxiv.org/abs/2106.09685 (h = W x + (alpha / r) B
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -80,7 +81,6 @@ def init_adapter_state(model_cfg: ModelConfig, lora_cfg: LoraConfig, seed: int =
     that neither evaluates nor merges, this is all it needs.
     """
     from accelerate import init_empty_weights
-    from peft.tuners.lora import LoraLayer
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from fedllm.model import resolve
@@ -88,14 +88,51 @@ def init_adapter_state(model_cfg: ModelConfig, lora_cfg: LoraConfig, seed: int =
     with init_empty_weights():
         base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(resolve(model_cfg))))
     model = _wrap(base, lora_cfg)
-    torch.manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            for name in module.lora_A:
-                module.lora_A[name].to_empty(device="cpu")
-                module.lora_B[name].to_empty(device="cpu")
-                module.reset_lora_parameters(name, init_lora_weights=True)
+    for _, module in lora_layers(model):
+        for name in module.lora_A:
+            module.lora_A[name].to_empty(device="cpu")
+            module.lora_B[name].to_empty(device="cpu")
+    reset_adapter(model, seed)
     return adapter_state(model)
+
+
+def lora_layers(model: Any) -> list[tuple[str, Any]]:
+    """(module name, PEFT LoraLayer) pairs; a layer's state-dict keys are NAME.lora_A.weight etc."""
+    from peft.tuners.lora import LoraLayer
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def reset_adapter(model: Any, seed: int) -> None:
+    """Initialise every adapter as PEFT does (A: Kaiming-uniform, B: zeros), from `seed`."""
+    torch.manual_seed(seed)
+    for _, module in lora_layers(model):
+        for name in module.lora_A:
+            module.reset_lora_parameters(name, init_lora_weights=True)
+
+
+@contextlib.contextmanager
+def frozen_delta(model: Any, factors: State) -> Iterator[None]:
+    """Add B @ A to each adapted module's base weight while inside, restore it after.
+
+    `factors` holds NAME.lora_A.weight (R, in) and NAME.lora_B.weight (out, R), any R per
+    module, scaling folded in: the frozen global delta of exact LoRA aggregation
+    (strategies/exact_lora.py). The base weight is restored from a copy, not by subtraction,
+    so no drift builds up in the cached model.
+    """
+    saved = []
+    try:
+        for name, module in lora_layers(model):
+            a, b = factors.get(f"{name}.lora_A.weight"), factors.get(f"{name}.lora_B.weight")
+            if a is None or b is None or a.shape[0] == 0:
+                continue
+            weight = module.get_base_layer().weight
+            saved.append((weight, weight.data.clone()))
+            weight.data += (b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32)).to(weight.dtype)
+        yield
+    finally:
+        for weight, original in saved:
+            weight.data.copy_(original)
 
 
 def save_adapter(state: State, model_cfg: ModelConfig, lora_cfg: LoraConfig, path: Path) -> None:
