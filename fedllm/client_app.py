@@ -80,8 +80,9 @@ def train(msg: Message, context: Context) -> Message:
         return train_zo(msg, cfg, server_round, pid, n)
     # exact-lora sends the frozen global delta and wants a fresh adapter of this node's rank
     exact = "frozen" in msg.content.array_records
-    if "lora-rank" in context.node_config:  # this site's own rank (exact-lora accepts any)
-        cfg = cfg.replace(lora__rank=int(context.node_config["lora-rank"]))
+    rank = int(context.node_config.get("lora-rank", cfg.lora.rank_of(pid)))  # exact-lora accepts any
+    if rank != cfg.lora.rank:
+        cfg = cfg.replace(lora__rank=rank)
     model, tokenizer = lora.lora_model(cfg.model, cfg.lora, cfg.train.seed)
     seed = round_seed(cfg, server_round, pid)
     if exact:

@@ -82,9 +82,18 @@ class LoraConfig:
     alpha: float = _help("LoRA scaling alpha (the update is scaled by alpha / r).", 16.0)
     dropout: float = _help("Dropout on the LoRA input.", 0.05)
     target_modules: str = _help("Comma-separated module names to adapt.", "q_proj,v_proj")
+    client_ranks: str = _help(
+        "Per-client ranks by partition id, e.g. '4,8,16' (cycled); '' gives every client lora.rank. "
+        "Different ranks need server.strategy=exact-lora. A SuperNode's node config 'lora-rank' wins.", "")
 
     def __post_init__(self) -> None:
         _positive("lora.rank", self.rank)
+        try:
+            ranks = [int(r) for r in self.client_ranks.split(",") if r.strip()]
+        except ValueError:
+            raise ConfigError(f"lora.client-ranks: expected comma-separated integers, got {self.client_ranks!r}") from None
+        if any(r <= 0 for r in ranks):
+            raise ConfigError(f"lora.client-ranks: ranks must be positive, got {self.client_ranks!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.dropout}")
         if not self.modules():
@@ -92,6 +101,11 @@ class LoraConfig:
 
     def modules(self) -> list[str]:
         return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+    def rank_of(self, partition_id: int) -> int:
+        """The LoRA rank of the client with this partition id."""
+        ranks = [int(r) for r in self.client_ranks.split(",") if r.strip()]
+        return ranks[partition_id % len(ranks)] if ranks else self.rank
 
 
 @dataclass

@@ -100,3 +100,36 @@ def test_adapter_without_base_weights_matches_shapes_and_saves(tiny_cfg, tmp_pat
     lora.save_adapter(light, tiny_cfg, LoraConfig(rank=4), tmp_path / "adapter")
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_cfg.name), tmp_path / "adapter")
     assert all(torch.equal(v, light[k]) for k, v in lora.adapter_state(loaded).items())
+
+
+def test_proximal_term_keeps_the_adapter_near_the_start(tiny_cfg):
+    cfg = TrainConfig(local_steps=8, lr=0.05, batch_size=4)
+    dist = {}
+    for mu in (0.0, 50.0):
+        model, tok = lora.lora_model(tiny_cfg, LoraConfig(dropout=0.0))
+        lora.reset_adapter(model, 0)
+        start = lora.adapter_state(model)
+        _, rows = _rows(tok)
+        lora.train(model, rows, cfg, tok.pad_token_id, seed=0, proximal_mu=mu)
+        end = lora.adapter_state(model)
+        dist[mu] = torch.sqrt(sum(((end[k] - start[k]) ** 2).sum() for k in start)).item()
+    assert dist[50.0] < 0.7 * dist[0.0]
+
+
+def test_frozen_delta_is_applied_and_restored_exactly(tiny_cfg):
+    model, tok = lora.lora_model(tiny_cfg, LoraConfig(rank=4, dropout=0.0))
+    lora.reset_adapter(model, 0)  # B = 0: the adapter adds nothing
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    name, layer = lora.lora_layers(model)[0]
+    base = layer.get_base_layer().weight
+    before = base.detach().clone()
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, base.shape[1], generator=g), torch.randn(base.shape[0], 3, generator=g)
+    with torch.no_grad():
+        plain = model(ids).logits
+        with lora.frozen_delta(model, {f"{name}.lora_A.weight": a, f"{name}.lora_B.weight": b}):
+            assert torch.allclose(base, before + b @ a, atol=1e-5)
+            shifted = model(ids).logits
+        assert torch.equal(base, before)  # restored from a copy, bit for bit
+        assert torch.equal(model(ids).logits, plain)
+    assert not torch.allclose(shifted, plain, atol=1e-3)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 pytestmark = pytest.mark.slow
@@ -138,3 +139,80 @@ def test_flwr_run_local_simulation(tiny_model_dir, tmp_path):
     assert rows[2]["eval-loss"] < rows[0]["eval-loss"]
     assert all(r["clients-ok"] == 2 for r in rows[1:])
     assert "round 2/2" in out  # fedllm's progress reaches Flower's log stream
+
+
+TINY_RUN = {
+    "server.num-rounds": 2, "data.families": "parity,arithmetic,units", "data.train-per-family": 16,
+    "data.eval-per-family": 4, "train.local-steps": 8, "train.lr": 0.02, "lora.dropout": 0.0,
+    "server.exact-match-examples": 2, "server.max-new-tokens": 4,
+}
+
+
+def _simulate(tiny_model_dir, tmp_path, name, **sets):
+    sets = {"model.name": tiny_model_dir, "server.run-dir": tmp_path, "server.run-name": name, **TINY_RUN, **sets}
+    proc = _fedllm("simulate", "--num-clients", "2", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp_path / name, [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_compressed_both_ways(tiny_model_dir, tmp_path):
+    run, rows = _simulate(tiny_model_dir, tmp_path, "zip", **{
+        "compression.up": "topk(0.2) > quantize(8) > zstd", "compression.down": "int8"})
+    assert rows[2]["eval-loss"] < rows[0]["eval-loss"] - 0.3
+    full = sum(t.numel() * 4 for t in load_file(run / "adapter" / "adapter_model.safetensors").values())
+    for r in rows[1:]:
+        assert r["clients-ok"] == 2 and r["dropped"] == []
+        assert all(0 < b < full / 8 for b in r["bytes-up"].values())  # the encoded payload's length
+    assert all(b >= full for b in rows[1]["bytes-down"].values())  # round 1: the whole adapter
+    assert all(b < full / 3 for b in rows[2]["bytes-down"].values())  # then the encoded round delta
+
+
+def test_exact_lora_with_two_ranks(tiny_model_dir, tmp_path):
+    run, rows = _simulate(tiny_model_dir, tmp_path, "exact", **{
+        "server.strategy": "exact-lora", "lora.client-ranks": "2,4", "server.merge": "true"})
+    assert rows[2]["eval-loss"] < rows[0]["eval-loss"] - 0.3
+    for r in rows[1:]:
+        assert sorted(c["lora-rank"] for c in r["clients"].values()) == [2, 4]
+    assert [r["frozen-rank"] for r in rows[1:]] == [6, 12]  # 2 + 4 stacked per round, below min(in, out)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run / "adapter")
+        merged = AutoModelForCausalLM.from_pretrained(run / "merged")
+        assert torch.allclose(adapted(ids).logits, merged(ids).logits, atol=1e-4)
+
+
+def test_dp_clipping_bounds_the_global_step(tiny_model_dir, tmp_path):
+    from fedllm.config import LoraConfig, ModelConfig
+    from fedllm.updates.lora import adapter_state, build_lora_model
+
+    run, rows = _simulate(tiny_model_dir, tmp_path, "dp", **{
+        "dp.clipping-norm": 0.05, "dp.noise-multiplier": 0.0})
+    assert all(r["clients-ok"] == 2 for r in rows[1:])
+    start = adapter_state(build_lora_model(ModelConfig(name=str(tiny_model_dir)), LoraConfig(dropout=0.0))[0])
+    end = load_file(run / "adapter" / "adapter_model.safetensors")
+    moved = torch.sqrt(sum(((end[k] - start[k]) ** 2).sum() for k in start)).item()
+    assert 0.01 < moved <= 2 * 0.05 + 1e-4  # two rounds, each a mean of updates clipped to 0.05
+
+
+def test_custom_strategy_example(tiny_model_dir, tmp_path):
+    """examples/custom_strategy: a user strategy run by `flwr run` as its own Flower app."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "custom_strategy"
+    assert len((example / "my_strategy.py").read_text().splitlines()) < 60
+    home = tmp_path / "flwr-home"
+    env = {**os.environ, "FLWR_HOME": str(home), "HF_HUB_OFFLINE": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    overrides = (f"model.name='{tiny_model_dir}' server.run-dir='{tmp_path / 'runs'}' server.run-name='mine' "
+                 "server.num-rounds=2 data.families='parity,units' data.train-per-family=16 "
+                 "data.eval-per-family=4 train.local-steps=6 train.lr=0.02 server.exact-match-examples=2")
+    try:
+        proc = subprocess.run([str(Path(sys.executable).parent / "flwr"), "run", str(example), "--run-config",
+                               overrides, "--stream"], env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        subprocess.run(["pkill", "-f", str(home)], check=False)
+    out = proc.stdout + proc.stderr
+    run = tmp_path / "runs" / "mine"
+    assert (run / "summary.json").exists(), out[-3000:]
+    assert json.loads((run / "config.json").read_text())["server.strategy"] == "my_strategy:LossWeighted"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[2]["eval-loss"] < rows[0]["eval-loss"] and all(r["clients-ok"] == 2 for r in rows[1:])

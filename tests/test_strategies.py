@@ -106,3 +106,180 @@ def test_register_checks_names():
     with pytest.raises(ValueError, match="registered already"):
         register("fedavg")(type("Other", (FedLLMStrategy,), {}))
     assert "fedavg" in STRATEGIES
+
+
+# --- the strategy family -------------------------------------------------------------------
+from strategies import (ExactLoRA, FedProx, Krum, Median, MultiKrum, NormBounded,  # noqa: E402
+                        TrimmedMean, adaptive_step, compact, coordinate_median, krum_scores, momentum_step,
+                        multi_krum, norm_bounded_mean, stack_factors, trimmed_mean)
+from fedllm.config import Config  # noqa: E402
+
+LORA_STRATEGIES = ["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "median", "trimmed-mean",
+                   "krum", "multikrum", "norm-bounded"]
+
+
+def _with_global(name, cfg=None):
+    s = get_strategy(name)(cfg or Config())
+    s.global_state = {k: v.clone() for k, v in GLOBAL.items()}
+    return s
+
+
+@pytest.mark.parametrize("name", LORA_STRATEGIES)
+def test_every_strategy_keeps_the_contract(name):
+    """Shared table: shapes kept, inputs untouched, finite output, bad replies dropped."""
+    s = _with_global(name)
+    locals_ = [{"a": torch.tensor([1.0 + i, 2.0 - i]), "b": torch.tensor([[0.1 * i]])} for i in range(5)]
+    copies = [{k: v.clone() for k, v in d.items()} for d in locals_]
+    replies = [_reply(10 + i, d) for i, d in enumerate(locals_)] + [_reply(99, **BAD["nan"])]
+    arrays, metrics = s.aggregate_train(1, replies)
+    out = arrays.to_torch_state_dict()
+    assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in GLOBAL.items()}
+    assert all(torch.isfinite(v).all() for v in out.values())
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(locals_, copies) for k in a)
+    assert metrics["clients-ok"] == 5 and metrics["clients-dropped"] == 1 and s.dropped[0][0] == 99
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedavgm", "median", "trimmed-mean", "krum", "multikrum",
+                                  "norm-bounded"])
+def test_identical_updates_give_that_update(name):
+    s = _with_global(name, Config.from_flat({"strategy.max-norm": 100.0}))
+    local = {"a": torch.tensor([1.5, 2.5]), "b": torch.tensor([[-1.0]])}
+    arrays, _ = s.aggregate_train(1, [_reply(i, local) for i in range(4)])
+    out = arrays.to_torch_state_dict()
+    assert all(torch.allclose(out[k], local[k]) for k in local)
+
+
+def test_fedavgm_momentum_by_hand():
+    d = {"x": torch.tensor([0.75])}
+    step, m = momentum_step(d, None, 0.9, 1.0)
+    assert torch.allclose(step["x"], torch.tensor([0.75]))
+    step, m = momentum_step(d, m, 0.9, 2.0)
+    assert torch.allclose(m["x"], torch.tensor([0.9 * 0.75 + 0.75]))  # 1.425
+    assert torch.allclose(step["x"], torch.tensor([2.85]))
+    s = _with_global("fedavgm")
+    r1 = [_reply(1, {"a": torch.tensor([2.0, 2.0]), "b": torch.tensor([[1.0]])}, n=30),
+          _reply(2, {"a": torch.tensor([1.0, 5.0]), "b": torch.tensor([[4.0]])}, n=10)]
+    s.aggregate_train(1, r1)
+    arrays, _ = s.aggregate_train(2, r1)  # same deltas against the same global: m = 0.75 * 1.9
+    assert torch.allclose(arrays.to_torch_state_dict()["a"], torch.tensor([1.0, 2.0]) + 0.75 * 1.9)
+
+
+@pytest.mark.parametrize("rule, v1", [
+    ("adam", 0.99 * 1e-6 + 0.01 * 0.25),     # beta2 v0 + (1 - beta2) d^2, v0 = tau^2
+    ("yogi", 1e-6 + 0.01 * 0.25),            # v0 - (1 - beta2) d^2 sign(v0 - d^2)
+    ("adagrad", 1e-6 + 0.25),                # v0 + d^2
+])
+def test_adaptive_steps_by_hand(rule, v1):
+    d = {"x": torch.tensor([0.5], dtype=torch.float64)}
+    step, moments = adaptive_step(d, None, rule, lr=0.01, beta1=0.9, beta2=0.99, tau=1e-3)
+    m1 = 0.1 * 0.5
+    assert moments.v["x"].item() == pytest.approx(v1)
+    assert step["x"].item() == pytest.approx(0.01 * m1 / (v1 ** 0.5 + 1e-3))
+
+
+def test_fedadam_strategy_uses_server_lr():
+    cfg = Config.from_flat({"strategy.server-lr": 0.1, "strategy.tau": 1e-3})
+    s = _with_global("fedadam", cfg)
+    arrays, _ = s.aggregate_train(1, [_reply(1, {"a": torch.tensor([1.5, 2.0]), "b": torch.tensor([[0.0]])})])
+    # d = 0.5 on a[0], 0 elsewhere: step = 0.1 * 0.05 / (sqrt(0.99e-6 + 0.0025) + 1e-3)
+    expect = 1.0 + 0.1 * 0.05 / ((0.99e-6 + 0.0025) ** 0.5 + 1e-3)
+    assert arrays.to_torch_state_dict()["a"][0].item() == pytest.approx(expect, rel=1e-5)
+    assert arrays.to_torch_state_dict()["a"][1].item() == pytest.approx(2.0)
+
+
+def test_robust_aggregates_by_hand():
+    col = lambda *v: torch.tensor(v)[:, None]  # noqa: E731  (n, 1)
+    assert coordinate_median(col(1.0, 5.0, 2.0)).item() == 2.0
+    assert coordinate_median(col(1.0, 5.0, 2.0, 10.0)).item() == 3.5  # (2 + 5) / 2
+    assert trimmed_mean(col(1.0, 2.0, 3.0, 100.0, -50.0), 0.2).item() == 2.0  # drops -50 and 100
+    x = col(0.0, 0.1, 0.3, 10.0)
+    # f = 0: each point's two nearest squared distances: 0.01+0.09, 0.01+0.04, 0.04+0.09, 94.09+98.01
+    assert torch.allclose(krum_scores(x, 0), torch.tensor([0.10, 0.05, 0.13, 192.10], dtype=torch.float64))
+    mean, kept = multi_krum(x, torch.ones(4), 0, 1)
+    assert kept == [1] and mean.item() == pytest.approx(0.1)
+    mean, kept = multi_krum(x, torch.tensor([1.0, 1.0, 2.0, 1.0]), 0, 3)
+    assert kept == [0, 1, 2] and mean.item() == pytest.approx((0.0 + 0.1 + 0.6) / 4)
+    mean, cut = norm_bounded_mean(torch.tensor([[3.0, 4.0], [0.3, 0.4]]), torch.ones(2), 1.0)
+    assert cut == [0] and torch.allclose(mean, torch.tensor([0.45, 0.6]))  # (0.6, 0.8) and (0.3, 0.4)
+
+
+def test_robust_strategies_resist_one_outlier_and_name_it():
+    honest = [{"a": torch.tensor([1.1 + 0.01 * i, 2.0]), "b": torch.tensor([[0.0]])} for i in range(4)]
+    evil = {"a": torch.tensor([1000.0, -1000.0]), "b": torch.tensor([[500.0]])}
+    for cls in (Median, TrimmedMean, Krum, MultiKrum):
+        s = cls(Config())
+        s.global_state = {k: v.clone() for k, v in GLOBAL.items()}
+        arrays, _ = s.aggregate_train(1, [_reply(i, d) for i, d in enumerate(honest)] + [_reply(9, evil)])
+        out = arrays.to_torch_state_dict()
+        assert (out["a"] - torch.tensor([1.115, 2.0])).abs().max() < 0.05, cls.__name__
+        if cls in (Krum, MultiKrum):
+            assert 9 in s.outliers
+    s = NormBounded(Config())
+    s.global_state = {k: v.clone() for k, v in GLOBAL.items()}
+    s.aggregate_train(1, [_reply(i, d) for i, d in enumerate(honest)] + [_reply(9, evil)])
+    assert s.outliers == [9]
+
+
+def test_fedprox_sends_mu_and_the_client_term_pulls_to_global():
+    class Grid:
+        def get_node_ids(self):
+            return [1, 2]
+
+    s = FedProx(Config.from_flat({"strategy.proximal-mu": 0.5}))
+    msg = list(s.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord({}), Grid()))[0]
+    assert msg.content.config_records["config"]["proximal-mu"] == 0.5
+    assert "proximal-mu" not in FedAvg().round_config(1)
+
+
+# --- exact LoRA aggregation ----------------------------------------------------------------
+def _factors(rank, seed, out=6, inp=5):
+    g = torch.Generator().manual_seed(seed)
+    return {"m.lora_A.weight": torch.randn(rank, inp, generator=g), "m.lora_B.weight": torch.randn(out, rank, generator=g)}
+
+
+def test_stacking_is_exact_where_fedavg_is_not():
+    c1, c2 = _factors(2, 0), _factors(3, 1)  # different ranks
+    w1, w2, s1, s2 = 30.0, 10.0, 16 / 2, 16 / 3
+    want = (w1 * s1 * c1["m.lora_B.weight"] @ c1["m.lora_A.weight"]
+            + w2 * s2 * c2["m.lora_B.weight"] @ c2["m.lora_A.weight"]) / (w1 + w2)
+    out = stack_factors([(c1, w1, s1), (c2, w2, s2)], {})
+    assert out["m.lora_A.weight"].shape == (5, 5) and out["m.lora_B.weight"].shape == (6, 5)
+    assert torch.allclose(out["m.lora_B.weight"] @ out["m.lora_A.weight"], want, atol=1e-5)
+    a, b = compact(out["m.lora_A.weight"], out["m.lora_B.weight"])
+    assert a.shape[0] == 5 and torch.allclose(b @ a, want, atol=1e-4)  # rank 5 = min(in, out)
+    # averaging the factors (same rank) is not the mean of the products
+    d1, d2 = _factors(2, 2), _factors(2, 3)
+    avg = ((d1["m.lora_B.weight"] + d2["m.lora_B.weight"]) / 2) @ ((d1["m.lora_A.weight"] + d2["m.lora_A.weight"]) / 2)
+    exact = (d1["m.lora_B.weight"] @ d1["m.lora_A.weight"] + d2["m.lora_B.weight"] @ d2["m.lora_A.weight"]) / 2
+    assert (avg - exact).abs().max() > 0.1
+
+
+def test_compact_keeps_the_numerical_rank_and_caps():
+    c = _factors(2, 0, out=40, inp=30)
+    a = torch.cat([c["m.lora_A.weight"], c["m.lora_A.weight"] * 2])  # rank 2 written as rank 4
+    b = torch.cat([c["m.lora_B.weight"], c["m.lora_B.weight"]], dim=1)
+    na, nb = compact(a, b)
+    assert na.shape == (2, 30) and nb.shape == (40, 2) and torch.allclose(nb @ na, b @ a, atol=1e-4)
+    full = _factors(6, 1, out=40, inp=30)
+    ca, cb = compact(full["m.lora_A.weight"], full["m.lora_B.weight"], max_rank=3)
+    m = full["m.lora_B.weight"] @ full["m.lora_A.weight"]
+    s = torch.linalg.svdvals(m)
+    assert ca.shape[0] == 3
+    assert (m - cb @ ca).norm().item() == pytest.approx(s[3:].norm().item(), rel=1e-4)  # best rank-3 fit
+
+
+def test_exact_lora_strategy_accepts_ranks_and_refuses_misfits():
+    ref = _factors(4, 9)
+    s = ExactLoRA(Config())
+    s.global_state = ref
+    good = [_reply(1, _factors(2, 0), n=30), _reply(2, _factors(3, 1), n=10)]
+    bad_rank = {"m.lora_A.weight": torch.randn(2, 5), "m.lora_B.weight": torch.randn(6, 3)}
+    bad_in = {"m.lora_A.weight": torch.randn(2, 7), "m.lora_B.weight": torch.randn(6, 2)}
+    arrays, metrics = s.aggregate_train(1, good + [_reply(3, bad_rank), _reply(4, bad_in)])
+    assert arrays is None and metrics["clients-ok"] == 2 and metrics["clients-dropped"] == 2
+    want = stack_factors([(_factors(2, 0), 30.0, 8.0), (_factors(3, 1), 10.0, 16 / 3)], {})
+    got = s.frozen["m.lora_B.weight"] @ s.frozen["m.lora_A.weight"]
+    assert torch.allclose(got, want["m.lora_B.weight"] @ want["m.lora_A.weight"], atol=1e-4)
+    assert metrics["frozen-rank"] == 5
+    with pytest.raises(ConfigError, match="exact-lora"):
+        ExactLoRA(Config.from_flat({"compression.up": "int8"}))
