@@ -1,6 +1,6 @@
 """Upload compression versus final eval loss, against uncompressed FedAvg with the same seeds.
 
-    python bench/compression.py [--quick] [--only SPEC ...] [--out FILE]
+    python bench/compression.py [--quick] [--only LABEL ...] [--rounds N --steps N] [--out FILE]
 
 Setting (the LoRA demo's): SmolLM2-135M-Instruct, the built-in suite (7 families), 4 clients
 with task-partitioned data, 4 rounds x 10 local AdamW steps, LoRA r=8 on q_proj,v_proj,
@@ -45,9 +45,13 @@ CHAINS = [
     ("int2", "quantize(2, block=256) > zstd", True),
     ("topk10-int2", "topk(0.1) > quantize(2) > zstd", True),
     ("topk5-int4", "topk(0.05) > quantize(4) > zstd", True),
+    ("topk3-int4", "topk(0.03) > quantize(4) > zstd", True),
     ("topk2-int4", "topk(0.02) > quantize(4) > zstd", True),
     ("topk2-int4-noEF", "topk(0.02) > quantize(4) > zstd", False),
     ("topk1-int4", "topk-int4", True),
+    ("randk20-int2", "randk(0.2) > quantize(2, block=256) > zstd", True),
+    ("randk10-int2", "randk(0.1) > quantize(2, block=256) > zstd", True),
+    ("randk10-int2-noEF", "randk(0.1) > quantize(2, block=256) > zstd", False),
     ("fedzip", "fedzip", True),
 ]
 
@@ -95,12 +99,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny model, 2 rounds: checks the script runs")
     ap.add_argument("--only", nargs="*", help="labels to run (default: all)")
+    ap.add_argument("--rounds", type=int, help="server.num-rounds (default 4)")
+    ap.add_argument("--steps", type=int, help="train.local-steps per round (default 10)")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         setting = dict(SETTING)
         if args.quick:
             setting.update(QUICK, **{"model.name": tiny_model(Path(tmp) / "tiny")})
+        setting.update({k: v for k, v in (("server.num-rounds", args.rounds), ("train.local-steps", args.steps))
+                        if v is not None})
         results = []
         for label, chain, feedback in CHAINS:
             if args.only and label not in args.only:

@@ -31,15 +31,14 @@ def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float
     """
     from fedllm.data import load_splits
     from fedllm.model import resolve
-    from fedllm.server_app import strategy_name
-    from strategies import get_strategy
+    from fedllm.server_app import strategy_class
 
     overrides = dict(overrides)
     overrides.setdefault("server.run-name", time.strftime("%Y%m%d-%H%M%S"))
     cfg = Config.from_flat(overrides)
     if num_clients < cfg.server.min_clients:
         raise FedLLMError(f"--num-clients: {num_clients} is below server.min-clients={cfg.server.min_clients}")
-    get_strategy(strategy_name(cfg))
+    strategy_class(cfg)(cfg)  # a strategy may refuse the config (e.g. exact-lora with compression)
     load_splits(cfg.data)
     resolve(cfg.model)  # converts a GGUF once, before workers start
     run_dir = Path(cfg.server.run_dir).expanduser() / cfg.server.run_name

@@ -190,8 +190,11 @@ class CompressionConfig:
     def __post_init__(self) -> None:
         from fedllm.compression import parse
 
-        parse(self.up)
-        parse(self.down)
+        for key, spec in (("compression.up", self.up), ("compression.down", self.down)):
+            try:
+                parse(spec)
+            except ConfigError as err:
+                raise ConfigError(f"{key}: {err}") from None
 
 
 @dataclass

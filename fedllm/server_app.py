@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedllm.config import Config
+from fedllm.errors import ConfigError
 from fedllm.data import load_splits
 from fedllm.evaluate import evaluate
 from fedllm.report import MetricsLog, format_summary, make_run_dir, summary
@@ -131,7 +132,7 @@ def run(grid: Grid, cfg: Config) -> Path:
     run_dir = make_run_dir(cfg)
     log.info("run directory: %s", run_dir)
     gstate = ZOGlobal(cfg) if cfg.train.method == "zo" else LoraGlobal(cfg)
-    strategy = gstate.strategy(get_strategy(strategy_name(cfg)))
+    strategy = gstate.strategy(strategy_class(cfg))
     outer = with_dp(strategy, cfg)
     _, held_out = load_splits(cfg.data)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
@@ -199,6 +200,22 @@ def with_dp(strategy: Any, cfg: Config) -> Any:
 
     return DifferentialPrivacyClientSideFixedClipping(
         strategy, cfg.dp.noise_multiplier, cfg.dp.clipping_norm, cfg.dp.sampled_clients or cfg.server.min_clients)
+
+
+def strategy_class(cfg: Config) -> type:
+    """The strategy class for server.strategy, checked against the update kind.
+
+    Raises:
+        ConfigError: naming server.strategy for an unknown name or the wrong update kind.
+    """
+    from strategies import FedKSeed
+
+    name, cls = strategy_name(cfg), get_strategy(strategy_name(cfg))
+    seeds = isinstance(cls, type) and issubclass(cls, FedKSeed)
+    if seeds != (cfg.train.method == "zo"):
+        raise ConfigError(f"server.strategy: {name!r} aggregates {'seed scalars' if seeds else 'LoRA updates'}, "
+                          f"but train.method={cfg.train.method}")
+    return cls
 
 
 def strategy_name(cfg: Config) -> str:

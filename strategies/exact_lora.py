@@ -69,8 +69,9 @@ class ExactLoRA(FedLLMStrategy):
 
     def __init__(self, cfg: Any = None) -> None:
         super().__init__(cfg)
-        if self.cfg.compression.up or self.cfg.compression.down:
-            raise ConfigError("server.strategy=exact-lora sends factors uncompressed: leave compression.up/down empty")
+        if self.cfg.compression.up or self.cfg.compression.down or self.cfg.dp.clipping_norm > 0:
+            raise ConfigError("server.strategy=exact-lora sends factors as float32 arrays: leave compression.up/down "
+                              "empty and dp.clipping-norm at 0")
         self.frozen: State = {}
         self.ranks: dict[str, int] = {}  # module -> rank of the frozen delta
 

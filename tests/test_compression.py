@@ -33,6 +33,14 @@ def _topk_bound(x, y, spec):
     return torch.equal(y[kept], x[kept]) and bool((x[~kept].abs() <= x[kept].abs().min() + 1e-7).all())
 
 
+def _randk_bound(p, unbiased=True):
+    def check(x, y, spec):
+        kept = y != 0
+        share = kept.float().mean().item()
+        return torch.allclose(y[kept], x[kept] / (p if unbiased else 1.0)) and abs(share - p) < 0.05
+    return check
+
+
 def _topk_tensor_bound(x, y, spec):
     sizes = [t.numel() for _, t in sorted(_tensors().items())]
     return all(_topk_bound(a, b, spec) for a, b in zip(x.split(sizes), y.split(sizes)))
@@ -70,6 +78,8 @@ CODECS = {
     "zstd(19)": _exact,
     "topk(0.05)": _topk_bound,
     "topk(0.1, scope='tensor')": _topk_tensor_bound,
+    "randk(0.25)": _randk_bound(0.25),
+    "randk(0.5, unbiased=False) > zstd": _randk_bound(0.5, unbiased=False),
     "quantize(8)": _quant_bound(8, 64, True),
     "quantize(4, block=16)": _quant_bound(4, 16, True),
     "quantize(2, block=32)": _quant_bound(2, 32, True),
@@ -114,6 +124,15 @@ def test_stochastic_rounding_is_unbiased():
     assert torch.allclose(mean, t["x"], atol=0.03)
     nearest_q = decode(parse("quantize(2, block=4, stochastic=False)"), encode(parse("quantize(2, block=4, stochastic=False)"), t, 0), ["x"])
     assert torch.equal(nearest_q["x"], torch.tensor([0.0, 0.0, 1.0, 1.0]))  # biased by hand
+
+
+def test_random_sparsification_is_unbiased_and_sends_no_positions():
+    codec = parse("randk(0.25)")
+    t = {"x": torch.tensor([1.0, -2.0, 0.5, 0.0])}
+    mean = torch.stack([decode(codec, encode(codec, t, seed), ["x"])["x"] for seed in range(4000)]).mean(0)
+    assert torch.allclose(mean, t["x"], atol=0.12)
+    frame = unpack(encode(codec, {"x": torch.randn(10_000)}, 0)[HEADER:])
+    assert set(frame) == {"shape", "rs", "v"} and frame["rs"].nbytes == 8  # a seed, not positions
 
 
 def test_quantize_payload_sizes_follow_the_formula():
@@ -194,7 +213,13 @@ def _bad_payloads():
     short_codes = dict(frame, q=frame["q"][:-1])
     no_field = {k: v for k, v in frame.items() if k != "qs"}
     bad_shape = dict(frame, shape=varint_encode(np.array([2, 8, 96])))
+    r = encode(parse("randk(0.3)"), t, 0)
+    rframe = unpack(r[HEADER:])
+    short_seed = dict(rframe, rs=rframe["rs"][:7])
+    extra_value = dict(rframe, v=np.append(rframe["v"], np.float32(1.0)))
     return {
+        "randk seed": ("randk(0.3)", r[:HEADER] + pack(short_seed)),
+        "randk count": ("randk(0.3)", r[:HEADER] + pack(extra_value)),
         "empty": ("topk(0.05) > quantize(4)", b""),
         "bad magic": ("topk(0.05) > quantize(4)", b"XX" + q[2:]),
         "truncated": ("topk(0.05) > quantize(4)", q[: len(q) // 2]),

@@ -66,6 +66,9 @@ def test_two_clients_two_rounds(tiny_model_dir, tmp_path):
         (["model.name=/no/such/model.gguf"], "model.name: GGUF file not found"),
         (["server.strategy=fedmagic"], "server.strategy: unknown strategy 'fedmagic'"),
         (["train.lr=fast"], "train.lr: expected float, got 'fast'"),
+        (["train.method=zo", "server.strategy=krum"], "server.strategy: 'krum' aggregates LoRA updates"),
+        (["server.strategy=exact-lora", "compression.up=int8"], "server.strategy=exact-lora sends factors"),
+        (["compression.up=topk(2.0)"], "compression.up: topk: fraction must be in (0, 1]"),
     ],
 )
 def test_bad_input_one_line_error(sets, message, tmp_path):

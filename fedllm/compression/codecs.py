@@ -11,6 +11,7 @@ and compresses it. `chain` runs stages in order to encode and in reverse to deco
 
 Stated error bounds, per value (what tests/test_compression.py checks):
 - topk: kept values exact, dropped ones become 0.
+- randk(p): kept values exact times 1 / p, dropped ones 0; unbiased (the mean over masks is x).
 - quantize(bits, block): |x - x^| < s (stochastic rounding, unbiased) or <= s / 2 (nearest),
   where s = max |x| in the block / (2**(bits-1) - 1).
 - cluster(k): every value decodes to its nearest codebook entry; the codebook comes from
@@ -101,6 +102,37 @@ def topk(fraction: float, scope: str = "global") -> Codec:
         return {**_drop(frame, "i", "v"), "v": dense}
 
     return Codec(f"topk({fraction!r}, scope={scope!r})", encode, decode)
+
+
+def randk(fraction: float, unbiased: bool = True) -> Codec:
+    """Keep each value with probability `fraction`, by a mask drawn from an 8-byte seed that
+    travels instead of positions; kept values are divided by `fraction` (unbiased: the decoded
+    value's expectation is the original) unless unbiased=False (then pair it with error
+    feedback). Random sparsification as in Wangni et al., NeurIPS 2018 (arXiv:1710.09854)."""
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"randk: fraction must be in (0, 1], got {fraction}")
+
+    def mask(seed: np.ndarray, n: int) -> np.ndarray:
+        return np.random.default_rng(int(seed.view(np.uint64)[0])).random(n, dtype=np.float32) < fraction
+
+    def encode(frame: Frame, rng: np.random.Generator) -> Frame:
+        seed = rng.integers(0, 2**63, size=1, dtype=np.uint64).view(np.uint8)
+        v = frame["v"]
+        kept = v[mask(seed, len(v))]
+        return {**_drop(frame, "v"), "rs": seed, "v": (kept / fraction if unbiased else kept).astype(np.float32)}
+
+    def decode(frame: Frame) -> Frame:
+        _need(frame, "rs", "v", "shape")
+        if len(frame["rs"]) != 8:
+            raise PayloadError("randk: the mask seed must be 8 bytes")
+        m = mask(frame["rs"], dense_size(frame))
+        if int(m.sum()) != len(frame["v"]):
+            raise PayloadError(f"randk: {len(frame['v'])} values for a mask of {int(m.sum())}")
+        dense = np.zeros(len(m), dtype=np.float32)
+        dense[m] = frame["v"]
+        return {**_drop(frame, "rs", "v"), "v": dense}
+
+    return Codec(f"randk({fraction!r}, unbiased={unbiased})", encode, decode)
 
 
 def _largest(v: np.ndarray, fraction: float) -> np.ndarray:
@@ -242,7 +274,8 @@ def register_codec(name: str, factory: Callable[..., Codec]) -> None:
     CODECS[name] = factory
 
 
-for _name, _factory in (("topk", topk), ("quantize", quantize), ("cluster", cluster), ("zstd", zstd)):
+for _name, _factory in (("topk", topk), ("randk", randk), ("quantize", quantize), ("cluster", cluster),
+                       ("zstd", zstd)):
     register_codec(_name, _factory)
 
 PRESETS = {
