@@ -66,6 +66,17 @@ def format_summary(s: dict[str, Any]) -> str:
         f"rounds             {s['rounds']}",
         f"eval loss          {num(s['eval-loss-before'], 4)} -> {num(s['eval-loss-after'], 4)}",
         f"exact match        {num(s['exact-match-before'], 3)} -> {num(s['exact-match-after'], 3)}",
-        f"bytes up / down    {s['bytes-up-total'] / 1e6:.2f} MB / {s['bytes-down-total'] / 1e6:.2f} MB",
+        f"bytes up / down    {human_bytes(s['bytes-up-total'])} / {human_bytes(s['bytes-down-total'])}",
         f"training time      {s['seconds']:.1f} s",
     ])
+
+
+def human_bytes(n: float) -> str:
+    """1234 -> '1.2 KB'; decimal units, as network figures are."""
+    if abs(n) < 1000:
+        return f"{n:.0f} B"
+    for unit in ("KB", "MB"):
+        n /= 1000
+        if abs(n) < 1000:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1000:.1f} GB"
