@@ -115,28 +115,33 @@ def test_zo_simulation_lowers_eval_loss(tiny_model_dir, tmp_path):
     assert not torch.equal(merged.model.embed_tokens.weight, base.model.embed_tokens.weight)
 
 
-def test_flwr_run_local_simulation(tiny_model_dir, tmp_path):
-    """`flwr run .` on Flower's own local simulation SuperLink, with run-config overrides.
+def _flwr_run(app: Path, tiny_model_dir, tmp_path, name: str) -> tuple[Path, str]:
+    """`flwr run APP` with a tiny model; returns the run directory and the output.
 
     FLWR_HOME keeps Flower's config, apps and SuperLink database in tmp_path; the SuperLink
     that `flwr run` starts in the background is stopped afterwards, also on failure.
     """
-    root = Path(__file__).resolve().parents[1]
     home = tmp_path / "flwr-home"
     env = {**os.environ, "FLWR_HOME": str(home), "HF_HUB_OFFLINE": "1",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    overrides = (f"model.name='{tiny_model_dir}' server.run-dir='{tmp_path / 'runs'}' server.run-name='flwr' "
+    overrides = (f"model.name='{tiny_model_dir}' server.run-dir='{tmp_path / 'runs'}' server.run-name='{name}' "
                  "server.num-rounds=2 data.families='parity,units' data.train-per-family=16 "
                  "data.eval-per-family=4 train.local-steps=6 train.lr=0.02 server.exact-match-examples=2")
     try:
-        proc = subprocess.run([str(Path(sys.executable).parent / "flwr"), "run", str(root), "--run-config",
+        proc = subprocess.run([str(Path(sys.executable).parent / "flwr"), "run", str(app), "--run-config",
                                overrides, "--stream"], env=env, capture_output=True, text=True, timeout=600)
     finally:
         subprocess.run(["pkill", "-f", str(home)], check=False)
     out = proc.stdout + proc.stderr
-    run = tmp_path / "runs" / "flwr"
+    run = tmp_path / "runs" / name
     assert (run / "summary.json").exists(), out[-3000:]
+    return run, out
+
+
+def test_flwr_run_local_simulation(tiny_model_dir, tmp_path):
+    """`flwr run .` on Flower's own local simulation SuperLink, with run-config overrides."""
+    run, out = _flwr_run(Path(__file__).resolve().parents[1], tiny_model_dir, tmp_path, "flwr")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[2]["eval-loss"] < rows[0]["eval-loss"]
@@ -201,21 +206,7 @@ def test_custom_strategy_example(tiny_model_dir, tmp_path):
     """examples/custom_strategy: a user strategy run by `flwr run` as its own Flower app."""
     example = Path(__file__).resolve().parents[1] / "examples" / "custom_strategy"
     assert len((example / "my_strategy.py").read_text().splitlines()) < 60
-    home = tmp_path / "flwr-home"
-    env = {**os.environ, "FLWR_HOME": str(home), "HF_HUB_OFFLINE": "1",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    overrides = (f"model.name='{tiny_model_dir}' server.run-dir='{tmp_path / 'runs'}' server.run-name='mine' "
-                 "server.num-rounds=2 data.families='parity,units' data.train-per-family=16 "
-                 "data.eval-per-family=4 train.local-steps=6 train.lr=0.02 server.exact-match-examples=2")
-    try:
-        proc = subprocess.run([str(Path(sys.executable).parent / "flwr"), "run", str(example), "--run-config",
-                               overrides, "--stream"], env=env, capture_output=True, text=True, timeout=600)
-    finally:
-        subprocess.run(["pkill", "-f", str(home)], check=False)
-    out = proc.stdout + proc.stderr
-    run = tmp_path / "runs" / "mine"
-    assert (run / "summary.json").exists(), out[-3000:]
+    run, _ = _flwr_run(example, tiny_model_dir, tmp_path, "mine")
     assert json.loads((run / "config.json").read_text())["server.strategy"] == "my_strategy:LossWeighted"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[2]["eval-loss"] < rows[0]["eval-loss"] and all(r["clients-ok"] == 2 for r in rows[1:])
