@@ -49,9 +49,8 @@ CHAINS = [
     ("topk2-int4", "topk(0.02) > quantize(4) > zstd", True),
     ("topk2-int4-noEF", "topk(0.02) > quantize(4) > zstd", False),
     ("topk1-int4", "topk-int4", True),
-    ("randk20-int2", "randk(0.2) > quantize(2, block=256) > zstd", True),
-    ("randk10-int2", "randk(0.1) > quantize(2, block=256) > zstd", True),
-    ("randk10-int2-noEF", "randk(0.1) > quantize(2, block=256) > zstd", False),
+    ("randk10-int2-unbiased", "randk(0.1) > quantize(2, block=256) > zstd", False),
+    ("randk10-int2-EF", "randk(0.1, unbiased=False) > quantize(2, block=256) > zstd", True),
     ("fedzip", "fedzip", True),
 ]
 

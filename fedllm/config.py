@@ -192,9 +192,13 @@ class CompressionConfig:
 
         for key, spec in (("compression.up", self.up), ("compression.down", self.down)):
             try:
-                parse(spec)
+                name = parse(spec).name
             except ConfigError as err:
                 raise ConfigError(f"{key}: {err}") from None
+            if self.error_feedback and "unbiased=True" in name:
+                # EF needs a contractive codec; rescaling by 1/p makes the residual grow each round
+                raise ConfigError(f"{key}: randk(p) rescales kept values by 1/p, which error feedback amplifies: "
+                                  "use randk(p, unbiased=False) or compression.error-feedback=false")
 
 
 @dataclass

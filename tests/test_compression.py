@@ -247,6 +247,15 @@ def test_malformed_payload_is_rejected(case):
         decode(parse(spec), payload, sorted(_tensors()))
 
 
+def test_error_feedback_refuses_rescaled_random_sparsification():
+    from fedllm.config import Config
+
+    with pytest.raises(ConfigError, match="compression.up: randk.*error feedback amplifies"):
+        Config.from_flat({"compression.up": "randk(0.1) > zstd"})
+    Config.from_flat({"compression.up": "randk(0.1) > zstd", "compression.error-feedback": False})
+    Config.from_flat({"compression.up": "randk(0.1, unbiased=False) > zstd"})
+
+
 def test_parse_errors_name_the_stage():
     with pytest.raises(ConfigError, match="unknown codec"):
         parse("topk(0.1) > gzip")
