@@ -28,6 +28,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/simulation_overhead.py
 	$(PY) bench/zo.py
+	$(PY) bench/compression.py
 
 lock: $(STAMP)
 	head -3 requirements.lock > requirements.lock.new

@@ -45,12 +45,12 @@ CHAINS = [
     ("int2", "quantize(2, block=256) > zstd", True),
     ("topk10-int2", "topk(0.1) > quantize(2) > zstd", True),
     ("topk5-int4", "topk(0.05) > quantize(4) > zstd", True),
-    ("topk3-int4", "topk(0.03) > quantize(4) > zstd", True),
     ("topk2-int4", "topk(0.02) > quantize(4) > zstd", True),
     ("topk2-int4-noEF", "topk(0.02) > quantize(4) > zstd", False),
     ("topk1-int4", "topk-int4", True),
     ("randk10-int2-unbiased", "randk(0.1) > quantize(2, block=256) > zstd", False),
     ("randk10-int2-EF", "randk(0.1, unbiased=False) > quantize(2, block=256) > zstd", True),
+    ("randk5-int2-unbiased", "randk(0.05) > quantize(2, block=256) > zstd", False),
     ("fedzip", "fedzip", True),
 ]
 
