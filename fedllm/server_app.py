@@ -22,8 +22,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedllm.config import Config
-from fedllm.errors import ConfigError
 from fedllm.data import load_splits
+from fedllm.errors import ConfigError
 from fedllm.evaluate import evaluate
 from fedllm.report import MetricsLog, format_summary, make_run_dir, summary
 from fedllm.updates import lora, zo
