@@ -71,18 +71,28 @@ def parse_reply(msg: Message, reference: State, codec: Codec | None = None) -> U
         delta = decode(codec, payload, sorted(reference))
         check_like(delta, reference, check_dtype=False)
         return Update(msg.metadata.src_node_id, delta, n, metrics, len(payload))
-    if ARRAYS not in content.array_records:
+    local, nbytes = read_arrays(msg, reference)
+    check_like(local, reference)
+    delta = {k: t - reference[k] for k, t in local.items()}
+    return Update(msg.metadata.src_node_id, delta, n, metrics, nbytes)
+
+
+def read_arrays(msg: Message, reference: State) -> tuple[State, int]:
+    """The reply's arrays record as tensors, and its size in bytes; the names must be those of
+    `reference` (shapes and dtypes are the caller's to check).
+
+    Raises:
+        PayloadError: for a missing record, other names, or undecodable array bytes.
+    """
+    if ARRAYS not in msg.content.array_records:
         raise PayloadError(f"reply lacks the {ARRAYS!r} record")
-    record = content.array_records[ARRAYS]
+    record = msg.content.array_records[ARRAYS]
     if set(record) != set(reference):
         raise PayloadError(f"tensor names differ from the global state ({len(record)} vs {len(reference)})")
     try:
-        local = record.to_torch_state_dict()
+        return record.to_torch_state_dict(), record.count_bytes()
     except Exception as err:  # numpy refuses malformed array bytes in many ways
         raise PayloadError(f"cannot decode arrays: {err}") from err
-    check_like(local, reference)
-    delta = {k: t - reference[k] for k, t in local.items()}
-    return Update(msg.metadata.src_node_id, delta, n, metrics, record.count_bytes())
 
 
 def check_like(tensors: State, reference: State, check_dtype: bool = True) -> None:

@@ -25,7 +25,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from fedllm.errors import ConfigError, PayloadError
-from strategies.base import ARRAYS, FedLLMStrategy, State, Update, reply_metrics
+from strategies.base import FedLLMStrategy, State, Update, read_arrays, reply_metrics
 from strategies.registry import register
 
 FROZEN = "frozen"
@@ -84,15 +84,7 @@ class ExactLoRA(FedLLMStrategy):
     def parse(self, msg: Message) -> Update:
         """The client's adapter itself (not a delta): any rank r >= 1, the same for A and B."""
         n, metrics = reply_metrics(msg)
-        if ARRAYS not in msg.content.array_records:
-            raise PayloadError(f"reply lacks the {ARRAYS!r} record")
-        record = msg.content.array_records[ARRAYS]
-        if set(record) != set(self.global_state):
-            raise PayloadError(f"tensor names differ from the global adapter ({len(record)} vs {len(self.global_state)})")
-        try:
-            state = record.to_torch_state_dict()
-        except Exception as err:  # numpy refuses malformed array bytes in many ways
-            raise PayloadError(f"cannot decode arrays: {err}") from err
+        state, nbytes = read_arrays(msg, self.global_state)
         ranks = set()
         for key in (k for k in state if k.endswith(".lora_A.weight")):
             a, b = state[key], state[key.replace(".lora_A.", ".lora_B.")]
@@ -106,7 +98,7 @@ class ExactLoRA(FedLLMStrategy):
         if len(ranks) != 1:
             raise PayloadError(f"adapter ranks differ between modules: {sorted(ranks)}")
         metrics["lora-rank"] = float(ranks.pop())
-        return Update(msg.metadata.src_node_id, state, n, metrics, record.count_bytes())
+        return Update(msg.metadata.src_node_id, state, n, metrics, nbytes)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
