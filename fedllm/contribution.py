@@ -1,0 +1,190 @@
+"""Per-client contribution scores and dishonesty flags, from one round's updates.
+
+Scorers (a small registry, `SCORERS`; `ledger.scorer` picks one):
+- `cosine`: cosine similarity of each update to the round's aggregate; cheap, needs no data.
+- `loo`: leave-one-out, u(N) - u(N minus i), where u(S) is the utility (minus the validation
+  loss) of the global model moved by the example-weighted mean of the updates in S.
+- `shapley`: GTG-Shapley (Liu et al., 2022, https://arxiv.org/abs/2109.02053): Monte-Carlo
+  permutations, each led by a different client in turn; a permutation is cut short once
+  u(prefix) is within `tolerance` of u(N) (the remaining marginals count as 0), the whole
+  round is skipped when u(N) - u(empty) is within it, and sampling stops when the estimates
+  change by less than `tolerance` (relative) or after `max_permutations`.
+A scorer is `f(vectors, weights, aggregate, utility) -> list[float]`; register yours with
+`@register_scorer("name")`.
+
+Flags (`flag_updates`) name what an update looks like, for a penalty: `free-rider` (norm below
+`free_rider_ratio` x the median norm: a zero or near-zero update), `noise` (no more aligned
+with the others' mean than a random direction: |cos| * sqrt(D) < `noise_z`), `duplicate` (the
+same bytes as another client's update this round), `replay` (the same bytes as an update of
+an earlier round), `stale` (cosine >= 0.999 with an earlier global delta), `outlier` (left
+out or cut by a robust strategy), `invalid` (a payload the server dropped).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+Utility = Callable[[frozenset[int]], float]
+Scorer = Callable[[torch.Tensor, list[float], torch.Tensor, Utility | None], list[float]]
+SCORERS: dict[str, Scorer] = {}
+FLAGS = ("free-rider", "noise", "duplicate", "replay", "stale", "outlier", "invalid")
+
+
+def register_scorer(name: str) -> Callable[[Scorer], Scorer]:
+    """Add a scorer under a unique lower-case name."""
+    if name != name.lower() or name in SCORERS:
+        raise ValueError(f"scorer name {name!r} must be lower-case and unused")
+
+    def add(fn: Scorer) -> Scorer:
+        SCORERS[name] = fn
+        return fn
+
+    return add
+
+
+def flatten(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(D,) float64 vector of a state's tensors in sorted key order."""
+    return torch.cat([state[k].double().reshape(-1) for k in sorted(state)])
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity; 0 when either vector is zero."""
+    na, nb = a.norm(), b.norm()
+    if na == 0 or nb == 0:
+        return 0.0
+    return float(a @ b / (na * nb))
+
+
+@register_scorer("cosine")
+def cosine_scores(vectors: torch.Tensor, weights: list[float], aggregate: torch.Tensor,
+                  utility: Utility | None = None) -> list[float]:
+    """cos(update_i, aggregate) for each row of `vectors` (n, D)."""
+    return [cosine(v, aggregate) for v in vectors]
+
+
+@register_scorer("loo")
+def leave_one_out(vectors: torch.Tensor, weights: list[float], aggregate: torch.Tensor,
+                  utility: Utility | None = None) -> list[float]:
+    """u(N) - u(N minus {i}): how much worse the round would be without client i."""
+    if utility is None:
+        raise ValueError("leave-one-out needs a validation utility")
+    everyone = frozenset(range(len(vectors)))
+    full = utility(everyone)
+    return [full - utility(everyone - {i}) for i in range(len(vectors))]
+
+
+@dataclass
+class ShapleyOptions:
+    max_permutations: int = 20
+    tolerance: float = 0.01
+    seed: int = 0
+
+
+SHAPLEY = ShapleyOptions()
+
+
+@register_scorer("shapley")
+def gtg_shapley(vectors: torch.Tensor, weights: list[float], aggregate: torch.Tensor,
+                utility: Utility | None = None, options: ShapleyOptions | None = None) -> list[float]:
+    """GTG-Shapley estimate of each client's share of u(N) - u(empty)."""
+    if utility is None:
+        raise ValueError("GTG-Shapley needs a validation utility")
+    opt = options or SHAPLEY
+    n = len(vectors)
+    cache: dict[frozenset[int], float] = {}
+
+    def u(s: frozenset[int]) -> float:
+        if s not in cache:
+            cache[s] = utility(s)
+        return cache[s]
+
+    full, empty = u(frozenset(range(n))), u(frozenset())
+    if abs(full - empty) <= opt.tolerance * max(abs(full), 1e-12):
+        return [0.0] * n  # between-round truncation: this round changed nothing worth sharing
+    rng = random.Random(opt.seed)
+    totals, estimate = [0.0] * n, [0.0] * n
+    for t in range(1, opt.max_permutations + 1):
+        rest = [i for i in range(n) if i != (t - 1) % n]
+        rng.shuffle(rest)
+        order, prefix, previous = [(t - 1) % n] + rest, frozenset(), empty  # guided: each client leads in turn
+        for i in order:
+            if abs(full - previous) <= opt.tolerance * max(abs(full), 1e-12):
+                break  # within-round truncation: the rest add (about) nothing
+            prefix = prefix | {i}
+            value = u(prefix)
+            totals[i] += value - previous
+            previous = value
+        new = [s / t for s in totals]
+        change = sum(abs(a - b) for a, b in zip(new, estimate)) / max(sum(abs(a) for a in new), 1e-12)
+        estimate = new
+        if t >= n and change < opt.tolerance:
+            break
+    return estimate
+
+
+def get_scorer(name: str) -> Scorer:
+    if name not in SCORERS:
+        raise ValueError(f"unknown scorer {name!r}; known: {', '.join(sorted(SCORERS))}")
+    return SCORERS[name]
+
+
+@dataclass
+class FlagRules:
+    free_rider_ratio: float = 0.05
+    noise_z: float = 4.0
+    stale_cosine: float = 0.999
+
+
+@dataclass
+class History:
+    """What the flags compare with: update hashes and global deltas of earlier rounds."""
+
+    hashes: set[bytes] = field(default_factory=set)
+    global_deltas: list[torch.Tensor] = field(default_factory=list)
+    keep: int = 8  # global deltas kept
+
+    def add(self, hashes: list[bytes], global_delta: torch.Tensor | None) -> None:
+        self.hashes.update(hashes)
+        if global_delta is not None:
+            self.global_deltas = (self.global_deltas + [global_delta])[-self.keep:]
+
+
+def flag_updates(vectors: torch.Tensor, hashes: list[bytes], history: History,
+                 rules: FlagRules | None = None) -> list[list[str]]:
+    """The flags of each accepted update (rows of `vectors`, (n, D)), in row order."""
+    rules = rules or FlagRules()
+    n, dim = vectors.shape
+    norms = vectors.norm(dim=1)
+    median = float(norms.median()) if n else 0.0
+    flags: list[list[str]] = [[] for _ in range(n)]
+    for i in range(n):
+        if float(norms[i]) <= rules.free_rider_ratio * median or float(norms[i]) == 0.0:
+            flags[i].append("free-rider")
+            continue  # a zero update has no direction to judge
+        others = [j for j in range(n) if j != i and float(norms[j]) > rules.free_rider_ratio * median]
+        if others:
+            mean = (vectors[others] / norms[others, None]).mean(dim=0)  # direction of the others
+            if abs(cosine(vectors[i], mean)) * math.sqrt(dim) < rules.noise_z:
+                flags[i].append("noise")
+        if any(cosine(vectors[i], g) >= rules.stale_cosine for g in history.global_deltas):
+            flags[i].append("stale")
+    for i, h in enumerate(hashes):
+        if hashes.count(h) > 1:
+            flags[i].append("duplicate")  # who copied whom cannot be told: every copy is flagged
+        if h in history.hashes:
+            flags[i].append("replay")
+    return flags
+
+
+def reward_shares(budget: int, scores: list[int]) -> list[int]:
+    """Integer shares of `budget` proportional to non-negative integer scores, multiplying
+    before dividing; the shares never sum to more than the budget (the dust stays)."""
+    total = sum(max(s, 0) for s in scores)
+    if total == 0 or budget <= 0:
+        return [0] * len(scores)
+    return [budget * max(s, 0) // total for s in scores]
