@@ -3,6 +3,7 @@
     fedllm simulate --num-clients 4 --set server.num-rounds=3 --set lora.rank=16
     fedllm prepare-model                       # convert the default GGUF once
     fedllm config                              # every config key, its default and help
+    fedllm ledger runs/NAME                    # stakes, scores, rewards and penalties of a run
 
 Errors print one line and exit 2; `--debug` shows the traceback.
 """
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     prep = sub.add_parser("prepare-model", help="convert a GGUF model into the safetensors cache")
     prep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sub.add_parser("config", help="list every config key with its default and help")
+    led = sub.add_parser("ledger", help="show a run's ledger: stakes, scores, rewards, penalties")
+    led.add_argument("run_dir", type=Path, help="a run directory (server.run-dir/server.run-name)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -87,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
             from fedllm.model import resolve
 
             print(resolve(Config.from_flat(parse_overrides(args.set)).model))
+        elif args.command == "ledger":
+            from fedllm.report import ledger_view
+
+            if not (args.run_dir / "ledger" / "chain.json").exists():
+                raise FedLLMError(f"{args.run_dir}: no ledger in this run directory (ledger.enabled was off?)")
+            print(ledger_view(args.run_dir))
         else:
             for key, text, default in help_table():
                 print(f"{key:28} {default!r:32} {text}")

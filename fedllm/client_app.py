@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from fedllm.attacks import attacked
 from fedllm.compression import Feedback, compress, decode, parse
 from fedllm.config import Config
 from fedllm.data import encode, load_splits, partition
@@ -77,7 +78,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content.config_records["config"].get("server-round", 0))
     pid, n = node_partition(context)
     if cfg.train.method == "zo":
-        return train_zo(msg, cfg, server_round, pid, n)
+        return train_zo(msg, context, cfg, server_round, pid, n)
     # exact-lora sends the frozen global delta and wants a fresh adapter of this node's rank
     exact = "frozen" in msg.content.array_records
     rank = int(context.node_config.get("lora-rank", cfg.lora.rank_of(pid)))  # exact-lora accepts any
@@ -93,8 +94,13 @@ def train(msg: Message, context: Context) -> Message:
         lora.set_adapter_state(model, global_state)
     rows, num_examples = client_rows(tuple(sorted(cfg.to_flat().items())), pid, n)
     mu = float(msg.content.config_records["config"].get("proximal-mu", 0.0))
-    with lora.frozen_delta(model, frozen):
-        stats = lora.train(model, rows, cfg.train, tokenizer.pad_token_id, seed=seed, proximal_mu=mu)
+    attack = cfg.attack.kinds().get(pid)
+    start = lora.adapter_state(model)
+    if attack == "zero":  # a free rider does no work
+        stats = {"train-loss": 0.0, "steps": 0}
+    else:
+        with lora.frozen_delta(model, frozen):
+            stats = lora.train(model, rows, cfg.train, tokenizer.pad_token_id, seed=seed, proximal_mu=mu)
     metrics: dict[str, Any] = {
         **stats,
         "num-examples": num_examples,
@@ -104,11 +110,34 @@ def train(msg: Message, context: Context) -> Message:
     }
     log.info("client %d round %d: loss %.4f", pid, server_round, stats["train-loss"])
     local = lora.adapter_state(model)
+    if attack is not None:
+        local = attacked(attack, local, start, cfg.attack.noise_scale, seed)
     if exact or not cfg.compression.up:
-        return Message(RecordDict({"arrays": ArrayRecord(local), "metrics": MetricRecord(metrics)}), reply_to=msg)
-    payload = send_compressed(lora.subtract(local, global_state), context, cfg, seed)
-    return Message(RecordDict({"update": ConfigRecord({"payload": payload}), "metrics": MetricRecord(metrics)}),
-                   reply_to=msg)
+        content = RecordDict({"arrays": ArrayRecord(local), "metrics": MetricRecord(metrics)})
+    else:
+        payload = send_compressed(lora.subtract(local, global_state), context, cfg, seed)
+        content = RecordDict({"update": ConfigRecord({"payload": payload}), "metrics": MetricRecord(metrics)})
+    return Message(signed(content, msg, context, cfg, pid), reply_to=msg)
+
+
+def signed(content: RecordDict, msg: Message, context: Context, cfg: Config, pid: int) -> RecordDict:
+    """With the ledger on, add this client's account and its signature over (contract, round,
+    update hash), so the server credits or penalises the right account."""
+    if not cfg.ledger.enabled:
+        return content
+    from fedllm import ledger  # web3 is the optional [ledger] extra
+    config = msg.content.config_records["config"]
+    if cfg.ledger.client_keys == "simulated":
+        account = ledger.derived_account(cfg.ledger.seed, f"client-{pid}")
+    else:
+        spec = context.node_config.get("ledger-key")
+        if not spec:
+            raise PayloadError("ledger.client-keys=node: this SuperNode's node config lacks ledger-key")
+        account = ledger.read_key(str(spec), "node config ledger-key")
+    digest = ledger.update_hash(content)
+    signature = ledger.sign_update(account, str(config["ledger-contract"]), int(config["server-round"]), digest)
+    content[ledger.LEDGER_RECORD] = ConfigRecord({"account": account.address, "signature": signature})
+    return content
 
 
 def receive_global(msg: Message, context: Context, cfg: Config) -> dict[str, Any]:
@@ -150,7 +179,7 @@ def send_compressed(delta: dict[str, Any], context: Context, cfg: Config, seed: 
     return payload
 
 
-def train_zo(msg: Message, cfg: Config, server_round: int, pid: int, n: int) -> Message:
+def train_zo(msg: Message, context: Context, cfg: Config, server_round: int, pid: int, n: int) -> Message:
     """Sync to the global accumulators, run tau ZO steps, reply with the encoded scalars."""
     engine, tokenizer = zo.engine_for(cfg)
     down = msg.content.config_records["zo"]
@@ -175,4 +204,5 @@ def train_zo(msg: Message, cfg: Config, server_round: int, pid: int, n: int) -> 
         "sync-seconds": sync_seconds,
     }
     log.info("client %d round %d: zo loss %.4f, %d seeds synced", pid, server_round, stats["train-loss"], regenerated)
-    return Message(RecordDict({"zo": ConfigRecord({"up": up}), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    content = RecordDict({"zo": ConfigRecord({"up": up}), "metrics": MetricRecord(metrics)})
+    return Message(signed(content, msg, context, cfg, pid), reply_to=msg)

@@ -242,6 +242,101 @@ class DPConfig:
             raise ConfigError("dp: clipping-norm, noise-multiplier and sampled-clients must be >= 0")
 
 
+PENALTY_FLAGS = ("free-rider", "noise", "duplicate", "replay", "stale", "outlier", "invalid")
+
+
+@dataclass
+class LedgerConfig:
+    enabled: bool = _help("Record contributions, rewards and penalties on an Ethereum-compatible chain.", False)
+    chain: str = _help("'tester' (an in-process EVM, no set-up) or a JSON-RPC URL (http(s)://, ws(s)://).", "tester")
+    contract: str = _help("Address of a deployed FedLedger; '' deploys a new one at the start of the run.", "")
+    owner_key: str = _help("Owner's key, 'env:NAME' or 'file:PATH'; '' derives one from ledger.seed and funds it "
+                           "from the node's dev account (tester, anvil).", "")
+    aggregator_key: str = _help("Aggregator's (this server's) key, 'env:NAME' or 'file:PATH'; '' uses the "
+                                "owner's.", "")
+    client_keys: str = _help("'simulated': client keys derived from ledger.seed and partition id, registered "
+                             "and staked by the server (simulation only, the keys are not secret); 'node': each "
+                             "SuperNode signs with the key in its node config ledger-key and registers itself.",
+                             "simulated")
+    seed: int = _help("Seed of the derived (simulation) keys.", 0)
+    pool: float = _help("Ether the owner puts in the reward pool when deploying.", 100.0)
+    stake: float = _help("Ether each simulated client stakes.", 1.0)
+    min_stake: float = _help("Smallest stake the contract accepts (ether), when deploying.", 0.5)
+    reward_per_round: float = _help("Ether shared among the round's clients by score (less if the pool is "
+                                    "smaller).", 1.0)
+    unbonding_seconds: int = _help("Seconds between a client's unbond request and its withdrawal; penalties "
+                                   "apply until then.", 86400)
+    slashed_to: str = _help("Where slashed stake goes: 'pool' (funds rewards) or 'burn' (locked for good).", "pool")
+    scorer: str = _help("Contribution score: cosine (to the aggregate, no data), loo (leave-one-out validation "
+                        "loss) or shapley (GTG-Shapley; for a few clients).", "cosine")
+    validation_examples: int = _help("Held-out examples of the loo and shapley validation loss.", 16)
+    shapley_permutations: int = _help("GTG-Shapley: most permutations sampled per round.", 20)
+    penalties: str = _help("Share of the stake slashed per flag, 'flag=fraction,...' (flags: "
+                           + ", ".join(PENALTY_FLAGS) + ").",
+                           "free-rider=0.5,noise=0.5,duplicate=0.25,replay=0.5,stale=0.25,outlier=0.1,invalid=0.1")
+    free_rider_ratio: float = _help("An update whose norm is below this share of the median norm is a free "
+                                    "rider's.", 0.05)
+    noise_z: float = _help("An update less aligned with the others' mean than |cos| sqrt(D) < noise-z is "
+                           "noise (a random direction gives about 1).", 4.0)
+
+    def __post_init__(self) -> None:
+        _choice("ledger.client-keys", self.client_keys, ("simulated", "node"))
+        _choice("ledger.slashed-to", self.slashed_to, ("pool", "burn"))
+        _choice("ledger.scorer", self.scorer, ("cosine", "loo", "shapley"))
+        for key, value in (("ledger.pool", self.pool), ("ledger.stake", self.stake),
+                           ("ledger.min-stake", self.min_stake), ("ledger.reward-per-round", self.reward_per_round),
+                           ("ledger.unbonding-seconds", self.unbonding_seconds),
+                           ("ledger.free-rider-ratio", self.free_rider_ratio), ("ledger.noise-z", self.noise_z)):
+            if value < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {value}")
+        _positive("ledger.validation-examples", self.validation_examples)
+        _positive("ledger.shapley-permutations", self.shapley_permutations)
+        self.penalty_map()
+
+    def penalty_map(self) -> dict[str, float]:
+        """ledger.penalties as {flag: fraction of the stake}."""
+        out: dict[str, float] = {}
+        for item in filter(None, (x.strip() for x in self.penalties.split(","))):
+            flag, eq, value = item.partition("=")
+            if not eq or flag.strip() not in PENALTY_FLAGS:
+                raise ConfigError(f"ledger.penalties: {item!r} is not flag=fraction with a flag among "
+                                  f"{', '.join(PENALTY_FLAGS)}")
+            try:
+                fraction = float(value)
+            except ValueError:
+                fraction = -1.0
+            if not 0.0 <= fraction <= 1.0:
+                raise ConfigError(f"ledger.penalties: {flag.strip()} needs a fraction in [0, 1], got {value!r}")
+            out[flag.strip()] = fraction
+        return out
+
+
+ATTACKS = ("zero", "noise")
+
+
+@dataclass
+class AttackConfig:
+    clients: str = _help("Simulation only: dishonest clients, 'partition=kind,...' with kinds zero (a free "
+                         "rider: sends the global state back) and noise (random update of its honest norm).", "")
+    noise_scale: float = _help("Norm of the noise attacker's update relative to its honest update's.", 1.0)
+
+    def __post_init__(self) -> None:
+        self.kinds()
+        if self.noise_scale <= 0:
+            raise ConfigError(f"attack.noise-scale: must be > 0, got {self.noise_scale}")
+
+    def kinds(self) -> dict[int, str]:
+        """attack.clients as {partition id: kind}."""
+        out: dict[int, str] = {}
+        for item in filter(None, (x.strip() for x in self.clients.split(","))):
+            pid, eq, kind = item.partition("=")
+            if not eq or not pid.strip().isdigit() or kind.strip() not in ATTACKS:
+                raise ConfigError(f"attack.clients: {item!r} is not partition=kind with a kind among "
+                                  f"{', '.join(ATTACKS)}")
+            out[int(pid)] = kind.strip()
+        return out
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -253,6 +348,8 @@ class Config:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     dp: DPConfig = field(default_factory=DPConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
     def __post_init__(self) -> None:
         if self.train.method == "zo" and (self.compression.up or self.compression.down):
@@ -260,6 +357,11 @@ class Config:
         if self.dp.clipping_norm > 0 and (self.compression.up or self.compression.down or self.train.method != "lora"):
             raise ConfigError("dp.clipping-norm: differential privacy needs train.method=lora without compression "
                               "(Flower's clipping mod works on the float32 arrays)")
+        if self.ledger.enabled and self.train.method == "zo" and self.ledger.scorer != "cosine":
+            raise ConfigError(f"ledger.scorer: {self.ledger.scorer} needs a validation loss per subset of updates, "
+                              "which fedllm computes for LoRA; use cosine with train.method=zo")
+        if self.attack.clients and self.train.method != "lora":
+            raise ConfigError("attack.clients: attack clients are implemented for train.method=lora")
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any] | None = None) -> "Config":

@@ -6,9 +6,9 @@ Scorers (a small registry, `SCORERS`; `ledger.scorer` picks one):
   loss) of the global model moved by the example-weighted mean of the updates in S.
 - `shapley`: GTG-Shapley (Liu et al., 2022, https://arxiv.org/abs/2109.02053): Monte-Carlo
   permutations, each led by a different client in turn; a permutation is cut short once
-  u(prefix) is within `tolerance` of u(N) (the remaining marginals count as 0), the whole
-  round is skipped when u(N) - u(empty) is within it, and sampling stops when the estimates
-  change by less than `tolerance` (relative) or after `max_permutations`.
+  u(prefix) is within `tolerance` x |u(N) - u(empty)| of u(N) (the remaining marginals count
+  as 0), the whole round scores 0 when |u(N) - u(empty)| <= `min_gain`, and sampling stops
+  when the estimates change by less than `tolerance` (relative) or after `max_permutations`.
 A scorer is `f(vectors, weights, aggregate, utility) -> list[float]`; register yours with
 `@register_scorer("name")`.
 
@@ -81,7 +81,8 @@ def leave_one_out(vectors: torch.Tensor, weights: list[float], aggregate: torch.
 @dataclass
 class ShapleyOptions:
     max_permutations: int = 20
-    tolerance: float = 0.01
+    tolerance: float = 0.01  # relative to the round's gain |u(N) - u(empty)|
+    min_gain: float = 1e-6  # absolute: a smaller gain scores everyone 0
     seed: int = 0
 
 
@@ -104,7 +105,8 @@ def gtg_shapley(vectors: torch.Tensor, weights: list[float], aggregate: torch.Te
         return cache[s]
 
     full, empty = u(frozenset(range(n))), u(frozenset())
-    if abs(full - empty) <= opt.tolerance * max(abs(full), 1e-12):
+    gain = abs(full - empty)
+    if gain <= opt.min_gain:
         return [0.0] * n  # between-round truncation: this round changed nothing worth sharing
     rng = random.Random(opt.seed)
     totals, estimate = [0.0] * n, [0.0] * n
@@ -113,7 +115,7 @@ def gtg_shapley(vectors: torch.Tensor, weights: list[float], aggregate: torch.Te
         rng.shuffle(rest)
         order, prefix, previous = [(t - 1) % n] + rest, frozenset(), empty  # guided: each client leads in turn
         for i in order:
-            if abs(full - previous) <= opt.tolerance * max(abs(full), 1e-12):
+            if abs(full - previous) <= opt.tolerance * gain:
                 break  # within-round truncation: the rest add (about) nothing
             prefix = prefix | {i}
             value = u(prefix)

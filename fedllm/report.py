@@ -80,3 +80,55 @@ def human_bytes(n: float) -> str:
         if abs(n) < 1000:
             return f"{n:.1f} {unit}"
     return f"{n / 1000:.1f} GB"
+
+
+def ledger_view(run_dir: Path) -> str:
+    """The ledger of a run as text: per client stake, scores per round, rewards earned, claimed
+    and pending, and every penalty with its evidence (from RUN_DIR/ledger/).
+
+    Raises:
+        FileNotFoundError: when the run has no ledger.
+    """
+    base = Path(run_dir) / "ledger"
+    chain = json.loads((base / "chain.json").read_text())
+    accounts_file = base / "accounts.json"
+    snapshot = json.loads(accounts_file.read_text()) if accounts_file.exists() else {"accounts": {}}
+    rounds = [json.loads(p.read_text()) for p in sorted(base.glob("round-*.json"))]
+    scores: dict[str, list[str]] = {}
+    flags: dict[str, set[str]] = {}
+    earned: dict[str, int] = {}
+    partition: dict[str, Any] = {}
+    for r in rounds:
+        for c in r["clients"]:
+            scores.setdefault(c["account"], []).append(f"{r['round']}:{c['score']:.3f}")
+            flags.setdefault(c["account"], set()).update(c["flags"])
+            earned[c["account"]] = c["cumulative"]
+            partition[c["account"]] = c["partition"]
+
+    def eth(wei: Any) -> str:
+        return "-" if wei is None else f"{int(wei) / 1e18:.4f}"
+
+    lines = [f"FedLedger {chain['contract']} on {chain['chain']} (slashed stake to {chain['slashed-to']})"]
+    if "pool" in snapshot:
+        lines.append(f"pool {eth(snapshot['pool'])} ETH, unclaimed {eth(snapshot['allocated'])} ETH, "
+                     f"burned {eth(snapshot['burned'])} ETH")
+    else:
+        lines.append("(the run did not finish: stakes and claims below are as of the last round)")
+    lines.append(f"{'account':44} {'part':>4} {'stake':>8} {'slashed':>8} {'earned':>8} {'claimed':>8} "
+                 f"{'pending':>8}  flags  scores by round")
+    for account in sorted(set(earned) | set(snapshot["accounts"]), key=lambda a: partition.get(a, -1)):
+        acct = snapshot["accounts"].get(account, {})
+        lines.append(f"{account:44} {partition.get(account, acct.get('partition', '-')):>4} "
+                     f"{eth(acct.get('stake')):>8} {eth(acct.get('slashed')):>8} "
+                     f"{eth(earned.get(account, acct.get('earned'))):>8} {eth(acct.get('claimed')):>8} "
+                     f"{eth(acct.get('pending')):>8}  {','.join(sorted(flags.get(account, ()))) or '-'}  "
+                     f"{' '.join(scores.get(account, []))}")
+    penalties = [(r["round"], c) for r in rounds for c in r["clients"] if c["slashed"]]
+    lines.append(f"penalties: {len(penalties)}")
+    for rnd, c in penalties:
+        lines.append(f"  round {rnd}: {c['account']} (partition {c['partition']}) {','.join(c['flags'])}: "
+                     f"{eth(c['slashed'])} ETH, evidence 0x{c['evidence']} (ledger/evidence/{c['evidence']}.json)")
+    gas = [r["gas-record"] for r in rounds]
+    if gas:
+        lines.append(f"gas per recorded round: {min(gas)}..{max(gas)} over {len(gas)} rounds")
+    return "\n".join(lines)

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedllm.config import Config
 from fedllm.data import load_splits
 from fedllm.errors import ConfigError
-from fedllm.evaluate import evaluate
+from fedllm.evaluate import em_subset, eval_loss, evaluate
 from fedllm.report import MetricsLog, format_summary, make_run_dir, summary
 from fedllm.updates import lora, zo
 from strategies import get_strategy
@@ -37,7 +37,7 @@ class LoraGlobal:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        if cfg.server.evaluate or cfg.server.merge:
+        if cfg.server.evaluate or cfg.server.merge or needs_validation(cfg):
             self.model, self.tokenizer = lora.lora_model(cfg.model, cfg.lora, cfg.train.seed)
             self.state = lora.adapter_state(self.model)
         else:
@@ -66,6 +66,26 @@ class LoraGlobal:
             lora.reset_adapter(self.model, self.cfg.train.seed)  # B = 0: the adapter adds nothing
             with lora.frozen_delta(self.model, frozen):
                 yield self.model
+
+    def digest(self, strategy: Any) -> bytes:
+        """keccak256 of the global state (the model hash on the ledger)."""
+        from eth_utils import keccak
+
+        state = getattr(strategy, "frozen", None) or self.state
+        return keccak(b"".join(k.encode() + state[k].numpy().tobytes() for k in sorted(state)))
+
+    def utility(self, strategy: Any, before: dict[str, torch.Tensor], examples: list[dict[str, str]]) -> Any:
+        """For the loo and shapley scorers: minus the validation loss of the global adapter moved
+        by the example-weighted mean of the chosen updates' deltas."""
+        from strategies import weighted_mean
+
+        def utility_of(indices: list[int]) -> float:
+            ups = [strategy.updates[i] for i in indices]
+            delta = weighted_mean([u.delta for u in ups], [u.num_examples for u in ups]) if ups else {}
+            lora.set_adapter_state(self.model, {k: t + delta[k].to(t.dtype) if delta else t for k, t in before.items()})
+            return -eval_loss(self.model, self.tokenizer, examples, self.cfg.data, self.cfg.server.eval_batch_size)
+
+        return utility_of
 
     def save(self, run_dir: Path, strategy: Any) -> None:
         """adapter/ loads with PeftModel.from_pretrained; merged/ with AutoModelForCausalLM."""
@@ -106,6 +126,11 @@ class ZOGlobal:
         self.engine.sync(strategy.state)
         yield self.model
 
+    def digest(self, strategy: Any) -> bytes:
+        from eth_utils import keccak
+
+        return keccak(strategy.state.to_bytes())
+
     def save(self, run_dir: Path, strategy: Any) -> None:
         """zo/accumulators.bin (K scalars: the whole fine-tuned model, given the base) and,
         on request, merged/ (the rebuilt model, loadable with AutoModelForCausalLM)."""
@@ -137,6 +162,13 @@ def run(grid: Grid, cfg: Config) -> Path:
     _, held_out = load_splits(cfg.data)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     n_rounds = cfg.server.num_rounds
+    books = None
+    if cfg.ledger.enabled:
+        from fedllm.accounting import LedgerSession  # web3 is the optional [ledger] extra
+
+        books = LedgerSession(cfg, run_dir)
+    round_extra = {"ledger-contract": books.address} if books else {}
+    validation = em_subset(held_out, cfg.ledger.validation_examples)
 
     def evaluate_state(server_round: int) -> dict[str, float]:
         every = cfg.server.eval_every
@@ -153,12 +185,18 @@ def run(grid: Grid, cfg: Config) -> Path:
              _fmt(start.get("exact-match")))
     for server_round in range(1, n_rounds + 1):
         t0 = time.perf_counter()
-        messages = list(outer.configure_train(server_round, gstate.arrays(), ConfigRecord(cfg.to_flat()), grid))
+        run_config = ConfigRecord({**cfg.to_flat(), **round_extra})
+        messages = list(outer.configure_train(server_round, gstate.arrays(), run_config, grid))
         down = {str(m.metadata.dst_node_id): payload_bytes(m.content) for m in messages}
         replies = list(grid.send_and_receive(messages, timeout=cfg.server.round_timeout))
         arrays, agg = outer.aggregate_train(server_round, replies)
+        before = getattr(gstate, "state", None)
         gstate.absorb(arrays, strategy)
         train_seconds = time.perf_counter() - t0
+        accounts = {}
+        if books is not None:
+            utility = gstate.utility(strategy, before, validation) if needs_validation(cfg) else None
+            accounts = {"ledger": books.record(server_round, replies, strategy, gstate.digest(strategy), utility)}
         ev = evaluate_state(server_round)
         row: dict[str, Any] = {
             "round": server_round,
@@ -170,6 +208,7 @@ def run(grid: Grid, cfg: Config) -> Path:
             "dropped": [{"node": str(n), "reason": r} for n, r in getattr(strategy, "dropped", [])],
             "train-seconds": round(train_seconds, 3),
             "round-seconds": round(time.perf_counter() - t0, 3),
+            **accounts,
         }
         metrics.write(row)
         log.info("round %d/%d: train loss %s, eval loss %s, exact match %s (%.1f s)", server_round,
@@ -177,9 +216,16 @@ def run(grid: Grid, cfg: Config) -> Path:
                  _fmt(row.get("exact-match")), row["round-seconds"])
     gstate.save(run_dir, strategy)
     s = summary(metrics.rows)
+    if books is not None:
+        s["ledger"] = books.finish()
     (run_dir / "summary.json").write_text(json.dumps(s, indent=2) + "\n")
     log.info("summary of %s\n%s", run_dir, format_summary(s))
     return run_dir
+
+
+def needs_validation(cfg: Config) -> bool:
+    """Whether the ledger's scorer evaluates subsets of updates on held-out examples."""
+    return cfg.ledger.enabled and cfg.ledger.scorer != "cosine"
 
 
 def save_merged(model: Any, tokenizer: Any, path: Path) -> None:

@@ -264,3 +264,36 @@ def test_clear_errors_for_bad_settings(tmp_path, monkeypatch):
     with pytest.raises(LedgerError, match="ledger.contract: no contract"):
         Ledger(connect("tester"), "0x" + "12" * 20)
     assert to_wei(0.1) == ETH // 10 and to_wei("1.5") == 3 * ETH // 2
+
+
+def test_signed_reply_names_its_account_and_tampering_is_caught():
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+    from fedllm.ledger import LEDGER_RECORD, derived_account, reply_account, sign_update, update_hash
+
+    contract = "0x" + "ab" * 20
+    client, other = derived_account(0, "client-0"), derived_account(0, "client-1")
+
+    def reply(values, signer=client, account=None, server_round=3):
+        content = RecordDict({"arrays": ArrayRecord({"w": torch.tensor(values)}),
+                              "metrics": MetricRecord({"num-examples": 4})})
+        sig = sign_update(signer, contract, server_round, update_hash(content))
+        content[LEDGER_RECORD] = ConfigRecord({"account": account or signer.address, "signature": sig})
+        return content
+
+    content = reply([1.0, 2.0])
+    account, digest = reply_account(content, contract, 3)
+    assert account == client.address and digest == update_hash(reply([1.0, 2.0], other))
+    assert update_hash(reply([1.0, 2.5])) != digest
+    with pytest.raises(LedgerError, match="not the named account"):  # replayed into another round
+        reply_account(content, contract, 4)
+    with pytest.raises(LedgerError, match="not the named account"):  # signed by one, naming another
+        reply_account(reply([1.0], other, account=client.address), contract, 3)
+    tampered = reply([1.0, 2.0])
+    tampered["arrays"] = ArrayRecord({"w": torch.tensor([9.0, 2.0])})
+    with pytest.raises(LedgerError, match="not the named account"):
+        reply_account(tampered, contract, 3)
+    del tampered[LEDGER_RECORD]
+    with pytest.raises(LedgerError, match="lacks the ledger signature"):
+        reply_account(tampered, contract, 3)

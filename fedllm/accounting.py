@@ -1,0 +1,225 @@
+"""The server's side of the ledger: each round, score and flag the clients, share the round's
+reward by score, record one Merkle root on chain, and slash the flagged clients' stake.
+
+Files under RUN_DIR/ledger/ (what `fedllm ledger RUN_DIR` shows, and what a client needs to
+claim): chain.json (chain, contract, roles, deploy gas), round-NNNN.json (each client's leaf
+and Merkle proof, score, flags, reward and penalty), evidence/ (the JSON whose keccak256 is a
+penalty's on-chain evidence hash), accounts.json (stake, rewards claimed and pending, at the
+end of the run).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from fedllm import contribution, ledger
+from fedllm.config import Config
+from fedllm.merkle import Leaf, MerkleTree
+
+log = logging.getLogger(__name__)
+
+SCORE_SCALE = 10**6  # scores travel as fixed-point integers
+UtilityOf = Callable[[list[int]], float]  # indices of accepted updates -> minus validation loss
+
+
+class LedgerSession:
+    """One run's ledger: deploys (or attaches to) FedLedger and keeps the round bookkeeping."""
+
+    def __init__(self, cfg: Config, run_dir: Path) -> None:
+        self.cfg, self.lc = cfg, cfg.ledger
+        self.dir = run_dir / "ledger"
+        (self.dir / "evidence").mkdir(parents=True, exist_ok=True)
+        self.w3 = ledger.connect(self.lc.chain)
+        if self.lc.owner_key:
+            self.owner = ledger.read_key(self.lc.owner_key, "ledger.owner-key")
+        else:
+            self.owner = ledger.dev_account(self.w3, self.lc.seed, "owner",
+                                            ether=2 * self.lc.pool + 64 * (self.lc.stake + 1) + 10)
+        self.aggregator = (ledger.read_key(self.lc.aggregator_key, "ledger.aggregator-key")
+                           if self.lc.aggregator_key else self.owner)
+        deploy_gas = 0
+        if self.lc.contract:
+            self.contract = ledger.Ledger(self.w3, self.lc.contract)
+        else:
+            self.contract = ledger.Ledger.deploy(
+                self.w3, self.owner, self.aggregator.address, ledger.to_wei(self.lc.min_stake),
+                self.lc.unbonding_seconds, self.lc.slashed_to == "burn", ledger.to_wei(self.lc.pool))
+            deploy_gas = self.contract.deploy_gas
+        self.rules = contribution.FlagRules(self.lc.free_rider_ratio, self.lc.noise_z)
+        self.penalties = self.lc.penalty_map()
+        self.history = contribution.History()
+        self.accounts: dict[str, dict[str, Any]] = {}  # address -> partition, node, cumulative, leaf
+        self.write("chain.json", {"chain": self.lc.chain, "contract": self.contract.address,
+                                  "owner": self.owner.address, "aggregator": self.aggregator.address,
+                                  "deploy-gas": deploy_gas, "slashed-to": self.lc.slashed_to})
+        log.info("ledger: FedLedger at %s on %s", self.contract.address, self.lc.chain)
+
+    @property
+    def address(self) -> str:
+        return self.contract.address
+
+    def write(self, name: str, data: Any) -> None:
+        path = self.dir / name
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        tmp.replace(path)
+
+    # --- one round ----------------------------------------------------------------------------
+    def record(self, server_round: int, replies: list[Any], strategy: Any, model_hash: bytes,
+               utility_of: UtilityOf | None = None) -> dict[str, Any]:
+        """Score, reward and penalise the round's clients; returns the metrics row's "ledger"."""
+        t0 = time.perf_counter()
+        signers = self.signers(server_round, replies)
+        updates = list(getattr(strategy, "updates", []))
+        vectors = (torch.stack([contribution.flatten(u.delta) for u in updates]) if updates
+                   else torch.zeros(0, 1, dtype=torch.float64))
+        digests = [signers.get(u.node_id, (None, b""))[1] for u in updates]
+        flags = contribution.flag_updates(vectors, digests, self.history, self.rules) if updates else []
+        for i, u in enumerate(updates):
+            if u.node_id in getattr(strategy, "outliers", []):
+                flags[i].append("outlier")
+        honest = [i for i in range(len(updates)) if not flags[i]]
+        scores = [0.0] * len(updates)
+        if honest:
+            weights = [updates[i].num_examples for i in honest]
+            mean = sum(w * vectors[i] for w, i in zip(weights, honest)) / sum(weights)
+            utility = (lambda s: utility_of([honest[j] for j in s])) if utility_of else None
+            scorer = contribution.get_scorer(self.lc.scorer)
+            opts = {"options": contribution.ShapleyOptions(self.lc.shapley_permutations, seed=server_round)} \
+                if self.lc.scorer == "shapley" else {}
+            for i, s in zip(honest, scorer(vectors[honest], weights, mean, utility, **opts)):
+                scores[i] = s
+        # clients: (node, account, digest, score, flags) for every signed reply
+        rows = []
+        for i, u in enumerate(updates):
+            if u.node_id in signers:
+                rows.append((u.node_id, *signers[u.node_id], scores[i], flags[i]))
+        for node, reason in getattr(strategy, "dropped", []):
+            if node in signers and not reason.startswith("client error"):
+                rows.append((node, *signers[node], 0.0, ["invalid"]))
+        fixed = [int(max(s, 0.0) * SCORE_SCALE) for *_, s, _ in rows]
+        budget = min(ledger.to_wei(self.lc.reward_per_round), self.contract.view("pool"))
+        shares = contribution.reward_shares(budget, fixed)
+        leaves = []
+        for (node, account, digest, _, _), score, share in zip(rows, fixed, shares):
+            acct = self.accounts[account]
+            acct["cumulative"] += share
+            leaves.append(Leaf(server_round, account, score, acct["cumulative"], digest))
+        gas_record = gas_slash = 0
+        out: dict[str, Any] = {"scores": {}, "flags": {}, "rewards": {}, "slashed": {}}
+        if leaves:
+            tree = MerkleTree(leaves)
+            gas_record = self.contract.record_round(self.aggregator, server_round, tree.root, model_hash,
+                                                    sum(shares), len(leaves)).gas_used
+            entries = []
+            for k, ((node, account, digest, score, fl), share, leaf) in enumerate(zip(rows, shares, leaves)):
+                taken, evidence = 0, None
+                fraction = max((self.penalties.get(f, 0.0) for f in fl), default=0.0)
+                if fraction > 0:
+                    taken, evidence, gas = self.slash(server_round, node, account, digest, fl, fraction)
+                    gas_slash += gas
+                self.accounts[account].update(leaf=k, round=server_round, node=node)
+                self.accounts[account]["slashed"] += taken
+                entries.append({"node": str(node), "account": account, "partition": self.accounts[account]["partition"],
+                                "score": score, "score-fixed": leaf.score, "flags": fl, "reward": share,
+                                "cumulative": leaf.cumulative, "update-hash": digest.hex(), "slashed": taken,
+                                "evidence": evidence, "proof": [p.hex() for p in tree.proof(k)]})
+                out["scores"][str(node)] = round(score, 6)
+                out["rewards"][str(node)] = share
+                if fl:
+                    out["flags"][str(node)] = fl
+                if taken:
+                    out["slashed"][str(node)] = taken
+            self.write(f"round-{server_round:04d}.json", {"round": server_round, "root": tree.root.hex(),
+                                                          "model-hash": model_hash.hex(), "reward": sum(shares),
+                                                          "gas-record": gas_record, "clients": entries})
+        unflagged = [vectors[i] for i in honest]
+        self.history.add([d for d in digests if d], torch.stack(unflagged).mean(0) if unflagged else None)
+        out.update({"gas-record": gas_record, "gas-slash": gas_slash, "seconds": round(time.perf_counter() - t0, 3)})
+        return out
+
+    def signers(self, server_round: int, replies: list[Any]) -> dict[int, tuple[str, bytes]]:
+        """node id -> (account, update hash) for every reply with a valid signature; simulated
+        clients are registered (and staked) on first sight."""
+        out = {}
+        for msg in replies:
+            if msg.has_error():
+                continue
+            node = msg.metadata.src_node_id
+            try:
+                account, digest = ledger.reply_account(msg.content, self.address, server_round)
+            except ledger.LedgerError as err:
+                log.warning("ledger: round %d: node %d: %s (no reward, no penalty)", server_round, node, err)
+                continue
+            if account not in self.accounts and not self.enrol(account, msg):
+                continue
+            out[node] = (account, digest)
+        return out
+
+    def enrol(self, account: str, msg: Any) -> bool:
+        """Start tracking an account: register a simulated client with its stake, or check that a
+        real one registered itself."""
+        pid = int(msg.content.metric_records["metrics"].get("partition-id", -1)) \
+            if "metrics" in msg.content.metric_records else -1
+        if self.contract.stake_of(account) == 0:
+            if self.lc.client_keys != "simulated":
+                log.warning("ledger: %s has no stake on %s (register first): no reward", account, self.address)
+                return False
+            client = ledger.derived_account(self.lc.seed, f"client-{pid}")
+            if client.address != account:
+                return False
+            stake = ledger.to_wei(self.lc.stake)
+            ledger.transfer(self.w3, self.owner, account, stake + ledger.to_wei(0.1))  # stake and gas
+            identity = ledger.update_digest(self.address, pid, bytes(32))  # any unique 32 bytes per partition
+            self.contract.register(client, identity, stake)
+        self.accounts[account] = {"partition": pid, "cumulative": self.contract.claimed_of(account), "slashed": 0,
+                                  "stake-start": self.contract.stake_of(account)}
+        return True
+
+    def slash(self, server_round: int, node: int, account: str, digest: bytes, flags: list[str],
+              fraction: float) -> tuple[int, str, int]:
+        """Take `fraction` of the account's starting stake, with the evidence file's hash."""
+        from eth_utils import keccak
+
+        evidence = {"round": server_round, "node": str(node), "account": account, "flags": flags,
+                    "update-hash": digest.hex(), "fraction": fraction, "contract": self.address}
+        text = json.dumps(evidence, sort_keys=True)
+        evidence_hash = keccak(text=text)
+        (self.dir / "evidence" / f"{evidence_hash.hex()}.json").write_text(text + "\n")
+        amount = int(self.accounts[account]["stake-start"] * fraction)
+        before = self.contract.stake_of(account)
+        receipt = self.contract.slash(self.aggregator, account, server_round, amount, evidence_hash)
+        taken = before - self.contract.stake_of(account)
+        log.warning("ledger: round %d: slashed %s (node %s) %.4f ETH for %s", server_round, account, node,
+                    taken / 1e18, ", ".join(flags))
+        return taken, evidence_hash.hex(), receipt.gas_used
+
+    # --- end of run ---------------------------------------------------------------------------
+    def finish(self) -> dict[str, Any]:
+        """Simulated clients claim what they are owed (with their latest leaf's proof); then the
+        accounts' stake, claimed and pending rewards are written to accounts.json."""
+        if self.lc.client_keys == "simulated":
+            for account, acct in self.accounts.items():
+                if acct["cumulative"] > self.contract.claimed_of(account) and "round" in acct:
+                    entry = json.loads((self.dir / f"round-{acct['round']:04d}.json").read_text())["clients"][acct["leaf"]]
+                    leaf = Leaf(acct["round"], account, entry["score-fixed"], entry["cumulative"],
+                                bytes.fromhex(entry["update-hash"]))
+                    client = ledger.derived_account(self.lc.seed, f"client-{acct['partition']}")
+                    self.contract.claim(client, leaf, [bytes.fromhex(p) for p in entry["proof"]])
+        snapshot = {"contract": self.address, "pool": self.contract.view("pool"),
+                    "allocated": self.contract.view("allocated"), "burned": self.contract.view("burned"),
+                    "accounts": {}}
+        for account, acct in self.accounts.items():
+            claimed = self.contract.claimed_of(account)
+            snapshot["accounts"][account] = {
+                "partition": acct["partition"], "node": str(acct.get("node", "")), "stake": self.contract.stake_of(account),
+                "stake-start": acct["stake-start"], "slashed": acct["slashed"], "earned": acct["cumulative"],
+                "claimed": claimed, "pending": acct["cumulative"] - claimed}
+        self.write("accounts.json", snapshot)
+        return snapshot
