@@ -51,7 +51,10 @@ class LedgerSession:
                 self.w3, self.owner, self.aggregator.address, ledger.to_wei(self.lc.min_stake),
                 self.lc.unbonding_seconds, self.lc.slashed_to == "burn", ledger.to_wei(self.lc.pool))
             deploy_gas = self.contract.deploy_gas
-        self.rules = contribution.FlagRules(self.lc.free_rider_ratio, self.lc.noise_z)
+        # zo updates live on the clients' own draws from the seed pool, which barely overlap, so
+        # an honest update is as unaligned with the others as noise: no noise test there
+        self.rules = contribution.FlagRules(self.lc.free_rider_ratio,
+                                            self.lc.noise_z if cfg.train.method == "lora" else 0.0)
         self.penalties = self.lc.penalty_map()
         self.history = contribution.History()
         self.accounts: dict[str, dict[str, Any]] = {}  # address -> partition, node, cumulative, leaf
@@ -71,11 +74,11 @@ class LedgerSession:
         tmp.replace(path)
 
     # --- one round ----------------------------------------------------------------------------
-    def record(self, server_round: int, replies: list[Any], strategy: Any, model_hash: bytes,
+    def record(self, server_round: int, signers: dict[int, tuple[str, bytes]], strategy: Any, model_hash: bytes,
                utility_of: UtilityOf | None = None) -> dict[str, Any]:
-        """Score, reward and penalise the round's clients; returns the metrics row's "ledger"."""
+        """Score, reward and penalise the round's clients (`signers`: node -> (account, update
+        hash), from `signers()`); returns the metrics row's "ledger"."""
         t0 = time.perf_counter()
-        signers = self.signers(server_round, replies)
         updates = list(getattr(strategy, "updates", []))
         vectors = (torch.stack([contribution.flatten(u.delta) for u in updates]) if updates
                    else torch.zeros(0, 1, dtype=torch.float64))
@@ -157,16 +160,15 @@ class LedgerSession:
             except ledger.LedgerError as err:
                 log.warning("ledger: round %d: node %d: %s (no reward, no penalty)", server_round, node, err)
                 continue
-            if account not in self.accounts and not self.enrol(account, msg):
+            metrics = msg.content.metric_records.get("metrics", {})
+            if account not in self.accounts and not self.enrol(account, int(metrics.get("partition-id", -1))):
                 continue
             out[node] = (account, digest)
         return out
 
-    def enrol(self, account: str, msg: Any) -> bool:
-        """Start tracking an account: register a simulated client with its stake, or check that a
-        real one registered itself."""
-        pid = int(msg.content.metric_records["metrics"].get("partition-id", -1)) \
-            if "metrics" in msg.content.metric_records else -1
+    def enrol(self, account: str, pid: int) -> bool:
+        """Start tracking an account: register a simulated client (partition `pid`) with its
+        stake, or check that a real one registered itself."""
         if self.contract.stake_of(account) == 0:
             if self.lc.client_keys != "simulated":
                 log.warning("ledger: %s has no stake on %s (register first): no reward", account, self.address)
@@ -194,6 +196,10 @@ class LedgerSession:
         (self.dir / "evidence" / f"{evidence_hash.hex()}.json").write_text(text + "\n")
         amount = int(self.accounts[account]["stake-start"] * fraction)
         before = self.contract.stake_of(account)
+        if before == 0:
+            log.warning("ledger: round %d: %s (node %s) flagged %s, no stake left to slash", server_round, account,
+                        node, ", ".join(flags))
+            return 0, evidence_hash.hex(), 0
         receipt = self.contract.slash(self.aggregator, account, server_round, amount, evidence_hash)
         taken = before - self.contract.stake_of(account)
         log.warning("ledger: round %d: slashed %s (node %s) %.4f ETH for %s", server_round, account, node,

@@ -40,6 +40,10 @@ def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float
     if num_clients < cfg.server.min_clients:
         raise FedLLMError(f"--num-clients: {num_clients} is below server.min-clients={cfg.server.min_clients}")
     strategy_class(cfg)(cfg)  # a strategy may refuse the config (e.g. exact-lora with compression)
+    if cfg.ledger.enabled:
+        from fedllm.ledger import preflight
+
+        preflight(cfg)
     load_splits(cfg.data)
     resolve(cfg.model)  # converts a GGUF once, before workers start
     run_dir = Path(cfg.server.run_dir).expanduser() / cfg.server.run_name

@@ -277,7 +277,7 @@ class LedgerConfig:
     free_rider_ratio: float = _help("An update whose norm is below this share of the median norm is a free "
                                     "rider's.", 0.05)
     noise_z: float = _help("An update less aligned with the others' mean than |cos| sqrt(D) < noise-z is "
-                           "noise (a random direction gives about 1).", 4.0)
+                           "noise (a random direction gives about 1); 0 turns the test off (it is off for zo).", 4.0)
 
     def __post_init__(self) -> None:
         _choice("ledger.client-keys", self.client_keys, ("simulated", "node"))

@@ -158,22 +158,33 @@ class History:
 
 def flag_updates(vectors: torch.Tensor, hashes: list[bytes], history: History,
                  rules: FlagRules | None = None) -> list[list[str]]:
-    """The flags of each accepted update (rows of `vectors`, (n, D)), in row order."""
+    """The flags of each accepted update (rows of `vectors`, (n, D)), in row order; O(n D)."""
     rules = rules or FlagRules()
     n, dim = vectors.shape
-    norms = vectors.norm(dim=1)
-    median = float(norms.median()) if n else 0.0
     flags: list[list[str]] = [[] for _ in range(n)]
+    if n == 0:
+        return flags
+    norms = vectors.norm(dim=1)  # (n,)
+    idle = (norms <= rules.free_rider_ratio * norms.median()) | (norms == 0)  # (n,)
+    units = vectors / norms.clamp_min(1e-300)[:, None]  # (n, D)
+    units[idle] = 0.0  # a zero update has no direction to judge, nor to lend
+    total = units.sum(dim=0)  # (D,)
+    # cosine of each update with the sum of the others' unit vectors: (total - u_i) . u_i / |total - u_i|
+    dots = units @ total  # (n,)
+    own = (~idle).double()
+    others = (total @ total - 2 * own * dots + own).clamp_min(0).sqrt()  # |total - u_i|
+    cos_others = torch.where(others > 0, (dots - own) / others.clamp_min(1e-300), torch.zeros_like(dots))
+    stale = torch.zeros(n, dtype=torch.bool)
+    for g in history.global_deltas:
+        if g.norm() > 0:
+            stale |= units @ g >= rules.stale_cosine * float(g.norm())
     for i in range(n):
-        if float(norms[i]) <= rules.free_rider_ratio * median or float(norms[i]) == 0.0:
+        if idle[i]:
             flags[i].append("free-rider")
-            continue  # a zero update has no direction to judge
-        others = [j for j in range(n) if j != i and float(norms[j]) > rules.free_rider_ratio * median]
-        if others:
-            mean = (vectors[others] / norms[others, None]).mean(dim=0)  # direction of the others
-            if abs(cosine(vectors[i], mean)) * math.sqrt(dim) < rules.noise_z:
-                flags[i].append("noise")
-        if any(cosine(vectors[i], g) >= rules.stale_cosine for g in history.global_deltas):
+            continue
+        if int((~idle).sum()) > 1 and abs(float(cos_others[i])) * math.sqrt(dim) < rules.noise_z:
+            flags[i].append("noise")
+        if stale[i]:
             flags[i].append("stale")
     for i, h in enumerate(hashes):
         if hashes.count(h) > 1:

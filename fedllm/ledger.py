@@ -133,6 +133,25 @@ def transfer(w3: Any, sender: Any, to: str, value: int) -> None:
     _send(w3, sender, tx)
 
 
+def preflight(cfg: Any) -> None:
+    """Check the [ledger] settings before a run starts: web3 importable, artifacts present, the
+    chain answers, keys readable, the contract deployed.
+
+    Raises:
+        LedgerError: naming the first setting that fails.
+    """
+    lc = cfg.ledger
+    artifact("FedLedger")
+    w3 = connect(lc.chain)
+    for field, spec in (("ledger.owner-key", lc.owner_key), ("ledger.aggregator-key", lc.aggregator_key)):
+        if spec:
+            read_key(spec, field)
+    if lc.contract:
+        Ledger(w3, lc.contract)
+    elif not lc.owner_key and lc.chain != "tester" and not w3.eth.accounts:
+        raise LedgerError("ledger.owner-key: required to deploy on a chain without unlocked dev accounts")
+
+
 @dataclass
 class Receipt:
     gas_used: int

@@ -196,7 +196,8 @@ def run(grid: Grid, cfg: Config) -> Path:
         accounts = {}
         if books is not None:
             utility = gstate.utility(strategy, before, validation) if needs_validation(cfg) else None
-            accounts = {"ledger": books.record(server_round, replies, strategy, gstate.digest(strategy), utility)}
+            signers = books.signers(server_round, replies)
+            accounts = {"ledger": books.record(server_round, signers, strategy, gstate.digest(strategy), utility)}
         ev = evaluate_state(server_round)
         row: dict[str, Any] = {
             "round": server_round,

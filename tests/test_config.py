@@ -1,3 +1,4 @@
+import re
 import tomllib
 from pathlib import Path
 
@@ -68,3 +69,25 @@ def test_every_key_has_help():
     rows = help_table()
     assert len(rows) >= 30
     assert all(text for _, text, _ in rows)
+
+
+@pytest.mark.parametrize("flat, message", [
+    ({"ledger.penalties": "cheat=0.5"}, "ledger.penalties: 'cheat=0.5' is not flag=fraction"),
+    ({"ledger.penalties": "noise=x"}, "ledger.penalties: noise needs a fraction in [0, 1], got 'x'"),
+    ({"ledger.slashed-to": "void"}, "ledger.slashed-to"),
+    ({"ledger.client-keys": "mine"}, "ledger.client-keys"),
+    ({"ledger.reward-per-round": -1.0}, "ledger.reward-per-round: must be >= 0"),
+    ({"ledger.enabled": True, "ledger.scorer": "loo", "train.method": "zo"}, "ledger.scorer: loo needs"),
+    ({"attack.clients": "a=zero"}, "attack.clients: 'a=zero' is not partition=kind"),
+    ({"attack.clients": "1=zero", "train.method": "zo"}, "attack.clients: attack clients are implemented"),
+])
+def test_ledger_and_attack_config_errors(flat, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Config.from_flat(flat)
+
+
+def test_ledger_and_attack_config_parse():
+    cfg = Config.from_flat({"ledger.penalties": " noise=0.25, free-rider=1 ", "attack.clients": "3=zero,4=noise"})
+    assert cfg.ledger.penalty_map() == {"noise": 0.25, "free-rider": 1.0}
+    assert cfg.attack.kinds() == {3: "zero", 4: "noise"}
+    assert Config().ledger.penalty_map()["free-rider"] == 0.5 and Config().attack.kinds() == {}

@@ -70,6 +70,13 @@ def test_two_clients_two_rounds(tiny_model_dir, tmp_path):
         (["train.method=zo", "server.strategy=krum"], "server.strategy: 'krum' aggregates LoRA updates"),
         (["server.strategy=exact-lora", "compression.up=int8"], "server.strategy=exact-lora sends factors"),
         (["compression.up=topk(2.0)"], "compression.up: topk: fraction must be in (0, 1]"),
+        (["ledger.enabled=true", "ledger.chain=http://127.0.0.1:9"], "ledger.chain: no JSON-RPC node answers"),
+        (["ledger.enabled=true", "ledger.owner-key=env:FEDLLM_NO_SUCH_KEY"],
+         "ledger.owner-key: environment variable FEDLLM_NO_SUCH_KEY is not set"),
+        (["ledger.enabled=true", "ledger.contract=0x1212121212121212121212121212121212121212"],
+         "ledger.contract: no contract at"),
+        (["ledger.penalties=free-rider=2"], "ledger.penalties: free-rider needs a fraction in [0, 1]"),
+        (["attack.clients=1=evil"], "attack.clients: '1=evil' is not partition=kind"),
     ],
 )
 def test_bad_input_one_line_error(sets, message, tmp_path):
@@ -97,11 +104,15 @@ def test_zo_simulation_lowers_eval_loss(tiny_model_dir, tmp_path):
         "train.method": "zo", "zo.num-seeds": 256, "zo.lr": 1e-4, "server.num-rounds": 3,
         "data.families": "parity", "data.train-per-family": 32, "data.eval-per-family": 8,
         "train.local-steps": 40, "server.exact-match-examples": 2, "server.max-new-tokens": 2,
-        "server.merge": "true",
+        "server.merge": "true", "ledger.enabled": "true",
     }
     proc = _fedllm("simulate", "--num-clients", "2", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "zo"
+    for r in range(1, 4):  # the ledger scores signed seed-scalar uploads alike
+        clients = json.loads((run / "ledger" / f"round-{r:04d}.json").read_text())["clients"]
+        assert len(clients) == 2 and all(c["flags"] == [] and c["score"] > 0 for c in clients)
+        assert 10**18 - 2 <= sum(c["reward"] for c in clients) <= 10**18
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[3]["eval-loss"] < rows[0]["eval-loss"] - 0.5, [r.get("eval-loss") for r in rows]
     for r in rows[1:]:
