@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) bench/simulation_overhead.py
 	$(PY) bench/zo.py
 	$(PY) bench/compression.py
+	$(PY) bench/ledger.py
 
 lock: $(STAMP)
 	head -3 requirements.lock > requirements.lock.new
