@@ -58,6 +58,7 @@ class LedgerSession:
         self.penalties = self.lc.penalty_map()
         self.history = contribution.History()
         self.accounts: dict[str, dict[str, Any]] = {}  # address -> partition, node, cumulative, leaf
+        self.broken_commitments: set[int] = set()  # nodes of this round whose update is not the committed one
         self.write("chain.json", {"chain": self.lc.chain, "contract": self.contract.address,
                                   "owner": self.owner.address, "aggregator": self.aggregator.address,
                                   "deploy-gas": deploy_gas, "slashed-to": self.lc.slashed_to})
@@ -87,6 +88,9 @@ class LedgerSession:
         for i, u in enumerate(updates):
             if u.node_id in getattr(strategy, "outliers", []):
                 flags[i].append("outlier")
+            if u.node_id in self.broken_commitments:
+                flags[i].append("invalid")  # not the update it committed to on chain
+        self.broken_commitments = set()
         honest = [i for i in range(len(updates)) if not flags[i]]
         scores = [0.0] * len(updates)
         if honest:
@@ -163,6 +167,16 @@ class LedgerSession:
             metrics = msg.content.metric_records.get("metrics", {})
             if account not in self.accounts and not self.enrol(account, int(metrics.get("partition-id", -1))):
                 continue
+            bound = self.accounts[account].setdefault("node", node)
+            if bound != node:  # one account, one SuperNode: a second node cannot earn (or lose) for it
+                log.warning("ledger: round %d: node %d signs as %s, which belongs to node %d: ignored", server_round,
+                            node, account, bound)
+                continue
+            committed = self.contract.view("commitments", account, server_round)
+            if committed not in (bytes(32), digest):
+                log.warning("ledger: round %d: node %d sent an update other than the one it committed", server_round,
+                            node)
+                self.broken_commitments.add(node)
             out[node] = (account, digest)
         return out
 

@@ -1,0 +1,101 @@
+"""The server's ledger rounds on the in-process chain, fed with signed replies as Flower's grid
+hands them to a strategy: who is credited, flagged, slashed, and what a client can claim."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedllm import ledger
+from fedllm.accounting import LedgerSession
+from fedllm.config import Config
+from fedllm.merkle import Leaf, verify
+from strategies import FedAvg
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+from conftest import reply_to  # noqa: E402
+
+ETH = 10**18
+
+
+def _global():
+    return {"m.lora_A.weight": torch.zeros(8, 256), "m.lora_B.weight": torch.zeros(256, 8)}
+
+
+def _reply(session, node, pid, local, server_round=1, sign=True, key=None):
+    content = RecordDict({"arrays": ArrayRecord(local),
+                          "metrics": MetricRecord({"num-examples": 10, "partition-id": pid})})
+    if sign:
+        account = key or ledger.derived_account(session.lc.seed, f"client-{pid}")
+        sig = ledger.sign_update(account, session.address, server_round, ledger.update_hash(content))
+        content[ledger.LEDGER_RECORD] = ConfigRecord({"account": account.address, "signature": sig})
+    return reply_to(node, content)
+
+
+def _honest(g, seed, common):
+    gen = torch.Generator().manual_seed(seed)
+    return {k: t + common[k] + 0.5 * torch.randn(t.shape, generator=gen) for k, t in g.items()}
+
+
+def test_a_round_credits_signed_honest_clients_and_penalises_the_rest(tmp_path):
+    cfg = Config.from_flat({"ledger.enabled": True, "ledger.reward-per-round": 3.0})
+    session = LedgerSession(cfg, tmp_path)
+    strategy = FedAvg(cfg)
+    g = _global()
+    strategy.global_state = g
+    gen = torch.Generator().manual_seed(0)
+    common = {k: torch.randn(t.shape, generator=gen) for k, t in g.items()}
+    # node 15 commits on chain to one update, then sends another
+    liar = ledger.derived_account(session.lc.seed, "client-5")
+    assert session.enrol(liar.address, 5)
+    session.contract.commit(liar, 1, b"\x01" * 32)
+    bad_shape = {"m.lora_A.weight": torch.zeros(8, 255), "m.lora_B.weight": torch.zeros(256, 8)}
+    replies = [
+        _reply(session, 10, 0, _honest(g, 1, common)),
+        _reply(session, 11, 1, _honest(g, 2, common)),
+        _reply(session, 12, 2, _honest(g, 3, common)),
+        _reply(session, 13, 3, _honest(g, 4, common), sign=False),  # unsigned: neither reward nor penalty
+        _reply(session, 14, 4, bad_shape),  # dropped by the strategy: invalid
+        _reply(session, 15, 5, _honest(g, 5, common)),
+        _reply(session, 16, 6, _honest(g, 6, common), key=ledger.derived_account(session.lc.seed, "client-0")),
+    ]
+    strategy.collect(1, replies)
+    assert sorted(n for n, _ in strategy.dropped) == [14]
+    signers = session.signers(1, replies)
+    # node 16 signs with client 0's key: the account belongs to node 10, so node 16 gets nothing
+    assert sorted(signers) == [10, 11, 12, 14, 15]
+    out = session.record(1, signers, strategy, b"\x02" * 32)
+    assert out["flags"] == {"14": ["invalid"], "15": ["invalid"]}
+    assert set(out["slashed"]) == {"14", "15"} and out["slashed"]["14"] == ETH // 10  # invalid: 0.1 of 1 ETH
+    assert all(out["rewards"][n] > 0 for n in ("10", "11", "12"))
+    assert out["rewards"]["14"] == out["rewards"]["15"] == 0
+    assert 3 * ETH - 3 <= sum(out["rewards"].values()) <= 3 * ETH
+    assert out["gas-record"] > 0 and out["gas-slash"] > 0
+    # the round file holds each leaf's proof: a client claims with it
+    rnd = json.loads((tmp_path / "ledger" / "round-0001.json").read_text())
+    entry = next(c for c in rnd["clients"] if c["node"] == "11")
+    leaf = Leaf(1, entry["account"], entry["score-fixed"], entry["cumulative"], bytes.fromhex(entry["update-hash"]))
+    proof = [bytes.fromhex(p) for p in entry["proof"]]
+    assert verify(proof, bytes.fromhex(rnd["root"]), leaf.hash())
+    client = ledger.derived_account(session.lc.seed, "client-1")
+    session.contract.claim(client, leaf, proof)
+    snapshot = session.finish()  # the other simulated clients claim theirs
+    acct = snapshot["accounts"][client.address]
+    assert acct["claimed"] == acct["earned"] == entry["reward"] and acct["pending"] == 0
+    assert snapshot["accounts"][liar.address]["stake"] == ETH - ETH // 10  # invalid: 0.1 of its stake
+    assert snapshot["allocated"] <= 3  # only dust-free shares were allocated, all claimed
+
+
+def test_node_keys_need_their_own_registration(tmp_path):
+    cfg = Config.from_flat({"ledger.enabled": True, "ledger.client-keys": "node"})
+    session = LedgerSession(cfg, tmp_path)
+    strategy = FedAvg(cfg)
+    strategy.global_state = _global()
+    key = ledger.dev_account(session.w3, 7, "site-a", 5)
+    reply = _reply(session, 21, 0, _honest(_global(), 1, _global()), key=key)
+    assert session.signers(1, [reply]) == {}  # not registered: no reward
+    session.contract.register(key, b"\x0a" * 32, ETH)
+    assert session.signers(1, [reply])[21][0] == key.address
