@@ -149,6 +149,9 @@ class LedgerSession:
         unflagged = [vectors[i] for i in honest]
         self.history.add([d for d in digests if d], torch.stack(unflagged).mean(0) if unflagged else None)
         out.update({"gas-record": gas_record, "gas-slash": gas_slash, "seconds": round(time.perf_counter() - t0, 3)})
+        log.info("ledger: round %d: %d clients, %.4f ETH shared, %d flagged; gas %d (record) + %d (slash), %.2f s",
+                 server_round, len(leaves), sum(shares) / 1e18, len(out["flags"]), gas_record, gas_slash,
+                 out["seconds"])
         return out
 
     def signers(self, server_round: int, replies: list[Any]) -> dict[int, tuple[str, bytes]]:

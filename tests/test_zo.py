@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 from conftest import reply_to
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
 from fedllm import PayloadError
 from fedllm.config import Config
@@ -298,4 +298,4 @@ def test_client_refuses_a_different_perturbation_fingerprint(tiny_model_dir):
         {"down": down, "fingerprint": engine.fingerprint + 1, "version": 0})}),
         dst_node_id=1, message_type=MessageType.TRAIN)
     with pytest.raises(PayloadError, match="perturbations differ"):
-        train_zo(msg, cfg, 1, 0, 1)
+        train_zo(msg, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}), cfg, 1, 0, 1)
