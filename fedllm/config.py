@@ -360,6 +360,9 @@ class Config:
         if self.ledger.enabled and self.train.method == "zo" and self.ledger.scorer != "cosine":
             raise ConfigError(f"ledger.scorer: {self.ledger.scorer} needs a validation loss per subset of updates, "
                               "which fedllm computes for LoRA; use cosine with train.method=zo")
+        if self.ledger.enabled and self.server.strategy == "exact-lora" and self.ledger.scorer != "cosine":
+            raise ConfigError(f"ledger.scorer: {self.ledger.scorer} evaluates averaged adapters, which exact-lora "
+                              "does not build; use cosine")
         if self.attack.clients and self.train.method != "lora":
             raise ConfigError("attack.clients: attack clients are implemented for train.method=lora")
 

@@ -79,6 +79,8 @@ def test_every_key_has_help():
     ({"ledger.reward-per-round": -1.0}, "ledger.reward-per-round: must be >= 0"),
     ({"ledger.enabled": True, "ledger.scorer": "loo", "train.method": "zo"}, "ledger.scorer: loo needs"),
     ({"attack.clients": "a=zero"}, "attack.clients: 'a=zero' is not partition=kind"),
+    ({"ledger.enabled": True, "ledger.scorer": "shapley", "server.strategy": "exact-lora"},
+     "ledger.scorer: shapley evaluates averaged adapters"),
     ({"attack.clients": "1=zero", "train.method": "zo"}, "attack.clients: attack clients are implemented"),
 ])
 def test_ledger_and_attack_config_errors(flat, message):
