@@ -11,8 +11,10 @@ $(STAMP): requirements.lock pyproject.toml contracts/package-lock.json
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --no-deps -r requirements.lock
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
-	@# solc (to check the contract artifacts) and anvil (a real chain for the tests), from npm
-	if command -v npm >/dev/null; then npm ci --prefix contracts --no-audit --no-fund --loglevel=error; \
+	@# solc (to check the contract artifacts) and anvil (a real chain for the tests), from npm, at the
+	@# lock file's versions; not `npm ci`: npm 11 leaves anvil's other-platform packages out of the
+	@# lock and then refuses it
+	if command -v npm >/dev/null; then npm install --prefix contracts --no-save --no-audit --no-fund --loglevel=error; \
 	else echo "npm not found: the contract rebuild and anvil tests will be skipped"; fi
 	touch $(STAMP)
 

@@ -1,6 +1,6 @@
 // Compile the contracts with solcjs (pinned in package.json) into artifacts/<Name>.json:
 // ABI, creation and runtime bytecode, compiler version and settings.
-//   npm ci && npm run build     # rewrite the artifacts
+//   npm install && npm run build   # rewrite the artifacts
 //   npm run check               # exit 1 if a committed artifact differs from a fresh build
 "use strict";
 const fs = require("fs");

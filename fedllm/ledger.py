@@ -55,7 +55,7 @@ def artifact(name: str) -> dict[str, Any]:
     """The compiled ABI and bytecode of contracts/<name>.sol (contracts/artifacts/<name>.json)."""
     path = ARTIFACTS / f"{name}.json"
     if not path.exists():
-        raise LedgerError(f"{path}: contract artifact missing (run `npm ci && npm run build` in contracts/)")
+        raise LedgerError(f"{path}: contract artifact missing (run `npm install && npm run build` in contracts/)")
     return json.loads(path.read_text())
 
 
@@ -345,7 +345,7 @@ def anvil(accounts: int = 10, timeout: float = 30.0) -> Iterator[str]:
     import time
 
     if not ANVIL.exists():
-        raise LedgerError(f"{ANVIL}: not installed (npm ci --prefix contracts)")
+        raise LedgerError(f"{ANVIL}: not installed (npm install --prefix contracts)")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -23,7 +23,7 @@ def chain(request):
         return
     if not ANVIL.exists():
         if shutil.which("npm"):
-            pytest.fail(f"{ANVIL} missing although npm is here: run `make` (npm ci --prefix contracts)")
+            pytest.fail(f"{ANVIL} missing although npm is here: run `make` (npm install --prefix contracts)")
         pytest.skip("npm is not installed, so anvil (@foundry-rs/anvil) cannot be")
     with anvil() as url:
         yield connect(url)
@@ -240,7 +240,7 @@ def test_artifacts_match_the_sources():
     if node is None:
         pytest.skip("node is not installed: cannot rebuild the contracts")
     if not (ARTIFACTS.parent / "node_modules" / "solc").exists():
-        pytest.fail("contracts/node_modules/solc missing although node is here: run `make` (npm ci --prefix contracts)")
+        pytest.fail("contracts/node_modules/solc missing although node is here: run `make` (npm install --prefix contracts)")
     result = subprocess.run([node, "build.js", "--check"], cwd=ARTIFACTS.parent, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
