@@ -76,7 +76,7 @@ def measure(chain: str, n: int, dim: int, rounds: int = 3) -> dict:
             signers = {u.node_id: (accounts[u.node_id], r.to_bytes(16, "big") + u.node_id.to_bytes(16, "big"))
                        for u in updates}
             strategy = SimpleNamespace(updates=updates, dropped=[], outliers=[])
-            rows.append(session.record(r, signers, strategy, bytes(32)))
+            rows.append(session.record(r, signers, strategy, r.to_bytes(32, "big")))  # a model hash: one SSTORE
         flagged = [sorted(row["flags"]) for row in rows]
         sign_ms, check_ms = reply_check_ms(session, dim)
     steady = rows[1:]  # round 1 also turns lastRound's storage slot from zero
