@@ -2,7 +2,7 @@
 
 Started by Flower (`flwr run .`, `fedllm simulate`, or a SuperNode). The run config travels in
 every train message, so a client needs no config of its own beyond its partition
-(node_config: partition-id, num-partitions). The reply carries the local adapter state, so
+(node_config: partition-id, num-partitions; or data-path, a site's own data file). The reply carries the local adapter state, so
 any Flower strategy can average it as is; fedllm's strategies subtract the global state.
 With train.method=zo the message carries the accumulators' sync bytes down and the encoded
 (seed index, scalar) pairs up (fedllm/updates/zo.py).
@@ -24,7 +24,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from fedllm.attacks import attacked
 from fedllm.compression import Feedback, compress, decode, parse
 from fedllm.config import Config
-from fedllm.data import encode, load_splits, partition
+from fedllm.data import encode, load_source, load_splits, partition
 from fedllm.errors import PayloadError
 from fedllm.model import MODEL_CACHE
 from fedllm.updates import lora, zo
@@ -50,15 +50,19 @@ app = ClientApp(mods=[dp_clipping])
 
 
 @functools.lru_cache(maxsize=8)
-def client_rows(cfg_items: tuple, partition_id: int, num_partitions: int) -> tuple[list, int]:
-    """Encoded training rows of one partition (cached per process) and the example count."""
+def client_rows(cfg_items: tuple, partition_id: int, num_partitions: int, site_data: str = "") -> tuple[list, int]:
+    """Encoded training rows (cached per process) and the example count: the file `site_data`
+    (a site's own data, named in its node config as data-path), else one partition of data.source."""
     cfg = Config.from_flat(dict(cfg_items))
     if cfg.train.method == "zo":
         _, tokenizer = zo.engine_for(cfg)
     else:
         _, tokenizer = lora.lora_model(cfg.model, cfg.lora, cfg.train.seed)
-    train, _ = load_splits(cfg.data)
-    mine = partition(train, cfg.data, num_partitions, partition_id)
+    if site_data:
+        mine = load_source(site_data, cfg.data)
+    else:
+        train, _ = load_splits(cfg.data)
+        mine = partition(train, cfg.data, num_partitions, partition_id)
     rows = [encode(tokenizer, e, cfg.data.max_length, cfg.data.system_prompt) for e in mine]
     return rows, len(mine)
 
@@ -66,6 +70,11 @@ def client_rows(cfg_items: tuple, partition_id: int, num_partitions: int) -> tup
 def node_partition(context: Context) -> tuple[int, int]:
     node = context.node_config
     return int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))
+
+
+def node_rows(cfg: Config, context: Context) -> tuple[list, int]:
+    pid, n = node_partition(context)
+    return client_rows(tuple(sorted(cfg.to_flat().items())), pid, n, str(context.node_config.get("data-path", "")))
 
 
 def round_seed(cfg: Config, server_round: int, pid: int) -> int:
@@ -92,7 +101,7 @@ def train(msg: Message, context: Context) -> Message:
     else:
         frozen, global_state = {}, receive_global(msg, context, cfg)
         lora.set_adapter_state(model, global_state)
-    rows, num_examples = client_rows(tuple(sorted(cfg.to_flat().items())), pid, n)
+    rows, num_examples = node_rows(cfg, context)
     mu = float(msg.content.config_records["config"].get("proximal-mu", 0.0))
     attack = cfg.attack.kinds().get(pid)
     start = lora.adapter_state(model)
@@ -189,7 +198,7 @@ def train_zo(msg: Message, context: Context, cfg: Config, server_round: int, pid
     t0 = time.perf_counter()
     regenerated = engine.sync(zo.decode_down(bytes(down["down"]), engine.state))
     sync_seconds = time.perf_counter() - t0
-    rows, num_examples = client_rows(tuple(sorted(cfg.to_flat().items())), pid, n)
+    rows, num_examples = node_rows(cfg, context)
     seed = round_seed(cfg, server_round, pid)
     pairs, stats = engine.train(rows, cfg.train, tokenizer.pad_token_id, seed)
     up = zo.encode_upload(cfg.zo.num_seeds, pairs, cfg.zo.bits, seed)

@@ -1,0 +1,67 @@
+"""Deployment with real processes: a SuperLink (TLS, SuperNode authentication) and two
+SuperNodes on 127.0.0.1 at free ports, each training on its own data file, via the walkthrough's
+examples/deployment/deploy.py; and a SuperNode whose key is not registered is refused."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _deploy():
+    spec = importlib.util.spec_from_file_location("deploy", ROOT / "examples" / "deployment" / "deploy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_two_sites_with_tls_and_node_auth(tiny_model_dir, tmp_path):
+    deploy = _deploy()
+    work = tmp_path / "work"
+    sites = []
+    for i, families in enumerate(["parity,units", "arithmetic"]):
+        from fedllm.config import DataConfig
+        from fedllm.data import load_splits
+
+        rows, _ = load_splits(DataConfig(families=families, train_per_family=8))
+        path = tmp_path / f"site{i}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        sites.append(str(path))
+    run_config = (f'model.name="{tiny_model_dir}" server.run-dir="{tmp_path / "runs"}" server.run-name="deployed" '
+                  'server.num-rounds=2 server.min-clients=2 train.local-steps=4 train.lr=0.02 '
+                  'data.families="parity,units,arithmetic" data.train-per-family=8 data.eval-per-family=4 '
+                  'server.exact-match-examples=2 server.max-new-tokens=2 lora.dropout=0.0')
+    with deploy.local_federation(work, 2, sites) as procs:
+        assert "--enable-supernode-auth" in " ".join(procs.procs["superlink"].args)
+        assert (work / "certs" / "superlink.crt").exists() and (work / "keys" / "site-0.pub").exists()
+        # a SuperNode with a key nobody registered is turned away, and exits
+        rogue = procs.start("rogue", deploy.supernode_cmd(work, "rogue", f"127.0.0.1:{procs.port}",
+                                                          deploy.free_port()))
+        try:
+            rogue.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the unregistered SuperNode was not refused within 60 s")
+        assert rogue.returncode != 0
+        assert "Failed to activate SuperNode" in procs.log("rogue"), procs.log("rogue")[-2000:]
+        assert deploy.online_nodes(work) == 2
+        run_id = deploy.submit(work, run_config)
+        status = deploy.wait_run(work, run_id, timeout=600)
+        assert status == "finished:completed", deploy.flwr(work, "log", str(run_id), "fedllm", "--show").stdout[-3000:]
+    assert all(p.poll() is not None for p in procs.procs.values())  # everything stopped
+    run = tmp_path / "runs" / "deployed"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[2]["eval-loss"] < rows[0]["eval-loss"]
+    for r in rows[1:]:
+        assert r["clients-ok"] == 2 and r["dropped"] == []
+        # each site trained on its own file: 16 and 8 examples, whatever its partition would hold
+        assert sorted(c["num-examples"] for c in r["clients"].values()) == [8, 16]
+    assert (run / "adapter" / "adapter_config.json").exists()
