@@ -6,9 +6,18 @@
 
 from fedllm.config import Config, parse_overrides
 from fedllm.errors import ConfigError, DataError, FedLLMError, ModelError, PayloadError
-from fedllm.model import MODEL_CACHE, load_base_model
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """MODEL_CACHE and load_base_model import torch: only when asked for (a ClientApp that
+    hands its messages to a warm worker never does)."""
+    if name in ("MODEL_CACHE", "load_base_model"):
+        from fedllm import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'fedllm' has no attribute {name!r}")
 
 __all__ = [
     "Config",

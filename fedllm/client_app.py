@@ -1,42 +1,22 @@
-"""Flower ClientApp: global state in, local steps, update out (LoRA or zeroth-order).
+"""Flower ClientApp: hands each train message to `fedllm.client_train.handle`.
 
-Started by Flower (`flwr run .`, `fedllm simulate`, or a SuperNode). The run config travels in
-every train message, so a client needs no config of its own beyond its partition
-(node_config: partition-id, num-partitions; or data-path, a site's own data file). The reply carries the local adapter state, so
-any Flower strategy can average it as is; fedllm's strategies subtract the global state.
-With train.method=zo the message carries the accumulators' sync bytes down and the encoded
-(seed index, scalar) pairs up (fedllm/updates/zo.py).
+Started by Flower (`flwr run .`, `fedllm simulate`, or a SuperNode). In simulation the
+ClientApp lives in a long-lived Ray worker, so the model loads once per worker. A SuperNode
+starts a new process for every message, which would pay for the imports and the model load
+every round (about 10 s on 2 cores, bench/client_start.py); with node config `worker="warm"`
+the message goes to the node's warm worker process instead (fedllm/worker.py), which keeps
+the model between rounds. This module imports no torch, so that hand-off stays fast.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 import time
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
-
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
-
-from fedllm.attacks import attacked
-from fedllm.compression import Feedback, compress, decode, parse
-from fedllm.config import Config
-from fedllm.data import encode, load_source, load_splits, partition
-from fedllm.errors import PayloadError
-from fedllm.model import MODEL_CACHE
-from fedllm.updates import lora, zo
-
-log = logging.getLogger(__name__)
-
-
-def config_from_message(msg: Message) -> Config:
-    """The run config; keys without a dot are per-round values (server-round, proximal-mu,
-    Flower's clipping_norm), not config."""
-    flat = {k: v for k, v in msg.content.config_records["config"].items() if "." in k}
-    return Config.from_flat(flat)
 
 
 def dp_clipping(msg: Message, context: Context, call_next: Any) -> Message:
@@ -49,169 +29,15 @@ def dp_clipping(msg: Message, context: Context, call_next: Any) -> Message:
 app = ClientApp(mods=[dp_clipping])
 
 
-@functools.lru_cache(maxsize=8)
-def client_rows(cfg_items: tuple, partition_id: int, num_partitions: int, site_data: str = "") -> tuple[list, int]:
-    """Encoded training rows (cached per process) and the example count: the file `site_data`
-    (a site's own data, named in its node config as data-path), else one partition of data.source."""
-    cfg = Config.from_flat(dict(cfg_items))
-    if cfg.train.method == "zo":
-        _, tokenizer = zo.engine_for(cfg)
-    else:
-        _, tokenizer = lora.lora_model(cfg.model, cfg.lora, cfg.train.seed)
-    if site_data:
-        mine = load_source(site_data, cfg.data)
-    else:
-        train, _ = load_splits(cfg.data)
-        mine = partition(train, cfg.data, num_partitions, partition_id)
-    rows = [encode(tokenizer, e, cfg.data.max_length, cfg.data.system_prompt) for e in mine]
-    return rows, len(mine)
-
-
-def node_partition(context: Context) -> tuple[int, int]:
-    node = context.node_config
-    return int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))
-
-
-def node_rows(cfg: Config, context: Context) -> tuple[list, int]:
-    pid, n = node_partition(context)
-    return client_rows(tuple(sorted(cfg.to_flat().items())), pid, n, str(context.node_config.get("data-path", "")))
-
-
-def round_seed(cfg: Config, server_round: int, pid: int) -> int:
-    return cfg.train.seed * 1_000_003 + server_round * 1009 + pid
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg = config_from_message(msg)
-    server_round = int(msg.content.config_records["config"].get("server-round", 0))
-    pid, n = node_partition(context)
-    if cfg.train.method == "zo":
-        return train_zo(msg, context, cfg, server_round, pid, n)
-    # exact-lora sends the frozen global delta and wants a fresh adapter of this node's rank
-    exact = "frozen" in msg.content.array_records
-    rank = int(context.node_config.get("lora-rank", cfg.lora.rank_of(pid)))  # exact-lora accepts any
-    if rank != cfg.lora.rank:
-        cfg = cfg.replace(lora__rank=rank)
-    model, tokenizer = lora.lora_model(cfg.model, cfg.lora, cfg.train.seed)
-    seed = round_seed(cfg, server_round, pid)
-    if exact:
-        frozen, global_state = msg.content.array_records["frozen"].to_torch_state_dict(), {}
-        lora.reset_adapter(model, seed)
+    started = time.time()
+    if str(context.node_config.get("worker", "")) == "warm":
+        from fedllm.worker import call
+
+        content = call(msg.content, context, started)
     else:
-        frozen, global_state = {}, receive_global(msg, context, cfg)
-        lora.set_adapter_state(model, global_state)
-    rows, num_examples = node_rows(cfg, context)
-    mu = float(msg.content.config_records["config"].get("proximal-mu", 0.0))
-    attack = cfg.attack.kinds().get(pid)
-    start = lora.adapter_state(model)
-    if attack == "zero":  # a free rider does no work
-        stats = {"train-loss": 0.0, "steps": 0}
-    else:
-        with lora.frozen_delta(model, frozen):
-            stats = lora.train(model, rows, cfg.train, tokenizer.pad_token_id, seed=seed, proximal_mu=mu)
-    metrics: dict[str, Any] = {
-        **stats,
-        "num-examples": num_examples,
-        "partition-id": pid,
-        "model-loads": MODEL_CACHE.loads,
-        "lora-rank": cfg.lora.rank,
-    }
-    log.info("client %d round %d: loss %.4f", pid, server_round, stats["train-loss"])
-    local = lora.adapter_state(model)
-    if attack is not None:
-        local = attacked(attack, local, start, cfg.attack.noise_scale, seed)
-    if exact or not cfg.compression.up:
-        content = RecordDict({"arrays": ArrayRecord(local), "metrics": MetricRecord(metrics)})
-    else:
-        payload = send_compressed(lora.subtract(local, global_state), context, cfg, seed)
-        content = RecordDict({"update": ConfigRecord({"payload": payload}), "metrics": MetricRecord(metrics)})
-    return Message(signed(content, msg, context, cfg, pid), reply_to=msg)
+        from fedllm.client_train import handle
 
-
-def signed(content: RecordDict, msg: Message, context: Context, cfg: Config, pid: int) -> RecordDict:
-    """With the ledger on, add this client's account and its signature over (contract, round,
-    update hash), so the server credits or penalises the right account."""
-    if not cfg.ledger.enabled:
-        return content
-    from fedllm import ledger  # web3 is the optional [ledger] extra
-    config = msg.content.config_records["config"]
-    if cfg.ledger.client_keys == "simulated":
-        account = ledger.derived_account(cfg.ledger.seed, f"client-{pid}")
-    else:
-        spec = context.node_config.get("ledger-key")
-        if not spec:
-            raise PayloadError("ledger.client-keys=node: this SuperNode's node config lacks ledger-key")
-        account = ledger.read_key(str(spec), "node config ledger-key")
-    digest = ledger.update_hash(content)
-    signature = ledger.sign_update(account, str(config["ledger-contract"]), int(config["server-round"]), digest)
-    content[ledger.LEDGER_RECORD] = ConfigRecord({"account": account.address, "signature": signature})
-    return content
-
-
-def receive_global(msg: Message, context: Context, cfg: Config) -> dict[str, Any]:
-    """The global adapter: sent whole as arrays, or (compression.down) rebuilt from the copy in
-    this node's state plus the encoded round deltas it lacks. The node keeps the result.
-
-    Raises:
-        PayloadError: when the deltas do not start at the version this node holds.
-    """
-    content, down = msg.content, msg.content.config_records.get("down")
-    if "arrays" in content.array_records:
-        state = content.array_records["arrays"].to_torch_state_dict()
-    else:
-        if down is None:
-            raise PayloadError("message carries neither the global arrays nor the encoded deltas")
-        held = context.state.config_records.get("fedllm-global")
-        if held is None or "global" not in context.state.array_records or held["version"] != down["base"]:
-            raise PayloadError(f"this node does not hold global version {down['base']}; it needs the full state")
-        state = context.state.array_records["global"].to_torch_state_dict()
-        codec = parse(cfg.compression.down)
-        for payload in down["deltas"]:
-            delta = decode(codec, payload, sorted(state))
-            state = {k: state[k] + delta[k].to(state[k].dtype) for k in state}
-    if down is not None:
-        context.state["global"] = ArrayRecord(state)
-        context.state["fedllm-global"] = ConfigRecord({"version": down["version"]})
-    return state
-
-
-def send_compressed(delta: dict[str, Any], context: Context, cfg: Config, seed: int) -> bytes:
-    """Encode the update with compression.up, through this node's error-feedback residual."""
-    feedback = None
-    if cfg.compression.error_feedback:
-        held = context.state.array_records.get("ef-residual")
-        feedback = Feedback(held.to_torch_state_dict() if held is not None else {})
-    payload, feedback = compress(parse(cfg.compression.up), delta, feedback, seed)
-    if feedback is not None:
-        context.state["ef-residual"] = ArrayRecord(feedback.residual)
-    return payload
-
-
-def train_zo(msg: Message, context: Context, cfg: Config, server_round: int, pid: int, n: int) -> Message:
-    """Sync to the global accumulators, run tau ZO steps, reply with the encoded scalars."""
-    engine, tokenizer = zo.engine_for(cfg)
-    down = msg.content.config_records["zo"]
-    if int(down["fingerprint"]) != engine.fingerprint:
-        raise PayloadError("zo: this client's perturbations differ from the server's "
-                           "(torch version, device type, dtype and model must match)")
-    t0 = time.perf_counter()
-    regenerated = engine.sync(zo.decode_down(bytes(down["down"]), engine.state))
-    sync_seconds = time.perf_counter() - t0
-    rows, num_examples = node_rows(cfg, context)
-    seed = round_seed(cfg, server_round, pid)
-    pairs, stats = engine.train(rows, cfg.train, tokenizer.pad_token_id, seed)
-    up = zo.encode_upload(cfg.zo.num_seeds, pairs, cfg.zo.bits, seed)
-    metrics: dict[str, Any] = {
-        **stats,
-        "num-examples": num_examples,
-        "partition-id": pid,
-        "model-loads": MODEL_CACHE.loads,
-        "zo-version": engine.state.version,
-        "zo-fingerprint": engine.fingerprint,
-        "sync-seeds": regenerated,
-        "sync-seconds": sync_seconds,
-    }
-    log.info("client %d round %d: zo loss %.4f, %d seeds synced", pid, server_round, stats["train-loss"], regenerated)
-    content = RecordDict({"zo": ConfigRecord({"up": up}), "metrics": MetricRecord(metrics)})
-    return Message(signed(content, msg, context, cfg, pid), reply_to=msg)
+        content = handle(msg.content, context, started)
+    return Message(content, reply_to=msg)

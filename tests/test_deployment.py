@@ -64,4 +64,7 @@ def test_two_sites_with_tls_and_node_auth(tiny_model_dir, tmp_path):
         assert r["clients-ok"] == 2 and r["dropped"] == []
         # each site trained on its own file: 16 and 8 examples, whatever its partition would hold
         assert sorted(c["num-examples"] for c in r["clients"].values()) == [8, 16]
+    # round 2 found each site's warm worker with the model loaded: its first step came at once
+    assert all(c["start-seconds"] < 1.0 for c in rows[2]["clients"].values()), rows[2]["clients"]
+    assert all(c["model-loads"] == 1 for c in rows[2]["clients"].values())  # loaded in round 1 only
     assert (run / "adapter" / "adapter_config.json").exists()

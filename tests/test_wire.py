@@ -6,7 +6,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-from fedllm.client_app import dp_clipping, receive_global, send_compressed
+from fedllm.client_app import dp_clipping
+from fedllm.client_train import receive_global, send_compressed
 from fedllm.compression import decode, encode, parse
 from fedllm.config import Config
 from fedllm.errors import PayloadError
@@ -71,7 +72,7 @@ def test_compressed_download_rebuilds_the_servers_global_bit_for_bit():
         replies = []
         for m in msgs:
             node = m.metadata.dst_node_id
-            held = receive_global(m, contexts[node], cfg)
+            held = receive_global(m.content, contexts[node], cfg)
             assert all(torch.equal(held[k], state[k]) for k in state)
             if node == 2 and rnd == 2:
                 continue
@@ -83,7 +84,7 @@ def test_compressed_download_rebuilds_the_servers_global_bit_for_bit():
     # a delta message for a node that lost its copy is refused, so the server resends the state
     msg = list(s.configure_train(5, ArrayRecord(state), ConfigRecord(cfg.to_flat()), Grid([1])))[0]
     with pytest.raises(PayloadError, match="does not hold global version"):
-        receive_global(msg, _context(1), cfg)
+        receive_global(msg.content, _context(1), cfg)
 
 
 def test_down_bytes_are_much_smaller_than_the_state():

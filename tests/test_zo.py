@@ -289,7 +289,7 @@ def test_lora_only_engine_leaves_base_weights_alone(tiny_model_dir):
 def test_client_refuses_a_different_perturbation_fingerprint(tiny_model_dir):
     from flwr.app import Message, MessageType
 
-    from fedllm.client_app import train_zo
+    from fedllm.client_train import train_zo
 
     cfg = _cfg(tiny_model_dir)
     engine, _ = _fresh_engine(cfg)
@@ -298,4 +298,4 @@ def test_client_refuses_a_different_perturbation_fingerprint(tiny_model_dir):
         {"down": down, "fingerprint": engine.fingerprint + 1, "version": 0})}),
         dst_node_id=1, message_type=MessageType.TRAIN)
     with pytest.raises(PayloadError, match="perturbations differ"):
-        train_zo(msg, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}), cfg, 1, 0, 1)
+        train_zo(msg.content, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}), cfg, 1, 0)

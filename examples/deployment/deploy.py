@@ -110,7 +110,7 @@ def superlink_cmd(work: Path, port: int, host: str = "127.0.0.1") -> list[str]:
 def supernode_cmd(work: Path, site: int | str, superlink: str, port: int, data: str = "",
                   extra_config: str = "") -> list[str]:
     key = f"site-{site}" if isinstance(site, int) else site
-    config = " ".join(filter(None, [f"partition-id={site if isinstance(site, int) else 0}",
+    config = " ".join(filter(None, [f"partition-id={site if isinstance(site, int) else 0}", 'worker="warm"',
                                     f'data-path="{Path(data).resolve()}"' if data else "", extra_config]))
     return ["flower-supernode", "--superlink", superlink,
             "--root-certificates", str((work / "certs" / "ca.crt").resolve()),
