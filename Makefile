@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) bench/zo.py
 	$(PY) bench/compression.py
 	$(PY) bench/ledger.py
+	$(PY) bench/client_start.py
 
 lock: $(STAMP)
 	head -3 requirements.lock > requirements.lock.new

@@ -1,6 +1,7 @@
 """Deployment with real processes: a SuperLink (TLS, SuperNode authentication) and two
 SuperNodes on 127.0.0.1 at free ports, each training on its own data file, via the walkthrough's
-examples/deployment/deploy.py; and a SuperNode whose key is not registered is refused."""
+examples/deployment/deploy.py: a LoRA run, then a ZO run with the ledger on; and a SuperNode
+whose key is not registered is refused."""
 
 from __future__ import annotations
 
@@ -55,6 +56,12 @@ def test_two_sites_with_tls_and_node_auth(tiny_model_dir, tmp_path):
         run_id = deploy.submit(work, run_config)
         status = deploy.wait_run(work, run_id, timeout=600)
         assert status == "finished:completed", deploy.flwr(work, "log", str(run_id), "fedllm", "--show").stdout[-3000:]
+        # the other update kind, with the ledger, on the same federation
+        zo_config = run_config.replace('server.run-name="deployed"', 'server.run-name="zo"') + (
+            ' train.method="zo" zo.num-seeds=256 zo.lr=1e-4 ledger.enabled=true')
+        run_id = deploy.submit(work, zo_config)
+        status = deploy.wait_run(work, run_id, timeout=600)
+        assert status == "finished:completed", deploy.flwr(work, "log", str(run_id), "fedllm", "--show").stdout[-3000:]
     assert all(p.poll() is not None for p in procs.procs.values())  # everything stopped
     run = tmp_path / "runs" / "deployed"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -68,3 +75,13 @@ def test_two_sites_with_tls_and_node_auth(tiny_model_dir, tmp_path):
     assert all(c["start-seconds"] < 1.0 for c in rows[2]["clients"].values()), rows[2]["clients"]
     assert all(c["model-loads"] == 1 for c in rows[2]["clients"].values())  # loaded in round 1 only
     assert (run / "adapter" / "adapter_config.json").exists()
+
+    zo = tmp_path / "runs" / "zo"
+    rows = [json.loads(line) for line in (zo / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2] and all(r["zo-version"] == r["round"] for r in rows[1:])
+    for r in rows[1:]:
+        assert r["clients-ok"] == 2 and all(b < 1000 for b in r["bytes-up"].values())
+        assert r["ledger"]["gas-record"] > 0 and len(r["ledger"]["rewards"]) == 2 and not r["ledger"]["flags"]
+    accounts = json.loads((zo / "ledger" / "accounts.json").read_text())["accounts"]
+    assert sorted(a["partition"] for a in accounts.values()) == [0, 1]
+    assert all(a["claimed"] == a["earned"] > 0 for a in accounts.values())
