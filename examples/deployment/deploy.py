@@ -184,10 +184,12 @@ class Processes:
         self.work, self.procs = work, {}
         (work / "logs").mkdir(parents=True, exist_ok=True)
 
-    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+    def start(self, name: str, cmd: list[str], threads: int = 0) -> subprocess.Popen:
+        """Start `cmd`; `threads` > 0 caps its torch/OpenMP threads (sites sharing one machine)."""
         log = open(self.work / "logs" / f"{name}.log", "w")
-        proc = subprocess.Popen(cmd, env=env(self.work), stdout=log, stderr=subprocess.STDOUT, cwd=self.work,
-                                start_new_session=True)
+        extra = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
+        proc = subprocess.Popen(cmd, env={**env(self.work), **extra}, stdout=log, stderr=subprocess.STDOUT,
+                                cwd=self.work, start_new_session=True)
         log.close()
         self.procs[name] = proc
         return proc
@@ -236,9 +238,10 @@ def local_federation(work: Path, sites: int, data: list[str] | None = None,
         procs.wait_for("superlink", "Uvicorn running on https")
         write_connection(work, f"127.0.0.1:{port}")
         register(work)
+        threads = max(1, (os.cpu_count() or 1) // sites)  # the sites share this machine's cores
         for i in range(sites):
             procs.start(f"site-{i}", supernode_cmd(work, i, f"127.0.0.1:{port}", free_port(),
-                                                   (data or [""] * sites)[i], extra_config))
+                                                   (data or [""] * sites)[i], extra_config), threads)
         deadline = time.monotonic() + 90
         while online_nodes(work) < sites:
             if time.monotonic() > deadline:
