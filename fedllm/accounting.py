@@ -32,7 +32,7 @@ class LedgerSession:
     """One run's ledger: deploys (or attaches to) FedLedger and keeps the round bookkeeping."""
 
     def __init__(self, cfg: Config, run_dir: Path) -> None:
-        self.cfg, self.lc = cfg, cfg.ledger
+        self.lc = cfg.ledger
         self.dir = run_dir / "ledger"
         (self.dir / "evidence").mkdir(parents=True, exist_ok=True)
         self.w3 = ledger.connect(self.lc.chain)
@@ -58,7 +58,6 @@ class LedgerSession:
         self.penalties = self.lc.penalty_map()
         self.history = contribution.History()
         self.accounts: dict[str, dict[str, Any]] = {}  # address -> partition, node, cumulative, leaf
-        self.broken_commitments: set[int] = set()  # nodes of this round whose update is not the committed one
         self.write("chain.json", {"chain": self.lc.chain, "contract": self.contract.address,
                                   "owner": self.owner.address, "aggregator": self.aggregator.address,
                                   "deploy-gas": deploy_gas, "slashed-to": self.lc.slashed_to})
@@ -84,15 +83,16 @@ class LedgerSession:
         vectors = (torch.stack([contribution.flatten(u.delta) for u in updates]) if updates
                    else torch.zeros(0, 1, dtype=torch.float64))
         digests = [signers.get(u.node_id, (None, b""))[1] for u in updates]
-        flags = contribution.flag_updates(vectors, digests, self.history, self.rules) if updates else []
+        flags = contribution.flag_updates(vectors, digests, self.history, self.rules)
+        broken = self.broken_commitments(server_round, signers)
         for i, u in enumerate(updates):
             if u.node_id in getattr(strategy, "outliers", []):
                 flags[i].append("outlier")
-            if u.node_id in self.broken_commitments:
+            if u.node_id in broken:
                 flags[i].append("invalid")  # not the update it committed to on chain
-        self.broken_commitments = set()
         honest = [i for i in range(len(updates)) if not flags[i]]
         scores = [0.0] * len(updates)
+        mean = None  # the example-weighted mean of the unflagged updates
         if honest:
             weights = [updates[i].num_examples for i in honest]
             mean = sum(w * vectors[i] for w, i in zip(weights, honest)) / sum(weights)
@@ -146,8 +146,7 @@ class LedgerSession:
             self.write(f"round-{server_round:04d}.json", {"round": server_round, "root": tree.root.hex(),
                                                           "model-hash": model_hash.hex(), "reward": sum(shares),
                                                           "gas-record": gas_record, "clients": entries})
-        unflagged = [vectors[i] for i in honest]
-        self.history.add([d for d in digests if d], torch.stack(unflagged).mean(0) if unflagged else None)
+        self.history.add([d for d in digests if d], mean)
         out.update({"gas-record": gas_record, "gas-slash": gas_slash, "seconds": round(time.perf_counter() - t0, 3)})
         log.info("ledger: round %d: %d clients, %.4f ETH shared, %d flagged; gas %d (record) + %d (slash), %.2f s",
                  server_round, len(leaves), sum(shares) / 1e18, len(out["flags"]), gas_record, gas_slash,
@@ -175,13 +174,18 @@ class LedgerSession:
                 log.warning("ledger: round %d: node %d signs as %s, which belongs to node %d: ignored", server_round,
                             node, account, bound)
                 continue
-            committed = self.contract.view("commitments", account, server_round)
-            if committed not in (bytes(32), digest):
-                log.warning("ledger: round %d: node %d sent an update other than the one it committed", server_round,
-                            node)
-                self.broken_commitments.add(node)
             out[node] = (account, digest)
         return out
+
+    def broken_commitments(self, server_round: int, signers: dict[int, tuple[str, bytes]]) -> set[int]:
+        """Nodes that committed on chain to an update other than the one they sent this round."""
+        broken = set()
+        for node, (account, digest) in signers.items():
+            if self.contract.view("commitments", account, server_round) not in (bytes(32), digest):
+                log.warning("ledger: round %d: node %d sent an update other than the one it committed", server_round,
+                            node)
+                broken.add(node)
+        return broken
 
     def enrol(self, account: str, pid: int) -> bool:
         """Start tracking an account: register a simulated client (partition `pid`) with its

@@ -95,7 +95,7 @@ def handle(request: RecordDict, context: Context, started: float | None = None) 
     rows, num_examples = node_rows(cfg, context)
     mu = float(request.config_records["config"].get("proximal-mu", 0.0))
     attack = cfg.attack.kinds().get(pid)
-    start = lora.adapter_state(model)
+    start = lora.adapter_state(model) if attack else {}  # what an attacker pretends to start from
     start_seconds = time.time() - started
     if attack == "zero":  # a free rider does no work
         stats = {"train-loss": 0.0, "steps": 0}
@@ -149,9 +149,9 @@ def receive_global(request: RecordDict, context: Context, cfg: Config) -> dict[s
     Raises:
         PayloadError: when the deltas do not start at the version this node holds.
     """
-    content, down = request, request.config_records.get("down")
-    if "arrays" in content.array_records:
-        state = content.array_records["arrays"].to_torch_state_dict()
+    down = request.config_records.get("down")
+    if "arrays" in request.array_records:
+        state = request.array_records["arrays"].to_torch_state_dict()
     else:
         if down is None:
             raise PayloadError("message carries neither the global arrays nor the encoded deltas")

@@ -144,7 +144,8 @@ class FlagRules:
 
 @dataclass
 class History:
-    """What the flags compare with: update hashes and global deltas of earlier rounds."""
+    """What the flags compare with: update hashes and global deltas of earlier rounds (the server
+    records each round's example-weighted mean of the unflagged updates, FedAvg's step)."""
 
     hashes: set[bytes] = field(default_factory=set)
     global_deltas: list[torch.Tensor] = field(default_factory=list)

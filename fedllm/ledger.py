@@ -148,7 +148,7 @@ def preflight(cfg: Any) -> None:
             read_key(spec, field)
     if lc.contract:
         Ledger(w3, lc.contract)
-    elif not lc.owner_key and lc.chain != "tester" and not w3.eth.accounts:
+    elif not lc.owner_key and not w3.eth.accounts:
         raise LedgerError("ledger.owner-key: required to deploy on a chain without unlocked dev accounts")
 
 
@@ -156,7 +156,6 @@ def preflight(cfg: Any) -> None:
 class Receipt:
     gas_used: int
     tx_hash: str
-    value: Any = None
 
 
 class Ledger:

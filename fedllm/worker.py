@@ -81,8 +81,9 @@ def _connect(address: Path) -> Any:
 def _start(address: Path) -> Any:
     address.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "fedllm.worker", "--address", str(address), "--watch-pid", str(os.getppid())]
-    subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL,
-                     stdout=open(address.with_suffix(".log"), "a"), stderr=subprocess.STDOUT)
+    with open(address.with_suffix(".log"), "a") as log_file:
+        subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL, stdout=log_file,
+                         stderr=subprocess.STDOUT)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         conn = _connect(address)

@@ -182,6 +182,7 @@ class Processes:
 
     def __init__(self, work: Path) -> None:
         self.work, self.procs = work, {}
+        self.port = 0  # the SuperLink's, once local_federation has started it
         (work / "logs").mkdir(parents=True, exist_ok=True)
 
     def start(self, name: str, cmd: list[str], threads: int = 0) -> subprocess.Popen:
