@@ -2,9 +2,9 @@
 
     python deploy.py certs WORK --sites 2 [--host 10.0.0.5]   # CA, SuperLink certificate, a key pair per site
     python deploy.py superlink WORK [--port 9300]              # the SuperLink (TLS, SuperNode auth on)
-    python deploy.py register WORK [--port 9300]               # register every site's public key
+    python deploy.py register WORK [--superlink HOST:9300]     # register every site's public key
     python deploy.py supernode WORK --site 0 --data site0.jsonl [--superlink HOST:9300]
-    python deploy.py run WORK [--port 9300] [--run-config "server.num-rounds=2 ..."]
+    python deploy.py run WORK [--superlink HOST:9300] [--run-config "server.num-rounds=2 ..."]
     python deploy.py local WORK --sites 2 --data a.jsonl b.jsonl [--run-config ...]  # all on 127.0.0.1
 
 Everything lives under WORK: certs/ (ca.crt, superlink.crt, superlink.key; ca.key stays with
