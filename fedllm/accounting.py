@@ -31,7 +31,13 @@ UtilityOf = Callable[[list[int]], float]  # indices of accepted updates -> minus
 class LedgerSession:
     """One run's ledger: deploys (or attaches to) FedLedger and keeps the round bookkeeping."""
 
-    def __init__(self, cfg: Config, run_dir: Path) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, cursor: dict[str, Any] | None = None) -> None:
+        """`cursor` (from `cursor()`, kept in a checkpoint) continues a run's ledger: the same
+        contract, accounts and flag history; the chain must have recorded exactly its rounds.
+
+        Raises:
+            ConfigError: naming server.resume when the chain cannot continue from `cursor`.
+        """
         self.lc = cfg.ledger
         self.dir = run_dir / "ledger"
         (self.dir / "evidence").mkdir(parents=True, exist_ok=True)
@@ -44,7 +50,9 @@ class LedgerSession:
         self.aggregator = (ledger.read_key(self.lc.aggregator_key, "ledger.aggregator-key")
                            if self.lc.aggregator_key else self.owner)
         deploy_gas = 0
-        if self.lc.contract:
+        if cursor is not None:
+            self.contract = self.resume(cursor)
+        elif self.lc.contract:
             self.contract = ledger.Ledger(self.w3, self.lc.contract)
         else:
             self.contract = ledger.Ledger.deploy(
@@ -54,10 +62,17 @@ class LedgerSession:
         # zo updates live on the clients' own draws from the seed pool, which barely overlap, so
         # an honest update is as unaligned with the others as noise: no noise test there
         self.rules = contribution.FlagRules(self.lc.free_rider_ratio,
-                                            self.lc.noise_z if cfg.train.method == "lora" else 0.0)
+                                            self.lc.noise_z if cfg.train.method == "lora" else 0.0,
+                                            oversize_ratio=self.lc.oversize_ratio)
         self.penalties = self.lc.penalty_map()
         self.history = contribution.History()
         self.accounts: dict[str, dict[str, Any]] = {}  # address -> partition, node, cumulative, leaf
+        if cursor is not None:
+            self.history = cursor["history"]
+            # a resumed run has new SuperNodes: each account binds to its node again on first sight
+            self.accounts = {a: {k: v for k, v in acct.items() if k != "node"} for a, acct in cursor["accounts"].items()}
+            log.info("ledger: resumed FedLedger at %s after round %d", self.contract.address, cursor["round"])
+            return
         self.write("chain.json", {"chain": self.lc.chain, "contract": self.contract.address,
                                   "owner": self.owner.address, "aggregator": self.aggregator.address,
                                   "deploy-gas": deploy_gas, "slashed-to": self.lc.slashed_to})
@@ -66,6 +81,30 @@ class LedgerSession:
     @property
     def address(self) -> str:
         return self.contract.address
+
+    def resume(self, cursor: dict[str, Any]) -> Any:
+        """The contract of a checkpointed run, checked to be at the checkpoint's round."""
+        from fedllm.errors import ConfigError
+
+        if self.lc.chain == "tester":
+            raise ConfigError("server.resume: the run's ledger lived on the in-process chain (ledger.chain=tester), "
+                              "which ended with the server; only runs on a chain node (ledger.chain=URL) resume "
+                              "with the ledger on")
+        try:
+            contract = ledger.Ledger(self.w3, cursor["contract"])
+        except ledger.LedgerError as err:
+            raise ConfigError(f"server.resume: {err}") from err
+        last = contract.view("lastRound")
+        if last != cursor["round"]:
+            raise ConfigError(f"server.resume: FedLedger {cursor['contract']} has recorded up to round {last}, the "
+                              f"checkpoint up to round {cursor['round']}; the chain and the checkpoint disagree")
+        return contract
+
+    def cursor(self) -> dict[str, Any]:
+        """What a checkpoint keeps to continue this ledger: the contract, the last round it
+        recorded, the accounts and the flags' history."""
+        return {"contract": self.address, "round": self.contract.view("lastRound"), "accounts": self.accounts,
+                "history": self.history}
 
     def write(self, name: str, data: Any) -> None:
         path = self.dir / name

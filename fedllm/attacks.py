@@ -1,26 +1,91 @@
-"""Dishonest clients for simulations (attack.clients = "partition=kind,..."), to test that the
-ledger's flags and the robust strategies catch them.
+"""Dishonest and faulty clients for simulations (attack.clients = "partition=kind,..."), to test
+that validation, the ledger's flags and the robust strategies catch them.
 
+Model poisoning (the client trains honestly, then sends something else):
 - zero: a free rider; skips training and sends the global state back (a zero update).
-- noise: trains, then sends a random direction scaled to `noise_scale` x its honest update's norm.
+- noise: a Gaussian direction scaled to attack.noise-scale x its honest update's norm.
+- sign-flip: minus its honest update.
+- scale: its honest update times attack.scale.
+Lazy or copying clients:
+- replay: skips training and sends its previous round's reply again, byte for byte (trains
+  honestly in its first round, having nothing to replay).
+- duplicate: sends the update of partition attack.victim (it trains as that client: same data,
+  same seed, so the bytes are the victim's).
+Data poisoning:
+- label-flip: trains on its own prompts with the responses shuffled among them.
+A fault:
+- crash: raises mid-round, after loading the model (a dropout, for tests).
 """
 
 from __future__ import annotations
 
+import random
+from typing import Any
+
 import torch
 
 State = dict[str, torch.Tensor]
+TRAINS = ("noise", "sign-flip", "scale", "duplicate", "label-flip")  # kinds that run the local steps
 
 
-def attacked(kind: str, local: State, global_state: State, noise_scale: float, seed: int) -> State:
-    """The local state an attacker of `kind` sends instead of `local`."""
+class Crash(RuntimeError):
+    """Raised by an attack.clients crash client."""
+
+
+def crash(pid: int, server_round: int) -> None:
+    raise Crash(f"attack.clients: partition {pid} crashes in round {server_round} (a test fault)")
+
+
+def poisoned(kind: str, delta: State, seed: int, noise_scale: float = 1.0, scale: float = 10.0) -> State:
+    """The update a model-poisoning attacker of `kind` sends instead of its honest `delta`;
+    any other kind returns `delta` itself."""
     if kind == "zero":
-        return {k: t.clone() for k, t in global_state.items()}
+        return {k: torch.zeros_like(t) for k, t in delta.items()}
+    if kind == "sign-flip":
+        return {k: -t for k, t in delta.items()}
+    if kind == "scale":
+        return {k: scale * t for k, t in delta.items()}
     if kind == "noise":
         gen = torch.Generator().manual_seed(seed)
-        noise = {k: torch.randn(t.shape, generator=gen, dtype=torch.float32) for k, t in local.items()}
-        honest = torch.sqrt(sum(((local[k] - global_state[k]).float() ** 2).sum() for k in local))
-        size = torch.sqrt(sum((n ** 2).sum() for n in noise.values()))
-        scale = noise_scale * honest / size
-        return {k: (global_state[k] + scale * noise[k]).to(local[k].dtype) for k in local}
-    raise ValueError(f"unknown attack {kind!r}")
+        noise = {k: torch.randn(t.shape, generator=gen, dtype=torch.float32) for k, t in delta.items()}
+        honest = torch.sqrt(sum((t.double() ** 2).sum() for t in delta.values()))
+        size = torch.sqrt(sum((n.double() ** 2).sum() for n in noise.values()))
+        factor = float(noise_scale * honest / size) if size > 0 else 0.0
+        return {k: (factor * noise[k]).to(delta[k].dtype) for k in delta}
+    return delta
+
+
+def attacked(kind: str, local: State, global_state: State, seed: int, noise_scale: float = 1.0,
+             scale: float = 10.0) -> State:
+    """The local state a LoRA attacker sends: global + poisoned(local - global)."""
+    delta = {k: local[k].float() - global_state[k].float() for k in local}
+    bad = poisoned(kind, delta, seed, noise_scale, scale)
+    if kind == "zero":
+        return {k: t.clone() for k, t in global_state.items()}  # the global bytes themselves
+    return {k: (global_state[k].float() + bad[k]).to(local[k].dtype) for k in local}
+
+
+def attacked_pairs(kind: str, pairs: list[tuple[int, float]], seed: int, noise_scale: float = 1.0,
+                   scale: float = 10.0) -> list[tuple[int, float]]:
+    """The (seed index, scalar) pairs a zo attacker sends instead of its honest `pairs`."""
+    if not pairs:
+        return pairs
+    idx = torch.tensor([i for i, _ in pairs])
+    values = {"g": torch.tensor([g for _, g in pairs], dtype=torch.float64)}
+    bad = poisoned(kind, values, seed, noise_scale, scale)["g"]
+    if kind == "zero":
+        return []
+    return list(zip(idx.tolist(), bad.tolist()))
+
+
+def flip_labels(examples: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """The examples with their responses shuffled among them (a derangement when n > 1)."""
+    if len(examples) < 2:
+        return list(examples)
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    shift = order[1:] + order[:1]  # each takes the response of the next in a random cycle
+    out = [dict(e) for e in examples]
+    for i, j in zip(order, shift):
+        out[i]["response"] = examples[j]["response"]
+    return out

@@ -1,6 +1,7 @@
 """The `fedllm` command (also `python -m fedllm`).
 
     fedllm simulate --num-clients 4 --set server.num-rounds=3 --set lora.rank=16
+    fedllm simulate --resume runs/NAME         # continue a stopped run from its checkpoint
     fedllm prepare-model                       # convert the default GGUF once
     fedllm config                              # every config key, its default and help
     fedllm ledger runs/NAME                    # stakes, scores, rewards and penalties of a run
@@ -11,6 +12,7 @@ Errors print one line and exit 2; `--debug` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -24,16 +26,20 @@ from fedllm.errors import FedLLMError
 log = logging.getLogger("fedllm")
 
 
-def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float) -> Path:
-    """Run a Flower simulation (Ray backend) of `num_clients` virtual clients.
+def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float, resume: Path | None = None) -> Path:
+    """Run a Flower simulation (Ray backend) of `num_clients` virtual clients; with `resume`,
+    continue that run directory from its checkpoint (its config.json, `overrides` on top).
 
     The config, the model and the data are checked here first, so a mistake fails fast
     with one line instead of inside a worker.
     """
     from fedllm.data import load_splits
     from fedllm.model import resolve
-    from fedllm.server_app import strategy_class
+    from fedllm.server_app import ERROR_FILE, strategy_class
 
+    if resume is not None:
+        overrides = {**resumed_config(resume), **overrides, "server.resume": str(resume),
+                     "server.run-dir": str(resume.parent), "server.run-name": resume.name}
     overrides = dict(overrides)
     overrides.setdefault("server.run-name", time.strftime("%Y%m%d-%H%M%S"))
     cfg = Config.from_flat(overrides)
@@ -47,8 +53,14 @@ def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float
     load_splits(cfg.data)
     resolve(cfg.model)  # converts a GGUF once, before workers start
     run_dir = Path(cfg.server.run_dir).expanduser() / cfg.server.run_name
-    if (run_dir / "metrics.jsonl").exists():
+    if resume is None and (run_dir / "metrics.jsonl").exists():
         raise FedLLMError(f"server.run-name: {run_dir} holds a run already; pick another name")
+    if resume is not None:
+        from fedllm import checkpoint
+
+        checkpoint.load(resume, cfg.to_flat())  # fails here, before Ray starts
+        (run_dir / "summary.json").unlink(missing_ok=True)
+        (run_dir / ERROR_FILE).unlink(missing_ok=True)
 
     from flwr.simulation import run_simulation
 
@@ -62,8 +74,21 @@ def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float
     }
     run_simulation(make_app(overrides), client_app, num_supernodes=num_clients, backend_config=backend)
     if not (run_dir / "summary.json").exists():
+        if (run_dir / ERROR_FILE).exists():
+            raise FedLLMError((run_dir / ERROR_FILE).read_text().strip())
         raise FedLLMError(f"the simulation did not finish; see the log above (run directory {run_dir})")
     return run_dir
+
+
+def resumed_config(run_dir: Path) -> dict[str, Any]:
+    """The flat config a run directory was started with (its config.json)."""
+    path = run_dir / "config.json"
+    if not path.exists():
+        raise FedLLMError(f"--resume: {path} does not exist; not a fedllm run directory")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise FedLLMError(f"--resume: {path} is not valid JSON: {err}") from err
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="Ray CPUs per client; the default runs one client at a time on all cores")
     sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="config override, e.g. lora.rank=16 (see `fedllm config`)")
+    sim.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                     help="continue a run from its checkpoint (its config; --set server.num-rounds=N may extend it)")
     prep = sub.add_parser("prepare-model", help="convert a GGUF model into the safetensors cache")
     prep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sub.add_parser("config", help="list every config key with its default and help")
@@ -88,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state database set-up
     try:
         if args.command == "simulate":
-            run_dir = simulate(parse_overrides(args.set), args.num_clients, args.cpus_per_client)
+            run_dir = simulate(parse_overrides(args.set), args.num_clients, args.cpus_per_client, args.resume)
             print(f"run directory: {run_dir}")
         elif args.command == "prepare-model":
             from fedllm.model import resolve

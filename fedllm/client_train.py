@@ -19,7 +19,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
-from fedllm.attacks import attacked
+from fedllm.attacks import attacked, attacked_pairs, crash, flip_labels
 from fedllm.compression import Feedback, compress, decode, parse
 from fedllm.config import Config
 from fedllm.data import encode, load_source, load_splits, partition
@@ -38,9 +38,11 @@ def config_from_request(request: RecordDict) -> Config:
 
 
 @functools.lru_cache(maxsize=8)
-def client_rows(cfg_items: tuple, partition_id: int, num_partitions: int, site_data: str = "") -> tuple[list, int]:
+def client_rows(cfg_items: tuple, partition_id: int, num_partitions: int, site_data: str = "",
+                flip_seed: int | None = None) -> tuple[list, int]:
     """Encoded training rows (cached per process) and the example count: the file `site_data`
-    (a site's own data, named in its node config as data-path), else one partition of data.source."""
+    (a site's own data, named in its node config as data-path), else one partition of data.source.
+    With `flip_seed` the responses are shuffled among the examples (the label-flip attack)."""
     cfg = Config.from_flat(dict(cfg_items))
     if cfg.train.method == "zo":
         _, tokenizer = zo.engine_for(cfg)
@@ -51,6 +53,8 @@ def client_rows(cfg_items: tuple, partition_id: int, num_partitions: int, site_d
     else:
         train, _ = load_splits(cfg.data)
         mine = partition(train, cfg.data, num_partitions, partition_id)
+    if flip_seed is not None:
+        mine = flip_labels(mine, flip_seed)
     rows = [encode(tokenizer, e, cfg.data.max_length, cfg.data.system_prompt) for e in mine]
     return rows, len(mine)
 
@@ -60,13 +64,41 @@ def node_partition(context: Context) -> tuple[int, int]:
     return int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))
 
 
-def node_rows(cfg: Config, context: Context) -> tuple[list, int]:
+def node_rows(cfg: Config, context: Context, as_partition: int | None = None,
+              flip: bool = False) -> tuple[list, int]:
+    """This node's rows; `as_partition` trains on another partition's (the duplicate attack)."""
     pid, n = node_partition(context)
-    return client_rows(tuple(sorted(cfg.to_flat().items())), pid, n, str(context.node_config.get("data-path", "")))
+    pid = pid if as_partition is None else as_partition
+    return client_rows(tuple(sorted(cfg.to_flat().items())), pid, n, str(context.node_config.get("data-path", "")),
+                       cfg.train.seed + pid if flip else None)
 
 
 def round_seed(cfg: Config, server_round: int, pid: int) -> int:
     return cfg.train.seed * 1_000_003 + server_round * 1009 + pid
+
+
+REPLAY, REPLAY_ARRAYS = "attack-replay", "attack-replay-arrays"  # context.state: a replay attacker's last reply
+
+
+def replayed(context: Context, metrics: dict[str, Any]) -> RecordDict | None:
+    """A replay attacker's previous update records with this round's metrics, or None in its
+    first round."""
+    held = context.state.config_records.get(REPLAY)
+    if held is None:
+        return None
+    if held.get("kind") == "arrays":
+        return RecordDict({"arrays": context.state.array_records[REPLAY_ARRAYS], "metrics": MetricRecord(metrics)})
+    return RecordDict({held["kind"]: ConfigRecord({k: v for k, v in held.items() if k != "kind"}),
+                       "metrics": MetricRecord(metrics)})
+
+
+def keep_for_replay(context: Context, reply: RecordDict) -> None:
+    if "arrays" in reply.array_records:
+        context.state[REPLAY_ARRAYS] = reply.array_records["arrays"]
+        context.state[REPLAY] = ConfigRecord({"kind": "arrays"})
+    else:
+        kind = "zo" if "zo" in reply.config_records else "update"
+        context.state[REPLAY] = ConfigRecord({"kind": kind, **dict(reply.config_records[kind])})
 
 
 def handle(request: RecordDict, context: Context, started: float | None = None) -> RecordDict:
@@ -85,40 +117,48 @@ def handle(request: RecordDict, context: Context, started: float | None = None) 
     if rank != cfg.lora.rank:
         cfg = cfg.replace(lora__rank=rank)
     model, tokenizer = lora.lora_model(cfg.model, cfg.lora, cfg.train.seed)
-    seed = round_seed(cfg, server_round, pid)
+    attack = cfg.attack.kinds().get(pid)
+    if attack == "crash":
+        crash(pid, server_round)
+    as_pid = cfg.attack.victim if attack == "duplicate" else pid
+    seed = round_seed(cfg, server_round, as_pid)
     if exact:
         frozen, global_state = request.array_records["frozen"].to_torch_state_dict(), {}
         lora.reset_adapter(model, seed)
     else:
         frozen, global_state = {}, receive_global(request, context, cfg)
         lora.set_adapter_state(model, global_state)
-    rows, num_examples = node_rows(cfg, context)
+    rows, num_examples = node_rows(cfg, context, as_pid, flip=attack == "label-flip")
     mu = float(request.config_records["config"].get("proximal-mu", 0.0))
-    attack = cfg.attack.kinds().get(pid)
     start = lora.adapter_state(model) if attack else {}  # what an attacker pretends to start from
     start_seconds = time.time() - started
+    metrics: dict[str, Any] = {
+        "num-examples": num_examples,
+        "partition-id": pid,
+        "server-round": server_round,
+        "model-loads": MODEL_CACHE.loads,
+        "lora-rank": cfg.lora.rank,
+        "start-seconds": start_seconds,
+    }
+    if attack == "replay" and (again := replayed(context, {**metrics, "train-loss": 0.0, "steps": 0})):
+        return signed(again, request, context, cfg, pid)
     if attack == "zero":  # a free rider does no work
         stats = {"train-loss": 0.0, "steps": 0}
     else:
         with lora.frozen_delta(model, frozen):
             stats = lora.train(model, rows, cfg.train, tokenizer.pad_token_id, seed=seed, proximal_mu=mu)
-    metrics: dict[str, Any] = {
-        **stats,
-        "num-examples": num_examples,
-        "partition-id": pid,
-        "model-loads": MODEL_CACHE.loads,
-        "lora-rank": cfg.lora.rank,
-        "start-seconds": start_seconds,
-    }
+    metrics.update(stats)
     log.info("client %d round %d: loss %.4f", pid, server_round, stats["train-loss"])
     local = lora.adapter_state(model)
-    if attack is not None:
-        local = attacked(attack, local, start, cfg.attack.noise_scale, seed)
+    if attack in ("zero", "noise", "sign-flip", "scale"):
+        local = attacked(attack, local, start, seed, cfg.attack.noise_scale, cfg.attack.scale)
     if exact or not cfg.compression.up:
         reply = RecordDict({"arrays": ArrayRecord(local), "metrics": MetricRecord(metrics)})
     else:
         payload = send_compressed(lora.subtract(local, global_state), context, cfg, seed)
         reply = RecordDict({"update": ConfigRecord({"payload": payload}), "metrics": MetricRecord(metrics)})
+    if attack == "replay":
+        keep_for_replay(context, reply)
     return signed(reply, request, context, cfg, pid)
 
 
@@ -189,18 +229,20 @@ def train_zo(request: RecordDict, context: Context, cfg: Config, server_round: i
     if int(down["fingerprint"]) != engine.fingerprint:
         raise PayloadError("zo: this client's perturbations differ from the server's "
                            "(torch version, device type, dtype and model must match)")
+    attack = cfg.attack.kinds().get(pid)
+    if attack == "crash":
+        crash(pid, server_round)
     t0 = time.perf_counter()
     regenerated = engine.sync(zo.decode_down(bytes(down["down"]), engine.state))
     sync_seconds = time.perf_counter() - t0
-    rows, num_examples = node_rows(cfg, context)
-    seed = round_seed(cfg, server_round, pid)
+    as_pid = cfg.attack.victim if attack == "duplicate" else pid
+    rows, num_examples = node_rows(cfg, context, as_pid, flip=attack == "label-flip")
+    seed = round_seed(cfg, server_round, as_pid)
     start_seconds = time.time() - (started or time.time())
-    pairs, stats = engine.train(rows, cfg.train, tokenizer.pad_token_id, seed)
-    up = zo.encode_upload(cfg.zo.num_seeds, pairs, cfg.zo.bits, seed)
     metrics: dict[str, Any] = {
-        **stats,
         "num-examples": num_examples,
         "partition-id": pid,
+        "server-round": server_round,
         "model-loads": MODEL_CACHE.loads,
         "zo-version": engine.state.version,
         "zo-fingerprint": engine.fingerprint,
@@ -208,6 +250,18 @@ def train_zo(request: RecordDict, context: Context, cfg: Config, server_round: i
         "sync-seconds": sync_seconds,
         "start-seconds": start_seconds,
     }
+    if attack == "replay" and (again := replayed(context, {**metrics, "train-loss": 0.0, "steps": 0})):
+        return signed(again, request, context, cfg, pid)
+    if attack == "zero":
+        pairs, stats = [], {"train-loss": 0.0, "steps": 0}
+    else:
+        pairs, stats = engine.train(rows, cfg.train, tokenizer.pad_token_id, seed)
+    if attack in ("noise", "sign-flip", "scale"):
+        pairs = attacked_pairs(attack, pairs, seed, cfg.attack.noise_scale, cfg.attack.scale)
+    up = zo.encode_upload(cfg.zo.num_seeds, pairs, cfg.zo.bits, seed)
+    metrics.update(stats)
     log.info("client %d round %d: zo loss %.4f, %d seeds synced", pid, server_round, stats["train-loss"], regenerated)
     reply = RecordDict({"zo": ConfigRecord({"up": up}), "metrics": MetricRecord(metrics)})
+    if attack == "replay":
+        keep_for_replay(context, reply)
     return signed(reply, request, context, cfg, pid)

@@ -159,7 +159,18 @@ class ServerConfig:
         "Strategy name from the registry, or 'module:Class'; '' picks fedavg for lora, fedkseed for zo.", "")
     fraction_train: float = _help("Share of connected clients sampled each round.", 1.0)
     min_clients: int = _help("Fewest clients a round needs.", 2)
-    round_timeout: float = _help("Seconds to wait for client replies.", 3600.0)
+    round_timeout: float = _help("Seconds to wait for client replies; a client that has not replied by then is "
+                                 "counted as missing.", 3600.0)
+    min_replies: int = _help("Fewest valid replies a round needs; with fewer the round is retried.", 1)
+    round_retries: int = _help("Times a round with too few valid replies is tried again before the run stops "
+                               "(its checkpoint kept for --resume).", 1)
+    max_reply_bytes: int = _help("Largest update payload accepted, in bytes; 0: three times the dense float32 "
+                                 "global state (LoRA), or the largest possible zo upload.", 0)
+    max_update_norm: float = _help("Replies whose update has a larger L2 norm are dropped (LoRA delta, or zo "
+                                   "per-seed sums); 0: no bound.", 0.0)
+    checkpoint: bool = _help("Write RUN_DIR/checkpoint.pt after every round (atomically), for --resume.", True)
+    resume: str = _help("A run directory to continue from its checkpoint (what `fedllm simulate --resume` "
+                        "sets); the config must match that run's.", "")
     evaluate: bool = _help("Evaluate the global model on the held-out split.", True)
     eval_every: int = _help("Evaluate every N rounds (0: only before the first and after the last).", 1)
     eval_batch_size: int = _help("Batch size of server-side evaluation.", 16)
@@ -172,6 +183,9 @@ class ServerConfig:
     def __post_init__(self) -> None:
         _positive("server.num-rounds", self.num_rounds)
         _positive("server.min-clients", self.min_clients)
+        _positive("server.min-replies", self.min_replies)
+        if self.round_retries < 0 or self.max_reply_bytes < 0 or self.max_update_norm < 0:
+            raise ConfigError("server: round-retries, max-reply-bytes and max-update-norm must be >= 0")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(
                 f"server.fraction-train: must be in (0, 1], got {self.fraction_train}"
@@ -242,7 +256,7 @@ class DPConfig:
             raise ConfigError("dp: clipping-norm, noise-multiplier and sampled-clients must be >= 0")
 
 
-PENALTY_FLAGS = ("free-rider", "noise", "duplicate", "replay", "stale", "outlier", "invalid")
+PENALTY_FLAGS = ("free-rider", "noise", "opposed", "oversized", "duplicate", "replay", "stale", "outlier", "invalid")
 
 
 @dataclass
@@ -273,11 +287,15 @@ class LedgerConfig:
     shapley_permutations: int = _help("GTG-Shapley: most permutations sampled per round.", 20)
     penalties: str = _help("Share of the stake slashed per flag, 'flag=fraction,...' (flags: "
                            + ", ".join(PENALTY_FLAGS) + ").",
-                           "free-rider=0.5,noise=0.5,duplicate=0.25,replay=0.5,stale=0.25,outlier=0.1,invalid=0.1")
+                           "free-rider=0.5,noise=0.5,opposed=0.5,oversized=0.25,duplicate=0.25,replay=0.5,stale=0.25,"
+                           "outlier=0.1,invalid=0.1")
     free_rider_ratio: float = _help("An update whose norm is below this share of the median norm is a free "
                                     "rider's.", 0.05)
     noise_z: float = _help("An update less aligned with the others' mean than |cos| sqrt(D) < noise-z is "
-                           "noise (a random direction gives about 1); 0 turns the test off (it is off for zo).", 4.0)
+                           "noise (a random direction gives about 1), one with cos sqrt(D) <= -noise-z is opposed (a flipped "
+                           "sign); 0 turns both tests off (they are off for zo).", 4.0)
+    oversize_ratio: float = _help("An update whose norm exceeds this multiple of the median norm is oversized "
+                                  "(a scaled update); 0 turns the test off.", 5.0)
 
     def __post_init__(self) -> None:
         _choice("ledger.client-keys", self.client_keys, ("simulated", "node"))
@@ -286,7 +304,8 @@ class LedgerConfig:
         for key, value in (("ledger.pool", self.pool), ("ledger.stake", self.stake),
                            ("ledger.min-stake", self.min_stake), ("ledger.reward-per-round", self.reward_per_round),
                            ("ledger.unbonding-seconds", self.unbonding_seconds),
-                           ("ledger.free-rider-ratio", self.free_rider_ratio), ("ledger.noise-z", self.noise_z)):
+                           ("ledger.free-rider-ratio", self.free_rider_ratio), ("ledger.noise-z", self.noise_z),
+                           ("ledger.oversize-ratio", self.oversize_ratio)):
             if value < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {value}")
         _positive("ledger.validation-examples", self.validation_examples)
@@ -311,19 +330,27 @@ class LedgerConfig:
         return out
 
 
-ATTACKS = ("zero", "noise")
+ATTACKS = ("zero", "noise", "sign-flip", "scale", "replay", "duplicate", "label-flip", "crash")
 
 
 @dataclass
 class AttackConfig:
-    clients: str = _help("Simulation only: dishonest clients, 'partition=kind,...' with kinds zero (a free "
-                         "rider: sends the global state back) and noise (random update of its honest norm).", "")
+    clients: str = _help("Simulation only: dishonest clients, 'partition=kind,...'; kinds: zero (a free rider: "
+                         "sends the global state back), noise (Gaussian update of noise-scale x its honest norm), "
+                         "sign-flip (minus its update), scale (its update x attack.scale), replay (its previous "
+                         "round's reply again), duplicate (a copy of partition attack.victim's update), label-flip "
+                         "(trains on its examples with the responses shuffled), crash (raises mid-round: a fault "
+                         "for dropout tests).", "")
     noise_scale: float = _help("Norm of the noise attacker's update relative to its honest update's.", 1.0)
+    scale: float = _help("Factor the scale attacker multiplies its update by.", 10.0)
+    victim: int = _help("Partition whose update the duplicate attacker copies.", 0)
 
     def __post_init__(self) -> None:
         self.kinds()
         if self.noise_scale <= 0:
             raise ConfigError(f"attack.noise-scale: must be > 0, got {self.noise_scale}")
+        if self.victim < 0:
+            raise ConfigError(f"attack.victim: must be a partition id >= 0, got {self.victim}")
 
     def kinds(self) -> dict[int, str]:
         """attack.clients as {partition id: kind}."""
@@ -363,8 +390,6 @@ class Config:
         if self.ledger.enabled and self.server.strategy == "exact-lora" and self.ledger.scorer != "cosine":
             raise ConfigError(f"ledger.scorer: {self.ledger.scorer} evaluates averaged adapters, which exact-lora "
                               "does not build; use cosine")
-        if self.attack.clients and self.train.method != "lora":
-            raise ConfigError("attack.clients: attack clients are implemented for train.method=lora")
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any] | None = None) -> "Config":

@@ -140,6 +140,7 @@ class FlagRules:
     free_rider_ratio: float = 0.05
     noise_z: float = 4.0
     stale_cosine: float = 0.999
+    oversize_ratio: float = 5.0
 
 
 @dataclass
@@ -179,12 +180,19 @@ def flag_updates(vectors: torch.Tensor, hashes: list[bytes], history: History,
     for g in history.global_deltas:
         if g.norm() > 0:
             stale |= units @ g >= rules.stale_cosine * float(g.norm())
+    big = norms > rules.oversize_ratio * norms.median() if rules.oversize_ratio > 0 else torch.zeros(n, dtype=torch.bool)
     for i in range(n):
         if idle[i]:
             flags[i].append("free-rider")
             continue
-        if int((~idle).sum()) > 1 and abs(float(cos_others[i])) * math.sqrt(dim) < rules.noise_z:
-            flags[i].append("noise")
+        z = float(cos_others[i]) * math.sqrt(dim)  # a random direction gives |z| about 1
+        if int((~idle).sum()) > 1 and rules.noise_z > 0:
+            if abs(z) < rules.noise_z:
+                flags[i].append("noise")
+            elif z <= -rules.noise_z:
+                flags[i].append("opposed")  # pulls against the others: a flipped sign
+        if big[i]:
+            flags[i].append("oversized")
         if stale[i]:
             flags[i].append("stale")
     for i, h in enumerate(hashes):

@@ -30,6 +30,13 @@ class MetricsLog:
         self.path = path
         self.rows: list[dict[str, Any]] = []
 
+    def reset(self, rows: list[dict[str, Any]]) -> None:
+        """Replace the log with `rows` (a resumed run's, from its checkpoint), atomically."""
+        self.rows = list(rows)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows), encoding="utf-8")
+        tmp.replace(self.path)
+
     def write(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         with open(self.path, "a", encoding="utf-8") as f:

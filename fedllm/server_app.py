@@ -1,8 +1,11 @@
 """Flower ServerApp: rounds of sample -> local update -> aggregate -> evaluate -> log.
 
 Started by Flower (`flwr run .`) or by `fedllm simulate`. Writes a run directory:
-config.json, metrics.jsonl (one line per round), summary.json, and the result: adapter/ (PEFT
-format) for LoRA or zo/accumulators.bin for ZO, merged/ on request.
+config.json, metrics.jsonl (one line per round), checkpoint.pt (after every round, for
+server.resume), summary.json, and the result: adapter/ (PEFT format) for LoRA or
+zo/accumulators.bin for ZO, merged/ on request. A round goes on without the clients that fail,
+time out or send invalid replies, as long as server.min-replies valid ones arrive; otherwise it
+is tried again (server.round-retries) and then the run stops with RoundFailed.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedllm import checkpoint
 from fedllm.config import Config
 from fedllm.data import load_splits
-from fedllm.errors import ConfigError
+from fedllm.errors import ConfigError, FedLLMError
 from fedllm.evaluate import em_subset, eval_loss, evaluate
 from fedllm.report import MetricsLog, format_summary, make_run_dir, summary
 from fedllm.updates import lora, zo
@@ -39,6 +43,7 @@ class LoraGlobal:
         self.cfg = cfg
         if cfg.server.evaluate or cfg.server.merge or needs_validation(cfg):
             self.model, self.tokenizer = lora.lora_model(cfg.model, cfg.lora, cfg.train.seed)
+            lora.reset_adapter(self.model, cfg.train.seed)  # the cached model may hold an earlier run's adapter
             self.state = lora.adapter_state(self.model)
         else:
             self.model = self.tokenizer = None
@@ -53,6 +58,12 @@ class LoraGlobal:
     def absorb(self, arrays: ArrayRecord | None, strategy: Any) -> None:
         if arrays is not None:
             self.state = arrays.to_torch_state_dict()
+
+    def checkpoint(self) -> dict[str, torch.Tensor]:
+        return self.state
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        self.state = state
 
     @contextlib.contextmanager
     def ready(self, strategy: Any) -> Iterator[Any]:
@@ -121,6 +132,12 @@ class ZOGlobal:
     def absorb(self, arrays: ArrayRecord | None, strategy: Any) -> None:
         pass
 
+    def checkpoint(self) -> None:
+        return None  # the accumulators are the strategy's state
+
+    def restore(self, state: None) -> None:
+        pass
+
     @contextlib.contextmanager
     def ready(self, strategy: Any) -> Iterator[Any]:
         self.engine.sync(strategy.state)
@@ -153,8 +170,17 @@ def pad_ranks(factors: dict[str, Any]) -> tuple[dict[str, Any], int]:
 
 
 def run(grid: Grid, cfg: Config) -> Path:
-    """Run the federated rounds; returns the run directory."""
-    run_dir = make_run_dir(cfg)
+    """Run the federated rounds; returns the run directory.
+
+    With server.resume set, continues that run from its checkpoint (same config; only
+    server.num-rounds may grow).
+
+    Raises:
+        RoundFailed: when a round has fewer than server.min-replies valid replies after
+            server.round-retries retries (the last round's checkpoint stays for --resume).
+    """
+    ckpt = checkpoint.load(Path(cfg.server.resume), cfg.to_flat()) if cfg.server.resume else None
+    run_dir = Path(cfg.server.resume) if ckpt else make_run_dir(cfg)
     log.info("run directory: %s", run_dir)
     gstate = ZOGlobal(cfg) if cfg.train.method == "zo" else LoraGlobal(cfg)
     strategy = gstate.strategy(strategy_class(cfg))
@@ -166,7 +192,7 @@ def run(grid: Grid, cfg: Config) -> Path:
     if cfg.ledger.enabled:
         from fedllm.accounting import LedgerSession  # web3 is the optional [ledger] extra
 
-        books = LedgerSession(cfg, run_dir)
+        books = LedgerSession(cfg, run_dir, ckpt["ledger"] if ckpt else None)
     round_extra = {"ledger-contract": books.address} if books else {}
     validation = em_subset(held_out, cfg.ledger.validation_examples)
 
@@ -179,17 +205,52 @@ def run(grid: Grid, cfg: Config) -> Path:
             return evaluate(model, gstate.tokenizer, held_out, cfg.data, cfg.server.eval_batch_size,
                             cfg.server.exact_match_examples, cfg.server.max_new_tokens)
 
-    start = evaluate_state(0)
-    metrics.write({"round": 0, **start})
-    log.info("round 0/%d: eval loss %s, exact match %s", n_rounds, _fmt(start.get("eval-loss")),
-             _fmt(start.get("exact-match")))
-    for server_round in range(1, n_rounds + 1):
+    if ckpt:
+        first = ckpt["round"] + 1
+        gstate.restore(ckpt["global"])
+        checkpoint.restore(strategy, ckpt["strategy"])
+        if outer is not strategy:
+            checkpoint.restore(outer, ckpt["wrapper"])
+        checkpoint.set_rng_state(ckpt["rng"])
+        metrics.reset(ckpt["metrics"])
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_flat(), indent=2, sort_keys=True) + "\n")
+        log.info("resumed %s after round %d of %d", run_dir, ckpt["round"], n_rounds)
+    else:
+        first = 1
+        start = evaluate_state(0)
+        metrics.write({"round": 0, **start})
+        log.info("round 0/%d: eval loss %s, exact match %s", n_rounds, _fmt(start.get("eval-loss")),
+                 _fmt(start.get("exact-match")))
+    for server_round in range(first, n_rounds + 1):
         t0 = time.perf_counter()
         run_config = ConfigRecord({**cfg.to_flat(), **round_extra})
-        messages = list(outer.configure_train(server_round, gstate.arrays(), run_config, grid))
-        down = {str(m.metadata.dst_node_id): payload_bytes(m.content) for m in messages}
-        replies = list(grid.send_and_receive(messages, timeout=cfg.server.round_timeout))
-        arrays, agg = outer.aggregate_train(server_round, replies)
+        missing, failures = [], []
+        for attempt in range(cfg.server.round_retries + 1):
+            messages = list(outer.configure_train(server_round, gstate.arrays(), run_config, grid))
+            down = {str(m.metadata.dst_node_id): payload_bytes(m.content) for m in messages}
+            replies = list(grid.send_and_receive(messages, timeout=cfg.server.round_timeout))
+            answered = {r.metadata.src_node_id for r in replies}
+            missing = sorted(m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in answered)
+            if missing:
+                log.warning("round %d: no reply within server.round-timeout=%gs from node(s) %s", server_round,
+                            cfg.server.round_timeout, ", ".join(map(str, missing)))
+            strategy.updates, strategy.dropped = [], []
+            arrays, agg = outer.aggregate_train(server_round, replies)
+            valid = len(strategy.updates)
+            if strategy.enough() if hasattr(strategy, "enough") else arrays is not None:
+                break
+            failures.append(f"{valid} valid of {len(messages)} sent")
+            log.warning("round %d, attempt %d: %d valid replies of %d sent, server.min-replies=%d%s", server_round,
+                        attempt + 1, valid, len(messages), cfg.server.min_replies,
+                        "; trying again" if attempt < cfg.server.round_retries else "")
+        else:
+            saved = run_dir / checkpoint.FILE
+            hint = (f"resume from round {server_round - 1}'s checkpoint with --resume {run_dir}" if saved.exists()
+                    else f"run directory {run_dir}")
+            err = RoundFailed(f"round {server_round}: too few valid replies ({'; '.join(failures)}; server.min-replies="
+                              f"{cfg.server.min_replies}, server.round-retries={cfg.server.round_retries}); {hint}")
+            (run_dir / ERROR_FILE).write_text(str(err) + "\n")
+            raise err
         before = getattr(gstate, "state", None)
         gstate.absorb(arrays, strategy)
         train_seconds = time.perf_counter() - t0
@@ -203,15 +264,20 @@ def run(grid: Grid, cfg: Config) -> Path:
             "round": server_round,
             **{k: v for k, v in (agg or {}).items()},
             **ev,
+            "clients-missing": len(missing),
+            "attempts": len(failures) + 1,
             "bytes-down": down,
             "bytes-up": {str(u.node_id): u.bytes_up for u in getattr(strategy, "updates", [])},
             "clients": {str(u.node_id): u.metrics for u in getattr(strategy, "updates", [])},
-            "dropped": [{"node": str(n), "reason": r} for n, r in getattr(strategy, "dropped", [])],
+            "dropped": [{"node": str(n), "reason": r} for n, r in getattr(strategy, "dropped", [])]
+            + [{"node": str(n), "reason": "no reply within server.round-timeout"} for n in missing],
             "train-seconds": round(train_seconds, 3),
             "round-seconds": round(time.perf_counter() - t0, 3),
             **accounts,
         }
         metrics.write(row)
+        if cfg.server.checkpoint:
+            save_checkpoint(run_dir, cfg, server_round, gstate, strategy, outer, books, metrics.rows)
         log.info("round %d/%d: train loss %s, eval loss %s, exact match %s (%.1f s)", server_round,
                  n_rounds, _fmt(row.get("train-loss")), _fmt(row.get("eval-loss")),
                  _fmt(row.get("exact-match")), row["round-seconds"])
@@ -222,6 +288,27 @@ def run(grid: Grid, cfg: Config) -> Path:
     (run_dir / "summary.json").write_text(json.dumps(s, indent=2) + "\n")
     log.info("summary of %s\n%s", run_dir, format_summary(s))
     return run_dir
+
+
+ERROR_FILE = "error.txt"  # why a run stopped, for the CLI to print
+
+
+class RoundFailed(FedLLMError):
+    """A round ended with too few valid replies, retries included."""
+
+
+def save_checkpoint(run_dir: Path, cfg: Config, server_round: int, gstate: Any, strategy: Any, outer: Any,
+                    books: Any, rows: list[dict[str, Any]]) -> None:
+    checkpoint.save(run_dir, {
+        "round": server_round,
+        "config": cfg.to_flat(),
+        "global": gstate.checkpoint(),
+        "strategy": checkpoint.object_state(strategy),
+        "wrapper": checkpoint.object_state(outer) if outer is not strategy else {},
+        "rng": checkpoint.rng_state(),
+        "ledger": books.cursor() if books is not None else None,
+        "metrics": rows,
+    })
 
 
 def needs_validation(cfg: Config) -> bool:

@@ -2,7 +2,9 @@
 
 `FedLLMStrategy` samples clients, sends the global adapter state with the run config, and
 turns replies (each client's local adapter state) into validated `Update`s holding the delta
-local - global. A bad reply is dropped with its reason, never raised.
+local - global. Every reply is checked before it touches the global state (`screen`: error,
+record names, metrics, round number, payload size; `parse`: tensor names, shapes, dtypes,
+finite values; then the update's norm); a bad reply is dropped with its reason, never raised.
 A subclass overrides only `aggregate(server_round, updates) -> delta`.
 
     class Mean(FedLLMStrategy):
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 State = dict[str, torch.Tensor]
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 UPDATE, DOWN = "update", "down"  # the encoded upload; the encoded global deltas a node lacks
+LEDGER = "ledger"  # the client's account and signature (fedllm.ledger.LEDGER_RECORD)
+MAX_EXAMPLES = 10**9  # a larger claimed example count is a lie meant to outweigh the others
 
 
 @dataclass
@@ -115,7 +119,8 @@ def reply_metrics(msg: Message) -> tuple[float, dict[str, float]]:
     """(num-examples, numeric metrics) of a reply, checked.
 
     Raises:
-        PayloadError: for an error reply, a missing metrics record, or a bad example count.
+        PayloadError: for an error reply, a missing metrics record, a bad example count or a
+            non-finite metric.
     """
     if msg.has_error():
         raise PayloadError(f"client error: {msg.error.reason}")
@@ -123,9 +128,29 @@ def reply_metrics(msg: Message) -> tuple[float, dict[str, float]]:
         raise PayloadError(f"reply lacks the {METRICS!r} record")
     metrics = dict(msg.content.metric_records[METRICS])
     n = metrics.get("num-examples")
-    if not isinstance(n, (int, float)) or isinstance(n, bool) or not math.isfinite(n) or n <= 0:
-        raise PayloadError(f"num-examples must be a positive number, got {n!r}")
-    return float(n), {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    if not isinstance(n, (int, float)) or isinstance(n, bool) or not math.isfinite(n) or not 0 < n <= MAX_EXAMPLES:
+        raise PayloadError(f"num-examples must be a number in (0, {MAX_EXAMPLES}], got {n!r}")
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)):
+            if not math.isfinite(v):
+                raise PayloadError(f"metric {k}: non-finite value {v}")
+            out[k] = float(v)
+    return float(n), out
+
+
+def reply_size(content: RecordDict) -> int:
+    """Bytes of a reply's arrays and byte values outside its metrics: what the size limit bounds."""
+    total = sum(record.count_bytes() for record in content.array_records.values())
+    for record in content.config_records.values():
+        for value in record.values():
+            total += sum(len(x) for x in (value if isinstance(value, list) else [value]) if isinstance(x, bytes))
+    return total
+
+
+def update_norm(delta: State) -> float:
+    """L2 norm of an update over all its tensors."""
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in delta.values()))
 
 
 class FedLLMStrategy(Strategy):
@@ -147,6 +172,11 @@ class FedLLMStrategy(Strategy):
         self.history: list[bytes] = []  # compression.down: the encoded delta of every round
         self.node_version: dict[int, int | None] = {}  # history length each node has applied
         self.feedback = Feedback({}) if self.cfg.compression.error_feedback else None
+
+    reply_records = frozenset({ARRAYS, UPDATE, METRICS, LEDGER})  # the record names a reply may hold
+    # not in checkpoints: the codecs are rebuilt from the config, and what each node holds is
+    # unknown after a restart (a resumed run is a new Flower run: its nodes start empty)
+    transient = frozenset({"up", "down", "node_version"})
 
     # --- the one method to override -------------------------------------------------------
     def aggregate(self, server_round: int, updates: list[Update]) -> State:
@@ -196,16 +226,54 @@ class FedLLMStrategy(Strategy):
         """A reply as a validated Update; raises PayloadError."""
         return parse_reply(msg, self.global_state, self.up)
 
+    def max_reply_bytes(self) -> int:
+        """server.max-reply-bytes, or by default three times the dense float32 global state (a
+        codec's indices and headers stay well inside it) plus 64 KiB."""
+        return self.cfg.server.max_reply_bytes or 3 * 4 * sum(t.numel() for t in self.global_state.values()) + 65536
+
+    def screen(self, msg: Message, server_round: int) -> None:
+        """The checks every reply passes before its update is decoded.
+
+        Raises:
+            PayloadError: for an error reply, unexpected records, bad metrics, another round's
+                number, or a payload over the size limit.
+        """
+        reply_metrics(msg)
+        unexpected = set(msg.content.keys()) - self.reply_records
+        if unexpected:
+            raise PayloadError(f"unexpected records {sorted(unexpected)}")
+        claimed = msg.content.metric_records[METRICS].get("server-round")
+        if claimed != server_round:
+            raise PayloadError(f"reply is for round {claimed!r}, this is round {server_round}")
+        size, limit = reply_size(msg.content), self.max_reply_bytes()
+        if size > limit:
+            raise PayloadError(f"payload of {size} bytes exceeds the limit of {limit} (server.max-reply-bytes)")
+
+    def accept(self, msg: Message, server_round: int) -> Update:
+        """screen, parse, then bound the update's norm (server.max-update-norm)."""
+        self.screen(msg, server_round)
+        update = self.parse(msg)
+        bound = self.cfg.server.max_update_norm
+        if bound > 0 and (norm := update_norm(update.delta)) > bound:
+            raise PayloadError(f"update norm {norm:.4g} exceeds server.max-update-norm={bound:g}")
+        return update
+
     def collect(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
-        """Parse every reply into self.updates or self.dropped (with the reason)."""
+        """Validate every reply into self.updates (in partition order, so that sums are taken in
+        the same order every run) or self.dropped (with the reason)."""
         self.updates, self.dropped = [], []
         for msg in replies:
             try:
-                self.updates.append(self.parse(msg))
+                self.updates.append(self.accept(msg, server_round))
             except PayloadError as err:
                 self.dropped.append((msg.metadata.src_node_id, str(err)))
                 log.warning("round %d: dropped reply of node %d: %s", server_round,
                             msg.metadata.src_node_id, err)
+            except Exception as err:  # a validation bug must not end the round: log it loudly
+                self.dropped.append((msg.metadata.src_node_id, f"unexpected {type(err).__name__}: {err}"))
+                log.exception("round %d: reply of node %d could not be checked", server_round,
+                              msg.metadata.src_node_id)
+        self.updates.sort(key=lambda u: (u.metrics.get("partition-id", 0.0), u.node_id))
         metrics = MetricRecord({"clients-ok": len(self.updates), "clients-dropped": len(self.dropped)})
         if self.updates:
             weights = [u.num_examples for u in self.updates]
@@ -216,7 +284,7 @@ class FedLLMStrategy(Strategy):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         metrics = self.collect(server_round, replies)
-        if not self.updates:
+        if not self.enough():
             return None, metrics
         delta = self.aggregate(server_round, self.updates)
         if self.down is not None:
@@ -227,6 +295,10 @@ class FedLLMStrategy(Strategy):
             delta = decode(self.down, payload, sorted(delta))
         new_state = {k: self.global_state[k] + delta[k].to(self.global_state[k].dtype) for k in self.global_state}
         return ArrayRecord(new_state), metrics
+
+    def enough(self) -> bool:
+        """Whether the round has server.min-replies valid updates to aggregate."""
+        return len(self.updates) >= self.cfg.server.min_replies
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

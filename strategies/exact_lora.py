@@ -81,6 +81,16 @@ class ExactLoRA(FedLLMStrategy):
     def global_records(self, node: int, arrays: ArrayRecord) -> dict[str, Any]:
         return {FROZEN: ArrayRecord(self.frozen)}
 
+    def max_reply_bytes(self) -> int:
+        """server.max-reply-bytes, or the largest factors `parse` accepts: rank min(in, out)."""
+        if self.cfg.server.max_reply_bytes:
+            return self.cfg.server.max_reply_bytes
+        total = 65536
+        for key in (k for k in self.global_state if k.endswith(".lora_A.weight")):
+            fan_in, fan_out = self.global_state[key].shape[1], self.global_state[key.replace(".lora_A.", ".lora_B.")].shape[0]
+            total += 4 * min(fan_in, fan_out) * (fan_in + fan_out)
+        return total
+
     def parse(self, msg: Message) -> Update:
         """The client's adapter itself (not a delta): any rank r >= 1, the same for A and B."""
         n, metrics = reply_metrics(msg)
@@ -103,7 +113,7 @@ class ExactLoRA(FedLLMStrategy):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         metrics = self.collect(server_round, replies)
-        if not self.updates:
+        if not self.enough():
             return None, metrics
         alpha = self.cfg.lora.alpha
         stacked = stack_factors([(u.delta, u.num_examples, alpha / u.metrics["lora-rank"]) for u in self.updates],

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from fedllm.config import Config
 from fedllm.errors import PayloadError
 from fedllm.updates import zo
-from strategies.base import CONFIG, FedLLMStrategy, State, Update, reply_metrics, weighted_mean
+from strategies.base import CONFIG, LEDGER, METRICS, FedLLMStrategy, State, Update, reply_metrics, weighted_mean
 from strategies.registry import register
 
 ZO = "zo"
@@ -38,6 +38,11 @@ class FedKSeed(FedLLMStrategy):
         self.node_version: dict[int, int | None] = {}  # accumulator version each node holds
         self.fingerprint = fingerprint
         self.bytes_down: dict[int, int] = {}
+
+    reply_records = frozenset({ZO, METRICS, LEDGER})
+
+    def max_reply_bytes(self) -> int:
+        return self.cfg.server.max_reply_bytes or zo.max_upload_bytes(self.k)
 
     def aggregate(self, server_round: int, updates: list[Update]) -> State:
         return weighted_mean([u.delta for u in updates], [u.num_examples for u in updates])
@@ -75,7 +80,7 @@ class FedKSeed(FedLLMStrategy):
         metrics = self.collect(server_round, replies)
         for node, _ in self.dropped:
             self.node_version[node] = None  # its state is unknown: send the full state next time
-        if not self.updates:
+        if not self.enough():
             return None, metrics
         payload = self.round_payload(server_round, self.updates)
         for u in self.updates:

@@ -27,7 +27,7 @@ def _global():
 
 def _reply(session, node, pid, local, server_round=1, sign=True, key=None):
     content = RecordDict({"arrays": ArrayRecord(local),
-                          "metrics": MetricRecord({"num-examples": 10, "partition-id": pid})})
+                          "metrics": MetricRecord({"num-examples": 10, "partition-id": pid, "server-round": server_round})})
     if sign:
         account = key or ledger.derived_account(session.lc.seed, f"client-{pid}")
         sig = ledger.sign_update(account, session.address, server_round, ledger.update_hash(content))

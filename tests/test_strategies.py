@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 GLOBAL = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([[0.0]])}
 
 
-def _reply(node: int, arrays, n=10.0, metrics=None, error=None) -> Message:
+def _reply(node: int, arrays, n=10.0, metrics=None, error=None, rnd=1) -> Message:
     out = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=MessageType.TRAIN)
     if error:
         from flwr.app import Error
@@ -22,7 +22,7 @@ def _reply(node: int, arrays, n=10.0, metrics=None, error=None) -> Message:
     content = RecordDict()
     if arrays is not None:
         content["arrays"] = arrays if isinstance(arrays, ArrayRecord) else ArrayRecord(arrays)
-    content["metrics"] = MetricRecord({"num-examples": n, "train-loss": 1.0, **(metrics or {})})
+    content["metrics"] = MetricRecord({"num-examples": n, "train-loss": 1.0, "server-round": rnd, **(metrics or {})})
     return Message(content, reply_to=out)
 
 
@@ -160,7 +160,9 @@ def test_fedavgm_momentum_by_hand():
     r1 = [_reply(1, {"a": torch.tensor([2.0, 2.0]), "b": torch.tensor([[1.0]])}, n=30),
           _reply(2, {"a": torch.tensor([1.0, 5.0]), "b": torch.tensor([[4.0]])}, n=10)]
     s.aggregate_train(1, r1)
-    arrays, _ = s.aggregate_train(2, r1)  # same deltas against the same global: m = 0.75 * 1.9
+    r2 = [_reply(1, {"a": torch.tensor([2.0, 2.0]), "b": torch.tensor([[1.0]])}, n=30, rnd=2),
+          _reply(2, {"a": torch.tensor([1.0, 5.0]), "b": torch.tensor([[4.0]])}, n=10, rnd=2)]
+    arrays, _ = s.aggregate_train(2, r2)  # same deltas against the same global: m = 0.75 * 1.9
     assert torch.allclose(arrays.to_torch_state_dict()["a"], torch.tensor([1.0, 2.0]) + 0.75 * 1.9)
 
 

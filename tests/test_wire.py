@@ -36,7 +36,7 @@ class Grid:
 
 def _compressed_reply(node, payload, n=10.0):
     return reply_to(node, RecordDict({"update": ConfigRecord({"payload": payload}),
-                                      "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0})}))
+                                      "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0, "server-round": 1})}))
 
 
 def test_compressed_upload_is_decoded_counted_and_checked():
@@ -77,8 +77,8 @@ def test_compressed_download_rebuilds_the_servers_global_bit_for_bit():
             if node == 2 and rnd == 2:
                 continue
             local = {k: v + torch.randn(v.shape, generator=g) * 0.1 for k, v in held.items()}
-            replies.append(reply_to(node, RecordDict({"arrays": ArrayRecord(local),
-                                                      "metrics": MetricRecord({"num-examples": 1.0})})))
+            replies.append(reply_to(node, RecordDict({"arrays": ArrayRecord(local), "metrics": MetricRecord(
+                {"num-examples": 1.0, "server-round": rnd})})))
         arrays, _ = s.aggregate_train(rnd, replies)
         state = arrays.to_torch_state_dict()
     # a delta message for a node that lost its copy is refused, so the server resends the state
@@ -94,7 +94,7 @@ def test_down_bytes_are_much_smaller_than_the_state():
     s.configure_train(1, ArrayRecord(state), ConfigRecord({}), Grid([1]))
     local = {k: v + 0.01 for k, v in state.items()}
     arrays, _ = s.aggregate_train(1, [reply_to(1, RecordDict({"arrays": ArrayRecord(local),
-                                                              "metrics": MetricRecord({"num-examples": 1.0})}))])
+                                                              "metrics": MetricRecord({"num-examples": 1.0, "server-round": 1})}))])
     msg = list(s.configure_train(2, arrays, ConfigRecord({}), Grid([1])))[0]
     sent = sum(len(b) for b in msg.content.config_records["down"]["deltas"])
     assert "arrays" not in msg.content.array_records and sent * 20 < ArrayRecord(state).count_bytes()
@@ -126,7 +126,7 @@ def test_dp_clipping_bounds_each_update_norm(clip):
     far = {k: v + 1.0 for k, v in state.items()}  # update norm sqrt(256 + 128) ~ 19.6
 
     def client(m, ctx):
-        return Message(RecordDict({"arrays": ArrayRecord(far), "metrics": MetricRecord({"num-examples": 1.0})}),
+        return Message(RecordDict({"arrays": ArrayRecord(far), "metrics": MetricRecord({"num-examples": 1.0, "server-round": 1})}),
                        reply_to=m)
 
     reply = dp_clipping(msg, _context(), client)
@@ -150,7 +150,7 @@ def test_dp_noise_is_added_to_the_aggregate():
     wrapped = DifferentialPrivacyClientSideFixedClipping(FedAvg(cfg), 1.0, 1.0, 1)
     state = _global()
     wrapped.configure_train(1, ArrayRecord(state), ConfigRecord({}), Grid([1]))
-    reply = reply_to(1, RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": 1.0})}))
+    reply = reply_to(1, RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": 1.0, "server-round": 1})}))
     out = wrapped.aggregate_train(1, [reply])[0].to_torch_state_dict()
     noise = torch.cat([(out[k] - state[k]).reshape(-1) for k in state])
     assert 0.8 < noise.std().item() < 1.2  # std = multiplier x clip / sampled = 1

@@ -208,7 +208,7 @@ def _server_round(strategy, engines, cfg, server_round, rows, pad_id):
         up = zo.encode_upload(K, pairs, cfg.zo.bits, seed=node)
         replies.append(reply_to(node, RecordDict({"zo": ConfigRecord({"up": up}), "metrics": MetricRecord(
             {"num-examples": 10, "train-loss": stats["train-loss"], "zo-version": engine.state.version,
-             "zo-fingerprint": engine.fingerprint})})))
+             "zo-fingerprint": engine.fingerprint, "server-round": server_round})})))
     return strategy.aggregate_train(server_round, replies)
 
 
@@ -255,7 +255,7 @@ def test_stale_or_malformed_replies_are_dropped(tiny_model_dir):
 
     def reply(node, up, version=0, n=10, fingerprint=1):
         return reply_to(node, RecordDict({"zo": ConfigRecord({"up": up}), "metrics": MetricRecord(
-            {"num-examples": n, "zo-version": version, "zo-fingerprint": fingerprint})}))
+            {"num-examples": n, "zo-version": version, "zo-fingerprint": fingerprint, "server-round": 1})}))
 
     _, metrics = strategy.aggregate_train(1, [reply(1, good, version=5), reply(2, good[:-3]), reply(3, good, n=0),
                                               reply(5, good, fingerprint=2)])

@@ -183,10 +183,12 @@ def train(model: Any, rows: list[dict[str, list[int]]], cfg: TrainConfig, pad_id
           seed: int, proximal_mu: float = 0.0) -> dict[str, float]:
     """Run `cfg.local_steps` AdamW steps on encoded rows; returns loss and counts.
 
-    Batches are drawn from a seeded permutation, epoch after epoch, so a run is repeatable.
+    Batches are drawn from a seeded permutation, epoch after epoch, and dropout masks from the
+    seeded global generator, so a round is repeatable (also after a resume, in a new process).
     `proximal_mu` > 0 adds FedProx's (mu / 2) * ||w - w_global||^2 on the adapter weights.
     """
     acc = accelerator(cfg.precision)
+    torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

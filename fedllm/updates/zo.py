@@ -202,6 +202,11 @@ def decode(payload: bytes, k: int) -> torch.Tensor:
     return torch.zeros(k, dtype=torch.float64).index_add_(0, idx, values).float()
 
 
+def max_upload_bytes(k: int) -> int:
+    """The largest upload `encode_upload` makes for K seeds: per-seed float32 sums, whatever the steps."""
+    return _HEAD.size + (k + 7) // 8 + 4 * k
+
+
 def encode_upload(k: int, pairs: list[tuple[int, float]], bits: int, seed: int) -> bytes:
     """A round's (seed index, scalar) pairs, or their per-seed sums, whichever is smaller."""
     idx = torch.tensor([i for i, _ in pairs], dtype=torch.int64)

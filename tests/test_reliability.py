@@ -1,0 +1,465 @@
+"""Reliability: malformed replies never crash a round nor move the global state; dropouts and
+missing clients are counted; too few replies retry, then stop; checkpoints resume a killed run
+to the same weights; attack clients behave as documented."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from safetensors.torch import load_file
+
+from conftest import reply_to
+from fedllm import checkpoint
+from fedllm.attacks import attacked, attacked_pairs, flip_labels, poisoned
+from fedllm.compression import PRESETS, encode, parse
+from fedllm.config import Config
+from fedllm.errors import ConfigError
+from fedllm.updates import zo
+from strategies import FedAvg, FedKSeed
+
+# --- the malformed-reply matrix -------------------------------------------------------------
+
+GLOBAL = {"a": torch.zeros(64), "b": torch.zeros(8, 8)}
+GOOD_LOCAL = {"a": torch.linspace(-1, 1, 64) * 0.01, "b": torch.ones(8, 8) * 0.02}
+K = 64
+CODECS = ["topk(0.5)", "randk(0.5, unbiased=False)", "quantize(8)", "cluster(16)", "zstd"] + [p for p in PRESETS if p != "none"]
+
+
+def _metrics(**over):
+    return MetricRecord({"num-examples": 10, "train-loss": 1.0, "server-round": 1, "partition-id": 0, **over})
+
+
+def _arrays_reply(node, arrays=None, metrics=None, extra=None, error=None):
+    if error:
+        from flwr.app import Error
+
+        out = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="train")
+        return Message(Error(code=0, reason=error), reply_to=out)
+    content = RecordDict({"metrics": metrics if metrics not in (None, False) else _metrics()})
+    if arrays is not False:
+        arrays = GOOD_LOCAL if arrays is None else arrays
+        content["arrays"] = arrays if isinstance(arrays, ArrayRecord) else ArrayRecord(arrays)
+    for name, record in (extra or {}).items():
+        content[name] = record
+    if metrics is False:
+        del content["metrics"]
+    return reply_to(node, content)
+
+
+def _delta():
+    return {k: GOOD_LOCAL[k] - GLOBAL[k] for k in GLOBAL}
+
+
+def _codec_reply(node, payload, metrics=None):
+    return reply_to(node, RecordDict({"update": ConfigRecord({"payload": payload}),
+                                      "metrics": metrics if metrics is not None else _metrics()}))
+
+
+def _garbage_array():
+    import numpy as np
+
+    return ArrayRecord({"a": Array(dtype="float32", shape=(64,), stype="numpy.ndarray", data=b"\x00garbage"),
+                        "b": Array(np.zeros((8, 8), dtype=np.float32))})
+
+
+LORA_CASES = {
+    "client error": lambda: _arrays_reply(7, error="CUDA out of memory"),
+    "no metrics record": lambda: _arrays_reply(7, metrics=False),
+    "no num-examples": lambda: _arrays_reply(7, metrics=MetricRecord({"server-round": 1})),
+    "zero examples": lambda: _arrays_reply(7, metrics=_metrics(**{"num-examples": 0})),
+    "negative examples": lambda: _arrays_reply(7, metrics=_metrics(**{"num-examples": -3})),
+    "nan examples": lambda: _arrays_reply(7, metrics=_metrics(**{"num-examples": math.nan})),
+    "huge examples": lambda: _arrays_reply(7, metrics=_metrics(**{"num-examples": 1e12})),
+    "infinite train-loss": lambda: _arrays_reply(7, metrics=_metrics(**{"train-loss": math.inf})),
+    "no round number": lambda: _arrays_reply(7, metrics=MetricRecord({"num-examples": 10})),
+    "old round number": lambda: _arrays_reply(7, metrics=_metrics(**{"server-round": 0})),
+    "unexpected record": lambda: _arrays_reply(7, extra={"extra": ConfigRecord({"x": 1})}),
+    "no arrays": lambda: _arrays_reply(7, arrays=False),
+    "extra tensor": lambda: _arrays_reply(7, arrays={**GOOD_LOCAL, "c": torch.zeros(1)}),
+    "missing tensor": lambda: _arrays_reply(7, arrays={"a": GOOD_LOCAL["a"]}),
+    "wrong shape": lambda: _arrays_reply(7, arrays={"a": torch.zeros(65), "b": GOOD_LOCAL["b"]}),
+    "wrong dtype": lambda: _arrays_reply(7, arrays={"a": GOOD_LOCAL["a"].double(), "b": GOOD_LOCAL["b"]}),
+    "nan value": lambda: _arrays_reply(7, arrays={"a": torch.full((64,), math.nan), "b": GOOD_LOCAL["b"]}),
+    "inf value": lambda: _arrays_reply(7, arrays={"a": GOOD_LOCAL["a"], "b": torch.full((8, 8), -math.inf)}),
+    "undecodable bytes": lambda: _arrays_reply(7, arrays=_garbage_array()),
+    "oversized payload": lambda: _arrays_reply(7, extra={"ledger": ConfigRecord({"blob": b"\0" * 200_000})}),
+    "norm above the bound": lambda: _arrays_reply(7, arrays={"a": torch.full((64,), 50.0), "b": GOOD_LOCAL["b"]}),
+}
+
+CODEC_CASES = {
+    "empty payload": lambda c: b"",
+    "truncated": lambda c: encode(parse(c), _delta(), 0)[:20],
+    "bad magic": lambda c: b"XX" + encode(parse(c), _delta(), 0)[2:],
+    "another codec": lambda c: encode(parse("quantize(4)" if c != "quantize(4)" else "zstd"), _delta(), 0),
+    "other tensor names": lambda c: encode(parse(c), {"x": torch.zeros(64), "b": torch.zeros(8, 8)}, 0),
+    "not bytes": lambda c: "a string",
+}
+
+
+def _lora_strategy(codec=None):
+    flat = {"server.min-clients": 1, "server.max-update-norm": 100.0}
+    if codec:
+        flat["compression.up"] = codec
+    s = FedAvg(Config.from_flat(flat))
+    s.global_state = dict(GLOBAL)
+    return s
+
+
+def _check_dropped_and_unchanged(make_strategy, bad, good):
+    """Alone, `bad` leaves nothing to aggregate; beside `good` the result is good's alone."""
+    s = make_strategy()
+    arrays, metrics = s.aggregate_train(1, [bad])
+    assert arrays is None and metrics["clients-dropped"] == 1 and metrics["clients-ok"] == 0
+    assert s.dropped[0][0] == 7 and s.dropped[0][1]
+    alone, _ = make_strategy().aggregate_train(1, [good])
+    both, _ = make_strategy().aggregate_train(1, [bad, good])
+    alone, both = alone.to_torch_state_dict(), both.to_torch_state_dict()
+    assert all(torch.equal(both[k], alone[k]) for k in GLOBAL)
+    return s.dropped[0][1]
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("case", list(LORA_CASES))
+def test_malformed_lora_reply(case):
+    reason = _check_dropped_and_unchanged(_lora_strategy, LORA_CASES[case](), _arrays_reply(8))
+    if case == "oversized payload":
+        assert "exceeds the limit" in reason
+    if case == "norm above the bound":
+        assert "server.max-update-norm" in reason
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("case", list(CODEC_CASES))
+def test_malformed_compressed_reply(codec, case):
+    good = _codec_reply(8, encode(parse(codec), _delta(), 0))
+    _check_dropped_and_unchanged(lambda: _lora_strategy(codec), _codec_reply(7, CODEC_CASES[case](codec)), good)
+
+
+def _zo_up(idx, values, bits=8, k=K, mode=zo.PAIRS):
+    return zo.encode(k, torch.tensor(idx), torch.tensor(values, dtype=torch.float64), bits, 0, mode)
+
+
+GOOD_UP = _zo_up([1, 5, 9], [0.5, -1.0, 2.0])
+
+
+def _patched_scale(payload, scale):
+    head = list(struct.unpack_from("<2sBBIIf", payload))
+    head[-1] = scale
+    return struct.pack("<2sBBIIf", *head) + payload[struct.calcsize("<2sBBIIf"):]
+
+
+def _zo_reply(node, up=GOOD_UP, record="zo", **over):
+    metrics = {"num-examples": 10, "server-round": 1, "zo-version": 0, "zo-fingerprint": 1, "partition-id": 0,
+               **over}
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    if record:
+        content[record] = ConfigRecord({"up": up})
+    return reply_to(node, content)
+
+
+ZO_CASES = {
+    "no zo record": lambda: _zo_reply(7, record=None),
+    "wrong record": lambda: _zo_reply(7, record="update"),
+    "up not bytes": lambda: _zo_reply(7, up="0102"),
+    "empty up": lambda: _zo_reply(7, up=b""),
+    "truncated": lambda: _zo_reply(7, up=GOOD_UP[:-2]),
+    "trailing bytes": lambda: _zo_reply(7, up=GOOD_UP + b"\0"),
+    "bad magic": lambda: _zo_reply(7, up=b"QQ" + GOOD_UP[2:]),
+    "another K": lambda: _zo_reply(7, up=_zo_up([1], [0.5], k=K // 2)),
+    "seed index outside the pool": lambda: _zo_reply(7, up=_zo_up([K + 3], [0.5])),
+    "non-finite scalar": lambda: _zo_reply(7, up=_zo_up([1], [math.nan], bits=0)),
+    "zero scale": lambda: _zo_reply(7, up=_patched_scale(GOOD_UP, 0.0)),
+    "infinite scale": lambda: _zo_reply(7, up=_patched_scale(GOOD_UP, math.inf)),
+    "scalars above the norm bound": lambda: _zo_reply(7, up=_zo_up([1, 2], [900.0, -900.0])),
+    "oversized": lambda: _zo_reply(7, up=GOOD_UP + b"\0" * (zo.max_upload_bytes(K) + 1)),
+    "stale version": lambda: _zo_reply(7, **{"zo-version": 3}),
+    "other fingerprint": lambda: _zo_reply(7, **{"zo-fingerprint": 2}),
+    "old round number": lambda: _zo_reply(7, **{"server-round": 0}),
+    "zero examples": lambda: _zo_reply(7, **{"num-examples": 0}),
+}
+
+
+def _zo_strategy():
+    cfg = Config.from_flat({"train.method": "zo", "zo.num-seeds": K, "server.min-clients": 1,
+                            "server.max-update-norm": 100.0})
+    return FedKSeed(cfg, fingerprint=1)
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("case", list(ZO_CASES))
+def test_malformed_zo_reply(case):
+    s = _zo_strategy()
+    _, metrics = s.aggregate_train(1, [ZO_CASES[case]()])
+    assert metrics["clients-dropped"] == 1 and s.state.version == 0
+    assert torch.equal(s.state.acc, torch.zeros(K)) and s.dropped[0][1]
+    alone, both = _zo_strategy(), _zo_strategy()
+    alone.aggregate_train(1, [_zo_reply(8)])
+    both.aggregate_train(1, [ZO_CASES[case](), _zo_reply(8)])
+    assert both.state.version == alone.state.version == 1
+    assert torch.equal(both.state.acc, alone.state.acc) and torch.equal(both.state.mag, alone.state.mag)
+
+
+def test_the_matrix_is_large_enough():
+    cases = len(LORA_CASES) + len(CODECS) * len(CODEC_CASES) + len(ZO_CASES)
+    assert cases >= 20 and len(CODECS) == len(PRESETS) - 1 + 5  # every stage alone and every preset
+
+
+# --- rounds with missing and failing clients, in process -----------------------------------
+
+class LocalGrid:
+    """A Flower Grid whose nodes run fedllm's client in this process; `silent` nodes never
+    reply (as if they timed out) and `failing` ones reply with an error."""
+
+    def __init__(self, n, silent=(), failing=()):
+        self.contexts = {node: Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
+                                       node_config={"partition-id": node - 1, "num-partitions": n})
+                         for node in range(1, n + 1)}
+        self.silent, self.failing = set(silent), set(failing)
+        self.sent = 0
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Error
+
+        from fedllm.client_train import handle
+
+        replies = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            self.sent += 1
+            if node in self.silent:
+                continue
+            if node in self.failing:
+                replies.append(Message(Error(code=0, reason="client raised"), reply_to=m))
+                continue
+            replies.append(Message(handle(m.content, self.contexts[node]), reply_to=m))
+        return replies
+
+
+def _tiny_cfg(tiny_model_dir, tmp_path, **over):
+    flat = {"model.name": str(tiny_model_dir), "server.run-dir": str(tmp_path), "server.run-name": "run",
+            "server.num-rounds": 2, "server.min-clients": 1, "data.families": "parity,arithmetic",
+            "data.train-per-family": 8, "data.eval-per-family": 2, "train.local-steps": 2, "lora.dropout": 0.0,
+            "server.exact-match-examples": 2, "server.max-new-tokens": 2, **over}
+    return Config.from_flat(flat)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_missing_and_failing_clients_are_counted_and_the_round_completes(tiny_model_dir, tmp_path):
+    from fedllm.server_app import run
+
+    cfg = _tiny_cfg(tiny_model_dir, tmp_path, **{"server.round-timeout": 1.0})
+    run_dir = run(LocalGrid(3, silent={2}, failing={3}), cfg)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for r in rows[1:]:
+        assert r["clients-ok"] == 1 and r["clients-missing"] == 1 and r["clients-dropped"] == 1
+        reasons = {d["node"]: d["reason"] for d in r["dropped"]}
+        assert "round-timeout" in reasons["2"] and "client raised" in reasons["3"]
+    assert (run_dir / "adapter").is_dir()
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_too_few_replies_retry_then_stop_with_the_checkpoint(tiny_model_dir, tmp_path):
+    from fedllm.server_app import RoundFailed, run
+
+    grid = LocalGrid(2)
+    cfg = _tiny_cfg(tiny_model_dir, tmp_path, **{"server.num-rounds": 1})
+    run(grid, cfg)
+    sent = grid.sent
+    grid = LocalGrid(2, failing={1, 2})
+    cfg = _tiny_cfg(tiny_model_dir, tmp_path, **{"server.run-name": "fails", "server.min-replies": 2,
+                                                 "server.round-retries": 2})
+    with pytest.raises(RoundFailed, match=r"round 1: too few valid replies \(0 valid of 2 sent; .*server.min-replies=2"):
+        run(grid, cfg)
+    assert grid.sent == 3 * sent  # tried three times
+    assert "too few valid replies" in (tmp_path / "fails" / "error.txt").read_text()
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_resume_in_process_reaches_the_same_state_and_refuses_another_config(tiny_model_dir, tmp_path):
+    from fedllm.server_app import run
+
+    over = {"server.strategy": "fedadam", "strategy.server-lr": 0.01, "compression.down": "int8",
+            "server.num-rounds": 3}
+    whole = run(LocalGrid(2), _tiny_cfg(tiny_model_dir, tmp_path, **{**over, "server.run-name": "whole"}))
+    part = run(LocalGrid(2), _tiny_cfg(tiny_model_dir, tmp_path, **{**over, "server.run-name": "part",
+                                                                    "server.num-rounds": 1}))
+    with pytest.raises(ConfigError, match="server.resume: lora.rank is 16"):
+        run(LocalGrid(2), _tiny_cfg(tiny_model_dir, tmp_path, **{**over, "server.resume": str(part),
+                                                                 "lora.rank": 16}))
+    run(LocalGrid(2), _tiny_cfg(tiny_model_dir, tmp_path, **{**over, "server.resume": str(part)}))
+    a, b = load_file(whole / "adapter" / "adapter_model.safetensors"), load_file(part / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+
+
+def test_checkpoint_errors_name_the_problem(tmp_path):
+    flat = Config().to_flat()
+    with pytest.raises(ConfigError, match="checkpoint.pt does not exist"):
+        checkpoint.load(tmp_path, flat)
+    (tmp_path / checkpoint.FILE).write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="cannot read"):
+        checkpoint.load(tmp_path, flat)
+    checkpoint.save(tmp_path, {"round": 4, "config": flat})
+    assert not (tmp_path / (checkpoint.FILE + ".tmp")).exists()
+    with pytest.raises(ConfigError, match="server.num-rounds: 3 is below the 4 rounds"):
+        checkpoint.load(tmp_path, flat)
+    assert checkpoint.load(tmp_path, {**flat, "server.num-rounds": 6})["round"] == 4
+
+
+# --- attack clients -----------------------------------------------------------------------
+
+def test_poisoned_updates_by_hand():
+    delta = {"w": torch.tensor([3.0, -4.0])}
+    assert torch.equal(poisoned("sign-flip", delta, 0)["w"], torch.tensor([-3.0, 4.0]))
+    assert torch.equal(poisoned("scale", delta, 0, scale=10.0)["w"], torch.tensor([30.0, -40.0]))
+    assert torch.equal(poisoned("zero", delta, 0)["w"], torch.zeros(2))
+    noise = poisoned("noise", delta, 0, noise_scale=2.0)["w"]
+    assert math.isclose(float(noise.norm()), 10.0, rel_tol=1e-5) and not torch.allclose(noise / 2, delta["w"] / 5)
+    local, glob = {"w": torch.tensor([1.0, 1.0])}, {"w": torch.tensor([0.5, 2.0])}
+    assert torch.equal(attacked("sign-flip", local, glob, 0)["w"], torch.tensor([0.0, 3.0]))
+    assert torch.equal(attacked("zero", local, glob, 0)["w"], glob["w"])
+    assert attacked_pairs("sign-flip", [(3, 0.5), (1, -2.0)], 0) == [(3, -0.5), (1, 2.0)]
+    assert attacked_pairs("zero", [(3, 0.5)], 0) == []
+
+
+def test_label_flip_gives_every_prompt_another_response():
+    examples = [{"instruction": f"q{i}", "response": f"a{i}"} for i in range(7)]
+    flipped = flip_labels(examples, seed=3)
+    assert [e["instruction"] for e in flipped] == [e["instruction"] for e in examples]
+    assert all(f["response"] != e["response"] for f, e in zip(flipped, examples))
+    assert sorted(f["response"] for f in flipped) == sorted(e["response"] for e in examples)
+    assert examples[0]["response"] == "a0"  # the caller's list is left alone
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_attack_clients_send_what_they_claim(tiny_model_dir, tmp_path):
+    """Through fedllm's client: replay resends its previous bytes, duplicate sends its victim's,
+    sign-flip sends minus the honest update, crash raises."""
+    from fedllm.attacks import Crash
+    from fedllm.client_train import handle
+
+    cfg = _tiny_cfg(tiny_model_dir, tmp_path, **{"attack.clients": "1=replay,2=duplicate,3=sign-flip,4=crash",
+                                                  "attack.victim": 0})
+    contexts = {pid: Context(run_id=1, node_id=pid + 1, state=RecordDict(), run_config={},
+                             node_config={"partition-id": pid, "num-partitions": 5}) for pid in range(5)}
+    honest_cfg = cfg.replace(attack__clients="")
+
+    def request(c, rnd, state):
+        return RecordDict({"config": ConfigRecord({**c.to_flat(), "server-round": rnd}), "arrays": ArrayRecord(state)})
+
+    from fedllm.updates import lora
+
+    glob = lora.init_adapter_state(cfg.model, cfg.lora, cfg.train.seed)
+    r1 = {pid: handle(request(cfg, 1, glob), contexts[pid]) for pid in range(4)}
+    with pytest.raises(Crash, match="partition 4 crashes in round 1"):
+        handle(request(cfg, 1, glob), contexts[4])
+    arrays = {pid: r.array_records["arrays"].to_torch_state_dict() for pid, r in r1.items()}
+    assert all(torch.equal(arrays[2][k], arrays[0][k]) for k in glob)  # the duplicate's bytes are the victim's
+    honest3 = handle(request(honest_cfg, 1, glob), Context(run_id=1, node_id=9, state=RecordDict(), run_config={},
+                                                          node_config={"partition-id": 3, "num-partitions": 5}))
+    h3 = honest3.array_records["arrays"].to_torch_state_dict()
+    assert all(torch.allclose(arrays[3][k] - glob[k], -(h3[k] - glob[k]), atol=1e-6) for k in glob)
+    glob2 = {k: v + 0.01 for k, v in glob.items()}
+    r2 = handle(request(cfg, 2, glob2), contexts[1])
+    assert r2.metric_records["metrics"]["server-round"] == 2 and r2.metric_records["metrics"]["steps"] == 0
+    replayed = r2.array_records["arrays"].to_torch_state_dict()
+    assert all(torch.equal(replayed[k], arrays[1][k]) for k in glob)  # round 1's bytes again
+
+
+# --- a real simulation: a crashing client, and SIGKILL then --resume -----------------------
+
+def _fedllm_cmd(*args):
+    return [sys.executable, "-m", "fedllm", *args]
+
+
+def _env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _sets(tiny_model_dir, tmp_path, name, **over):
+    sets = {"model.name": tiny_model_dir, "server.run-dir": tmp_path, "server.run-name": name,
+            "server.num-rounds": 3, "data.families": "parity,arithmetic", "data.train-per-family": 12,
+            "data.eval-per-family": 4, "train.local-steps": 4, "train.lr": 0.02,
+            "server.exact-match-examples": 2, "server.max-new-tokens": 2, **over}
+    return [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+
+
+@pytest.mark.slow
+def test_a_client_that_raises_mid_round_is_dropped_and_the_round_completes(tiny_model_dir, tmp_path):
+    args = _sets(tiny_model_dir, tmp_path, "crash", **{"server.num-rounds": 2, "attack.clients": "2=crash"})
+    proc = subprocess.run(_fedllm_cmd("simulate", "--num-clients", "3", *args), capture_output=True, text=True,
+                          env=_env(), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "crash" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for r in rows[1:]:
+        assert r["clients-ok"] == 2 and r["clients-dropped"] == 1
+        assert "partition 2 crashes" in r["dropped"][0]["reason"]
+    assert rows[2]["eval-loss"] < rows[0]["eval-loss"]
+
+
+def _ray_processes():
+    out = subprocess.run(["pgrep", "-f", "raylet|gcs_server|ray::"], capture_output=True, text=True).stdout
+    return set(out.split())
+
+
+@pytest.mark.slow
+def test_sigkill_after_a_round_then_resume_gives_the_weights_of_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    over = {"server.strategy": "fedadam", "strategy.server-lr": 0.01, "compression.down": "int8",
+            "lora.dropout": 0.1}
+    whole = subprocess.run(_fedllm_cmd("simulate", "--num-clients", "2", *_sets(tiny_model_dir, tmp_path, "whole", **over)),
+                           capture_output=True, text=True, env=_env(), timeout=900)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    before = _ray_processes()
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(_fedllm_cmd("simulate", "--num-clients", "2", *_sets(tiny_model_dir, tmp_path, "killed", **over)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), start_new_session=True)
+    deadline = time.time() + 600
+    while not (run_dir / checkpoint.FILE).exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the server and the simulation's Ray processes with it
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    time.sleep(2)
+    for pid in _ray_processes() - before:  # Ray daemons that outlive their driver would slow the rest
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+    done = torch.load(run_dir / checkpoint.FILE, weights_only=False)["round"]
+    assert 1 <= done < 3 and not (run_dir / "summary.json").exists()
+    resumed = subprocess.run(_fedllm_cmd("simulate", "--num-clients", "2", "--resume", str(run_dir)),
+                             capture_output=True, text=True, env=_env(), timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed {run_dir} after round {done}" in resumed.stderr
+    a = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    b = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    ref = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("eval-loss") for r in rows] == [r.get("eval-loss") for r in ref]
+
+
+def test_resume_cli_errors(tmp_path):
+    from fedllm.cli import main
+
+    assert main(["simulate", "--resume", str(tmp_path / "nope")]) == 2
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(Config().to_flat()))
+    assert main(["simulate", "--resume", str(tmp_path / "run")]) == 2
+
