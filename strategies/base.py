@@ -253,9 +253,10 @@ class FedLLMStrategy(Strategy):
         """screen, parse, then bound the update's norm (server.max-update-norm)."""
         self.screen(msg, server_round)
         update = self.parse(msg)
-        bound = self.cfg.server.max_update_norm
-        if bound > 0 and (norm := update_norm(update.delta)) > bound:
+        norm, bound = update_norm(update.delta), self.cfg.server.max_update_norm
+        if bound > 0 and norm > bound:
             raise PayloadError(f"update norm {norm:.4g} exceeds server.max-update-norm={bound:g}")
+        update.metrics["update-norm"] = norm  # measured by the server, beside what the client reports
         return update
 
     def collect(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:

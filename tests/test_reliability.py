@@ -25,6 +25,7 @@ from fedllm.attacks import attacked, attacked_pairs, flip_labels, poisoned
 from fedllm.compression import PRESETS, encode, parse
 from fedllm.config import Config
 from fedllm.errors import ConfigError
+from fedllm.local_grid import LocalGrid
 from fedllm.updates import zo
 from strategies import FedAvg, FedKSeed
 
@@ -218,38 +219,6 @@ def test_the_matrix_is_large_enough():
 
 # --- rounds with missing and failing clients, in process -----------------------------------
 
-class LocalGrid:
-    """A Flower Grid whose nodes run fedllm's client in this process; `silent` nodes never
-    reply (as if they timed out) and `failing` ones reply with an error."""
-
-    def __init__(self, n, silent=(), failing=()):
-        self.contexts = {node: Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
-                                       node_config={"partition-id": node - 1, "num-partitions": n})
-                         for node in range(1, n + 1)}
-        self.silent, self.failing = set(silent), set(failing)
-        self.sent = 0
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, timeout=None):
-        from flwr.app import Error
-
-        from fedllm.client_train import handle
-
-        replies = []
-        for m in messages:
-            node = m.metadata.dst_node_id
-            self.sent += 1
-            if node in self.silent:
-                continue
-            if node in self.failing:
-                replies.append(Message(Error(code=0, reason="client raised"), reply_to=m))
-                continue
-            replies.append(Message(handle(m.content, self.contexts[node]), reply_to=m))
-        return replies
-
-
 def _tiny_cfg(tiny_model_dir, tmp_path, **over):
     flat = {"model.name": str(tiny_model_dir), "server.run-dir": str(tmp_path), "server.run-name": "run",
             "server.num-rounds": 2, "server.min-clients": 1, "data.families": "parity,arithmetic",
@@ -262,13 +231,13 @@ def _tiny_cfg(tiny_model_dir, tmp_path, **over):
 def test_missing_and_failing_clients_are_counted_and_the_round_completes(tiny_model_dir, tmp_path):
     from fedllm.server_app import run
 
-    cfg = _tiny_cfg(tiny_model_dir, tmp_path, **{"server.round-timeout": 1.0})
-    run_dir = run(LocalGrid(3, silent={2}, failing={3}), cfg)
+    cfg = _tiny_cfg(tiny_model_dir, tmp_path, **{"server.round-timeout": 1.0, "attack.clients": "2=crash"})
+    run_dir = run(LocalGrid(3, silent={2}), cfg)  # node 2 never answers, node 3 (partition 2) raises
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for r in rows[1:]:
         assert r["clients-ok"] == 1 and r["clients-missing"] == 1 and r["clients-dropped"] == 1
         reasons = {d["node"]: d["reason"] for d in r["dropped"]}
-        assert "round-timeout" in reasons["2"] and "client raised" in reasons["3"]
+        assert "round-timeout" in reasons["2"] and "Crash: attack.clients: partition 2 crashes" in reasons["3"]
     assert (run_dir / "adapter").is_dir()
 
 
@@ -280,10 +249,10 @@ def test_too_few_replies_retry_then_stop_with_the_checkpoint(tiny_model_dir, tmp
     cfg = _tiny_cfg(tiny_model_dir, tmp_path, **{"server.num-rounds": 1})
     run(grid, cfg)
     sent = grid.sent
-    grid = LocalGrid(2, failing={1, 2})
+    grid = LocalGrid(2)
     cfg = _tiny_cfg(tiny_model_dir, tmp_path, **{"server.run-name": "fails", "server.min-replies": 2,
-                                                 "server.round-retries": 2})
-    with pytest.raises(RoundFailed, match=r"round 1: too few valid replies \(0 valid of 2 sent; .*server.min-replies=2"):
+                                                 "server.round-retries": 2, "attack.clients": "1=crash"})
+    with pytest.raises(RoundFailed, match=r"round 1: too few valid replies \(1 valid of 2 sent; .*server.min-replies=2"):
         run(grid, cfg)
     assert grid.sent == 3 * sent  # tried three times
     assert "too few valid replies" in (tmp_path / "fails" / "error.txt").read_text()
