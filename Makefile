@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) bench/compression.py
 	$(PY) bench/ledger.py
 	$(PY) bench/client_start.py
+	$(PY) bench/robustness.py
 
 lock: $(STAMP)
 	head -3 requirements.lock > requirements.lock.new

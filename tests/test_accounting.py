@@ -99,3 +99,38 @@ def test_node_keys_need_their_own_registration(tmp_path):
     assert session.signers(1, [reply]) == {}  # not registered: no reward
     session.contract.register(key, b"\x0a" * 32, ETH)
     assert session.signers(1, [reply])[21][0] == key.address
+
+
+def test_a_resumed_ledger_continues_on_a_chain_node_and_refuses_the_in_process_chain(tmp_path):
+    import shutil
+
+    from fedllm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="in-process chain"):
+        LedgerSession(Config.from_flat({"ledger.enabled": True}), tmp_path / "t",
+                      {"contract": "0x" + "00" * 20, "round": 1, "accounts": {}, "history": None})
+    if shutil.which("npm") is None:
+        pytest.skip("npm is not installed, so anvil (@foundry-rs/anvil) cannot be")
+    with ledger.anvil() as url:
+        cfg = Config.from_flat({"ledger.enabled": True, "ledger.chain": url})
+        first = LedgerSession(cfg, tmp_path)
+        strategy = FedAvg(cfg)
+        strategy.global_state = g = _global()
+        gen = torch.Generator().manual_seed(0)
+        common = {k: torch.randn(t.shape, generator=gen) for k, t in g.items()}
+        replies = [_reply(first, 10 + p, p, _honest(g, p, common)) for p in range(3)]
+        strategy.collect(1, replies)
+        first.record(1, first.signers(1, replies), strategy, b"\x01" * 32)
+        cursor = first.cursor()
+        assert cursor["round"] == 1 and len(cursor["accounts"]) == 3
+        with pytest.raises(ConfigError, match="recorded up to round 1, the checkpoint up to round 0"):
+            LedgerSession(cfg, tmp_path, {**cursor, "round": 0})
+        again = LedgerSession(cfg, tmp_path, cursor)  # new SuperNode ids after a restart: 20, 21, 22
+        assert again.address == first.address
+        replies = [_reply(again, 20 + p, p, _honest(g, 10 + p, common), server_round=2) for p in range(3)]
+        strategy.collect(2, replies)
+        row = again.record(2, again.signers(2, replies), strategy, b"\x02" * 32)
+        assert sorted(row["rewards"]) == ["20", "21", "22"] and sum(row["rewards"].values()) > 0
+        owed = {a: acct["cumulative"] for a, acct in again.accounts.items()}
+        snapshot = again.finish()  # the claims of both rounds, through the resumed session
+        assert all(snapshot["accounts"][a]["claimed"] == owed[a] > 0 for a in owed)
