@@ -224,33 +224,8 @@ def run(grid: Grid, cfg: Config) -> Path:
     for server_round in range(first, n_rounds + 1):
         t0 = time.perf_counter()
         run_config = ConfigRecord({**cfg.to_flat(), **round_extra})
-        missing, failures = [], []
-        for attempt in range(cfg.server.round_retries + 1):
-            messages = list(outer.configure_train(server_round, gstate.arrays(), run_config, grid))
-            down = {str(m.metadata.dst_node_id): payload_bytes(m.content) for m in messages}
-            replies = list(grid.send_and_receive(messages, timeout=cfg.server.round_timeout))
-            answered = {r.metadata.src_node_id for r in replies}
-            missing = sorted(m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in answered)
-            if missing:
-                log.warning("round %d: no reply within server.round-timeout=%gs from node(s) %s", server_round,
-                            cfg.server.round_timeout, ", ".join(map(str, missing)))
-            strategy.updates, strategy.dropped = [], []
-            arrays, agg = outer.aggregate_train(server_round, replies)
-            valid = len(strategy.updates)
-            if strategy.enough() if hasattr(strategy, "enough") else arrays is not None:
-                break
-            failures.append(f"{valid} valid of {len(messages)} sent")
-            log.warning("round %d, attempt %d: %d valid replies of %d sent, server.min-replies=%d%s", server_round,
-                        attempt + 1, valid, len(messages), cfg.server.min_replies,
-                        "; trying again" if attempt < cfg.server.round_retries else "")
-        else:
-            saved = run_dir / checkpoint.FILE
-            hint = (f"resume from round {server_round - 1}'s checkpoint with --resume {run_dir}" if saved.exists()
-                    else f"run directory {run_dir}")
-            err = RoundFailed(f"round {server_round}: too few valid replies ({'; '.join(failures)}; server.min-replies="
-                              f"{cfg.server.min_replies}, server.round-retries={cfg.server.round_retries}); {hint}")
-            (run_dir / ERROR_FILE).write_text(str(err) + "\n")
-            raise err
+        down, replies, arrays, agg, missing, attempts = train_round(server_round, cfg, outer, strategy, gstate,
+                                                                     run_config, grid, run_dir)
         before = getattr(gstate, "state", None)
         gstate.absorb(arrays, strategy)
         train_seconds = time.perf_counter() - t0
@@ -265,7 +240,7 @@ def run(grid: Grid, cfg: Config) -> Path:
             **{k: v for k, v in (agg or {}).items()},
             **ev,
             "clients-missing": len(missing),
-            "attempts": len(failures) + 1,
+            "attempts": attempts,
             "bytes-down": down,
             "bytes-up": {str(u.node_id): u.bytes_up for u in getattr(strategy, "updates", [])},
             "clients": {str(u.node_id): u.metrics for u in getattr(strategy, "updates", [])},
@@ -291,6 +266,42 @@ def run(grid: Grid, cfg: Config) -> Path:
 
 
 ERROR_FILE = "error.txt"  # why a run stopped, for the CLI to print
+
+
+def train_round(server_round: int, cfg: Config, outer: Any, strategy: Any, gstate: Any, run_config: ConfigRecord,
+                grid: Grid, run_dir: Path) -> tuple[dict[str, int], list[Any], Any, Any, list[int], int]:
+    """Send the round's train messages and aggregate the replies, trying again while fewer than
+    server.min-replies are valid. Returns (bytes down per node, replies, arrays, metrics,
+    nodes that never replied, attempts).
+
+    Raises:
+        RoundFailed: after server.round-retries retries (the reason also goes to error.txt).
+    """
+    failures = []
+    for attempt in range(cfg.server.round_retries + 1):
+        messages = list(outer.configure_train(server_round, gstate.arrays(), run_config, grid))
+        down = {str(m.metadata.dst_node_id): payload_bytes(m.content) for m in messages}
+        replies = list(grid.send_and_receive(messages, timeout=cfg.server.round_timeout))
+        answered = {r.metadata.src_node_id for r in replies}
+        missing = sorted(m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in answered)
+        if missing:
+            log.warning("round %d: no reply within server.round-timeout=%gs from node(s) %s", server_round,
+                        cfg.server.round_timeout, ", ".join(map(str, missing)))
+        strategy.updates, strategy.dropped = [], []  # a wrapper may refuse the replies before the strategy sees them
+        arrays, agg = outer.aggregate_train(server_round, replies)
+        if strategy.enough() if hasattr(strategy, "enough") else arrays is not None:
+            return down, replies, arrays, agg, missing, attempt + 1
+        valid = len(strategy.updates)
+        failures.append(f"{valid} valid of {len(messages)} sent")
+        log.warning("round %d, attempt %d: %d valid replies of %d sent, server.min-replies=%d%s", server_round,
+                    attempt + 1, valid, len(messages), cfg.server.min_replies,
+                    "; trying again" if attempt < cfg.server.round_retries else "")
+    hint = (f"resume from round {server_round - 1}'s checkpoint with --resume {run_dir}"
+            if (run_dir / checkpoint.FILE).exists() else f"run directory {run_dir}")
+    err = RoundFailed(f"round {server_round}: too few valid replies ({'; '.join(failures)}; server.min-replies="
+                      f"{cfg.server.min_replies}, server.round-retries={cfg.server.round_retries}); {hint}")
+    (run_dir / ERROR_FILE).write_text(str(err) + "\n")
+    raise err
 
 
 class RoundFailed(FedLLMError):
