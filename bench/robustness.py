@@ -1,7 +1,7 @@
 """Robustness: FedAvg and each robust strategy under each attack, and how well the flags find
 the attackers.
 
-    python bench/robustness.py [--quick] [--rounds 2] [--steps 2] [--out FILE]
+    python bench/robustness.py [--quick] [--rounds 2] [--steps 2] [--attacks A,B] [--strategies S,T] [--out FILE]
 
 10 clients (SmolLM2-135M-Instruct, LoRA), of which partitions 7, 8 and 9 attack with one kind
 per run (zero, noise, sign-flip, scale, replay, duplicate, label-flip; see fedllm/attacks.py),
@@ -102,8 +102,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny random model: checks the script runs")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2, help="local steps per round")
+    ap.add_argument("--attacks", default=",".join(ATTACKS), help="comma separated; 'none' (the clean run) is always in")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES), help="comma separated; fedavg is always in")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
+    attacks = ["none"] + [a for a in args.attacks.split(",") if a in ATTACKS and a != "none"]
+    strategies = ["fedavg"] + [x for x in args.strategies.split(",") if x in STRATEGIES and x != "fedavg"]
     logging.basicConfig(level=logging.ERROR)
     tmp = Path(tempfile.mkdtemp(prefix="fedllm-robustness-"))
     base = {"server.num-rounds": args.rounds, "server.min-clients": 1, "server.eval-every": 0,
@@ -116,8 +120,8 @@ def main() -> None:
 
         base.update({"model.name": tiny_model(tmp / "tiny"), "ledger.noise-z": 0.0})
     results, honest_norm = [], 1.0
-    for attack in ATTACKS:
-        for strategy in STRATEGIES:  # fedavg first: its clean run gives norm-bounded's bound
+    for attack in attacks:
+        for strategy in strategies:  # fedavg first: its clean run gives norm-bounded's bound
             flat = {**base, "strategy.max-norm": honest_norm} if strategy == "norm-bounded" else base
             results.append(run_one(flat, attack, strategy, tmp))
             r = results[-1]
@@ -126,16 +130,16 @@ def main() -> None:
                 honest_norm = median_update_norm(tmp / "none-fedavg")
     clean = next(r["eval-loss"] for r in results if r["attack"] == "none" and r["strategy"] == "fedavg")
     table = {}
-    for attack in ATTACKS:
+    for attack in attacks:
         rel = {r["strategy"]: r["eval-loss"] / clean for r in results if r["attack"] == attack}
         p, rc = detection(next(r for r in results if r["attack"] == attack and r["strategy"] == "fedavg"), attack)
         table[attack] = {"relative-eval-loss": rel, "best": min(rel, key=rel.get), "precision": p, "recall": rc}
     print(f"\nfinal eval loss / clean FedAvg's ({clean:.4f}); {CLIENTS} clients, attackers {list(ATTACKERS)}, "
           f"{args.rounds} rounds x {args.steps} steps")
-    print(f"{'attack':11}" + "".join(f"{s:>13}" for s in STRATEGIES) + f"{'best':>14}{'precision':>10}{'recall':>8}")
+    print(f"{'attack':11}" + "".join(f"{s:>13}" for s in strategies) + f"{'best':>14}{'precision':>10}{'recall':>8}")
     for attack, t in table.items():
         best = t["relative-eval-loss"][t["best"]]
-        print(f"{attack:11}" + "".join(f"{t['relative-eval-loss'][s]:>13.4f}" for s in STRATEGIES)
+        print(f"{attack:11}" + "".join(f"{t['relative-eval-loss'][s]:>13.4f}" for s in strategies)
               + f"{t['best']:>14}{t['precision']:>10.2f}{t['recall']:>8.2f}" + ("" if best <= 1.05 else "  (> 1.05)"))
     args.out.write_text(json.dumps({"rounds": args.rounds, "steps": args.steps, "quick": args.quick,
                                     "clean-eval-loss": clean, "table": table, "runs": results}, indent=2) + "\n")

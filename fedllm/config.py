@@ -291,9 +291,9 @@ class LedgerConfig:
                            "outlier=0.1,invalid=0.1")
     free_rider_ratio: float = _help("An update whose norm is below this share of the median norm is a free "
                                     "rider's.", 0.05)
-    noise_z: float = _help("An update less aligned with the others' mean than |cos| sqrt(D) < noise-z is "
-                           "noise (a random direction gives about 1), one with cos sqrt(D) <= -noise-z is opposed (a flipped "
-                           "sign); 0 turns both tests off (they are off for zo).", 4.0)
+    noise_z: float = _help("An update less aligned with the others' coordinate-wise median than |cos| sqrt(D) < "
+                           "noise-z is noise (a random direction gives about 1), one with cos sqrt(D) <= -noise-z is "
+                           "opposed (a flipped sign); 0 turns both tests off (they are off for zo).", 4.0)
     oversize_ratio: float = _help("An update whose norm exceeds this multiple of the median norm is oversized "
                                   "(a scaled update); 0 turns the test off.", 5.0)
 

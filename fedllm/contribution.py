@@ -14,7 +14,9 @@ A scorer is `f(vectors, weights, aggregate, utility) -> list[float]`; register y
 
 Flags (`flag_updates`) name what an update looks like, for a penalty: `free-rider` (norm below
 `free_rider_ratio` x the median norm: a zero or near-zero update), `noise` (no more aligned
-with the others' mean than a random direction: |cos| * sqrt(D) < `noise_z`), `duplicate` (the
+with the others' coordinate-wise median than a random direction: |cos| * sqrt(D) < `noise_z`),
+`opposed` (cos * sqrt(D) <= -`noise_z`: a flipped sign), `oversized` (norm above
+`oversize_ratio` x the median), `duplicate` (the
 same bytes as another client's update this round), `replay` (the same bytes as an update of
 an earlier round), `stale` (cosine >= 0.999 with an earlier global delta), `outlier` (left
 out or cut by a robust strategy), `invalid` (a payload the server dropped).
@@ -158,9 +160,36 @@ class History:
             self.global_deltas = (self.global_deltas + [global_delta])[-self.keep:]
 
 
+def cosine_with_others_median(units: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """Cosine of each active row with the coordinate-wise median of the other active rows
+    (leave-one-out, from one sort: removing row i shifts the order statistics past its rank by
+    one). A robust reference: a minority of flipped, scaled or noisy rows barely moves it, where
+    a sum of the others' directions is partly cancelled by them. 0 for inactive rows or with
+    fewer than two active ones. O(n D log n)."""
+    n, _ = units.shape
+    out = torch.zeros(n, dtype=torch.float64)
+    rows = active.nonzero().flatten()
+    if len(rows) < 2:
+        return out
+    x = units[rows]  # (k, D)
+    s, order = x.sort(dim=0)  # (k, D)
+    rank = torch.empty_like(order)
+    rank.scatter_(0, order, torch.arange(len(rows)).unsqueeze(1).expand_as(order))  # (k, D) rank of each entry
+    m = len(rows) - 1  # the others
+    lo, hi = (m - 1) // 2, m // 2
+    for j, i in enumerate(rows.tolist()):
+        r = rank[j]  # (D,)
+        pick_lo = torch.where(r > lo, s[lo], s[lo + 1])
+        pick_hi = torch.where(r > hi, s[hi], s[hi + 1])
+        ref = (pick_lo + pick_hi) / 2  # (D,) median of the others
+        size = ref.norm()
+        out[i] = float(x[j] @ ref / size) if size > 0 else 0.0
+    return out
+
+
 def flag_updates(vectors: torch.Tensor, hashes: list[bytes], history: History,
                  rules: FlagRules | None = None) -> list[list[str]]:
-    """The flags of each accepted update (rows of `vectors`, (n, D)), in row order; O(n D)."""
+    """The flags of each accepted update (rows of `vectors`, (n, D)), in row order; O(n D log n)."""
     rules = rules or FlagRules()
     n, dim = vectors.shape
     flags: list[list[str]] = [[] for _ in range(n)]
@@ -170,12 +199,7 @@ def flag_updates(vectors: torch.Tensor, hashes: list[bytes], history: History,
     idle = (norms <= rules.free_rider_ratio * norms.median()) | (norms == 0)  # (n,)
     units = vectors / norms.clamp_min(1e-300)[:, None]  # (n, D)
     units[idle] = 0.0  # a zero update has no direction to judge, nor to lend
-    total = units.sum(dim=0)  # (D,)
-    # cosine of each update with the sum of the others' unit vectors: (total - u_i) . u_i / |total - u_i|
-    dots = units @ total  # (n,)
-    own = (~idle).double()
-    others = (total @ total - 2 * own * dots + own).clamp_min(0).sqrt()  # |total - u_i|
-    cos_others = torch.where(others > 0, (dots - own) / others.clamp_min(1e-300), torch.zeros_like(dots))
+    cos_others = cosine_with_others_median(units, ~idle)  # (n,)
     stale = torch.zeros(n, dtype=torch.bool)
     for g in history.global_deltas:
         if g.norm() > 0:

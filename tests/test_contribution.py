@@ -121,3 +121,31 @@ def test_reward_shares_multiply_before_divide_and_keep_dust():
     assert shares[2] == budget // 1_000_001
     for s in shares:
         assert s * sum(scores) <= budget * max(scores)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 6, 9])
+def test_cosine_with_the_others_median_matches_a_brute_force(n):
+    from fedllm.contribution import cosine_with_others_median
+
+    gen = torch.Generator().manual_seed(n)
+    units = torch.randn(n + 1, 40, generator=gen, dtype=torch.float64)
+    units = units / units.norm(dim=1, keepdim=True)
+    active = torch.ones(n + 1, dtype=torch.bool)
+    active[1] = False
+    units[1] = 0.0
+    got = cosine_with_others_median(units, active)
+    rows = [r for r in range(n + 1) if r != 1]
+    for i in rows:
+        s = units[[r for r in rows if r != i]].sort(dim=0).values
+        ref = (s[(len(s) - 1) // 2] + s[len(s) // 2]) / 2
+        assert math.isclose(float(got[i]), float(units[i] @ ref / ref.norm()), abs_tol=1e-12)
+    assert got[1] == 0.0
+
+
+def test_opposed_and_oversized_flags():
+    gen = torch.Generator().manual_seed(0)
+    common = torch.randn(4000, generator=gen, dtype=torch.float64)
+    honest = [common + 0.8 * torch.randn(4000, generator=gen, dtype=torch.float64) for _ in range(6)]
+    v = torch.stack(honest + [-honest[0], 10 * honest[1]])
+    flags = flag_updates(v, [bytes([i]) for i in range(8)], History())
+    assert flags == [[]] * 6 + [["opposed"], ["oversized"]]
