@@ -44,8 +44,8 @@ def lora_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, seed: int = 0) -> t
 def build_lora_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, seed: int = 0) -> tuple[Any, Any]:
     """A new (PeftModel, tokenizer); the adapter initialisation depends only on `seed`."""
     base, tokenizer = load_base_model(model_cfg, cached=False)
-    torch.manual_seed(seed)  # same initial adapter on every party
     model = _wrap(base, lora_cfg)
+    reset_adapter(model, seed)  # the same initial adapter on every party, and as init_adapter_state's
     model.to(accelerator("no").device)
     model.eval()
     return model, tokenizer
