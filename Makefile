@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-zo test test-fast bench lock clean
+.PHONY: demo demo-zo test test-fast bench bench-full lock clean
 
 $(STAMP): requirements.lock pyproject.toml contracts/package-lock.json
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
 bench: $(STAMP)
+	$(PY) bench/suite.py
+
+bench-full: $(STAMP)
 	$(PY) bench/simulation_overhead.py
 	$(PY) bench/zo.py
 	$(PY) bench/compression.py

@@ -5,6 +5,8 @@
     fedllm prepare-model                       # convert the default GGUF once
     fedllm config                              # every config key, its default and help
     fedllm ledger runs/NAME                    # stakes, scores, rewards and penalties of a run
+    fedllm report runs/NAME                    # runs/NAME/report.html (also written at the end of a run)
+    fedllm compare runs/A runs/B --out cmp.html  # several runs' plots overlaid
 
 Errors print one line and exit 2; `--debug` shows the traceback.
 """
@@ -108,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("config", help="list every config key with its default and help")
     led = sub.add_parser("ledger", help="show a run's ledger: stakes, scores, rewards, penalties")
     led.add_argument("run_dir", type=Path, help="a run directory (server.run-dir/server.run-name)")
+    rep = sub.add_parser("report", help="write RUN_DIR/report.html: plots, final figures, config (no network)")
+    rep.add_argument("run_dir", type=Path)
+    cmp_ = sub.add_parser("compare", help="one HTML page with several runs' plots overlaid")
+    cmp_.add_argument("run_dirs", type=Path, nargs="+")
+    cmp_.add_argument("--out", type=Path, default=Path("compare.html"), help="the page to write")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -127,6 +134,14 @@ def main(argv: list[str] | None = None) -> int:
             if not (args.run_dir / "ledger" / "chain.json").exists():
                 raise FedLLMError(f"{args.run_dir}: no ledger in this run directory (ledger.enabled was off?)")
             print(ledger_view(args.run_dir))
+        elif args.command in ("report", "compare"):
+            from fedllm.report import render_compare, render_report
+
+            dirs = [args.run_dir] if args.command == "report" else args.run_dirs
+            for d in dirs:
+                if not (d / "metrics.jsonl").exists():
+                    raise FedLLMError(f"{d}: no metrics.jsonl; not a fedllm run directory")
+            print(render_report(args.run_dir) if args.command == "report" else render_compare(dirs, args.out))
         else:
             for key, text, default in help_table():
                 print(f"{key:28} {default!r:32} {text}")

@@ -139,3 +139,195 @@ def ledger_view(run_dir: Path) -> str:
     if gas:
         lines.append(f"gas per recorded round: {min(gas)}..{max(gas)} over {len(gas)} rounds")
     return "\n".join(lines)
+
+
+# --- the HTML report: `fedllm report RUN_DIR`, `fedllm compare RUN_DIR...` -------------------
+
+REPORT = "report.html"
+# The page checks itself once loaded: every plot decoded, no script error (what the browser test reads).
+_SELF_CHECK = """<script>
+window.addEventListener("error", e => { document.body.dataset.errors = (document.body.dataset.errors || "") + e.message + ";"; });
+window.addEventListener("load", () => {
+  const imgs = [...document.querySelectorAll("img.plot")];
+  document.body.dataset.plots = imgs.length;
+  document.body.dataset.plotsShown = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+});
+</script>"""
+_STYLE = """<style>
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.6em; }
+table { border-collapse: collapse; font-size: 0.9em; } td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: left; }
+img.plot { width: 49%; min-width: 420px; } details { margin-top: 1em; }
+</style>"""
+
+
+def _series(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-round series of a run's metrics rows (None where a round lacks the figure)."""
+    trained = [r for r in rows if r["round"] > 0]
+    up = [sum(r.get("bytes-up", {}).values()) for r in trained]
+    down = [sum(r.get("bytes-down", {}).values()) for r in trained]
+    return {
+        "eval-rounds": [r["round"] for r in rows if "eval-loss" in r],
+        "eval-loss": [r["eval-loss"] for r in rows if "eval-loss" in r],
+        "exact-match": [r.get("exact-match") for r in rows if "eval-loss" in r],
+        "rounds": [r["round"] for r in trained],
+        "bytes-up": up, "bytes-down": down,
+        "bytes-up-cumulative": [sum(up[: i + 1]) for i in range(len(up))],
+        "bytes-down-cumulative": [sum(down[: i + 1]) for i in range(len(down))],
+        "round-seconds": [r.get("round-seconds", 0.0) for r in trained],
+    }
+
+
+def _png(fig: Any) -> str:
+    """A matplotlib figure as an <img> with its PNG inline (no file, no network)."""
+    import base64
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    title = fig.axes[0].get_title() if fig.axes else "plot"
+    return (f'<img class="plot" alt="{_esc(title)}" '
+            f'src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">')
+
+
+def _esc(text: Any) -> str:
+    import html
+
+    return html.escape(str(text))
+
+
+def _run_plots(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The plots shared by report and compare, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    series = {name: _series(rows) for name, rows in runs.items()}
+    panels = [
+        ("eval loss per round", "eval-rounds", ["eval-loss"], "eval loss (response tokens)"),
+        ("exact match per round", "eval-rounds", ["exact-match"], "exact match"),
+        ("bytes up and down per round", "rounds", ["bytes-up", "bytes-down"], "bytes (all clients)"),
+        ("cumulative bytes on the wire", "rounds", ["bytes-up-cumulative", "bytes-down-cumulative"], "bytes"),
+        ("round time", "rounds", ["round-seconds"], "seconds"),
+    ]
+    out = []
+    for title, x_key, y_keys, ylabel in panels:
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        for name, s in series.items():
+            for key in y_keys:
+                ys = [float("nan") if y is None else y for y in s[key]]
+                label = " ".join(filter(None, [name if len(series) > 1 else "", key if len(y_keys) > 1 else ""]))
+                ax.plot(s[x_key], ys, marker="o", label=label or None)
+        if "bytes" in y_keys[0]:
+            ax.set_yscale("symlog")
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize=8)
+        out.append(_png(fig))
+    return out
+
+
+def _ledger_plots(rows: list[dict[str, Any]]) -> list[str]:
+    """Scores, cumulative rewards and penalties per client (by partition) over the rounds."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    ledger_rows = [r for r in rows if "ledger" in r]
+    if not ledger_rows:
+        return []
+    out = []
+    for title, key, scale, cumulative in (("contribution score per client", "scores", 1.0, False),
+                                          ("rewards earned per client (cumulative)", "rewards", 1e-18, True),
+                                          ("stake slashed per client (cumulative)", "slashed", 1e-18, True)):
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        clients: dict[str, list[float]] = {}
+        for i, r in enumerate(ledger_rows):
+            for node, value in r["ledger"].get(key, {}).items():
+                label = f"partition {int(r.get('clients', {}).get(node, {}).get('partition-id', -1))}" \
+                    if node in r.get("clients", {}) else f"node {node}"
+                clients.setdefault(label, [0.0] * len(ledger_rows))[i] = float(value) * scale
+        for label, values in sorted(clients.items()):
+            if cumulative:
+                values = [sum(values[: j + 1]) for j in range(len(values))]
+            ax.plot([r["round"] for r in ledger_rows], values, marker="o", label=label)
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("ETH" if scale != 1.0 else "score")
+        ax.grid(alpha=0.3)
+        if clients:
+            ax.legend(fontsize=7)
+        out.append(_png(fig))
+    return out
+
+
+def _table(pairs: list[tuple[str, Any]]) -> str:
+    return "<table>" + "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in pairs) + "</table>"
+
+
+def _page(title: str, body: list[str]) -> str:
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>" + _esc(title) + "</title>" + _STYLE
+            + "</head><body><h1>" + _esc(title) + "</h1>" + "".join(body) + _SELF_CHECK + "</body></html>\n")
+
+
+def render_report(run_dir: Path) -> Path:
+    """RUN_DIR/report.html: one self-contained page (plots inline as PNG, no network) with the
+    final figures, eval loss and exact match, bytes up/down per round and cumulative, round
+    time, the ledger's scores, rewards and penalties per client when it was on, and the config.
+
+    Raises:
+        FileNotFoundError: when RUN_DIR has no metrics.jsonl.
+    """
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    s = summary(rows)
+    config_file = run_dir / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    figures = [("rounds", s["rounds"]), ("eval loss", f"{s['eval-loss-before']} -> {s['eval-loss-after']}"),
+               ("exact match", f"{s['exact-match-before']} -> {s['exact-match-after']}"),
+               ("bytes up / down", f"{human_bytes(s['bytes-up-total'])} / {human_bytes(s['bytes-down-total'])}"),
+               ("training time", f"{s['seconds']:.1f} s"),
+               ("dropped replies", sum(len(r.get("dropped", [])) for r in rows))]
+    body = ["<h2>Final figures</h2>", _table(figures), "<h2>Rounds</h2>", *_run_plots({run_dir.name: rows})]
+    ledger = _ledger_plots(rows)
+    if ledger:
+        body += ["<h2>Ledger</h2>", *ledger]
+    body += ["<details><summary>Config</summary>", _table(sorted(config.items())), "</details>"]
+    path = run_dir / REPORT
+    path.write_text(_page(f"fedllm run {run_dir.name}", body), encoding="utf-8")
+    return path
+
+
+def render_compare(run_dirs: list[Path], out: Path) -> Path:
+    """One page overlaying the runs' plots, and a table of their final figures and the config
+    keys where they differ."""
+    runs = {Path(d).name: read_metrics(Path(d)) for d in run_dirs}
+    configs = {}
+    for d in run_dirs:
+        f = Path(d) / "config.json"
+        configs[Path(d).name] = json.loads(f.read_text()) if f.exists() else {}
+    keys = sorted({k for c in configs.values() for k in c})
+    differ = [k for k in keys if len({json.dumps(c.get(k)) for c in configs.values()}) > 1
+              and k not in ("server.run-name", "server.run-dir", "server.resume")]
+    head = "<tr><th>run</th><th>eval loss</th><th>exact match</th><th>bytes up</th><th>bytes down</th><th>seconds</th>" \
+           + "".join(f"<th>{_esc(k)}</th>" for k in differ) + "</tr>"
+    lines = []
+    for name, rows in runs.items():
+        s = summary(rows)
+        cells = [s["eval-loss-after"], s["exact-match-after"], human_bytes(s["bytes-up-total"]),
+                 human_bytes(s["bytes-down-total"]), f"{s['seconds']:.1f}"] + [configs[name].get(k) for k in differ]
+        lines.append(f"<tr><td>{_esc(name)}</td>" + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>")
+    body = ["<h2>Final figures</h2><table>" + head + "".join(lines) + "</table>", "<h2>Rounds</h2>",
+            *_run_plots(runs)]
+    out = Path(out)
+    out.write_text(_page("fedllm compare: " + ", ".join(runs), body), encoding="utf-8")
+    return out

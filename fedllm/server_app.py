@@ -29,7 +29,7 @@ from fedllm.config import Config
 from fedllm.data import load_splits
 from fedllm.errors import ConfigError, FedLLMError
 from fedllm.evaluate import em_subset, eval_loss, evaluate
-from fedllm.report import MetricsLog, format_summary, make_run_dir, summary
+from fedllm.report import MetricsLog, format_summary, make_run_dir, render_report, summary
 from fedllm.updates import lora, zo
 from strategies import get_strategy
 
@@ -262,6 +262,10 @@ def run(grid: Grid, cfg: Config) -> Path:
         s["ledger"] = books.finish()
     (run_dir / "summary.json").write_text(json.dumps(s, indent=2) + "\n")
     log.info("summary of %s\n%s", run_dir, format_summary(s))
+    try:
+        log.info("report: %s", render_report(run_dir))
+    except Exception as err:  # the run's results are saved: a plotting failure must not fail it
+        log.warning("report: not written (%s: %s); `fedllm report %s` retries", type(err).__name__, err, run_dir)
     return run_dir
 
 

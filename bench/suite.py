@@ -1,0 +1,116 @@
+"""Every benchmark in a short mode, one table of the headline figures with their goals.
+
+    python bench/suite.py [--out bench/results.json]      # what `make bench` runs
+
+Each script runs as its own process with short settings (fewer rounds, steps and repeats
+than its defaults: the figures are indicative, the full runs are the scripts without
+arguments); the table shows each headline figure beside its goal, and bench/results.json
+keeps the table, the settings and every script's own JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "results.json"
+Row = tuple[str, float, str, Callable[[float], bool]]  # figure, value, goal, met?
+
+
+def overhead(d: dict[str, Any]) -> list[Row]:
+    return [("wall time, federated / centralized", d["time_ratio"], "<= 1.10", lambda v: v <= 1.10),
+            ("peak RSS, federated / centralized", d["memory_ratio"], "<= 1.5", lambda v: v <= 1.5)]
+
+
+def zo(d: dict[str, Any]) -> list[Row]:
+    wire = d["wire"]
+    return [("upload per client per round (B)", wire[0]["up_bytes"], "<= 700", lambda v: v <= 700),
+            ("download per client per round, most clients (B)", max(w["down_bytes"] for w in wire), "<= 4096",
+             lambda v: v <= 4096),
+            ("Rademacher z vs torch.randn (x)", d["throughput"]["results"]["fedllm rademacher"]["speedup"], ">= 5",
+             lambda v: v >= 5)]
+
+
+def compression(d: dict[str, Any]) -> list[Row]:
+    r = next(x for x in d["results"] if x["label"] == "randk10-int2-unbiased")
+    return [("randk(0.1) > quantize(2) > zstd: uploads smaller (x)", r["upload_ratio"], ">= 100", lambda v: v >= 100),
+            ("the same: relative eval-loss gap", r["relative_gap"], "<= 0.01", lambda v: v <= 0.01)]
+
+
+def ledger(d: dict[str, Any]) -> list[Row]:
+    most = max(d["results"], key=lambda r: r["clients"])
+    return [("gas per round, most / fewest clients", max(d["gas-growth"].values()), "<= 1.01", lambda v: v <= 1.01),
+            (f"ledger seconds per round, {most['clients']} clients", most["ledger-s-per-round"], "", lambda v: True)]
+
+
+def client_start(d: dict[str, Any]) -> list[Row]:
+    return [("message to first step, warm worker (s)", d["rows"]["worker-warm"]["to-first-step"], "<= 2",
+             lambda v: v <= 2)]
+
+
+def robustness(d: dict[str, Any]) -> list[Row]:
+    table = {a: t for a, t in d["table"].items() if a != "none"}
+    return [("worst attack: best strategy's eval loss / clean", max(t["relative-eval-loss"][t["best"]]
+                                                                    for t in table.values()), "<= 1.05",
+             lambda v: v <= 1.05),
+            ("flags: lowest precision over the attacks", min(t["precision"] for t in table.values()), ">= 0.9",
+             lambda v: v >= 0.9),
+            ("flags: lowest recall over the attacks", min(t["recall"] for t in table.values()), ">= 0.9",
+             lambda v: v >= 0.9)]
+
+
+# script, short arguments, headline figures
+SUITE: list[tuple[str, list[str], Callable[[dict[str, Any]], list[Row]]]] = [
+    ("simulation_overhead", ["--rounds", "1", "--steps", "5"], overhead),
+    ("zo", ["--quick"], zo),
+    ("compression", ["--only", "none", "randk10-int2-unbiased", "--rounds", "1", "--steps", "3"], compression),
+    ("ledger", ["--quick"], ledger),
+    ("client_start", ["--repeats", "1"], client_start),
+    ("robustness", ["--attacks", "sign-flip,scale", "--strategies", "median", "--rounds", "2", "--steps", "1"],
+     robustness),
+]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--only", nargs="*", help="script names to run (default: all)")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="fedllm-bench-"))
+    rows, raw, failed = [], {}, []
+    for name, short, headline in SUITE:
+        if args.only and name not in args.only:
+            continue
+        out = tmp / f"{name}.json"
+        cmd = [sys.executable, str(ROOT / "bench" / f"{name}.py"), *short, "--out", str(out)]
+        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT)
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0 or not out.exists():
+            failed.append(name)
+            print(f"== {name}: failed (exit {proc.returncode})", flush=True)
+            continue
+        raw[name] = {"arguments": short, "seconds": round(seconds, 1), "result": json.loads(out.read_text())}
+        for figure, value, goal, met in headline(raw[name]["result"]):
+            rows.append({"bench": name, "figure": figure, "value": value, "goal": goal,
+                         "met": None if not goal else bool(met(value))})
+    print(f"\n{'bench':20} {'figure':52} {'value':>10}  {'goal':>8}  met")
+    for r in rows:
+        met = "-" if r["met"] is None else ("yes" if r["met"] else "NO")
+        print(f"{r['bench']:20} {r['figure']:52} {r['value']:>10.4g}  {r['goal']:>8}  {met}")
+    args.out.write_text(json.dumps({"mode": "short", "date": time.strftime("%Y-%m-%d %H:%M"), "headline": rows,
+                                    "failed": failed, "runs": raw}, indent=2) + "\n")
+    print(f"wrote {args.out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

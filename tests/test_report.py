@@ -1,0 +1,92 @@
+"""The run report: rendered from a small real run, then loaded in headless Chromium (Debian's
+chromium, installed here with apt-get when missing), which must show every plot without errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from fedllm.config import Config
+from fedllm.local_grid import LocalGrid
+from fedllm.report import REPORT
+
+
+def _install_chromium() -> str:
+    """apt-get install chromium; returns why not when that fails."""
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        return "no apt-get, or not root"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    if proc.returncode != 0:  # stale package lists
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, timeout=600)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    return "" if proc.returncode == 0 else proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    why = ""
+    if not any(shutil.which(n) for n in ("chromium", "chromium-browser")):
+        why = _install_chromium()
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip(f"headless Chromium is missing and could not be installed: {why}")
+    return path
+
+
+def _load(chromium: str, page) -> dict[str, str]:
+    """The page's body data attributes after load, as headless Chromium sees them (no network:
+    a dead proxy)."""
+    proc = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                           "--proxy-server=127.0.0.1:9", "--virtual-time-budget=5000", "--dump-dom",
+                           page.resolve().as_uri()], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    body = re.search(r"<body([^>]*)>", proc.stdout)
+    assert body, proc.stdout[:500]
+    return dict(re.findall(r'data-([a-z-]+)="([^"]*)"', body.group(1)))
+
+
+def _small_run(tiny_model_dir, tmp_path, name, **over):
+    from fedllm.server_app import run
+
+    flat = {"model.name": str(tiny_model_dir), "server.run-dir": str(tmp_path), "server.run-name": name,
+            "server.num-rounds": 2, "server.min-clients": 1, "data.families": "parity,arithmetic",
+            "data.train-per-family": 8, "data.eval-per-family": 2, "train.local-steps": 2,
+            "server.exact-match-examples": 2, "server.max-new-tokens": 2, **over}
+    return run(LocalGrid(3), Config.from_flat(flat))
+
+
+def test_report_of_a_real_run_shows_every_plot_in_headless_chromium(tiny_model_dir, tmp_path, chromium):
+    run_dir = _small_run(tiny_model_dir, tmp_path, "ledger", **{"ledger.enabled": True, "ledger.noise-z": 0.0})
+    page = run_dir / REPORT  # written at the end of the run
+    html = page.read_text()
+    assert not re.search(r"(src|href)=[\"']?(https?:)?//", html)  # nothing to fetch: opens offline
+    for title in ("eval loss per round", "exact match per round", "bytes up and down per round",
+                  "cumulative bytes on the wire", "round time", "contribution score per client",
+                  "rewards earned per client (cumulative)", "stake slashed per client (cumulative)"):
+        assert f'alt="{title}"' in html
+    assert "Final figures" in html and "lora.rank" in html  # the figures and the config
+    seen = _load(chromium, page)
+    assert seen.get("plots") == "8" and seen.get("plots-shown") == "8", seen
+    assert "errors" not in seen, seen
+
+
+def test_compare_overlays_runs_and_the_cli_names_a_bad_directory(tiny_model_dir, tmp_path, chromium):
+    from fedllm.cli import main
+
+    a = _small_run(tiny_model_dir, tmp_path, "lora")
+    b = _small_run(tiny_model_dir, tmp_path, "int8", **{"compression.up": "int8"})
+    out = tmp_path / "compare.html"
+    assert main(["compare", str(a), str(b), "--out", str(out)]) == 0
+    html = out.read_text()
+    assert "compression.up" in html and ">lora<" in html and ">int8<" in html  # the differing key, both runs
+    seen = _load(chromium, out)
+    assert seen.get("plots") == "5" and seen.get("plots-shown") == "5", seen
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    (a / REPORT).unlink()
+    assert main(["report", str(a)]) == 0 and (a / REPORT).exists()
