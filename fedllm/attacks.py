@@ -25,7 +25,6 @@ from typing import Any
 import torch
 
 State = dict[str, torch.Tensor]
-TRAINS = ("noise", "sign-flip", "scale", "duplicate", "label-flip")  # kinds that run the local steps
 
 
 class Crash(RuntimeError):
