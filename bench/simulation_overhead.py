@@ -63,7 +63,7 @@ for rnd in range(1, rounds + 1):
             torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
-model.save_pretrained(sys.argv[-1].split("=", 1)[1] + "/central-adapter")
+model.save_pretrained(cfg.server.run_dir + "/central-adapter")  # beside the federated run, in its temp dir
 """
 
 
