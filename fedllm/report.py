@@ -205,7 +205,7 @@ def _run_plots(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     series = {name: _series(rows) for name, rows in runs.items()}
     panels = [
@@ -219,12 +219,15 @@ def _run_plots(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     for title, x_key, y_keys, ylabel in panels:
         fig, ax = plt.subplots(figsize=(6, 3.4))
         for name, s in series.items():
-            for key in y_keys:
+            for style, key in zip(("-", "--"), y_keys):  # down dashed: it often equals up (LoRA, no codec)
                 ys = [float("nan") if y is None else y for y in s[key]]
                 label = " ".join(filter(None, [name if len(series) > 1 else "", key if len(y_keys) > 1 else ""]))
-                ax.plot(s[x_key], ys, marker="o", label=label or None)
+                ax.plot(s[x_key], ys, style, marker="o", label=label or None)
         if "bytes" in y_keys[0]:
-            ax.set_yscale("symlog")
+            values = [y for s in series.values() for key in y_keys for y in s[key] if y and y > 0]
+            if values and max(values) > 20 * min(values):  # LoRA and ZO differ by orders of magnitude
+                ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: human_bytes(v)))
         ax.set_title(title)
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -292,8 +295,11 @@ def render_report(run_dir: Path) -> Path:
     s = summary(rows)
     config_file = run_dir / "config.json"
     config = json.loads(config_file.read_text()) if config_file.exists() else {}
-    figures = [("rounds", s["rounds"]), ("eval loss", f"{s['eval-loss-before']} -> {s['eval-loss-after']}"),
-               ("exact match", f"{s['exact-match-before']} -> {s['exact-match-after']}"),
+    def num(v: Any) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    figures = [("rounds", s["rounds"]), ("eval loss", f"{num(s['eval-loss-before'])} -> {num(s['eval-loss-after'])}"),
+               ("exact match", f"{num(s['exact-match-before'])} -> {num(s['exact-match-after'])}"),
                ("bytes up / down", f"{human_bytes(s['bytes-up-total'])} / {human_bytes(s['bytes-down-total'])}"),
                ("training time", f"{s['seconds']:.1f} s"),
                ("dropped replies", sum(len(r.get("dropped", [])) for r in rows))]
@@ -323,7 +329,9 @@ def render_compare(run_dirs: list[Path], out: Path) -> Path:
     lines = []
     for name, rows in runs.items():
         s = summary(rows)
-        cells = [s["eval-loss-after"], s["exact-match-after"], human_bytes(s["bytes-up-total"]),
+        cells = [f"{s['eval-loss-after']:.4f}" if s["eval-loss-after"] is not None else "-",
+                 f"{s['exact-match-after']:.3f}" if s["exact-match-after"] is not None else "-",
+                 human_bytes(s["bytes-up-total"]),
                  human_bytes(s["bytes-down-total"]), f"{s['seconds']:.1f}"] + [configs[name].get(k) for k in differ]
         lines.append(f"<tr><td>{_esc(name)}</td>" + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>")
     body = ["<h2>Final figures</h2><table>" + head + "".join(lines) + "</table>", "<h2>Rounds</h2>",
