@@ -21,7 +21,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedllm import checkpoint
@@ -32,6 +32,7 @@ from fedllm.evaluate import em_subset, eval_loss, evaluate
 from fedllm.report import MetricsLog, format_summary, make_run_dir, render_report, summary
 from fedllm.updates import lora, zo
 from strategies import get_strategy
+from strategies.base import payload_bytes
 
 log = logging.getLogger(__name__)
 
@@ -370,17 +371,6 @@ def strategy_class(cfg: Config) -> type:
 def strategy_name(cfg: Config) -> str:
     """server.strategy, or the default for the update kind (fedavg for lora, fedkseed for zo)."""
     return cfg.server.strategy or {"lora": "fedavg", "zo": "fedkseed"}[cfg.train.method]
-
-
-def payload_bytes(content: RecordDict) -> int:
-    """Bytes of what a message carries besides its run config: arrays and byte payloads."""
-    total = sum(record.count_bytes() for record in content.array_records.values())
-    for name, record in content.config_records.items():
-        if name != "config":
-            for value in record.values():
-                items = value if isinstance(value, list) else [value]
-                total += sum(len(x) for x in items if isinstance(x, bytes))
-    return total
 
 
 def _log_through_flower() -> None:

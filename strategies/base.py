@@ -139,12 +139,14 @@ def reply_metrics(msg: Message) -> tuple[float, dict[str, float]]:
     return float(n), out
 
 
-def reply_size(content: RecordDict) -> int:
-    """Bytes of a reply's arrays and byte values outside its metrics: what the size limit bounds."""
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of what a message carries besides its run config: arrays and byte values (a train
+    message's global state, a reply's update: what the reply size limit bounds)."""
     total = sum(record.count_bytes() for record in content.array_records.values())
-    for record in content.config_records.values():
-        for value in record.values():
-            total += sum(len(x) for x in (value if isinstance(value, list) else [value]) if isinstance(x, bytes))
+    for name, record in content.config_records.items():
+        if name != CONFIG:
+            for value in record.values():
+                total += sum(len(x) for x in (value if isinstance(value, list) else [value]) if isinstance(x, bytes))
     return total
 
 
@@ -227,9 +229,13 @@ class FedLLMStrategy(Strategy):
         return parse_reply(msg, self.global_state, self.up)
 
     def max_reply_bytes(self) -> int:
-        """server.max-reply-bytes, or by default three times the dense float32 global state (a
-        codec's indices and headers stay well inside it) plus 64 KiB."""
-        return self.cfg.server.max_reply_bytes or 3 * 4 * sum(t.numel() for t in self.global_state.values()) + 65536
+        """server.max-reply-bytes, or else `largest_reply()`."""
+        return self.cfg.server.max_reply_bytes or self.largest_reply()
+
+    def largest_reply(self) -> int:
+        """The default size limit: three times the dense float32 global state (a codec's indices
+        and headers stay well inside it) plus 64 KiB."""
+        return 3 * 4 * sum(t.numel() for t in self.global_state.values()) + 65536
 
     def screen(self, msg: Message, server_round: int) -> None:
         """The checks every reply passes before its update is decoded.
@@ -245,7 +251,7 @@ class FedLLMStrategy(Strategy):
         claimed = msg.content.metric_records[METRICS].get("server-round")
         if claimed != server_round:
             raise PayloadError(f"reply is for round {claimed!r}, this is round {server_round}")
-        size, limit = reply_size(msg.content), self.max_reply_bytes()
+        size, limit = payload_bytes(msg.content), self.max_reply_bytes()
         if size > limit:
             raise PayloadError(f"payload of {size} bytes exceeds the limit of {limit} (server.max-reply-bytes)")
 

@@ -81,10 +81,8 @@ class ExactLoRA(FedLLMStrategy):
     def global_records(self, node: int, arrays: ArrayRecord) -> dict[str, Any]:
         return {FROZEN: ArrayRecord(self.frozen)}
 
-    def max_reply_bytes(self) -> int:
-        """server.max-reply-bytes, or the largest factors `parse` accepts: rank min(in, out)."""
-        if self.cfg.server.max_reply_bytes:
-            return self.cfg.server.max_reply_bytes
+    def largest_reply(self) -> int:
+        """The largest factors `parse` accepts: rank min(in, out), plus 64 KiB."""
         total = 65536
         for key in (k for k in self.global_state if k.endswith(".lora_A.weight")):
             fan_in, fan_out = self.global_state[key].shape[1], self.global_state[key.replace(".lora_A.", ".lora_B.")].shape[0]

@@ -41,8 +41,8 @@ class FedKSeed(FedLLMStrategy):
 
     reply_records = frozenset({ZO, METRICS, LEDGER})
 
-    def max_reply_bytes(self) -> int:
-        return self.cfg.server.max_reply_bytes or zo.max_upload_bytes(self.k)
+    def largest_reply(self) -> int:
+        return zo.max_upload_bytes(self.k)
 
     def aggregate(self, server_round: int, updates: list[Update]) -> State:
         return weighted_mean([u.delta for u in updates], [u.num_examples for u in updates])
