@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -19,8 +20,19 @@ def make_run_dir(cfg: Config) -> Path:
 
         raise ConfigError(f"server.run-name: {path} holds a run already; pick another name")
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(cfg.to_flat(), indent=2, sort_keys=True) + "\n")
+    write_config(path, cfg)
     return path
+
+
+def write_config(run_dir: Path, cfg: Config) -> None:
+    """RUN_DIR/config.json: the run's full flat config."""
+    (Path(run_dir) / "config.json").write_text(json.dumps(cfg.to_flat(), indent=2, sort_keys=True) + "\n")
+
+
+def read_config(run_dir: Path) -> dict[str, Any]:
+    """RUN_DIR/config.json as a flat dict ({} when the run has none)."""
+    path = Path(run_dir) / "config.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 class MetricsLog:
@@ -65,14 +77,15 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def format_summary(s: dict[str, Any]) -> str:
-    def num(v: Any, digits: int) -> str:
-        return "-" if v is None else f"{v:.{digits}f}"
+def _num(v: Any, digits: int) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
 
+
+def format_summary(s: dict[str, Any]) -> str:
     return "\n".join([
         f"rounds             {s['rounds']}",
-        f"eval loss          {num(s['eval-loss-before'], 4)} -> {num(s['eval-loss-after'], 4)}",
-        f"exact match        {num(s['exact-match-before'], 3)} -> {num(s['exact-match-after'], 3)}",
+        f"eval loss          {_num(s['eval-loss-before'], 4)} -> {_num(s['eval-loss-after'], 4)}",
+        f"exact match        {_num(s['exact-match-before'], 3)} -> {_num(s['exact-match-after'], 3)}",
         f"bytes up / down    {human_bytes(s['bytes-up-total'])} / {human_bytes(s['bytes-down-total'])}",
         f"training time      {s['seconds']:.1f} s",
     ])
@@ -172,10 +185,33 @@ def _series(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "exact-match": [r.get("exact-match") for r in rows if "eval-loss" in r],
         "rounds": [r["round"] for r in trained],
         "bytes-up": up, "bytes-down": down,
-        "bytes-up-cumulative": [sum(up[: i + 1]) for i in range(len(up))],
-        "bytes-down-cumulative": [sum(down[: i + 1]) for i in range(len(down))],
+        "bytes-up-cumulative": list(itertools.accumulate(up)),
+        "bytes-down-cumulative": list(itertools.accumulate(down)),
         "round-seconds": [r.get("round-seconds", 0.0) for r in trained],
     }
+
+
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _finish(ax: Any, title: str, ylabel: str, legend_size: int) -> None:
+    """What every plot shares: title, integer rounds on x, grid, legend when lines are named."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_title(title)
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize=legend_size)
 
 
 def _png(fig: Any) -> str:
@@ -183,8 +219,7 @@ def _png(fig: Any) -> str:
     import base64
     import io
 
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
@@ -201,12 +236,9 @@ def _esc(text: Any) -> str:
 
 def _run_plots(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     """The plots shared by report and compare, one line per run."""
-    import matplotlib
+    from matplotlib.ticker import FuncFormatter
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
-
+    plt = _pyplot()
     series = {name: _series(rows) for name, rows in runs.items()}
     panels = [
         ("eval loss per round", "eval-rounds", ["eval-loss"], "eval loss (response tokens)"),
@@ -228,22 +260,14 @@ def _run_plots(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
             if values and max(values) > 20 * min(values):  # LoRA and ZO differ by orders of magnitude
                 ax.set_yscale("log")
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: human_bytes(v)))
-        ax.set_title(title)
-        ax.set_xlabel("round")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[1]:
-            ax.legend(fontsize=8)
+        _finish(ax, title, ylabel, legend_size=8)
         out.append(_png(fig))
     return out
 
 
 def _ledger_plots(rows: list[dict[str, Any]]) -> list[str]:
     """Scores, cumulative rewards and penalties per client (by partition) over the rounds."""
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
+    plt = _pyplot()
     ledger_rows = [r for r in rows if "ledger" in r]
     if not ledger_rows:
         return []
@@ -260,15 +284,9 @@ def _ledger_plots(rows: list[dict[str, Any]]) -> list[str]:
                 clients.setdefault(label, [0.0] * len(ledger_rows))[i] = float(value) * scale
         for label, values in sorted(clients.items()):
             if cumulative:
-                values = [sum(values[: j + 1]) for j in range(len(values))]
+                values = list(itertools.accumulate(values))
             ax.plot([r["round"] for r in ledger_rows], values, marker="o", label=label)
-        ax.set_title(title)
-        ax.set_xlabel("round")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("ETH" if scale != 1.0 else "score")
-        ax.grid(alpha=0.3)
-        if clients:
-            ax.legend(fontsize=7)
+        _finish(ax, title, "ETH" if scale != 1.0 else "score", legend_size=7)
         out.append(_png(fig))
     return out
 
@@ -293,13 +311,10 @@ def render_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     s = summary(rows)
-    config_file = run_dir / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.exists() else {}
-    def num(v: Any) -> str:
-        return "-" if v is None else f"{v:.4f}"
-
-    figures = [("rounds", s["rounds"]), ("eval loss", f"{num(s['eval-loss-before'])} -> {num(s['eval-loss-after'])}"),
-               ("exact match", f"{num(s['exact-match-before'])} -> {num(s['exact-match-after'])}"),
+    config = read_config(run_dir)
+    figures = [("rounds", s["rounds"]),
+               ("eval loss", f"{_num(s['eval-loss-before'], 4)} -> {_num(s['eval-loss-after'], 4)}"),
+               ("exact match", f"{_num(s['exact-match-before'], 4)} -> {_num(s['exact-match-after'], 4)}"),
                ("bytes up / down", f"{human_bytes(s['bytes-up-total'])} / {human_bytes(s['bytes-down-total'])}"),
                ("training time", f"{s['seconds']:.1f} s"),
                ("dropped replies", sum(len(r.get("dropped", [])) for r in rows))]
@@ -317,10 +332,7 @@ def render_compare(run_dirs: list[Path], out: Path) -> Path:
     """One page overlaying the runs' plots, and a table of their final figures and the config
     keys where they differ."""
     runs = {Path(d).name: read_metrics(Path(d)) for d in run_dirs}
-    configs = {}
-    for d in run_dirs:
-        f = Path(d) / "config.json"
-        configs[Path(d).name] = json.loads(f.read_text()) if f.exists() else {}
+    configs = {Path(d).name: read_config(Path(d)) for d in run_dirs}
     keys = sorted({k for c in configs.values() for k in c})
     differ = [k for k in keys if len({json.dumps(c.get(k)) for c in configs.values()}) > 1
               and k not in ("server.run-name", "server.run-dir", "server.resume")]
@@ -329,9 +341,7 @@ def render_compare(run_dirs: list[Path], out: Path) -> Path:
     lines = []
     for name, rows in runs.items():
         s = summary(rows)
-        cells = [f"{s['eval-loss-after']:.4f}" if s["eval-loss-after"] is not None else "-",
-                 f"{s['exact-match-after']:.3f}" if s["exact-match-after"] is not None else "-",
-                 human_bytes(s["bytes-up-total"]),
+        cells = [_num(s["eval-loss-after"], 4), _num(s["exact-match-after"], 3), human_bytes(s["bytes-up-total"]),
                  human_bytes(s["bytes-down-total"]), f"{s['seconds']:.1f}"] + [configs[name].get(k) for k in differ]
         lines.append(f"<tr><td>{_esc(name)}</td>" + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>")
     body = ["<h2>Final figures</h2><table>" + head + "".join(lines) + "</table>", "<h2>Rounds</h2>",

@@ -29,7 +29,7 @@ from fedllm.config import Config
 from fedllm.data import load_splits
 from fedllm.errors import ConfigError, FedLLMError
 from fedllm.evaluate import em_subset, eval_loss, evaluate
-from fedllm.report import MetricsLog, format_summary, make_run_dir, render_report, summary
+from fedllm.report import MetricsLog, format_summary, make_run_dir, render_report, summary, write_config
 from fedllm.updates import lora, zo
 from strategies import get_strategy
 from strategies.base import payload_bytes
@@ -214,7 +214,7 @@ def run(grid: Grid, cfg: Config) -> Path:
             checkpoint.restore(outer, ckpt["wrapper"])
         checkpoint.set_rng_state(ckpt["rng"])
         metrics.reset(ckpt["metrics"])
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_flat(), indent=2, sort_keys=True) + "\n")
+        write_config(run_dir, cfg)  # server.num-rounds may have grown
         log.info("resumed %s after round %d of %d", run_dir, ckpt["round"], n_rounds)
     else:
         first = 1
