@@ -57,24 +57,21 @@ def poisoned(kind: str, delta: State, seed: int, noise_scale: float = 1.0, scale
 def attacked(kind: str, local: State, global_state: State, seed: int, noise_scale: float = 1.0,
              scale: float = 10.0) -> State:
     """The local state a LoRA attacker sends: global + poisoned(local - global)."""
-    delta = {k: local[k].float() - global_state[k].float() for k in local}
-    bad = poisoned(kind, delta, seed, noise_scale, scale)
     if kind == "zero":
         return {k: t.clone() for k, t in global_state.items()}  # the global bytes themselves
+    delta = {k: local[k].float() - global_state[k].float() for k in local}
+    bad = poisoned(kind, delta, seed, noise_scale, scale)
     return {k: (global_state[k].float() + bad[k]).to(local[k].dtype) for k in local}
 
 
 def attacked_pairs(kind: str, pairs: list[tuple[int, float]], seed: int, noise_scale: float = 1.0,
                    scale: float = 10.0) -> list[tuple[int, float]]:
     """The (seed index, scalar) pairs a zo attacker sends instead of its honest `pairs`."""
-    if not pairs:
-        return pairs
-    idx = torch.tensor([i for i, _ in pairs])
+    if kind == "zero" or not pairs:
+        return []
     values = {"g": torch.tensor([g for _, g in pairs], dtype=torch.float64)}
     bad = poisoned(kind, values, seed, noise_scale, scale)["g"]
-    if kind == "zero":
-        return []
-    return list(zip(idx.tolist(), bad.tolist()))
+    return list(zip([i for i, _ in pairs], bad.tolist()))
 
 
 def flip_labels(examples: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:

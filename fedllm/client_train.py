@@ -77,28 +77,21 @@ def round_seed(cfg: Config, server_round: int, pid: int) -> int:
     return cfg.train.seed * 1_000_003 + server_round * 1009 + pid
 
 
-REPLAY, REPLAY_ARRAYS = "attack-replay", "attack-replay-arrays"  # context.state: a replay attacker's last reply
+REPLAY = "attack-replay-"  # context.state: a replay attacker's last update records, under this prefix
+UPDATE_RECORDS = ("arrays", "update", "zo")
 
 
 def replayed(context: Context, metrics: dict[str, Any]) -> RecordDict | None:
     """A replay attacker's previous update records with this round's metrics, or None in its
     first round."""
-    held = context.state.config_records.get(REPLAY)
-    if held is None:
-        return None
-    if held.get("kind") == "arrays":
-        return RecordDict({"arrays": context.state.array_records[REPLAY_ARRAYS], "metrics": MetricRecord(metrics)})
-    return RecordDict({held["kind"]: ConfigRecord({k: v for k, v in held.items() if k != "kind"}),
-                       "metrics": MetricRecord(metrics)})
+    held = {name: context.state[REPLAY + name] for name in UPDATE_RECORDS if REPLAY + name in context.state}
+    return RecordDict({**held, "metrics": MetricRecord(metrics)}) if held else None
 
 
 def keep_for_replay(context: Context, reply: RecordDict) -> None:
-    if "arrays" in reply.array_records:
-        context.state[REPLAY_ARRAYS] = reply.array_records["arrays"]
-        context.state[REPLAY] = ConfigRecord({"kind": "arrays"})
-    else:
-        kind = "zo" if "zo" in reply.config_records else "update"
-        context.state[REPLAY] = ConfigRecord({"kind": kind, **dict(reply.config_records[kind])})
+    for name in UPDATE_RECORDS:
+        if name in reply:
+            context.state[REPLAY + name] = reply[name]
 
 
 def handle(request: RecordDict, context: Context, started: float | None = None) -> RecordDict:
