@@ -197,7 +197,8 @@ def flag_updates(vectors: torch.Tensor, hashes: list[bytes], history: History,
     if n == 0:
         return flags
     norms = vectors.norm(dim=1)  # (n,)
-    idle = (norms <= rules.free_rider_ratio * norms.median()) | (norms == 0)  # (n,)
+    median = norms.median()
+    idle = (norms <= rules.free_rider_ratio * median) | (norms == 0)  # (n,)
     units = vectors / norms.clamp_min(1e-300)[:, None]  # (n, D)
     units[idle] = 0.0  # a zero update has no direction to judge, nor to lend
     cos_others = cosine_with_others_median(units, ~idle)  # (n,)
@@ -205,7 +206,7 @@ def flag_updates(vectors: torch.Tensor, hashes: list[bytes], history: History,
     for g in history.global_deltas:
         if g.norm() > 0:
             stale |= units @ g >= rules.stale_cosine * float(g.norm())
-    big = norms > rules.oversize_ratio * norms.median() if rules.oversize_ratio > 0 else torch.zeros(n, dtype=torch.bool)
+    big = norms > rules.oversize_ratio * median if rules.oversize_ratio > 0 else torch.zeros(n, dtype=torch.bool)
     for i in range(n):
         if idle[i]:
             flags[i].append("free-rider")
