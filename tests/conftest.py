@@ -77,3 +77,15 @@ def reply_to(node: int, content):
 
     out = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=MessageType.TRAIN)
     return Message(content, reply_to=out)
+
+
+def tiny_run_config(tiny_model_dir, tmp_path, **over):
+    """The config of a short in-process run of the tiny model (2 rounds of 2 steps, 2 families),
+    with `over` on top: for tests that drive `fedllm.server_app.run` through a LocalGrid."""
+    from fedllm.config import Config
+
+    flat = {"model.name": str(tiny_model_dir), "server.run-dir": str(tmp_path), "server.run-name": "run",
+            "server.num-rounds": 2, "server.min-clients": 1, "data.families": "parity,arithmetic",
+            "data.train-per-family": 8, "data.eval-per-family": 2, "train.local-steps": 2, "lora.dropout": 0.0,
+            "server.exact-match-examples": 2, "server.max-new-tokens": 2, **over}
+    return Config.from_flat(flat)

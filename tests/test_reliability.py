@@ -19,7 +19,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from safetensors.torch import load_file
 
-from conftest import reply_to
+from conftest import reply_to, tiny_run_config
 from fedllm import checkpoint
 from fedllm.attacks import attacked, attacked_pairs, flip_labels, poisoned
 from fedllm.compression import PRESETS, encode, parse
@@ -219,19 +219,11 @@ def test_the_matrix_is_large_enough():
 
 # --- rounds with missing and failing clients, in process -----------------------------------
 
-def _tiny_cfg(tiny_model_dir, tmp_path, **over):
-    flat = {"model.name": str(tiny_model_dir), "server.run-dir": str(tmp_path), "server.run-name": "run",
-            "server.num-rounds": 2, "server.min-clients": 1, "data.families": "parity,arithmetic",
-            "data.train-per-family": 8, "data.eval-per-family": 2, "train.local-steps": 2, "lora.dropout": 0.0,
-            "server.exact-match-examples": 2, "server.max-new-tokens": 2, **over}
-    return Config.from_flat(flat)
-
-
 @pytest.mark.usefixtures("task_identity")
 def test_missing_and_failing_clients_are_counted_and_the_round_completes(tiny_model_dir, tmp_path):
     from fedllm.server_app import run
 
-    cfg = _tiny_cfg(tiny_model_dir, tmp_path, **{"server.round-timeout": 1.0, "attack.clients": "2=crash"})
+    cfg = tiny_run_config(tiny_model_dir, tmp_path, **{"server.round-timeout": 1.0, "attack.clients": "2=crash"})
     run_dir = run(LocalGrid(3, silent={2}), cfg)  # node 2 never answers, node 3 (partition 2) raises
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for r in rows[1:]:
@@ -246,11 +238,11 @@ def test_too_few_replies_retry_then_stop_with_the_checkpoint(tiny_model_dir, tmp
     from fedllm.server_app import RoundFailed, run
 
     grid = LocalGrid(2)
-    cfg = _tiny_cfg(tiny_model_dir, tmp_path, **{"server.num-rounds": 1})
+    cfg = tiny_run_config(tiny_model_dir, tmp_path, **{"server.num-rounds": 1})
     run(grid, cfg)
     sent = grid.sent
     grid = LocalGrid(2)
-    cfg = _tiny_cfg(tiny_model_dir, tmp_path, **{"server.run-name": "fails", "server.min-replies": 2,
+    cfg = tiny_run_config(tiny_model_dir, tmp_path, **{"server.run-name": "fails", "server.min-replies": 2,
                                                  "server.round-retries": 2, "attack.clients": "1=crash"})
     with pytest.raises(RoundFailed, match=r"round 1: too few valid replies \(1 valid of 2 sent; .*server.min-replies=2"):
         run(grid, cfg)
@@ -264,13 +256,13 @@ def test_resume_in_process_reaches_the_same_state_and_refuses_another_config(tin
 
     over = {"server.strategy": "fedadam", "strategy.server-lr": 0.01, "compression.down": "int8",
             "server.num-rounds": 3}
-    whole = run(LocalGrid(2), _tiny_cfg(tiny_model_dir, tmp_path, **{**over, "server.run-name": "whole"}))
-    part = run(LocalGrid(2), _tiny_cfg(tiny_model_dir, tmp_path, **{**over, "server.run-name": "part",
+    whole = run(LocalGrid(2), tiny_run_config(tiny_model_dir, tmp_path, **{**over, "server.run-name": "whole"}))
+    part = run(LocalGrid(2), tiny_run_config(tiny_model_dir, tmp_path, **{**over, "server.run-name": "part",
                                                                     "server.num-rounds": 1}))
     with pytest.raises(ConfigError, match="server.resume: lora.rank is 16"):
-        run(LocalGrid(2), _tiny_cfg(tiny_model_dir, tmp_path, **{**over, "server.resume": str(part),
+        run(LocalGrid(2), tiny_run_config(tiny_model_dir, tmp_path, **{**over, "server.resume": str(part),
                                                                  "lora.rank": 16}))
-    run(LocalGrid(2), _tiny_cfg(tiny_model_dir, tmp_path, **{**over, "server.resume": str(part)}))
+    run(LocalGrid(2), tiny_run_config(tiny_model_dir, tmp_path, **{**over, "server.resume": str(part)}))
     a, b = load_file(whole / "adapter" / "adapter_model.safetensors"), load_file(part / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
@@ -323,7 +315,7 @@ def test_attack_clients_send_what_they_claim(tiny_model_dir, tmp_path):
     from fedllm.attacks import Crash
     from fedllm.client_train import handle
 
-    cfg = _tiny_cfg(tiny_model_dir, tmp_path, **{"attack.clients": "1=replay,2=duplicate,3=sign-flip,4=crash",
+    cfg = tiny_run_config(tiny_model_dir, tmp_path, **{"attack.clients": "1=replay,2=duplicate,3=sign-flip,4=crash",
                                                   "attack.victim": 0})
     contexts = {pid: Context(run_id=1, node_id=pid + 1, state=RecordDict(), run_config={},
                              node_config={"partition-id": pid, "num-partitions": 5}) for pid in range(5)}
@@ -443,10 +435,10 @@ def test_zo_resume_in_process_reaches_the_accumulators_up_to_the_perturbation_dr
 
     over = {"train.method": "zo", "zo.num-seeds": 64, "train.local-steps": 3, "train.lr": 1e-4,
             "server.num-rounds": 3}
-    whole = run(LocalGrid(2), _tiny_cfg(tiny_model_dir, tmp_path, **{**over, "server.run-name": "whole"}))
-    part = run(LocalGrid(2), _tiny_cfg(tiny_model_dir, tmp_path, **{**over, "server.run-name": "part",
+    whole = run(LocalGrid(2), tiny_run_config(tiny_model_dir, tmp_path, **{**over, "server.run-name": "whole"}))
+    part = run(LocalGrid(2), tiny_run_config(tiny_model_dir, tmp_path, **{**over, "server.run-name": "part",
                                                                     "server.num-rounds": 2}))
-    run(LocalGrid(2), _tiny_cfg(tiny_model_dir, tmp_path, **{**over, "server.resume": str(part)}))
+    run(LocalGrid(2), tiny_run_config(tiny_model_dir, tmp_path, **{**over, "server.resume": str(part)}))
     a = zo.Accumulators.from_bytes((whole / "zo" / "accumulators.bin").read_bytes(), 64)
     b = zo.Accumulators.from_bytes((part / "zo" / "accumulators.bin").read_bytes(), 64)
     assert a.version == b.version == 3 and torch.equal(a.acc != 0, b.acc != 0)

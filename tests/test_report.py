@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from fedllm.config import Config
+from conftest import tiny_run_config
 from fedllm.local_grid import LocalGrid
 from fedllm.report import REPORT
 
@@ -54,11 +54,7 @@ def _load(chromium: str, page) -> dict[str, str]:
 def _small_run(tiny_model_dir, tmp_path, name, **over):
     from fedllm.server_app import run
 
-    flat = {"model.name": str(tiny_model_dir), "server.run-dir": str(tmp_path), "server.run-name": name,
-            "server.num-rounds": 2, "server.min-clients": 1, "data.families": "parity,arithmetic",
-            "data.train-per-family": 8, "data.eval-per-family": 2, "train.local-steps": 2,
-            "server.exact-match-examples": 2, "server.max-new-tokens": 2, **over}
-    return run(LocalGrid(3), Config.from_flat(flat))
+    return run(LocalGrid(3), tiny_run_config(tiny_model_dir, tmp_path, **{"server.run-name": name, **over}))
 
 
 def test_report_of_a_real_run_shows_every_plot_in_headless_chromium(tiny_model_dir, tmp_path, chromium):
