@@ -2,8 +2,9 @@
 
 RUN_DIR/checkpoint.pt holds the round number, the global state (the adapter; for zo the
 accumulators live in the strategy), the strategy's state (optimizer moments, round history,
-node versions, error-feedback residual: every attribute but the config and the last round's
-replies), the random number generators' states, the ledger cursor and the metrics rows so far.
+error-feedback residual: every attribute but the config, the last round's replies and what the
+class names `transient`), a wrapper's (DP) state, the random number generators' states, the
+ledger cursor and the metrics rows so far.
 It is written to a temporary file, flushed to disk and renamed over the old one, so a kill at
 any moment leaves the previous round's checkpoint or the new one, never half of one.
 

@@ -164,8 +164,9 @@ class ServerConfig:
     min_replies: int = _help("Fewest valid replies a round needs; with fewer the round is retried.", 1)
     round_retries: int = _help("Times a round with too few valid replies is tried again before the run stops "
                                "(its checkpoint kept for --resume).", 1)
-    max_reply_bytes: int = _help("Largest update payload accepted, in bytes; 0: three times the dense float32 "
-                                 "global state (LoRA), or the largest possible zo upload.", 0)
+    max_reply_bytes: int = _help("Largest update payload accepted, in bytes; 0: the strategy's default (three "
+                                 "times the dense float32 adapter for LoRA, the largest valid factors for exact-lora, "
+                                 "the largest possible upload for zo).", 0)
     max_update_norm: float = _help("Replies whose update has a larger L2 norm are dropped (LoRA delta, or zo "
                                    "per-seed sums); 0: no bound.", 0.0)
     checkpoint: bool = _help("Write RUN_DIR/checkpoint.pt after every round (atomically), for --resume.", True)
