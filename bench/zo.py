@@ -23,7 +23,7 @@ import torch
 
 from fedllm.config import Config
 from fedllm.model import load_base_model
-from fedllm.updates import zo
+from fedllm.methods.zo import engine as zo
 from strategies import FedKSeed, Update
 
 OUT = Path(__file__).with_suffix(".json")

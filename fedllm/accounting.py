@@ -21,6 +21,7 @@ import torch
 from fedllm import contribution, ledger
 from fedllm.config import Config
 from fedllm.merkle import Leaf, MerkleTree
+from fedllm.protocol import RoundResult
 
 log = logging.getLogger(__name__)
 
@@ -113,19 +114,20 @@ class LedgerSession:
         tmp.replace(path)
 
     # --- one round ----------------------------------------------------------------------------
-    def record(self, server_round: int, signers: dict[int, tuple[str, bytes]], strategy: Any, model_hash: bytes,
-               utility_of: UtilityOf | None = None) -> dict[str, Any]:
+    def record(self, server_round: int, signers: dict[int, tuple[str, bytes]], result: RoundResult,
+               model_hash: bytes, utility_of: UtilityOf | None = None) -> dict[str, Any]:
         """Score, reward and penalise the round's clients (`signers`: node -> (account, update
-        hash), from `signers()`); returns the metrics row's "ledger"."""
+        hash), from `signers()`; `result`: the round's accepted and dropped replies); returns
+        the metrics row's "ledger"."""
         t0 = time.perf_counter()
-        updates = list(getattr(strategy, "updates", []))
+        updates = list(result.updates)
         vectors = (torch.stack([contribution.flatten(u.delta) for u in updates]) if updates
                    else torch.zeros(0, 1, dtype=torch.float64))
         digests = [signers.get(u.node_id, (None, b""))[1] for u in updates]
         flags = contribution.flag_updates(vectors, digests, self.history, self.rules)
         broken = self.broken_commitments(server_round, signers)
         for i, u in enumerate(updates):
-            if u.node_id in getattr(strategy, "outliers", []):
+            if u.node_id in result.outliers:
                 flags[i].append("outlier")
             if u.node_id in broken:
                 flags[i].append("invalid")  # not the update it committed to on chain
@@ -136,9 +138,10 @@ class LedgerSession:
             weights = [updates[i].num_examples for i in honest]
             mean = sum(w * vectors[i] for w, i in zip(weights, honest)) / sum(weights)
             utility = (lambda s: utility_of([honest[j] for j in s])) if utility_of else None
-            scorer = contribution.get_scorer(self.lc.scorer)
+            entry = contribution.SCORERS.get(self.lc.scorer)
+            scorer = entry.impl
             opts = {"options": contribution.ShapleyOptions(self.lc.shapley_permutations, seed=server_round)} \
-                if self.lc.scorer == "shapley" else {}
+                if entry.meta.get("options") else {}
             for i, s in zip(honest, scorer(vectors[honest], weights, mean, utility, **opts)):
                 scores[i] = s
         # clients: (node, account, digest, score, flags) for every signed reply
@@ -146,7 +149,7 @@ class LedgerSession:
         for i, u in enumerate(updates):
             if u.node_id in signers:
                 rows.append((u.node_id, *signers[u.node_id], scores[i], flags[i]))
-        for node, reason in getattr(strategy, "dropped", []):
+        for node, reason in result.dropped:
             if node in signers and not reason.startswith("client error"):
                 rows.append((node, *signers[node], 0.0, ["invalid"]))
         fixed = [int(max(s, 0.0) * SCORE_SCALE) for *_, s, _ in rows]

@@ -27,6 +27,9 @@ import torch
 State = dict[str, torch.Tensor]
 
 
+POISONING = ("zero", "noise", "sign-flip", "scale")  # the kinds that rewrite an honest update
+
+
 class Crash(RuntimeError):
     """Raised by an attack.clients crash client."""
 
@@ -52,26 +55,6 @@ def poisoned(kind: str, delta: State, seed: int, noise_scale: float = 1.0, scale
         factor = float(noise_scale * honest / size) if size > 0 else 0.0
         return {k: (factor * noise[k]).to(delta[k].dtype) for k in delta}
     return delta
-
-
-def attacked(kind: str, local: State, global_state: State, seed: int, noise_scale: float = 1.0,
-             scale: float = 10.0) -> State:
-    """The local state a LoRA attacker sends: global + poisoned(local - global)."""
-    if kind == "zero":
-        return {k: t.clone() for k, t in global_state.items()}  # the global bytes themselves
-    delta = {k: local[k].float() - global_state[k].float() for k in local}
-    bad = poisoned(kind, delta, seed, noise_scale, scale)
-    return {k: (global_state[k].float() + bad[k]).to(local[k].dtype) for k in local}
-
-
-def attacked_pairs(kind: str, pairs: list[tuple[int, float]], seed: int, noise_scale: float = 1.0,
-                   scale: float = 10.0) -> list[tuple[int, float]]:
-    """The (seed index, scalar) pairs a zo attacker sends instead of its honest `pairs`."""
-    if kind == "zero" or not pairs:
-        return []
-    values = {"g": torch.tensor([g for _, g in pairs], dtype=torch.float64)}
-    bad = poisoned(kind, values, seed, noise_scale, scale)["g"]
-    return list(zip([i for i, _ in pairs], bad.tolist()))
 
 
 def flip_labels(examples: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:

@@ -1,10 +1,10 @@
 """Checkpoints: what the server needs to go on after a crash, written after every round.
 
-RUN_DIR/checkpoint.pt holds the round number, the global state (the adapter; for zo the
-accumulators live in the strategy), the strategy's state (optimizer moments, round history,
-error-feedback residual: every attribute but the config, the last round's replies and what the
-class names `transient`), a wrapper's (DP) state, the random number generators' states, the
-ledger cursor and the metrics rows so far.
+RUN_DIR/checkpoint.pt holds the round number, the config, the strategy's `state_dict()` (the
+method's: global state, downlink history, error-feedback residual; the rule chain's: server
+optimizer moments, by position and name), the random number generators' states, the ledger
+cursor and the metrics rows so far. What each node holds is not kept: a resumed run is a new
+Flower run whose nodes start empty, so they get the full state first.
 It is written to a temporary file, flushed to disk and renamed over the old one, so a kill at
 any moment leaves the previous round's checkpoint or the new one, never half of one.
 
@@ -29,16 +29,8 @@ from fedllm.errors import ConfigError
 log = logging.getLogger(__name__)
 
 FILE = "checkpoint.pt"
-FORMAT = 1
-TRANSIENT = frozenset({"cfg", "updates", "dropped", "strategy"})  # rebuilt, or the last round's only
+FORMAT = 2  # 2: named state_dicts (1 pickled the strategy's attributes)
 MAY_DIFFER = frozenset({"server.resume", "server.num-rounds", "server.run-dir", "server.run-name"})
-
-
-def object_state(obj: Any) -> dict[str, Any]:
-    """An object's attributes to carry over (a strategy's, or a wrapper's around it); a class
-    names what its constructor rebuilds from the config in `transient` (e.g. codec objects)."""
-    skip = TRANSIENT | frozenset(getattr(obj, "transient", ()))
-    return {k: v for k, v in vars(obj).items() if k not in skip}
 
 
 def rng_state() -> dict[str, Any]:
@@ -94,7 +86,3 @@ def load(run_dir: Path, flat_config: dict[str, Any]) -> dict[str, Any]:
                           f"{ckpt['round']} rounds the checkpoint has done")
     return ckpt
 
-
-def restore(obj: Any, state: dict[str, Any]) -> None:
-    for k, v in state.items():
-        setattr(obj, k, v)

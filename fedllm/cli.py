@@ -37,7 +37,8 @@ def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float
     """
     from fedllm.data import load_splits
     from fedllm.model import resolve
-    from fedllm.server_app import ERROR_FILE, strategy_class
+    from fedllm.server_app import ERROR_FILE
+    from strategies import resolve as resolve_strategy
 
     if resume is not None:
         overrides = {**resumed_config(resume), **overrides, "server.resume": str(resume),
@@ -47,7 +48,7 @@ def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float
     cfg = Config.from_flat(overrides)
     if num_clients < cfg.server.min_clients:
         raise FedLLMError(f"--num-clients: {num_clients} is below server.min-clients={cfg.server.min_clients}")
-    strategy_class(cfg)(cfg)  # a strategy may refuse the config (e.g. exact-lora with compression)
+    resolve_strategy(cfg)  # the method and rule chain may refuse the config (e.g. zo with compression)
     if cfg.ledger.enabled:
         from fedllm.ledger import preflight
 

@@ -110,7 +110,8 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    method: str = _help("Update kind: lora (PEFT adapters) or zo (seed-based zeroth-order).", "lora")
+    method: str = _help("Training method from the registry: lora (PEFT adapters), exact-lora (LoRA with exact "
+                        "stacked aggregation; client ranks may differ) or zo (seed-based zeroth-order).", "lora")
     local_steps: int = _help("Optimizer steps per client per round (tau for zo).", 10)
     batch_size: int = _help("Examples per micro-batch.", 4)
     grad_accum: int = _help("Micro-batches accumulated per optimizer step.", 1)
@@ -126,7 +127,6 @@ class TrainConfig:
         _positive("train.grad-accum", self.grad_accum)
         _positive("train.lr", self.lr)
         _choice("train.precision", self.precision, ("no", "bf16", "fp16"))
-        _choice("train.method", self.method, ("lora", "zo"))
 
 
 @dataclass
@@ -156,7 +156,8 @@ class ZOConfig:
 class ServerConfig:
     num_rounds: int = _help("Federated rounds.", 3)
     strategy: str = _help(
-        "Strategy name from the registry, or 'module:Class'; '' picks fedavg for lora, fedkseed for zo.", "")
+        "Rule chain: an aggregation rule then server optimizers, e.g. 'fedavg', 'median > fedadam', 'fedadam', or a "
+        "rule function 'module:function'; '' picks the method's default rule (fedavg; exact-lora: stack).", "")
     fraction_train: float = _help("Share of connected clients sampled each round.", 1.0)
     min_clients: int = _help("Fewest clients a round needs.", 2)
     round_timeout: float = _help("Seconds to wait for client replies; a client that has not replied by then is "
@@ -282,8 +283,8 @@ class LedgerConfig:
     unbonding_seconds: int = _help("Seconds between a client's unbond request and its withdrawal; penalties "
                                    "apply until then.", 86400)
     slashed_to: str = _help("Where slashed stake goes: 'pool' (funds rewards) or 'burn' (locked for good).", "pool")
-    scorer: str = _help("Contribution score: cosine (to the aggregate, no data), loo (leave-one-out validation "
-                        "loss) or shapley (GTG-Shapley; for a few clients).", "cosine")
+    scorer: str = _help("Contribution scorer from the registry: cosine (to the aggregate, no data), loo "
+                        "(leave-one-out validation loss) or shapley (GTG-Shapley; for a few clients).", "cosine")
     validation_examples: int = _help("Held-out examples of the loo and shapley validation loss.", 16)
     shapley_permutations: int = _help("GTG-Shapley: most permutations sampled per round.", 20)
     penalties: str = _help("Share of the stake slashed per flag, 'flag=fraction,...' (flags: "
@@ -301,7 +302,6 @@ class LedgerConfig:
     def __post_init__(self) -> None:
         _choice("ledger.client-keys", self.client_keys, ("simulated", "node"))
         _choice("ledger.slashed-to", self.slashed_to, ("pool", "burn"))
-        _choice("ledger.scorer", self.scorer, ("cosine", "loo", "shapley"))
         for key, value in (("ledger.pool", self.pool), ("ledger.stake", self.stake),
                            ("ledger.min-stake", self.min_stake), ("ledger.reward-per-round", self.reward_per_round),
                            ("ledger.unbonding-seconds", self.unbonding_seconds),
@@ -378,19 +378,6 @@ class Config:
     dp: DPConfig = field(default_factory=DPConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
-
-    def __post_init__(self) -> None:
-        if self.train.method == "zo" and (self.compression.up or self.compression.down):
-            raise ConfigError("compression.up/down: codecs apply to LoRA updates; zo uploads are sized by zo.bits")
-        if self.dp.clipping_norm > 0 and (self.compression.up or self.compression.down or self.train.method != "lora"):
-            raise ConfigError("dp.clipping-norm: differential privacy needs train.method=lora without compression "
-                              "(Flower's clipping mod works on the float32 arrays)")
-        if self.ledger.enabled and self.train.method == "zo" and self.ledger.scorer != "cosine":
-            raise ConfigError(f"ledger.scorer: {self.ledger.scorer} needs a validation loss per subset of updates, "
-                              "which fedllm computes for LoRA; use cosine with train.method=zo")
-        if self.ledger.enabled and self.server.strategy == "exact-lora" and self.ledger.scorer != "cosine":
-            raise ConfigError(f"ledger.scorer: {self.ledger.scorer} evaluates averaged adapters, which exact-lora "
-                              "does not build; use cosine")
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any] | None = None) -> "Config":

@@ -1,6 +1,6 @@
 """Per-client contribution scores and dishonesty flags, from one round's updates.
 
-Scorers (a small registry, `SCORERS`; `ledger.scorer` picks one):
+Scorers (a registry, `SCORERS`; `ledger.scorer` picks one):
 - `cosine`: cosine similarity of each update to the round's aggregate; cheap, needs no data.
 - `loo`: leave-one-out, u(N) - u(N minus i), where u(S) is the utility (minus the validation
   loss) of the global model moved by the example-weighted mean of the updates in S.
@@ -10,7 +10,7 @@ Scorers (a small registry, `SCORERS`; `ledger.scorer` picks one):
   as 0), the whole round scores 0 when |u(N) - u(empty)| <= `min_gain`, and sampling stops
   when the estimates change by less than `tolerance` (relative) or after `max_permutations`.
 A scorer is `f(vectors, weights, aggregate, utility) -> list[float]`; register yours with
-`@register_scorer("name")`.
+`@register_scorer("name")` (with `needs_utility=True` if it calls `utility`).
 
 Flags (`flag_updates`) name what an update looks like, for a penalty: `free-rider` (norm below
 `free_rider_ratio` x the median norm: a zero or near-zero update), `noise` (no more aligned
@@ -27,26 +27,21 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
+from fedllm.registry import Registry
+
 Utility = Callable[[frozenset[int]], float]
 Scorer = Callable[[torch.Tensor, list[float], torch.Tensor, Utility | None], list[float]]
-SCORERS: dict[str, Scorer] = {}
-FLAGS = ("free-rider", "noise", "duplicate", "replay", "stale", "outlier", "invalid")
+SCORERS: Registry[Scorer] = Registry("scorer", "ledger.scorer")
 
 
-def register_scorer(name: str) -> Callable[[Scorer], Scorer]:
-    """Add a scorer under a unique lower-case name."""
-    if name != name.lower() or name in SCORERS:
-        raise ValueError(f"scorer name {name!r} must be lower-case and unused")
-
-    def add(fn: Scorer) -> Scorer:
-        SCORERS[name] = fn
-        return fn
-
-    return add
+def register_scorer(name: str, **meta: Any) -> Callable[[Scorer], Scorer]:
+    """Decorator: add a scorer under a unique lower-case name. Metadata: needs_utility (it
+    calls the method's validation utility), options (it takes ShapleyOptions)."""
+    return SCORERS.register(name, **meta)
 
 
 def flatten(state: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -69,7 +64,7 @@ def cosine_scores(vectors: torch.Tensor, weights: list[float], aggregate: torch.
     return [cosine(v, aggregate) for v in vectors]
 
 
-@register_scorer("loo")
+@register_scorer("loo", needs_utility=True)
 def leave_one_out(vectors: torch.Tensor, weights: list[float], aggregate: torch.Tensor,
                   utility: Utility | None = None) -> list[float]:
     """u(N) - u(N minus {i}): how much worse the round would be without client i."""
@@ -91,7 +86,7 @@ class ShapleyOptions:
 SHAPLEY = ShapleyOptions()
 
 
-@register_scorer("shapley")
+@register_scorer("shapley", needs_utility=True, options=True)
 def gtg_shapley(vectors: torch.Tensor, weights: list[float], aggregate: torch.Tensor,
                 utility: Utility | None = None, options: ShapleyOptions | None = None) -> list[float]:
     """GTG-Shapley estimate of each client's share of u(N) - u(empty)."""
@@ -129,12 +124,6 @@ def gtg_shapley(vectors: torch.Tensor, weights: list[float], aggregate: torch.Te
         if t >= n and change < opt.tolerance:
             break
     return estimate
-
-
-def get_scorer(name: str) -> Scorer:
-    if name not in SCORERS:
-        raise ValueError(f"unknown scorer {name!r}; known: {', '.join(sorted(SCORERS))}")
-    return SCORERS[name]
 
 
 @dataclass

@@ -28,10 +28,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
 
+from fedllm.protocol import CONFIG, LEDGER
 from fedllm.errors import FedLLMError
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "contracts" / "artifacts"
-LEDGER_RECORD = "ledger"  # the reply's record with the client's account and signature
+LEDGER_RECORD = LEDGER  # the reply's record with the client's account and signature
 
 
 class LedgerError(FedLLMError):
@@ -280,7 +281,7 @@ def update_hash(content: Any) -> bytes:
         for key in sorted(record):
             parts += [f"{name}/{key}".encode(), bytes(record[key].data)]
     for name in sorted(content.config_records):
-        if name in (LEDGER_RECORD, "config"):
+        if name in (LEDGER_RECORD, CONFIG):
             continue
         record = content.config_records[name]
         for key in sorted(record):

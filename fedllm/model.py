@@ -171,3 +171,14 @@ def _load(cfg: ModelConfig) -> tuple[Any, Any]:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+def save_merged(model: Any, tokenizer: Any, path: Path) -> None:
+    """Save a full model that loads with AutoModelForCausalLM; a PEFT model's adapters are
+    merged into a copy, so the cached model keeps them."""
+    import copy
+
+    if hasattr(model, "merge_and_unload"):  # a PeftModel
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)

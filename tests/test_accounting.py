@@ -13,7 +13,9 @@ from fedllm import ledger
 from fedllm.accounting import LedgerSession
 from fedllm.config import Config
 from fedllm.merkle import Leaf, verify
-from strategies import FedAvg
+from fedllm.methods.lora import LoraServer
+from fedllm.protocol import RoundResult
+from strategies import build
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 from conftest import reply_to  # noqa: E402
@@ -35,6 +37,12 @@ def _reply(session, node, pid, local, server_round=1, sign=True, key=None):
     return reply_to(node, content)
 
 
+def _collected(strategy, server_round, replies) -> RoundResult:
+    """The round's validated replies as the RoundResult the ledger reads (nothing applied)."""
+    updates, dropped = strategy.collect(server_round, replies)
+    return RoundResult(server_round, tuple(updates), tuple(dropped))
+
+
 def _honest(g, seed, common):
     gen = torch.Generator().manual_seed(seed)
     return {k: t + common[k] + 0.5 * torch.randn(t.shape, generator=gen) for k, t in g.items()}
@@ -43,9 +51,8 @@ def _honest(g, seed, common):
 def test_a_round_credits_signed_honest_clients_and_penalises_the_rest(tmp_path):
     cfg = Config.from_flat({"ledger.enabled": True, "ledger.reward-per-round": 3.0})
     session = LedgerSession(cfg, tmp_path)
-    strategy = FedAvg(cfg)
     g = _global()
-    strategy.global_state = g
+    strategy = build(cfg, LoraServer(cfg, g))
     gen = torch.Generator().manual_seed(0)
     common = {k: torch.randn(t.shape, generator=gen) for k, t in g.items()}
     # node 15 commits on chain to one update, then sends another
@@ -62,12 +69,12 @@ def test_a_round_credits_signed_honest_clients_and_penalises_the_rest(tmp_path):
         _reply(session, 15, 5, _honest(g, 5, common)),
         _reply(session, 16, 6, _honest(g, 6, common), key=ledger.derived_account(session.lc.seed, "client-0")),
     ]
-    strategy.collect(1, replies)
-    assert sorted(n for n, _ in strategy.dropped) == [14]
+    result = _collected(strategy, 1, replies)
+    assert sorted(n for n, _ in result.dropped) == [14]
     signers = session.signers(1, replies)
     # node 16 signs with client 0's key: the account belongs to node 10, so node 16 gets nothing
     assert sorted(signers) == [10, 11, 12, 14, 15]
-    out = session.record(1, signers, strategy, b"\x02" * 32)
+    out = session.record(1, signers, result, b"\x02" * 32)
     assert out["flags"] == {"14": ["invalid"], "15": ["invalid"]}
     assert set(out["slashed"]) == {"14", "15"} and out["slashed"]["14"] == ETH // 10  # invalid: 0.1 of 1 ETH
     assert all(out["rewards"][n] > 0 for n in ("10", "11", "12"))
@@ -92,8 +99,6 @@ def test_a_round_credits_signed_honest_clients_and_penalises_the_rest(tmp_path):
 def test_node_keys_need_their_own_registration(tmp_path):
     cfg = Config.from_flat({"ledger.enabled": True, "ledger.client-keys": "node"})
     session = LedgerSession(cfg, tmp_path)
-    strategy = FedAvg(cfg)
-    strategy.global_state = _global()
     key = ledger.dev_account(session.w3, 7, "site-a", 5)
     reply = _reply(session, 21, 0, _honest(_global(), 1, _global()), key=key)
     assert session.signers(1, [reply]) == {}  # not registered: no reward
@@ -114,13 +119,12 @@ def test_a_resumed_ledger_continues_on_a_chain_node_and_refuses_the_in_process_c
     with ledger.anvil() as url:
         cfg = Config.from_flat({"ledger.enabled": True, "ledger.chain": url})
         first = LedgerSession(cfg, tmp_path)
-        strategy = FedAvg(cfg)
-        strategy.global_state = g = _global()
+        g = _global()
+        strategy = build(cfg, LoraServer(cfg, g))
         gen = torch.Generator().manual_seed(0)
         common = {k: torch.randn(t.shape, generator=gen) for k, t in g.items()}
         replies = [_reply(first, 10 + p, p, _honest(g, p, common)) for p in range(3)]
-        strategy.collect(1, replies)
-        first.record(1, first.signers(1, replies), strategy, b"\x01" * 32)
+        first.record(1, first.signers(1, replies), _collected(strategy, 1, replies), b"\x01" * 32)
         cursor = first.cursor()
         assert cursor["round"] == 1 and len(cursor["accounts"]) == 3
         with pytest.raises(ConfigError, match="recorded up to round 1, the checkpoint up to round 0"):
@@ -128,8 +132,7 @@ def test_a_resumed_ledger_continues_on_a_chain_node_and_refuses_the_in_process_c
         again = LedgerSession(cfg, tmp_path, cursor)  # new SuperNode ids after a restart: 20, 21, 22
         assert again.address == first.address
         replies = [_reply(again, 20 + p, p, _honest(g, 10 + p, common), server_round=2) for p in range(3)]
-        strategy.collect(2, replies)
-        row = again.record(2, again.signers(2, replies), strategy, b"\x02" * 32)
+        row = again.record(2, again.signers(2, replies), _collected(strategy, 2, replies), b"\x02" * 32)
         assert sorted(row["rewards"]) == ["20", "21", "22"] and sum(row["rewards"].values()) > 0
         owed = {a: acct["cumulative"] for a, acct in again.accounts.items()}
         snapshot = again.finish()  # the claims of both rounds, through the resumed session

@@ -72,10 +72,12 @@ def test_gtg_shapley_truncates():
 
 def test_scorers_registry():
     assert set(SCORERS) >= {"cosine", "loo", "shapley"}
-    with pytest.raises(ValueError, match="lower-case and unused"):
-        register_scorer("cosine")
+    with pytest.raises(ValueError, match="registered already"):
+        register_scorer("cosine")(lambda *args: [])
+    with pytest.raises(ValueError, match="lower-case"):
+        register_scorer("Cosine")
     with pytest.raises(ValueError, match="needs a validation utility"):
-        SCORERS["loo"](torch.zeros(2, 1), [1.0, 1.0], torch.zeros(1), None)
+        SCORERS.get("loo").impl(torch.zeros(2, 1), [1.0, 1.0], torch.zeros(1), None)
 
 
 def honest_round(n=5, dim=4000, seed=0):

@@ -6,7 +6,7 @@ from fedllm.config import DataConfig, LoraConfig, TrainConfig
 from fedllm.data import builtin, encode
 from fedllm.evaluate import eval_loss
 from fedllm.model import MODEL_CACHE
-from fedllm.updates import lora
+from fedllm.methods.lora import engine as lora
 
 
 def _rows(tok, n=16):

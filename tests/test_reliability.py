@@ -21,13 +21,16 @@ from safetensors.torch import load_file
 
 from conftest import reply_to, tiny_run_config
 from fedllm import checkpoint
-from fedllm.attacks import attacked, attacked_pairs, flip_labels, poisoned
+from fedllm.attacks import flip_labels, poisoned
 from fedllm.compression import PRESETS, encode, parse
 from fedllm.config import Config
 from fedllm.errors import ConfigError
 from fedllm.local_grid import LocalGrid
-from fedllm.updates import zo
-from strategies import FedAvg, FedKSeed
+from fedllm.methods.zo import engine as zo
+from fedllm.methods.lora import LoraServer
+from fedllm.methods.lora.client import shifted
+from fedllm.methods.zo import ZOServer
+from strategies import build
 
 # --- the malformed-reply matrix -------------------------------------------------------------
 
@@ -112,22 +115,21 @@ def _lora_strategy(codec=None):
     flat = {"server.min-clients": 1, "server.max-update-norm": 100.0}
     if codec:
         flat["compression.up"] = codec
-    s = FedAvg(Config.from_flat(flat))
-    s.global_state = dict(GLOBAL)
-    return s
+    cfg = Config.from_flat(flat)
+    return build(cfg, LoraServer(cfg, GLOBAL))
 
 
 def _check_dropped_and_unchanged(make_strategy, bad, good):
     """Alone, `bad` leaves nothing to aggregate; beside `good` the result is good's alone."""
     s = make_strategy()
-    arrays, metrics = s.aggregate_train(1, [bad])
-    assert arrays is None and metrics["clients-dropped"] == 1 and metrics["clients-ok"] == 0
-    assert s.dropped[0][0] == 7 and s.dropped[0][1]
-    alone, _ = make_strategy().aggregate_train(1, [good])
-    both, _ = make_strategy().aggregate_train(1, [bad, good])
-    alone, both = alone.to_torch_state_dict(), both.to_torch_state_dict()
-    assert all(torch.equal(both[k], alone[k]) for k in GLOBAL)
-    return s.dropped[0][1]
+    result = s.round(1, [bad])
+    assert not result.applied and result.metrics["clients-dropped"] == 1 and result.metrics["clients-ok"] == 0
+    assert result.dropped[0][0] == 7 and result.dropped[0][1]
+    assert all(torch.equal(s.method.state[k], GLOBAL[k]) for k in GLOBAL)
+    alone, both = make_strategy(), make_strategy()
+    assert alone.round(1, [good]).applied and both.round(1, [bad, good]).applied
+    assert all(torch.equal(both.method.state[k], alone.method.state[k]) for k in GLOBAL)
+    return result.dropped[0][1]
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -195,21 +197,23 @@ ZO_CASES = {
 def _zo_strategy():
     cfg = Config.from_flat({"train.method": "zo", "zo.num-seeds": K, "server.min-clients": 1,
                             "server.max-update-norm": 100.0})
-    return FedKSeed(cfg, fingerprint=1)
+    return build(cfg, ZOServer(cfg, fingerprint=1))
 
 
 @pytest.mark.usefixtures("task_identity")
 @pytest.mark.parametrize("case", list(ZO_CASES))
 def test_malformed_zo_reply(case):
     s = _zo_strategy()
-    _, metrics = s.aggregate_train(1, [ZO_CASES[case]()])
-    assert metrics["clients-dropped"] == 1 and s.state.version == 0
-    assert torch.equal(s.state.acc, torch.zeros(K)) and s.dropped[0][1]
+    result = s.round(1, [ZO_CASES[case]()])
+    state = s.method.state
+    assert result.metrics["clients-dropped"] == 1 and state.version == 0
+    assert torch.equal(state.acc, torch.zeros(K)) and result.dropped[0][1]
     alone, both = _zo_strategy(), _zo_strategy()
-    alone.aggregate_train(1, [_zo_reply(8)])
-    both.aggregate_train(1, [ZO_CASES[case](), _zo_reply(8)])
-    assert both.state.version == alone.state.version == 1
-    assert torch.equal(both.state.acc, alone.state.acc) and torch.equal(both.state.mag, alone.state.mag)
+    alone.round(1, [_zo_reply(8)])
+    both.round(1, [ZO_CASES[case](), _zo_reply(8)])
+    a, b = alone.method.state, both.method.state
+    assert b.version == a.version == 1
+    assert torch.equal(b.acc, a.acc) and torch.equal(b.mag, a.mag)
 
 
 def test_the_matrix_is_large_enough():
@@ -293,10 +297,8 @@ def test_poisoned_updates_by_hand():
     noise = poisoned("noise", delta, 0, noise_scale=2.0)["w"]
     assert math.isclose(float(noise.norm()), 10.0, rel_tol=1e-5) and not torch.allclose(noise / 2, delta["w"] / 5)
     local, glob = {"w": torch.tensor([1.0, 1.0])}, {"w": torch.tensor([0.5, 2.0])}
-    assert torch.equal(attacked("sign-flip", local, glob, 0)["w"], torch.tensor([0.0, 3.0]))
-    assert torch.equal(attacked("zero", local, glob, 0)["w"], glob["w"])
-    assert attacked_pairs("sign-flip", [(3, 0.5), (1, -2.0)], 0) == [(3, -0.5), (1, 2.0)]
-    assert attacked_pairs("zero", [(3, 0.5)], 0) == []
+    assert torch.equal(shifted(local, glob, lambda d: poisoned("sign-flip", d, 0))["w"], torch.tensor([0.0, 3.0]))
+    assert torch.equal(shifted(local, glob, lambda d: poisoned("zero", d, 0))["w"], glob["w"])
 
 
 def test_label_flip_gives_every_prompt_another_response():
@@ -324,7 +326,7 @@ def test_attack_clients_send_what_they_claim(tiny_model_dir, tmp_path):
     def request(c, rnd, state):
         return RecordDict({"config": ConfigRecord({**c.to_flat(), "server-round": rnd}), "arrays": ArrayRecord(state)})
 
-    from fedllm.updates import lora
+    from fedllm.methods.lora import engine as lora
 
     glob = lora.init_adapter_state(cfg.model, cfg.lora, cfg.train.seed)
     r1 = {pid: handle(request(cfg, 1, glob), contexts[pid]) for pid in range(4)}

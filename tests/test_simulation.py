@@ -65,10 +65,10 @@ def test_two_clients_two_rounds(tiny_model_dir, tmp_path):
         (["lora.rnak=4"], "lora.rnak: unknown config key"),
         (["data.source=/no/such/file.jsonl"], "data.source: file not found: /no/such/file.jsonl"),
         (["model.name=/no/such/model.gguf"], "model.name: GGUF file not found"),
-        (["server.strategy=fedmagic"], "server.strategy: unknown strategy 'fedmagic'"),
+        (["server.strategy=fedmagic"], "server.strategy: unknown rule 'fedmagic'"),
         (["train.lr=fast"], "train.lr: expected float, got 'fast'"),
-        (["train.method=zo", "server.strategy=krum"], "server.strategy: 'krum' aggregates LoRA updates"),
-        (["server.strategy=exact-lora", "compression.up=int8"], "server.strategy=exact-lora sends factors"),
+        (["train.method=zo", "server.strategy=krum"], "server.strategy: rule 'krum' does not aggregate 'sums' updates"),
+        (["train.method=exact-lora", "compression.up=int8"], "compression.up/down: train.method=exact-lora does not take codecs"),
         (["compression.up=topk(2.0)"], "compression.up: topk: fraction must be in (0, 1]"),
         (["ledger.enabled=true", "ledger.chain=http://127.0.0.1:9"], "ledger.chain: no JSON-RPC node answers"),
         (["ledger.enabled=true", "ledger.owner-key=env:FEDLLM_NO_SUCH_KEY"],
@@ -189,7 +189,7 @@ def test_compressed_both_ways(tiny_model_dir, tmp_path):
 
 def test_exact_lora_with_two_ranks(tiny_model_dir, tmp_path):
     run, rows = _simulate(tiny_model_dir, tmp_path, "exact", **{
-        "server.strategy": "exact-lora", "lora.client-ranks": "2,4", "server.merge": "true"})
+        "train.method": "exact-lora", "lora.client-ranks": "2,4", "server.merge": "true"})
     assert rows[2]["eval-loss"] < rows[0]["eval-loss"] - 0.3
     for r in rows[1:]:
         assert sorted(c["lora-rank"] for c in r["clients"].values()) == [2, 4]
@@ -203,7 +203,7 @@ def test_exact_lora_with_two_ranks(tiny_model_dir, tmp_path):
 
 def test_dp_clipping_bounds_the_global_step(tiny_model_dir, tmp_path):
     from fedllm.config import LoraConfig, ModelConfig
-    from fedllm.updates.lora import adapter_state, build_lora_model
+    from fedllm.methods.lora.engine import adapter_state, build_lora_model
 
     run, rows = _simulate(tiny_model_dir, tmp_path, "dp", **{
         "dp.clipping-norm": 0.05, "dp.noise-multiplier": 0.0})
@@ -219,7 +219,7 @@ def test_custom_strategy_example(tiny_model_dir, tmp_path):
     example = Path(__file__).resolve().parents[1] / "examples" / "custom_strategy"
     assert len((example / "my_strategy.py").read_text().splitlines()) < 60
     run, _ = _flwr_run(example, tiny_model_dir, tmp_path, "mine")
-    assert json.loads((run / "config.json").read_text())["server.strategy"] == "my_strategy:LossWeighted"
+    assert json.loads((run / "config.json").read_text())["server.strategy"] == "my_strategy:loss_weighted"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[2]["eval-loss"] < rows[0]["eval-loss"] and all(r["clients-ok"] == 2 for r in rows[1:])
 

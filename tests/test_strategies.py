@@ -1,10 +1,14 @@
+import re
+
 import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedllm import ConfigError
-from strategies import STRATEGIES, FedAvg, FedLLMStrategy, get_strategy, register, weighted_mean
+from fedllm.config import Config
+from fedllm.methods.lora import LoraServer
+from strategies import OPTIMIZERS, RULES, FedLLMStrategy, build, weighted_mean
 
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -26,10 +30,16 @@ def _reply(node: int, arrays, n=10.0, metrics=None, error=None, rnd=1) -> Messag
     return Message(content, reply_to=out)
 
 
-def _strategy() -> FedAvg:
-    s = FedAvg()
-    s.global_state = {k: v.clone() for k, v in GLOBAL.items()}
-    return s
+def _strategy(chain: str = "fedavg", cfg: Config | None = None, **flat) -> FedLLMStrategy:
+    """The adapter with LoRA's server half started at GLOBAL and server.strategy=`chain`."""
+    cfg = cfg or Config.from_flat({"server.strategy": chain, **flat})
+    return build(cfg, LoraServer(cfg, {k: v.clone() for k, v in GLOBAL.items()}))
+
+
+def _aggregate(s: FedLLMStrategy, rnd: int, replies):
+    """One round: (the new global state, or None when nothing was applied; the result)."""
+    result = s.round(rnd, replies)
+    return (dict(s.method.state) if result.applied else None), result
 
 
 def test_weighted_mean_by_hand():
@@ -41,8 +51,8 @@ def test_fedavg_weights_by_examples():
     s = _strategy()
     local1 = {"a": torch.tensor([2.0, 2.0]), "b": torch.tensor([[1.0]])}  # delta (1, 0), 1
     local2 = {"a": torch.tensor([1.0, 5.0]), "b": torch.tensor([[4.0]])}  # delta (0, 3), 4
-    arrays, metrics = s.aggregate_train(1, [_reply(1, local1, n=30), _reply(2, local2, n=10)])
-    out = arrays.to_torch_state_dict()
+    out, result = _aggregate(s, 1, [_reply(1, local1, n=30), _reply(2, local2, n=10)])
+    metrics = result.metrics
     # global + (30 * d1 + 10 * d2) / 40
     assert torch.allclose(out["a"], torch.tensor([1.75, 2.75]))
     assert torch.allclose(out["b"], torch.tensor([[1.75]]))
@@ -69,13 +79,14 @@ BAD = {
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_reply_is_dropped_and_global_unchanged(case):
     s = _strategy()
-    arrays, metrics = s.aggregate_train(1, [_reply(7, **BAD[case])])
-    assert arrays is None
-    assert metrics["clients-dropped"] == 1
-    assert s.dropped[0][0] == 7 and s.dropped[0][1]
+    out, result = _aggregate(s, 1, [_reply(7, **BAD[case])])
+    assert out is None and not result.applied
+    assert result.metrics["clients-dropped"] == 1
+    assert result.dropped[0][0] == 7 and result.dropped[0][1]
+    assert torch.equal(s.method.state["a"], GLOBAL["a"])
     good = {"a": torch.tensor([3.0, 2.0]), "b": torch.tensor([[0.0]])}
-    arrays, _ = s.aggregate_train(1, [_reply(7, **BAD[case]), _reply(8, good)])
-    assert torch.allclose(arrays.to_torch_state_dict()["a"], torch.tensor([3.0, 2.0]))  # only node 8 counts
+    out, _ = _aggregate(s, 1, [_reply(7, **BAD[case]), _reply(8, good)])
+    assert torch.allclose(out["a"], torch.tensor([3.0, 2.0]))  # only node 8 counts
 
 
 def test_configure_train_does_not_mutate_caller_config():
@@ -83,7 +94,7 @@ def test_configure_train_does_not_mutate_caller_config():
         def get_node_ids(self):
             return [11, 12]
 
-    s = FedAvg()
+    s = _strategy()
     config = ConfigRecord({"lora.rank": 8})
     msgs = list(s.configure_train(3, ArrayRecord(GLOBAL), config, OneNodeGrid()))
     assert "server-round" not in config
@@ -92,51 +103,65 @@ def test_configure_train_does_not_mutate_caller_config():
 
 
 def test_registry_by_name_and_path():
-    assert get_strategy("fedavg") is FedAvg
-    assert get_strategy("strategies.fedavg:FedAvg") is FedAvg
-    with pytest.raises(ConfigError, match="server.strategy.*unknown strategy 'fedavgg'"):
-        get_strategy("fedavgg")
+    assert RULES.get("fedavg").impl is fedavg
+    assert RULES.get("strategies.rules:fedavg").impl is fedavg
+    with pytest.raises(ConfigError, match="server.strategy.*unknown rule 'fedavgg'"):
+        RULES.get("fedavgg")
     with pytest.raises(ConfigError, match="server.strategy: cannot import"):
-        get_strategy("no_such_module:Thing")
+        RULES.get("no_such_module:Thing")
+    with pytest.raises(ConfigError, match="server.strategy.*unknown rule 'fedavgg'"):
+        _strategy("fedavgg")
 
 
 def test_register_checks_names():
     with pytest.raises(ValueError, match="lower-case"):
-        register("FedFoo")
+        RULES.register("FedFoo", fedavg)
     with pytest.raises(ValueError, match="registered already"):
-        register("fedavg")(type("Other", (FedLLMStrategy,), {}))
-    assert "fedavg" in STRATEGIES
+        RULES.register("fedavg", lambda updates, cfg: {})
+    assert "fedavg" in RULES and "fedadam" in OPTIMIZERS
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("fedadam > median", "'median' is a rule"),
+    ("median > fedadam > ", "empty stage"),
+    ("stack", "unknown rule 'stack'"),
+    ("exact-lora", "is a method: set train.method=exact-lora"),
+])
+def test_chain_errors_name_the_stage(spec, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _strategy(spec)
 
 
 # --- the strategy family -------------------------------------------------------------------
-from strategies import (ExactLoRA, FedProx, Krum, Median, MultiKrum, NormBounded,  # noqa: E402
-                        TrimmedMean, adaptive_step, compact, coordinate_median, krum_scores, momentum_step,
-                        multi_krum, norm_bounded_mean, stack_factors, trimmed_mean)
-from fedllm.config import Config  # noqa: E402
+from fedllm.methods.exact_lora import ExactLoraServer, compact, stack_factors  # noqa: E402
+from strategies import (adaptive_step, coordinate_median, fedavg, krum_scores, momentum_step,  # noqa: E402
+                        multi_krum, norm_bounded_mean, trimmed_mean)
 
-LORA_STRATEGIES = ["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "median", "trimmed-mean",
-                   "krum", "multikrum", "norm-bounded"]
+# every registered rule that takes LoRA deltas, alone and chained with every server optimizer:
+# a new rule or optimizer joins the table by registering
+LORA_CHAINS = ([r.name for r in RULES.entries() if "dense" in r.meta.get("accepts", ())]
+               + [f"{r} > {o}" for r in ("fedavg", "median") for o in OPTIMIZERS])
 
 
 def _with_global(name, cfg=None):
-    s = get_strategy(name)(cfg or Config())
-    s.global_state = {k: v.clone() for k, v in GLOBAL.items()}
-    return s
+    return _strategy(name, cfg.replace(server__strategy=name) if cfg else None)
 
 
-@pytest.mark.parametrize("name", LORA_STRATEGIES)
+@pytest.mark.parametrize("name", LORA_CHAINS)
 def test_every_strategy_keeps_the_contract(name):
     """Shared table: shapes kept, inputs untouched, finite output, bad replies dropped."""
     s = _with_global(name)
     locals_ = [{"a": torch.tensor([1.0 + i, 2.0 - i]), "b": torch.tensor([[0.1 * i]])} for i in range(5)]
     copies = [{k: v.clone() for k, v in d.items()} for d in locals_]
     replies = [_reply(10 + i, d) for i, d in enumerate(locals_)] + [_reply(99, **BAD["nan"])]
-    arrays, metrics = s.aggregate_train(1, replies)
-    out = arrays.to_torch_state_dict()
+    out, result = _aggregate(s, 1, replies)
+    metrics = result.metrics
     assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in GLOBAL.items()}
     assert all(torch.isfinite(v).all() for v in out.values())
     assert all(torch.equal(a[k], b[k]) for a, b in zip(locals_, copies) for k in a)
-    assert metrics["clients-ok"] == 5 and metrics["clients-dropped"] == 1 and s.dropped[0][0] == 99
+    assert metrics["clients-ok"] == 5 and metrics["clients-dropped"] == 1 and result.dropped[0][0] == 99
+    state = s.state_dict()  # what a checkpoint keeps, by name
+    assert set(state) == {"method", "chain"} and torch.equal(state["method"]["global"]["a"], out["a"])
 
 
 @pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedavgm", "median", "trimmed-mean", "krum", "multikrum",
@@ -144,8 +169,7 @@ def test_every_strategy_keeps_the_contract(name):
 def test_identical_updates_give_that_update(name):
     s = _with_global(name, Config.from_flat({"strategy.max-norm": 100.0}))
     local = {"a": torch.tensor([1.5, 2.5]), "b": torch.tensor([[-1.0]])}
-    arrays, _ = s.aggregate_train(1, [_reply(i, local) for i in range(4)])
-    out = arrays.to_torch_state_dict()
+    out, _ = _aggregate(s, 1, [_reply(i, local) for i in range(4)])
     assert all(torch.allclose(out[k], local[k]) for k in local)
 
 
@@ -159,11 +183,12 @@ def test_fedavgm_momentum_by_hand():
     s = _with_global("fedavgm")
     r1 = [_reply(1, {"a": torch.tensor([2.0, 2.0]), "b": torch.tensor([[1.0]])}, n=30),
           _reply(2, {"a": torch.tensor([1.0, 5.0]), "b": torch.tensor([[4.0]])}, n=10)]
-    s.aggregate_train(1, r1)
+    s.round(1, r1)
     r2 = [_reply(1, {"a": torch.tensor([2.0, 2.0]), "b": torch.tensor([[1.0]])}, n=30, rnd=2),
           _reply(2, {"a": torch.tensor([1.0, 5.0]), "b": torch.tensor([[4.0]])}, n=10, rnd=2)]
-    arrays, _ = s.aggregate_train(2, r2)  # same deltas against the same global: m = 0.75 * 1.9
-    assert torch.allclose(arrays.to_torch_state_dict()["a"], torch.tensor([1.0, 2.0]) + 0.75 * 1.9)
+    s.method.state = {k: v.clone() for k, v in GLOBAL.items()}  # the same deltas against the same global
+    out, _ = _aggregate(s, 2, r2)  # m = 0.75 * 1.9
+    assert torch.allclose(out["a"], torch.tensor([1.0, 2.0]) + 0.75 * 1.9)
 
 
 @pytest.mark.parametrize("rule, v1", [
@@ -182,11 +207,11 @@ def test_adaptive_steps_by_hand(rule, v1):
 def test_fedadam_strategy_uses_server_lr():
     cfg = Config.from_flat({"strategy.server-lr": 0.1, "strategy.tau": 1e-3})
     s = _with_global("fedadam", cfg)
-    arrays, _ = s.aggregate_train(1, [_reply(1, {"a": torch.tensor([1.5, 2.0]), "b": torch.tensor([[0.0]])})])
+    out, _ = _aggregate(s, 1, [_reply(1, {"a": torch.tensor([1.5, 2.0]), "b": torch.tensor([[0.0]])})])
     # d = 0.5 on a[0], 0 elsewhere: step = 0.1 * 0.05 / (sqrt(0.99e-6 + 0.0025) + 1e-3)
     expect = 1.0 + 0.1 * 0.05 / ((0.99e-6 + 0.0025) ** 0.5 + 1e-3)
-    assert arrays.to_torch_state_dict()["a"][0].item() == pytest.approx(expect, rel=1e-5)
-    assert arrays.to_torch_state_dict()["a"][1].item() == pytest.approx(2.0)
+    assert out["a"][0].item() == pytest.approx(expect, rel=1e-5)
+    assert out["a"][1].item() == pytest.approx(2.0)
 
 
 def test_robust_aggregates_by_hand():
@@ -208,18 +233,14 @@ def test_robust_aggregates_by_hand():
 def test_robust_strategies_resist_one_outlier_and_name_it():
     honest = [{"a": torch.tensor([1.1 + 0.01 * i, 2.0]), "b": torch.tensor([[0.0]])} for i in range(4)]
     evil = {"a": torch.tensor([1000.0, -1000.0]), "b": torch.tensor([[500.0]])}
-    for cls in (Median, TrimmedMean, Krum, MultiKrum):
-        s = cls(Config())
-        s.global_state = {k: v.clone() for k, v in GLOBAL.items()}
-        arrays, _ = s.aggregate_train(1, [_reply(i, d) for i, d in enumerate(honest)] + [_reply(9, evil)])
-        out = arrays.to_torch_state_dict()
-        assert (out["a"] - torch.tensor([1.115, 2.0])).abs().max() < 0.05, cls.__name__
-        if cls in (Krum, MultiKrum):
-            assert 9 in s.outliers
-    s = NormBounded(Config())
-    s.global_state = {k: v.clone() for k, v in GLOBAL.items()}
-    s.aggregate_train(1, [_reply(i, d) for i, d in enumerate(honest)] + [_reply(9, evil)])
-    assert s.outliers == [9]
+    for name in ("median", "trimmed-mean", "krum", "multikrum"):
+        s = _strategy(name)
+        out, result = _aggregate(s, 1, [_reply(i, d) for i, d in enumerate(honest)] + [_reply(9, evil)])
+        assert (out["a"] - torch.tensor([1.115, 2.0])).abs().max() < 0.05, name
+        if name in ("krum", "multikrum"):
+            assert 9 in result.outliers
+    _, result = _aggregate(_strategy("norm-bounded"), 1, [_reply(i, d) for i, d in enumerate(honest)] + [_reply(9, evil)])
+    assert result.outliers == (9,)
 
 
 def test_fedprox_sends_mu_and_the_client_term_pulls_to_global():
@@ -227,10 +248,10 @@ def test_fedprox_sends_mu_and_the_client_term_pulls_to_global():
         def get_node_ids(self):
             return [1, 2]
 
-    s = FedProx(Config.from_flat({"strategy.proximal-mu": 0.5}))
+    s = _strategy("fedprox", **{"strategy.proximal-mu": 0.5})
     msg = list(s.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord({}), Grid()))[0]
     assert msg.content.config_records["config"]["proximal-mu"] == 0.5
-    assert "proximal-mu" not in FedAvg().round_config(1)
+    assert "proximal-mu" not in _strategy("fedavg").round_config(1)
 
 
 # --- exact LoRA aggregation ----------------------------------------------------------------
@@ -272,16 +293,21 @@ def test_compact_keeps_the_numerical_rank_and_caps():
 
 def test_exact_lora_strategy_accepts_ranks_and_refuses_misfits():
     ref = _factors(4, 9)
-    s = ExactLoRA(Config())
-    s.global_state = ref
+    cfg = Config.from_flat({"train.method": "exact-lora"})
+    s = build(cfg, ExactLoraServer(cfg, ref))
+    assert s.chain.name == "stack"  # the method's own rule, by default
     good = [_reply(1, _factors(2, 0), n=30), _reply(2, _factors(3, 1), n=10)]
     bad_rank = {"m.lora_A.weight": torch.randn(2, 5), "m.lora_B.weight": torch.randn(6, 3)}
     bad_in = {"m.lora_A.weight": torch.randn(2, 7), "m.lora_B.weight": torch.randn(6, 2)}
-    arrays, metrics = s.aggregate_train(1, good + [_reply(3, bad_rank), _reply(4, bad_in)])
-    assert arrays is None and metrics["clients-ok"] == 2 and metrics["clients-dropped"] == 2
+    result = s.round(1, good + [_reply(3, bad_rank), _reply(4, bad_in)])
+    metrics = result.metrics
+    assert result.applied and metrics["clients-ok"] == 2 and metrics["clients-dropped"] == 2
     want = stack_factors([(_factors(2, 0), 30.0, 8.0), (_factors(3, 1), 10.0, 16 / 3)], {})
-    got = s.frozen["m.lora_B.weight"] @ s.frozen["m.lora_A.weight"]
+    frozen = s.method.frozen
+    got = frozen["m.lora_B.weight"] @ frozen["m.lora_A.weight"]
     assert torch.allclose(got, want["m.lora_B.weight"] @ want["m.lora_A.weight"], atol=1e-4)
     assert metrics["frozen-rank"] == 5
-    with pytest.raises(ConfigError, match="exact-lora"):
-        ExactLoRA(Config.from_flat({"compression.up": "int8"}))
+    with pytest.raises(ConfigError, match="train.method=exact-lora does not take codecs"):
+        build(cfg.replace(compression__up="int8"), ExactLoraServer(cfg, ref))
+    with pytest.raises(ConfigError, match="rule 'median' does not aggregate 'factors' updates"):
+        build(cfg.replace(server__strategy="median"), ExactLoraServer(cfg, ref))

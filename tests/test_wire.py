@@ -7,11 +7,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from fedllm.client_app import dp_clipping
-from fedllm.client_train import receive_global, send_compressed
 from fedllm.compression import decode, encode, parse
 from fedllm.config import Config
 from fedllm.errors import PayloadError
-from strategies import FedAvg
+from fedllm.methods.lora import LoraServer
+from fedllm.methods.lora.client import receive_global, send_compressed
+from strategies import build
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 from conftest import reply_to  # noqa: E402
@@ -34,6 +35,11 @@ class Grid:
         return self.nodes
 
 
+def _fedavg(cfg, state):
+    """The adapter with LoRA's server half started at `state`."""
+    return build(cfg, LoraServer(cfg, state))
+
+
 def _compressed_reply(node, payload, n=10.0):
     return reply_to(node, RecordDict({"update": ConfigRecord({"payload": payload}),
                                       "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0, "server-round": 1})}))
@@ -41,28 +47,29 @@ def _compressed_reply(node, payload, n=10.0):
 
 def test_compressed_upload_is_decoded_counted_and_checked():
     cfg = Config.from_flat({"compression.up": "topk(0.5) > quantize(8) > zstd", "server.min-clients": 1})
-    s = FedAvg(cfg)
-    s.global_state = _global()
-    delta = {k: torch.randn(v.shape) * 0.01 for k, v in s.global_state.items()}
-    payload = encode(s.up, delta, seed=0)
+    start = _global()
+    s = _fedavg(cfg, start)
+    up = parse(cfg.compression.up)
+    delta = {k: torch.randn(v.shape) * 0.01 for k, v in start.items()}
+    payload = encode(up, delta, seed=0)
     garbage = payload[:20] + bytes(30)
     other_codec = encode(parse("int8"), delta, 0)
-    wrong_shape = encode(s.up, {**delta, "x.lora_B.weight": torch.zeros(31, 4)}, 0)
-    arrays, metrics = s.aggregate_train(1, [_compressed_reply(1, payload), _compressed_reply(2, garbage),
-                                            _compressed_reply(3, other_codec), _compressed_reply(4, wrong_shape),
-                                            _compressed_reply(5, "not bytes")])
-    assert metrics["clients-ok"] == 1 and metrics["clients-dropped"] == 4
-    assert s.updates[0].bytes_up == len(payload)
-    out = arrays.to_torch_state_dict()
-    want = decode(s.up, payload, sorted(delta))
-    assert all(torch.allclose(out[k], s.global_state[k] + want[k], atol=1e-7) for k in out)
+    wrong_shape = encode(up, {**delta, "x.lora_B.weight": torch.zeros(31, 4)}, 0)
+    result = s.round(1, [_compressed_reply(1, payload), _compressed_reply(2, garbage),
+                         _compressed_reply(3, other_codec), _compressed_reply(4, wrong_shape),
+                         _compressed_reply(5, "not bytes")])
+    assert result.metrics["clients-ok"] == 1 and result.metrics["clients-dropped"] == 4
+    assert result.updates[0].bytes_up == len(payload)
+    out = s.method.state
+    want = decode(up, payload, sorted(delta))
+    assert all(torch.allclose(out[k], start[k] + want[k], atol=1e-7) for k in out)
 
 
 def test_compressed_download_rebuilds_the_servers_global_bit_for_bit():
     cfg = Config.from_flat({"compression.down": "topk(0.3) > quantize(4) > zstd", "server.min-clients": 1})
-    s = FedAvg(cfg)
-    contexts = {1: _context(1), 2: _context(2)}
     state = _global()
+    s = _fedavg(cfg, state)
+    contexts = {1: _context(1), 2: _context(2)}
     g = torch.Generator().manual_seed(5)
     for rnd in range(1, 5):
         msgs = list(s.configure_train(rnd, ArrayRecord(state), ConfigRecord(cfg.to_flat()), Grid([1, 2])))
@@ -79,8 +86,8 @@ def test_compressed_download_rebuilds_the_servers_global_bit_for_bit():
             local = {k: v + torch.randn(v.shape, generator=g) * 0.1 for k, v in held.items()}
             replies.append(reply_to(node, RecordDict({"arrays": ArrayRecord(local), "metrics": MetricRecord(
                 {"num-examples": 1.0, "server-round": rnd})})))
-        arrays, _ = s.aggregate_train(rnd, replies)
-        state = arrays.to_torch_state_dict()
+        assert s.round(rnd, replies).applied
+        state = s.method.state
     # a delta message for a node that lost its copy is refused, so the server resends the state
     msg = list(s.configure_train(5, ArrayRecord(state), ConfigRecord(cfg.to_flat()), Grid([1])))[0]
     with pytest.raises(PayloadError, match="does not hold global version"):
@@ -89,13 +96,13 @@ def test_compressed_download_rebuilds_the_servers_global_bit_for_bit():
 
 def test_down_bytes_are_much_smaller_than_the_state():
     cfg = Config.from_flat({"compression.down": "topk-int4", "server.min-clients": 1})
-    s = FedAvg(cfg)
     state = _global()
-    s.configure_train(1, ArrayRecord(state), ConfigRecord({}), Grid([1]))
+    s = _fedavg(cfg, state)
+    s.configure_train(1, ArrayRecord(), ConfigRecord({}), Grid([1]))
     local = {k: v + 0.01 for k, v in state.items()}
-    arrays, _ = s.aggregate_train(1, [reply_to(1, RecordDict({"arrays": ArrayRecord(local),
-                                                              "metrics": MetricRecord({"num-examples": 1.0, "server-round": 1})}))])
-    msg = list(s.configure_train(2, arrays, ConfigRecord({}), Grid([1])))[0]
+    s.round(1, [reply_to(1, RecordDict({"arrays": ArrayRecord(local),
+                                        "metrics": MetricRecord({"num-examples": 1.0, "server-round": 1})}))])
+    msg = list(s.configure_train(2, ArrayRecord(), ConfigRecord({}), Grid([1])))[0]
     sent = sum(len(b) for b in msg.content.config_records["down"]["deltas"])
     assert "arrays" not in msg.content.array_records and sent * 20 < ArrayRecord(state).count_bytes()
 
@@ -117,11 +124,9 @@ def test_client_error_feedback_lives_in_node_state():
 @pytest.mark.parametrize("clip", [0.5, 3.0])
 def test_dp_clipping_bounds_each_update_norm(clip):
     """Flower's fixedclipping_mod, as fedllm's client runs it, bounds ||local - global||."""
-    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
-
     cfg = Config.from_flat({"dp.clipping-norm": clip, "dp.noise-multiplier": 0.0, "server.min-clients": 1})
-    wrapped = DifferentialPrivacyClientSideFixedClipping(FedAvg(cfg), 0.0, clip, 1)
     state = _global()
+    wrapped = _fedavg(cfg, state)
     msg = list(wrapped.configure_train(1, ArrayRecord(state), ConfigRecord(cfg.to_flat()), Grid([1])))[0]
     far = {k: v + 1.0 for k, v in state.items()}  # update norm sqrt(256 + 128) ~ 19.6
 
@@ -133,8 +138,8 @@ def test_dp_clipping_bounds_each_update_norm(clip):
     local = reply.content.array_records["arrays"].to_torch_state_dict()
     norm = torch.sqrt(sum(((local[k] - state[k]) ** 2).sum() for k in state))
     assert norm == pytest.approx(clip, rel=1e-4)
-    arrays, _ = wrapped.aggregate_train(1, [reply])
-    out = arrays.to_torch_state_dict()
+    assert wrapped.round(1, [reply]).applied
+    out = wrapped.method.state
     assert torch.sqrt(sum(((out[k] - state[k]) ** 2).sum() for k in state)) == pytest.approx(clip, rel=1e-4)
     # without the clipping key the mod stays out of the way
     plain = Message(RecordDict({"config": ConfigRecord({}), "arrays": ArrayRecord(state)}), dst_node_id=1,
@@ -144,14 +149,15 @@ def test_dp_clipping_bounds_each_update_norm(clip):
 
 
 def test_dp_noise_is_added_to_the_aggregate():
-    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
-
-    cfg = Config.from_flat({"server.min-clients": 1})
-    wrapped = DifferentialPrivacyClientSideFixedClipping(FedAvg(cfg), 1.0, 1.0, 1)
+    cfg = Config.from_flat({"server.min-clients": 1, "dp.clipping-norm": 1.0, "dp.noise-multiplier": 1.0,
+                            "dp.sampled-clients": 1})
     state = _global()
-    wrapped.configure_train(1, ArrayRecord(state), ConfigRecord({}), Grid([1]))
+    wrapped = _fedavg(cfg, state)
+    assert wrapped.chain.noise_std == 1.0
+    wrapped.configure_train(1, ArrayRecord(), ConfigRecord({}), Grid([1]))
     reply = reply_to(1, RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": 1.0, "server-round": 1})}))
-    out = wrapped.aggregate_train(1, [reply])[0].to_torch_state_dict()
+    assert wrapped.round(1, [reply]).applied
+    out = wrapped.method.state
     noise = torch.cat([(out[k] - state[k]).reshape(-1) for k in state])
     assert 0.8 < noise.std().item() < 1.2  # std = multiplier x clip / sampled = 1
 
@@ -160,5 +166,7 @@ def test_dp_refuses_compression():
     from fedllm.errors import ConfigError
 
     with pytest.raises(ConfigError, match="dp.clipping-norm"):
-        Config.from_flat({"dp.clipping-norm": 1.0, "compression.up": "int8"})
+        build(Config.from_flat({"dp.clipping-norm": 1.0, "compression.up": "int8"}), LoraServer(Config(), _global()))
+    with pytest.raises(ConfigError, match="dp.clipping-norm.*train.method=zo"):
+        build(Config.from_flat({"dp.clipping-norm": 1.0, "train.method": "zo"}), LoraServer(Config(), _global()))
     assert np.isfinite(Config.from_flat({"dp.clipping-norm": 1.0}).dp.clipping_norm)

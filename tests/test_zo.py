@@ -9,8 +9,8 @@ from fedllm import PayloadError
 from fedllm.config import Config
 from fedllm.data import encode, load_splits
 from fedllm.model import MODEL_CACHE
-from fedllm.updates import zo
-from strategies import FedKSeed
+from fedllm.methods.zo import engine as zo
+from strategies import build
 
 K = 64
 
@@ -26,6 +26,14 @@ def _cfg(tiny_model_dir, **kw):
 def _fresh_engine(cfg):
     MODEL_CACHE.clear()  # a new process, as far as the engine cache is concerned
     return zo.engine_for(cfg)
+
+
+def _zo_strategy(cfg):
+    """The adapter with zo's server half, whose engine is its own (built in a fresh cache)."""
+    MODEL_CACHE.clear()
+    strategy = build(cfg)
+    MODEL_CACHE.clear()
+    return strategy
 
 
 def _rows(cfg, tok):
@@ -209,7 +217,7 @@ def _server_round(strategy, engines, cfg, server_round, rows, pad_id):
         replies.append(reply_to(node, RecordDict({"zo": ConfigRecord({"up": up}), "metrics": MetricRecord(
             {"num-examples": 10, "train-loss": stats["train-loss"], "zo-version": engine.state.version,
              "zo-fingerprint": engine.fingerprint, "server-round": server_round})})))
-    return strategy.aggregate_train(server_round, replies)
+    return strategy.round(server_round, replies)
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -218,12 +226,12 @@ def test_local_model_equals_model_rebuilt_from_aggregated_scalars(tiny_model_dir
     rebuilt by a fresh party from the server's accumulators, within 1e-5 (float32 scalars and
     in-place rounding, see test_in_place_drift_is_bounded)."""
     cfg = _cfg(tiny_model_dir, **{"zo.bits": 0, "train.local-steps": 25})
+    strategy = _zo_strategy(cfg)
     client, tok = _fresh_engine(cfg)
-    strategy = FedKSeed(cfg, fingerprint=client.fingerprint)
-    _, metrics = _server_round(strategy, {1: client}, cfg, 1, _rows(cfg, tok), tok.pad_token_id)
-    assert metrics["clients-ok"] == 1 and strategy.state.version == 1
+    metrics = _server_round(strategy, {1: client}, cfg, 1, _rows(cfg, tok), tok.pad_token_id).metrics
+    assert metrics["clients-ok"] == 1 and strategy.method.state.version == 1
     rebuilt, _ = _fresh_engine(cfg)
-    rebuilt.sync(strategy.state)
+    rebuilt.sync(strategy.method.state)
     diff = max(float((a - b).abs().max()) for a, b in zip(client.params, rebuilt.params))
     assert diff < 1e-5, diff
 
@@ -231,15 +239,15 @@ def test_local_model_equals_model_rebuilt_from_aggregated_scalars(tiny_model_dir
 @pytest.mark.usefixtures("task_identity")
 def test_client_that_skipped_rounds_syncs_to_the_same_model(tiny_model_dir):
     cfg = _cfg(tiny_model_dir, **{"train.local-steps": 6})
+    strategy = _zo_strategy(cfg)
     a, tok = _fresh_engine(cfg)
     b, _ = _fresh_engine(cfg)
     rows = _rows(cfg, tok)
-    strategy = FedKSeed(cfg, fingerprint=a.fingerprint)
     _server_round(strategy, {1: a, 2: b}, cfg, 1, rows, tok.pad_token_id)
     for r in (2, 3, 4):  # node 2 misses three rounds
         _server_round(strategy, {1: a}, cfg, r, rows, tok.pad_token_id)
-    down_a = zo.encode_down(strategy.state, strategy.history, strategy.node_version[1])
-    down_b = zo.encode_down(strategy.state, strategy.history, strategy.node_version[2])
+    down_a = strategy.method.encode_down(1)["zo"]["down"]
+    down_b = strategy.method.encode_down(2)["zo"]["down"]
     assert len(down_b) > len(down_a)  # the stale client gets the rounds it missed
     a.sync(zo.decode_down(down_a, a.state))
     b.sync(zo.decode_down(down_b, b.state))
@@ -250,20 +258,21 @@ def test_client_that_skipped_rounds_syncs_to_the_same_model(tiny_model_dir):
 @pytest.mark.usefixtures("task_identity")
 def test_stale_or_malformed_replies_are_dropped(tiny_model_dir):
     cfg = _cfg(tiny_model_dir)
-    strategy = FedKSeed(cfg, fingerprint=1)
+    strategy = _zo_strategy(cfg)
+    server = strategy.method
     good = zo.encode_upload(K, PAIRS, 8, 0)
 
-    def reply(node, up, version=0, n=10, fingerprint=1):
+    def reply(node, up, version=0, n=10, fingerprint=server.fingerprint):
         return reply_to(node, RecordDict({"zo": ConfigRecord({"up": up}), "metrics": MetricRecord(
             {"num-examples": n, "zo-version": version, "zo-fingerprint": fingerprint, "server-round": 1})}))
 
-    _, metrics = strategy.aggregate_train(1, [reply(1, good, version=5), reply(2, good[:-3]), reply(3, good, n=0),
-                                              reply(5, good, fingerprint=2)])
-    assert metrics["clients-dropped"] == 4 and strategy.state.version == 0
-    assert "fingerprint differs" in strategy.dropped[3][1]
-    assert float(strategy.state.acc.abs().sum()) == 0
-    _, metrics = strategy.aggregate_train(1, [reply(4, good)])
-    assert metrics["clients-ok"] == 1 and strategy.state.version == 1
+    result = strategy.round(1, [reply(1, good, version=5), reply(2, good[:-3]), reply(3, good, n=0),
+                                reply(5, good, fingerprint=2)])
+    assert result.metrics["clients-dropped"] == 4 and server.state.version == 0 and not result.applied
+    assert "fingerprint differs" in result.dropped[3][1]
+    assert float(server.state.acc.abs().sum()) == 0
+    result = strategy.round(1, [reply(4, good)])
+    assert result.metrics["clients-ok"] == 1 and server.state.version == 1
 
 
 def test_pro_sampling_prefers_seeds_with_large_history(tiny_model_dir):
@@ -289,7 +298,7 @@ def test_lora_only_engine_leaves_base_weights_alone(tiny_model_dir):
 def test_client_refuses_a_different_perturbation_fingerprint(tiny_model_dir):
     from flwr.app import Message, MessageType
 
-    from fedllm.client_train import train_zo
+    from fedllm.client_train import handle
 
     cfg = _cfg(tiny_model_dir)
     engine, _ = _fresh_engine(cfg)
@@ -298,4 +307,4 @@ def test_client_refuses_a_different_perturbation_fingerprint(tiny_model_dir):
         {"down": down, "fingerprint": engine.fingerprint + 1, "version": 0})}),
         dst_node_id=1, message_type=MessageType.TRAIN)
     with pytest.raises(PayloadError, match="perturbations differ"):
-        train_zo(msg.content, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}), cfg, 1, 0)
+        handle(msg.content, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}))

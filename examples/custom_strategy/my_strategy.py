@@ -1,8 +1,9 @@
 """A user's own aggregation rule, plugged into fedllm's server: run with `flwr run .` here.
 
-LossWeighted averages the clients' LoRA deltas with weights examples x exp(-train loss / T),
-so clients whose data the model already fits well count a little more. Everything else
-(sampling, decoding, validation, evaluation, checkpoints, metrics) is fedllm's base strategy.
+`loss_weighted` averages the clients' LoRA deltas with weights examples x exp(-train loss / T),
+so clients whose data the model already fits well count a little more. A rule is a plain
+function of the round's validated updates; everything else (sampling, decoding, validation,
+the method's global state, evaluation, checkpoints, metrics) is fedllm's.
 """
 
 from __future__ import annotations
@@ -10,18 +11,19 @@ from __future__ import annotations
 import math
 
 from fedllm.server_app import make_app
-from strategies import FedLLMStrategy, Update, register, weighted_mean
+from strategies import RULES, Update, weighted_mean
 
 TEMPERATURE = 1.0
 
 
-@register("loss-weighted")
-class LossWeighted(FedLLMStrategy):
-    def aggregate(self, server_round: int, updates: list[Update]) -> dict:
-        weights = [u.num_examples * math.exp(-u.metrics["train-loss"] / TEMPERATURE) for u in updates]
-        self.last_weights = {u.node_id: w / sum(weights) for u, w in zip(updates, weights)}
-        return weighted_mean([u.delta for u in updates], weights)
+def loss_weighted(updates: list[Update], cfg) -> dict:
+    weights = [u.num_examples * math.exp(-u.metrics["train-loss"] / TEMPERATURE) for u in updates]
+    return weighted_mean([u.delta for u in updates], weights)
 
 
-# The ServerApp that `flwr run` starts: fedllm's, with this strategy by module:Class.
-app = make_app({"server.strategy": "my_strategy:LossWeighted"})
+loss_weighted.meta = {"accepts": {"dense"}}  # LoRA deltas (what `module:function` reads for the checks)
+RULES.register("loss-weighted", loss_weighted, accepts={"dense"}, streams=False)  # also usable by name
+
+# The ServerApp that `flwr run` starts: fedllm's, with this rule by module:function; chain a server
+# optimizer after it with e.g. "my_strategy:loss_weighted > fedadam".
+app = make_app({"server.strategy": "my_strategy:loss_weighted"})

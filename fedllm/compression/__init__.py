@@ -102,11 +102,7 @@ def compress(codec: Codec, tensors: State, feedback: Feedback | None, seed: int)
     return payload, Feedback({k: target[k] - sent[k] for k in target})
 
 
-def zero_feedback() -> Feedback:
-    return Feedback({})
-
-
 __all__ = [
     "CODECS", "PRESETS", "Codec", "Feedback", "chain", "cluster", "compress", "decode", "encode", "parse",
-    "quantize", "register_codec", "topk", "zero_feedback", "zstd",
+    "quantize", "register_codec", "topk", "zstd",
 ]

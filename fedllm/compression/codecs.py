@@ -30,6 +30,7 @@ import numpy as np
 
 from fedllm.compression.wire import Frame, pack, pack_bits, unpack, unpack_bits, varint_decode, varint_encode
 from fedllm.errors import ConfigError, PayloadError
+from fedllm.registry import Registry
 
 MAX_DECOMPRESSED = 1 << 30  # refuse zstd frames that claim to expand beyond 1 GiB
 
@@ -262,16 +263,15 @@ def _drop(frame: Frame, *names: str) -> Frame:
 
 
 # --- registry, presets, config strings -----------------------------------------------------
-CODECS: dict[str, Callable[..., Codec]] = {}
+CODECS: Registry[Callable[..., Codec]] = Registry("codec", "compression")
 
 
-def register_codec(name: str, factory: Callable[..., Codec]) -> None:
-    """Add a stage constructor under a unique lower-case name (usable in config strings)."""
+def register_codec(name: str, factory: Callable[..., Codec], **meta: object) -> None:
+    """Add a stage constructor under a unique lower-case name (usable in config strings, so no
+    dashes: a stage is written as a Python call)."""
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         raise ValueError(f"codec name must be lower-case letters, digits or _: {name!r}")
-    if name in CODECS and CODECS[name] is not factory:
-        raise ValueError(f"codec {name!r} is registered already")
-    CODECS[name] = factory
+    CODECS.register(name, factory, **meta)
 
 
 for _name, _factory in (("topk", topk), ("randk", randk), ("quantize", quantize), ("cluster", cluster),
@@ -305,9 +305,9 @@ def parse(spec: str) -> Codec:
         except (SyntaxError, ValueError) as err:
             raise ConfigError(f"codec stage {part!r}: {err}") from None
         if node.func.id not in CODECS:
-            raise ConfigError(f"codec stage {part!r}: unknown codec; registered: {', '.join(sorted(CODECS))}")
+            raise ConfigError(f"codec stage {part!r}: unknown codec; registered: {', '.join(CODECS.names())}")
         try:
-            stages.append(CODECS[node.func.id](*args, **kwargs))
+            stages.append(CODECS.get(node.func.id).impl(*args, **kwargs))
         except TypeError as err:
             raise ConfigError(f"codec stage {part!r}: {err}") from None
     return chain(*stages)

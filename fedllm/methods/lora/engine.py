@@ -175,10 +175,6 @@ def subtract(a: State, b: State) -> State:
     return {k: a[k] - b[k] for k in a}
 
 
-def add(a: State, b: State) -> State:
-    return {k: a[k] + b[k] for k in a}
-
-
 def train(model: Any, rows: list[dict[str, list[int]]], cfg: TrainConfig, pad_id: int,
           seed: int, proximal_mu: float = 0.0) -> dict[str, float]:
     """Run `cfg.local_steps` AdamW steps on encoded rows; returns loss and counts.

@@ -415,7 +415,7 @@ def engine_for(cfg: Config) -> tuple[ZOEngine, Any]:
     train.seed), and a rebuild restores their initial values.
     """
     from fedllm.model import MODEL_CACHE, load_base_model
-    from fedllm.updates import lora
+    from fedllm.methods.lora import engine as lora
 
     z = cfg.zo
     key = ("zo", cfg.model.name, cfg.model.dtype, z.params, z.num_seeds, z.pool_seed, z.dist, z.lr, z.eps,

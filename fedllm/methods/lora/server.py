@@ -1,0 +1,154 @@
+"""LoRA's server half: the global adapter, sent whole or as encoded deltas, and updated by the
+rule chain's aggregate of the clients' deltas (local - global)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterator
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+
+from fedllm.compression import Feedback, compress, decode, parse
+from fedllm.config import Config
+from fedllm.contribution import SCORERS
+from fedllm.evaluate import eval_loss
+from fedllm.methods.base import UtilityOf
+from fedllm.methods.downlink import Downlink
+from fedllm.methods.lora import engine as lora
+from fedllm.model import save_merged
+from fedllm.errors import PayloadError
+from fedllm.protocol import (ARRAYS, DOWN, LEDGER, METRICS, UPDATE, State, Update, check_like, read_arrays,
+                             reply_metrics, weighted_mean)
+
+
+def needs_model(cfg: Config) -> bool:
+    """Whether the server loads the base model: to evaluate, merge, or score on validation."""
+    scorer = SCORERS.get(cfg.ledger.scorer)
+    return cfg.server.evaluate or cfg.server.merge or (cfg.ledger.enabled and bool(scorer.meta.get("needs_utility")))
+
+
+class LoraServer:
+    """The global adapter. The server holds the base model only to evaluate, merge or score.
+
+    With compression.up set, clients send encoded deltas; with compression.down set, the
+    server sends each node the encoded round deltas it has not applied yet (or the full state
+    when that is smaller or its version is unknown) and applies the same decoded delta to its
+    own state, so every party holds identical weights.
+    """
+
+    reply_records = frozenset({ARRAYS, UPDATE, METRICS, LEDGER})
+
+    def __init__(self, cfg: Config, state: State | None = None) -> None:
+        """`state`: start from this adapter state instead of a fresh one (no model is loaded:
+        nothing to evaluate or merge with)."""
+        self.cfg = cfg
+        if state is not None:
+            self.net = self.tokenizer = None
+            self.state = dict(state)
+        elif needs_model(cfg):
+            self.net, self.tokenizer = lora.lora_model(cfg.model, cfg.lora, cfg.train.seed)
+            lora.reset_adapter(self.net, cfg.train.seed)  # the cached model may hold an earlier run's adapter
+            self.state = lora.adapter_state(self.net)
+        else:
+            self.net = self.tokenizer = None
+            self.state = lora.init_adapter_state(cfg.model, cfg.lora, cfg.train.seed)
+        self.before: State = self.state  # the state before the last apply (for the utility)
+        self.up = parse(cfg.compression.up) if cfg.compression.up else None
+        self.down = parse(cfg.compression.down) if cfg.compression.down else None
+        self.downlink = Downlink(start_known=False)
+        self.feedback = Feedback({}) if cfg.compression.error_feedback else None
+
+    # --- the wire -----------------------------------------------------------------------------
+    def encode_down(self, node: int) -> dict[str, Any]:
+        """The global arrays, or (compression.down) the encoded deltas `node` lacks when that
+        is smaller than the arrays."""
+        arrays = ArrayRecord(self.state)
+        if self.down is None:
+            return {ARRAYS: arrays}
+        missing, version = self.downlink.missing(node), self.downlink.version
+        known = self.downlink.version_of(node)
+        self.downlink.sent(node)
+        if missing is None or sum(map(len, missing)) >= arrays.count_bytes():
+            return {ARRAYS: arrays, DOWN: ConfigRecord({"version": version})}
+        return {DOWN: ConfigRecord({"version": version, "base": known, "deltas": missing})}
+
+    def decode(self, msg: Message) -> Update:
+        """The reply's local adapter as arrays (no upload codec; the update is local - global),
+        or with compression.up the encoded delta, checked against the global names and shapes."""
+        n, metrics = reply_metrics(msg)
+        if self.up is not None:
+            payload = msg.content.config_records.get(UPDATE, {}).get("payload")
+            if not isinstance(payload, bytes):
+                raise PayloadError(f"reply lacks the {UPDATE!r} payload bytes")
+            delta = decode(self.up, payload, sorted(self.state))
+            check_like(delta, self.state, check_dtype=False)
+            return Update(msg.metadata.src_node_id, delta, n, metrics, len(payload))
+        local, nbytes = read_arrays(msg, self.state)
+        check_like(local, self.state)
+        return Update(msg.metadata.src_node_id, {k: t - self.state[k] for k, t in local.items()}, n, metrics, nbytes)
+
+    def largest_reply(self) -> int:
+        """Three times the dense float32 adapter (a codec's indices and headers stay well
+        inside it) plus 64 KiB."""
+        return 3 * 4 * sum(t.numel() for t in self.state.values()) + 65536
+
+    def apply(self, aggregate: State, updates: list[Update], server_round: int) -> dict[str, float]:
+        """global += aggregate; with compression.down the aggregate is encoded (through the
+        server's error feedback), kept in the history, and the decoded delta applied."""
+        for u in updates:
+            self.downlink.accepted(u.node_id)
+        if self.down is not None:
+            payload, self.feedback = compress(self.down, aggregate, self.feedback, seed=server_round)
+            self.downlink.append(payload)
+            aggregate = decode(self.down, payload, sorted(aggregate))
+        self.before = self.state
+        self.state = {k: t + aggregate[k].to(t.dtype) for k, t in self.state.items()}
+        return {}
+
+    # --- the model at the global state -----------------------------------------------------------
+    @contextlib.contextmanager
+    def model(self) -> Iterator[Any]:
+        lora.set_adapter_state(self.net, self.state)
+        yield self.net
+
+    def utility(self, updates: list[Update], examples: list[dict[str, str]]) -> UtilityOf | None:
+        """Minus the validation loss of the state before the last apply moved by the
+        example-weighted mean of the chosen updates' deltas."""
+        before = self.before
+
+        def utility_of(indices: list[int]) -> float:
+            ups = [updates[i] for i in indices]
+            delta = weighted_mean([u.delta for u in ups], [u.num_examples for u in ups]) if ups else {}
+            lora.set_adapter_state(self.net, {k: t + delta[k].to(t.dtype) if delta else t for k, t in before.items()})
+            return -eval_loss(self.net, self.tokenizer, examples, self.cfg.data, self.cfg.server.eval_batch_size)
+
+        return utility_of
+
+    def digest(self) -> bytes:
+        return state_digest(self.state)
+
+    def save(self, run_dir: Path) -> None:
+        """adapter/ loads with PeftModel.from_pretrained; merged/ with AutoModelForCausalLM."""
+        lora.save_adapter(self.state, self.cfg.model, self.cfg.lora, run_dir / "adapter")
+        if self.cfg.server.merge:
+            with self.model() as net:
+                save_merged(net, self.tokenizer, run_dir / "merged")
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"global": self.state, "downlink": self.downlink.state_dict(),
+                "feedback": self.feedback.residual if self.feedback is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = self.before = state["global"]
+        self.downlink.load_state_dict(state["downlink"])
+        if state["feedback"] is not None:
+            self.feedback = Feedback(state["feedback"])
+
+
+def state_digest(state: State) -> bytes:
+    """keccak256 over the sorted names and bytes of a state."""
+    from eth_utils import keccak  # the [ledger] extra: only runs with the ledger on ask
+
+    return keccak(b"".join(k.encode() + state[k].numpy().tobytes() for k in sorted(state)))

@@ -1,0 +1,115 @@
+"""FedKSeed's server half: the global state is the K per-seed accumulators.
+
+Each round the server sends every sampled node what it needs to sync (the round payloads
+since the version it holds, or the full state when smaller), decodes each client's per-seed
+scalar sums, and applies the rule chain's aggregate quantized with shared scales and
+stochastic rounding: the same bytes every client applies next round, so all parties hold the
+same model. Qin et al., ICML 2024, https://arxiv.org/abs/2312.06353.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterator
+
+from flwr.app import ConfigRecord, Message
+
+from fedllm.config import Config
+from fedllm.errors import PayloadError
+from fedllm.methods.base import UtilityOf
+from fedllm.methods.downlink import Downlink
+from fedllm.methods.zo import engine as zo
+from fedllm.model import save_merged
+from fedllm.protocol import LEDGER, METRICS, ZO, State, Update, reply_metrics
+
+SUMS = "sums"  # the one tensor of a zo update: (K,) per-seed scalar sums
+
+
+class ZOServer:
+    """The accumulators; the server's engine follows them to evaluate, and gives the
+    perturbation fingerprint every client must match."""
+
+    reply_records = frozenset({ZO, METRICS, LEDGER})
+
+    def __init__(self, cfg: Config, fingerprint: int | None = None) -> None:
+        """`fingerprint`: aggregate for clients of this perturbation fingerprint without a
+        model of its own (nothing to evaluate or merge with)."""
+        self.cfg = cfg
+        self.k = cfg.zo.num_seeds
+        if fingerprint is None:
+            self.engine, self.tokenizer = zo.engine_for(cfg)
+            self.fingerprint = self.engine.fingerprint
+        else:
+            self.engine = self.tokenizer = None
+            self.fingerprint = fingerprint
+        self.state = zo.Accumulators(self.k)
+        self.downlink = Downlink(start_known=True)  # every party starts from zero accumulators
+
+    def encode_down(self, node: int) -> dict[str, Any]:
+        down = zo.encode_down(self.state, self.downlink.history, self.downlink.version_of(node))
+        self.downlink.sent(node)
+        return {ZO: ConfigRecord({"down": down, "fingerprint": self.fingerprint, "version": self.state.version})}
+
+    def decode(self, msg: Message) -> Update:
+        n, metrics = reply_metrics(msg)
+        record = msg.content.config_records.get(ZO)
+        up = record.get("up") if record is not None else None
+        if not isinstance(up, bytes):
+            raise PayloadError("reply lacks the zo 'up' payload")
+        if metrics.get("zo-fingerprint") != self.fingerprint:
+            raise PayloadError("perturbation fingerprint differs from the server's "
+                               "(torch version, device type, dtype or model)")
+        if metrics.get("zo-version") != self.state.version:
+            raise PayloadError(f"stale update: trained at version {metrics.get('zo-version')}, "
+                               f"global is {self.state.version}")
+        return Update(msg.metadata.src_node_id, {SUMS: zo.decode(up, self.k)}, n, metrics, len(up))
+
+    def largest_reply(self) -> int:
+        return zo.max_upload_bytes(self.k)
+
+    def apply(self, aggregate: State, updates: list[Update], server_round: int) -> dict[str, float]:
+        """Quantize the aggregate (zo.bits, stochastic rounding seeded by the round) into the
+        round's payload, the exact bytes every party applies to its accumulators."""
+        for u in updates:
+            self.downlink.accepted(u.node_id)
+        payload = round_payload(aggregate[SUMS], self.k, self.cfg.zo.bits, server_round)
+        self.state.apply(payload)
+        self.downlink.append(payload)
+        return {"zo-version": self.state.version}
+
+    @contextlib.contextmanager
+    def model(self) -> Iterator[Any]:
+        self.engine.sync(self.state)
+        yield self.engine.model
+
+    def utility(self, updates: list[Update], examples: list[dict[str, str]]) -> UtilityOf | None:
+        return None
+
+    def digest(self) -> bytes:
+        from eth_utils import keccak  # the [ledger] extra
+
+        return keccak(self.state.to_bytes())
+
+    def save(self, run_dir: Path) -> None:
+        """zo/accumulators.bin (K scalars: the whole fine-tuned model, given the base) and,
+        on request, merged/ (the rebuilt model, loadable with AutoModelForCausalLM)."""
+        (run_dir / "zo").mkdir(exist_ok=True)
+        (run_dir / "zo" / "accumulators.bin").write_bytes(self.state.to_bytes())
+        if self.cfg.server.merge:
+            with self.model() as net:
+                save_merged(net, self.tokenizer, run_dir / "merged")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"accumulators": self.state.to_bytes(), "downlink": self.downlink.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = zo.Accumulators.from_bytes(state["accumulators"], self.k)
+        self.downlink.load_state_dict(state["downlink"])
+
+
+def round_payload(mean: Any, k: int, bits: int, server_round: int) -> bytes:
+    """A round's aggregate per-seed sums (K,) as the payload every party applies."""
+    mean = mean.double()
+    idx = mean.nonzero().flatten()
+    return zo.encode(k, idx, mean[idx], bits, server_round, zo.SUMS)

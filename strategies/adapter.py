@@ -1,0 +1,168 @@
+"""The one Flower Strategy: plumbing between Flower's Message API, a method's server half and
+a rule chain.
+
+    strategy = build(cfg)                          # method from train.method, chain from server.strategy
+    messages = strategy.configure_train(rnd, ArrayRecord(), config, grid)
+    result = strategy.round(rnd, grid.send_and_receive(messages))      # a RoundResult value
+
+Every reply is checked before it touches the global state (`screen`: error, record names,
+metrics, round number, payload size; the method's `decode`: names, shapes, dtypes, finite
+values; then the update's norm); a bad reply is dropped with its reason, never raised.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Mapping
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from fedllm.config import Config
+from fedllm.contribution import SCORERS
+from fedllm.errors import ConfigError, PayloadError
+from fedllm.methods import METHODS, ServerHalf
+from fedllm.protocol import CONFIG, RoundResult, Update, screen, update_norm
+from strategies.chain import Chain, parse_chain
+
+log = logging.getLogger(__name__)
+
+
+class FedLLMStrategy(Strategy):
+    """Samples nodes, sends each what the method encodes for it, validates replies into
+    Updates, aggregates them with the chain and has the method apply the aggregate."""
+
+    def __init__(self, cfg: Config, method: ServerHalf, chain: Chain) -> None:
+        self.cfg, self.method, self.chain = cfg, method, chain
+
+    def summary(self) -> None:
+        log.info("method %s, strategy %s: fraction-train %.2f, min-clients %d, compression up %r down %r",
+                 self.cfg.train.method, self.chain.name, self.cfg.server.fraction_train, self.cfg.server.min_clients,
+                 self.cfg.compression.up, self.cfg.compression.down)
+
+    def sample(self, grid: Grid) -> list[int]:
+        """Node ids for this round (waits until server.min-clients are connected)."""
+        connected = len(list(grid.get_node_ids()))
+        size = max(int(connected * self.cfg.server.fraction_train), self.cfg.server.min_clients)
+        node_ids, _ = sample_nodes(grid, self.cfg.server.min_clients, size)
+        return node_ids
+
+    def round_config(self, server_round: int) -> dict[str, Any]:
+        """Per-round values sent beside the run config (keys without a dot)."""
+        extra: dict[str, Any] = {"server-round": server_round, **self.chain.round_config()}
+        if self.cfg.dp.clipping_norm > 0:
+            from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+            extra[KEY_CLIPPING_NORM] = self.cfg.dp.clipping_norm  # what Flower's fixedclipping_mod reads
+        return extra
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """`arrays` is ignored: the method's server half holds the global state."""
+        config = ConfigRecord({**dict(config), **self.round_config(server_round)})  # never mutate the caller's
+        return [Message(content=RecordDict({CONFIG: config, **self.method.encode_down(node)}),
+                        message_type=MessageType.TRAIN, dst_node_id=node) for node in self.sample(grid)]
+
+    def max_reply_bytes(self) -> int:
+        """server.max-reply-bytes, or else the method's `largest_reply()`."""
+        return self.cfg.server.max_reply_bytes or self.method.largest_reply()
+
+    def accept(self, msg: Message, server_round: int) -> Update:
+        """screen, decode, then bound the update's norm (server.max-update-norm)."""
+        screen(msg, server_round, self.method.reply_records, self.max_reply_bytes())
+        update = self.method.decode(msg)
+        norm, bound = update_norm(update.delta), self.cfg.server.max_update_norm
+        if bound > 0 and norm > bound:
+            raise PayloadError(f"update norm {norm:.4g} exceeds server.max-update-norm={bound:g}")
+        update.metrics["update-norm"] = norm  # measured by the server, beside what the client reports
+        return update
+
+    def collect(self, server_round: int, replies: Iterable[Message]) -> tuple[list[Update], list[tuple[int, str]]]:
+        """Every reply validated: the accepted updates (in partition order, so that sums are
+        taken in the same order every run) and the dropped ones with their reasons."""
+        updates, dropped = [], []
+        for msg in replies:
+            try:
+                updates.append(self.accept(msg, server_round))
+            except PayloadError as err:
+                dropped.append((msg.metadata.src_node_id, str(err)))
+                log.warning("round %d: dropped reply of node %d: %s", server_round, msg.metadata.src_node_id, err)
+            except Exception as err:  # a validation bug must not end the round: log it loudly
+                dropped.append((msg.metadata.src_node_id, f"unexpected {type(err).__name__}: {err}"))
+                log.exception("round %d: reply of node %d could not be checked", server_round,
+                              msg.metadata.src_node_id)
+        updates.sort(key=lambda u: (u.metrics.get("partition-id", 0.0), u.node_id))
+        return updates, dropped
+
+    def round(self, server_round: int, replies: Iterable[Message]) -> RoundResult:
+        """Validate, aggregate and apply one round's replies; with fewer than server.min-replies
+        valid ones nothing is applied (`applied` False)."""
+        updates, dropped = self.collect(server_round, replies)
+        metrics: dict[str, float] = {"clients-ok": len(updates), "clients-dropped": len(dropped)}
+        if updates:
+            weights = [u.num_examples for u in updates]
+            metrics["train-loss"] = sum(w * u.metrics.get("train-loss", 0.0) for w, u in zip(weights, updates)) / sum(weights)
+        if len(updates) < self.cfg.server.min_replies:
+            return RoundResult(server_round, tuple(updates), tuple(dropped), (), metrics, applied=False)
+        agg = self.chain(updates)
+        metrics.update(self.method.apply(agg.delta, updates, server_round))
+        return RoundResult(server_round, tuple(updates), tuple(dropped), agg.outliers, metrics, applied=True)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's API: the round's metrics (the method holds the new global state)."""
+        return None, MetricRecord(self.round(server_round, replies).metrics)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return []  # evaluation is server-side, on the held-out split
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"method": self.method.state_dict(), "chain": self.chain.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.method.load_state_dict(state["method"])
+        self.chain.load_state_dict(state["chain"])
+
+
+def resolve(cfg: Config) -> tuple[Any, Chain]:
+    """The method entry for train.method and the chain for server.strategy, with every
+    cross-check that needs both (read from the registries' metadata).
+
+    Raises:
+        ConfigError: naming the key that does not fit.
+    """
+    entry = METHODS.get(cfg.train.method)
+    meta = entry.meta
+    if cfg.server.strategy.strip() in METHODS:
+        raise ConfigError(f"server.strategy: {cfg.server.strategy!r} is a method: set train.method="
+                          f"{cfg.server.strategy.strip()} (server.strategy picks the aggregation rule)")
+    if not meta.get("compression", True) and (cfg.compression.up or cfg.compression.down):
+        raise ConfigError(f"compression.up/down: train.method={entry.name} does not take codecs (its uploads "
+                          "are not dense float tensors); leave them empty")
+    if not meta.get("dp", True) and cfg.dp.clipping_norm > 0:
+        raise ConfigError(f"dp.clipping-norm: differential privacy needs float32 arrays on the wire (Flower's "
+                          f"clipping mod), which train.method={entry.name} does not send")
+    if cfg.dp.clipping_norm > 0 and (cfg.compression.up or cfg.compression.down):
+        raise ConfigError("dp.clipping-norm: differential privacy needs uploads without compression "
+                          "(Flower's clipping mod works on the float32 arrays)")
+    scorer = SCORERS.get(cfg.ledger.scorer)
+    if cfg.ledger.enabled and scorer.meta.get("needs_utility") and not meta.get("utility", False):
+        plain = ", ".join(s.name for s in SCORERS.entries() if not s.meta.get("needs_utility"))
+        raise ConfigError(f"ledger.scorer: {scorer.name} needs a validation loss per subset of updates, which "
+                          f"train.method={entry.name} does not give; use {plain}")
+    chain = parse_chain(cfg.server.strategy, cfg, meta.get("delta_kind", "dense"), meta.get("default_rule", "fedavg"),
+                        dict(meta.get("rules", ())))
+    return entry, chain
+
+
+def build(cfg: Config, method: ServerHalf | None = None) -> FedLLMStrategy:
+    """The strategy for a run: the method's server half (built here from train.method, loading
+    what it needs, unless given) and the chain."""
+    entry, chain = resolve(cfg)
+    return FedLLMStrategy(cfg, method if method is not None else entry.impl.server(cfg), chain)
