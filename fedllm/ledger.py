@@ -18,6 +18,7 @@ nobody can earn or lose stake in another's name.
 from __future__ import annotations
 
 import ast
+import importlib.resources
 import contextlib
 import json
 import os
@@ -31,7 +32,7 @@ from typing import Any, Iterator
 from fedllm.protocol import CONFIG, LEDGER
 from fedllm.errors import FedLLMError
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "contracts" / "artifacts"
+ARTIFACTS = Path(str(importlib.resources.files("fedllm.contracts")))  # contracts/artifacts, as package data
 LEDGER_RECORD = LEDGER  # the reply's record with the client's account and signature
 
 
@@ -329,7 +330,7 @@ def reply_account(content: Any, contract: str, server_round: int) -> tuple[str, 
 
 
 # --- a local dev node ---------------------------------------------------------------------------
-ANVIL = ARTIFACTS.parent / "node_modules" / ".bin" / "anvil"
+ANVIL = Path(__file__).resolve().parent.parent / "contracts" / "node_modules" / ".bin" / "anvil"  # a checkout's npm install
 
 
 @contextlib.contextmanager

@@ -1,0 +1,178 @@
+"""Extending fedllm touches one place each: a rule, a server optimizer, a codec, a method and
+a contribution scorer are each added here, in this file alone, and run through fedllm's own
+server loop, strategy adapter, codec chain or ledger."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from conftest import reply_to, tiny_run_config
+from fedllm.compression import decode, encode, parse, register_codec
+from fedllm.compression.codecs import Codec
+from fedllm.config import Config
+from fedllm.contribution import register_scorer
+from fedllm.errors import PayloadError
+from fedllm.local_grid import LocalGrid
+from fedllm.methods import register_method
+from fedllm.methods.lora import LoraServer
+from fedllm.protocol import ARRAYS, LEDGER, METRICS, Update, check_like, read_arrays, reply_metrics
+from strategies import OPTIMIZERS, RULES, ServerOpt, build
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+GLOBAL = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([[0.0]])}
+
+
+def _reply(node, local, n=10.0):
+    return reply_to(node, RecordDict({ARRAYS: ArrayRecord(local), METRICS: MetricRecord(
+        {"num-examples": n, "train-loss": 1.0, "server-round": 1})}))
+
+
+# (a) a rule: sign-SGD (Bernstein et al., 2018): the sign of the mean delta, times a step
+def sign_sgd(updates: list[Update], cfg: Config) -> dict[str, torch.Tensor]:
+    mean = {k: sum(u.delta[k] for u in updates) / len(updates) for k in updates[0].delta}
+    return {k: 0.1 * torch.sign(t) for k, t in mean.items()}
+
+
+RULES.register("sign-sgd", sign_sgd, accepts={"dense"}, streams=True)
+
+
+# (b) a server optimizer: plain server SGD with a fixed lr of 2 and a round counter as its state
+OPTIMIZERS.register("double", ServerOpt(init=lambda d, cfg: 0, update=lambda d, n, cfg: ({k: 2 * t for k, t in d.items()},
+                                                                                         n + 1)), accepts={"dense"})
+
+
+def test_a_new_rule_and_a_new_optimizer_chain(task_identity):
+    cfg = Config.from_flat({"server.strategy": "sign-sgd > double"})
+    s = build(cfg, LoraServer(cfg, GLOBAL))
+    result = s.round(1, [_reply(1, {"a": torch.tensor([3.0, 1.0]), "b": torch.tensor([[0.0]])}),
+                         _reply(2, {"a": torch.tensor([2.0, 1.5]), "b": torch.tensor([[0.0]])})])
+    # mean delta (1.5, -0.75), 0: sign (1, -1), 0; x 0.1; doubled
+    assert result.applied and torch.allclose(s.method.state["a"], torch.tensor([1.2, 1.8]))
+    assert torch.equal(s.method.state["b"], GLOBAL["b"])
+    assert s.state_dict()["chain"]["optimizers"] == {"0:double": 1}
+
+
+# (c) a codec stage: float16 values (half the bytes, lossless for values float16 holds)
+def fp16() -> Codec:
+    return Codec("fp16()", lambda frame, rng: {**frame, "v": frame["v"].astype(np.float16)},
+                 lambda frame: {**frame, "v": frame["v"].astype(np.float32)})
+
+
+register_codec("fp16", fp16)
+
+
+def test_a_new_codec_in_a_chain_through_the_strategy():
+    cfg = Config.from_flat({"compression.up": "fp16 > zstd"})
+    delta = {"a": torch.tensor([0.5, -0.25]), "b": torch.tensor([[0.125]])}
+    payload = encode(parse("fp16 > zstd"), delta, 0)
+    assert decode(parse("fp16 > zstd"), payload, sorted(delta))["a"].tolist() == [0.5, -0.25]
+    s = build(cfg, LoraServer(cfg, GLOBAL))
+    reply = reply_to(1, RecordDict({"update": ConfigRecord({"payload": payload}), METRICS: MetricRecord(
+        {"num-examples": 1.0, "server-round": 1})}))
+    assert s.round(1, [reply]).applied and torch.equal(s.method.state["a"], torch.tensor([1.5, 1.75]))
+
+
+# (d) a method: "identity" clients send the global state back (a zero update); the server keeps a
+# dense state. Registered here, it runs through fedllm's server loop and client unchanged.
+class IdentityServer:
+    reply_records = frozenset({ARRAYS, METRICS, LEDGER})
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg, self.tokenizer, self.state, self.rounds = cfg, None, {"w": torch.arange(4.0)}, 0
+
+    def encode_down(self, node: int) -> dict[str, Any]:
+        return {ARRAYS: ArrayRecord(self.state)}
+
+    def decode(self, msg: Message) -> Update:
+        n, metrics = reply_metrics(msg)
+        local, nbytes = read_arrays(msg, self.state)
+        check_like(local, self.state)
+        return Update(msg.metadata.src_node_id, {k: t - self.state[k] for k, t in local.items()}, n, metrics, nbytes)
+
+    def largest_reply(self) -> int:
+        return 65536
+
+    def apply(self, aggregate, updates, server_round):
+        self.state = {k: t + aggregate[k] for k, t in self.state.items()}
+        self.rounds += 1
+        return {"identity-rounds": self.rounds}
+
+    @contextlib.contextmanager
+    def model(self) -> Iterator[Any]:
+        yield None
+
+    def utility(self, updates, examples):
+        return None
+
+    def digest(self) -> bytes:
+        return self.state["w"].numpy().tobytes()
+
+    def save(self, run_dir: Path) -> None:
+        (run_dir / "identity.json").write_text(json.dumps(self.state["w"].tolist()))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": self.state, "rounds": self.rounds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state, self.rounds = state["state"], state["rounds"]
+
+
+class IdentityClient:
+    def __init__(self, cfg: Config, context: Context, partition_id: int) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.name)  # for the rows fedllm encodes
+
+    def sync(self, request: RecordDict, seed: int) -> dict[str, float]:
+        if ARRAYS not in request.array_records:
+            raise PayloadError("identity: no arrays")
+        self.state = request.array_records[ARRAYS].to_torch_state_dict()
+        return {}
+
+    def train(self, rows, seed):
+        return {"train-loss": 0.0, "steps": 0.0}
+
+    def upload(self, transform):
+        return {ARRAYS: ArrayRecord(self.state)}
+
+
+register_method("identity", server=IdentityServer, client=IdentityClient, default_rule="fedavg", compression=False,
+                dp=False, utility=False, delta_kind="dense")
+
+
+def test_a_new_method_runs_through_the_server_loop(tiny_model_dir, tmp_path):
+    from fedllm.server_app import run
+
+    cfg = tiny_run_config(tiny_model_dir, tmp_path, **{"train.method": "identity", "server.evaluate": False,
+                                                       "server.strategy": "median"})
+    run_dir = run(LocalGrid(3), cfg)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("identity-rounds") for r in rows[1:]] == [1, 2]
+    assert all(r["clients-ok"] == 3 and r["bytes-up"] for r in rows[1:])
+    assert json.loads((run_dir / "identity.json").read_text()) == [0.0, 1.0, 2.0, 3.0]  # zero updates
+
+
+# (e) a contribution scorer: every honest client scores the same
+@register_scorer("uniform")
+def uniform(vectors, weights, aggregate, utility=None):
+    return [1.0] * len(vectors)
+
+
+def test_a_new_scorer_shares_the_reward_evenly(tiny_model_dir, tmp_path):
+    from fedllm.server_app import run
+
+    cfg = tiny_run_config(tiny_model_dir, tmp_path, **{"ledger.enabled": True, "ledger.scorer": "uniform",
+                                                       "server.evaluate": False, "server.num-rounds": 1})
+    run_dir = run(LocalGrid(3), cfg)
+    row = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1]
+    rewards = row["ledger"]["rewards"]
+    assert len(rewards) == 3 and max(rewards.values()) - min(rewards.values()) <= 1  # wei of rounding
