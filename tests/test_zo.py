@@ -308,3 +308,11 @@ def test_client_refuses_a_different_perturbation_fingerprint(tiny_model_dir):
         dst_node_id=1, message_type=MessageType.TRAIN)
     with pytest.raises(PayloadError, match="perturbations differ"):
         handle(msg.content, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_an_empty_upload_decodes_to_zeros(bits):
+    """A client with no valid step (or a free rider) sends no scalars; its upload must decode
+    (the packer used to refuse zero codes) as zeros."""
+    up = zo.encode_upload(K, [], bits, 0)
+    assert torch.equal(zo.decode(up, K), torch.zeros(K))

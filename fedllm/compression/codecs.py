@@ -143,6 +143,19 @@ def _largest(v: np.ndarray, fraction: float) -> np.ndarray:
     return np.argpartition(np.abs(v), len(v) - k)[len(v) - k:]
 
 
+def symmetric_quantize(blocks: np.ndarray, bits: int, noise: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The one scalar quantizer (the quantize codec's, and zo's scalars'): rows of `blocks`
+    (num_blocks, block) to integer codes in [-qmax, qmax], qmax = 2**(bits-1) - 1, with one
+    scale max|row| / qmax per row (0 for an all-zero row); stochastic rounding floor(y + u)
+    with uniform `noise` u of blocks' shape (unbiased), or round-to-nearest when None.
+    Computed in blocks' dtype. Returns (codes as int64, scales)."""
+    qmax = (1 << (bits - 1)) - 1
+    scales = (np.abs(blocks).max(axis=1) / qmax).astype(blocks.dtype)
+    y = blocks / np.where(scales > 0, scales, 1.0)[:, None]
+    q = np.floor(y + noise) if noise is not None else np.rint(y)
+    return np.clip(q, -qmax, qmax).astype(np.int64), scales
+
+
 def quantize(bits: int = 8, block: int = 64, stochastic: bool = True) -> Codec:
     """Symmetric uniform quantization to `bits` (8, 4 or 2) with one float32 scale per block of
     `block` values; stochastic rounding (unbiased) or round-to-nearest."""
@@ -158,11 +171,8 @@ def quantize(bits: int = 8, block: int = 64, stochastic: bool = True) -> Codec:
         padded = np.zeros(-(-m // block) * block, dtype=np.float32)
         padded[:m] = v
         blocks = padded.reshape(-1, block)  # (num_blocks, block)
-        scales = (np.abs(blocks).max(axis=1) / qmax).astype(np.float32)
-        safe = np.where(scales > 0, scales, 1.0)[:, None]
-        y = blocks / safe
-        q = np.floor(y + rng.random(y.shape, dtype=np.float32)) if stochastic else np.rint(y)
-        codes = (np.clip(q, -qmax, qmax) + qmax).astype(np.uint8).reshape(-1)[:m]
+        q, scales = symmetric_quantize(blocks, bits, rng.random(blocks.shape, dtype=np.float32) if stochastic else None)
+        codes = (q + qmax).astype(np.uint8).reshape(-1)[:m]
         return {**_drop(frame, "v"), "q": pack_bits(codes, bits), "qs": scales,
                 "qn": varint_encode(np.array([m]))}
 

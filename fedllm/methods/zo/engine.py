@@ -35,13 +35,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from fedllm.compression.codecs import symmetric_quantize
+from fedllm.compression.wire import pack_bits, unpack_bits
 from fedllm.config import Config, TrainConfig, ZOConfig
 from fedllm.data.templates import batches
 from fedllm.errors import ConfigError, PayloadError
 
 # --- perturbations -----------------------------------------------------------------------
 
-_BITS = torch.arange(8, dtype=torch.uint8)
 # Byte -> its 8 bits as +-1.0, so that one table lookup expands 8 random bits (256, 8).
 _SIGNS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).astype(np.float32) * 2 - 1
 
@@ -109,32 +110,24 @@ _HEAD = struct.Struct("<2sBBIIf")  # magic, mode, bits, K, count, scale
 
 
 def _quantize(values: torch.Tensor, bits: int, gen: torch.Generator) -> tuple[torch.Tensor, float]:
-    """Shared-scale symmetric quantization with stochastic rounding (unbiased)."""
-    qmax = 2 ** (bits - 1) - 1
-    top = float(values.abs().max()) if values.numel() else 0.0
-    scale = top / qmax if top > 0 else 1.0
-    x = values.double() / scale
-    q = torch.floor(x + torch.rand(x.shape, generator=gen, dtype=torch.float64))
-    return q.clamp_(-qmax, qmax).to(torch.int64), scale
+    """Shared-scale symmetric quantization with stochastic rounding (unbiased): compression's
+    quantizer over one block, in float64, with torch's uniform draws (the generator is seeded
+    by the round, so every party rounds alike)."""
+    if values.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64), 1.0
+    noise = torch.rand(values.shape, generator=gen, dtype=torch.float64).numpy()[None]  # (1, n)
+    q, scales = symmetric_quantize(values.double().numpy()[None], bits, noise)
+    return torch.from_numpy(q[0]), float(scales[0]) or 1.0
 
 
 def _pack(q: torch.Tensor, bits: int) -> bytes:
-    """Offset-binary codes, `8 / bits` per byte, little-end first."""
-    per = 8 // bits
-    u = (q + 2 ** (bits - 1)).to(torch.uint8)
-    pad = (-len(u)) % per
-    u = torch.cat([u, torch.zeros(pad, dtype=torch.uint8)]).view(-1, per)
-    shifts = torch.arange(per, dtype=torch.uint8) * bits
-    return (u << shifts).sum(dim=1, dtype=torch.uint8).numpy().tobytes() if per > 1 else u.numpy().tobytes()
+    """Offset-binary codes q + 2**(bits-1), packed low bits first by compression's packer."""
+    return pack_bits((q + 2 ** (bits - 1)).numpy().astype(np.uint8), bits).tobytes()
 
 
 def _unpack(raw: bytes, count: int, bits: int) -> torch.Tensor:
-    per = 8 // bits
-    u = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    if per > 1:
-        shifts = torch.arange(per, dtype=torch.uint8) * bits
-        u = ((u.unsqueeze(1) >> shifts) & (2**bits - 1)).reshape(-1)
-    return u[:count].to(torch.int64) - 2 ** (bits - 1)
+    codes = unpack_bits(np.frombuffer(raw, dtype=np.uint8), bits, count)
+    return torch.from_numpy(codes.astype(np.int64)) - 2 ** (bits - 1)
 
 
 def encode(k: int, idx: torch.Tensor, values: torch.Tensor, bits: int, seed: int, mode: int) -> bytes:
@@ -145,9 +138,7 @@ def encode(k: int, idx: torch.Tensor, values: torch.Tensor, bits: int, seed: int
         dense = torch.zeros(k, dtype=torch.float64).index_add_(0, idx, values.double())
         mask = dense != 0
         values = dense[mask]
-        bitmask = torch.zeros((k + 7) // 8 * 8, dtype=torch.uint8)
-        bitmask[:k] = mask.to(torch.uint8)
-        where = (bitmask.view(-1, 8) << _BITS).sum(dim=1, dtype=torch.uint8).numpy().tobytes()
+        where = pack_bits(mask.numpy().astype(np.uint8), 1).tobytes()
     else:
         where = idx.numpy().astype(_index_dtype(k)).tobytes()
     if bits == 0:
@@ -183,8 +174,8 @@ def decode(payload: bytes, k: int) -> torch.Tensor:
     if len(rest) != where_len + body_len:
         raise PayloadError(f"zo payload: {len(rest)} body bytes, expected {where_len + body_len}")
     if mode == SUMS:
-        mask = ((torch.frombuffer(bytearray(rest[:where_len]), dtype=torch.uint8).unsqueeze(1) >> _BITS) & 1)
-        idx = mask.reshape(-1)[:k].nonzero().flatten()
+        mask = unpack_bits(np.frombuffer(rest[:where_len], dtype=np.uint8), 1, k)
+        idx = torch.from_numpy(mask.astype(np.int64)).nonzero().flatten()
         if len(idx) != count:
             raise PayloadError(f"zo payload: mask has {len(idx)} seeds, header says {count}")
     else:
