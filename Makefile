@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow and not gguf"
 
 bench: $(STAMP)
 	$(PY) bench/suite.py

@@ -22,7 +22,6 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -30,7 +29,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedllm import ledger
 from fedllm.accounting import LedgerSession
 from fedllm.config import Config
-from strategies import Update
+from fedllm.protocol import RoundResult, Update
 
 OUT = Path(__file__).with_suffix(".json")
 DIM = 460_800  # SmolLM2-135M, LoRA r=8 on q_proj and v_proj
@@ -75,8 +74,8 @@ def measure(chain: str, n: int, dim: int, rounds: int = 3) -> dict:
             updates = synthetic_round(n, dim, r)
             signers = {u.node_id: (accounts[u.node_id], r.to_bytes(16, "big") + u.node_id.to_bytes(16, "big"))
                        for u in updates}
-            strategy = SimpleNamespace(updates=updates, dropped=[], outliers=[])
-            rows.append(session.record(r, signers, strategy, r.to_bytes(32, "big")))  # a model hash: one SSTORE
+            result = RoundResult(r, tuple(updates))
+            rows.append(session.record(r, signers, result, r.to_bytes(32, "big")))  # a model hash: one SSTORE
         flagged = [sorted(row["flags"]) for row in rows]
         sign_ms, check_ms = reply_check_ms(session, dim)
     steady = rows[1:]  # round 1 also turns lastRound's storage slot from zero

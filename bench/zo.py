@@ -3,7 +3,7 @@
     python bench/zo.py [--quick] [--out FILE]
 
 (1) Bytes up and down per client per round at K=4096, tau=200, 8-bit scalars, for 1, 4 and 10
-    clients, through the real codec and the FedKSeed strategy's round payload (goal: up <= 0.7
+    clients, through the real codec and the zo method's server half (its round payload) (goal: up <= 0.7
     KB, down <= 4 KB; FedKSeed sends about 1.6 KB up and 16 KB down).
 (2) Regenerating z for every weight of SmolLM2-135M: plain `torch.randn` per tensor versus
     fedllm's perturbation (Gaussian, and Rademacher from packed bits). Goal: >= 5x.
@@ -24,14 +24,16 @@ import torch
 from fedllm.config import Config
 from fedllm.model import load_base_model
 from fedllm.methods.zo import engine as zo
-from strategies import FedKSeed, Update
+from fedllm.methods.zo import ZOServer
+from fedllm.protocol import Update
+from strategies import fedavg
 
 OUT = Path(__file__).with_suffix(".json")
 
 
 def wire_bytes(k: int, tau: int, clients: int, bits: int, rounds: int = 11) -> dict:
     cfg = Config.from_flat({"train.method": "zo", "zo.num-seeds": k, "zo.bits": bits})
-    strategy = FedKSeed(cfg, fingerprint=0)
+    server = ZOServer(cfg, fingerprint=0)  # aggregates only: no model needed
     gen = torch.Generator().manual_seed(0)
     ups, downs = [], []
     for r in range(1, rounds + 1):
@@ -43,11 +45,9 @@ def wire_bytes(k: int, tau: int, clients: int, bits: int, rounds: int = 11) -> d
             ups.append(len(up))
             updates.append(Update(c, {"sums": zo.decode(up, k)}, 10.0, {}, len(up)))
         if r > 1:  # a client that took part last round gets that round's payload
-            downs.append(len(zo.encode_down(strategy.state, strategy.history, strategy.state.version - 1)))
-        payload = strategy.round_payload(r, updates)
-        strategy.state.apply(payload)
-        strategy.history.append(payload)
-    stale = len(zo.encode_down(strategy.state, strategy.history, strategy.state.version - 10))
+            downs.append(len(zo.encode_down(server.state, server.downlink.history, server.state.version - 1)))
+        server.apply(fedavg(updates, cfg), updates, r)  # the default rule's aggregate, quantized and applied
+    stale = len(zo.encode_down(server.state, server.downlink.history, server.state.version - 10))
     return {"clients": clients, "up_bytes": statistics.mean(ups), "down_bytes": statistics.mean(downs),
             "down_bytes_missed_10": stale, "full_state_bytes": 1 + 8 + 8 * k,
             "fedkseed_up_bytes": tau * 8, "fedkseed_down_bytes": k * 4}

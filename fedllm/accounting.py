@@ -21,7 +21,7 @@ import torch
 from fedllm import contribution, ledger
 from fedllm.config import Config
 from fedllm.merkle import Leaf, MerkleTree
-from fedllm.protocol import RoundResult
+from fedllm.protocol import METRICS, RoundResult
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class LedgerSession:
             except ledger.LedgerError as err:
                 log.warning("ledger: round %d: node %d: %s (no reward, no penalty)", server_round, node, err)
                 continue
-            metrics = msg.content.metric_records.get("metrics", {})
+            metrics = msg.content.metric_records.get(METRICS, {})
             if account not in self.accounts and not self.enrol(account, int(metrics.get("partition-id", -1))):
                 continue
             bound = self.accounts[account].setdefault("node", node)

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 def config_from_request(request: RecordDict) -> Config:
     """The run config; keys without a dot are per-round values (server-round, proximal-mu,
     Flower's clipping_norm), not config."""
-    flat = {k: v for k, v in request.config_records["config"].items() if "." in k}
+    flat = {k: v for k, v in request.config_records[CONFIG].items() if "." in k}
     return Config.from_flat(flat)
 
 

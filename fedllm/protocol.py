@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 
 from fedllm.errors import PayloadError
 
@@ -153,7 +153,3 @@ def screen(msg: Message, server_round: int, records: frozenset[str], limit: int)
     size = payload_bytes(msg.content)
     if size > limit:
         raise PayloadError(f"payload of {size} bytes exceeds the limit of {limit} (server.max-reply-bytes)")
-
-
-def arrays_of(state: State) -> ArrayRecord:
-    return ArrayRecord(state)

@@ -22,7 +22,7 @@ import torch
 
 from fedllm.config import Config
 from fedllm.errors import ConfigError
-from fedllm.protocol import State, Update
+from fedllm.protocol import Update
 from fedllm.registry import Entry
 from strategies.optimizers import OPTIMIZERS, ServerOpt
 from strategies.rules import RULES, Aggregate, Rule

@@ -1,5 +1,7 @@
-"""Shared fixtures: the real SmolLM2 GGUF converted once per session, and a tiny random Llama
-that borrows its tokenizer (fast to train, same text pipeline as the real model)."""
+"""Shared fixtures: the real SmolLM2 GGUF converted once per session (tests marked gguf), and a
+tiny random Llama with a small byte-level BPE tokenizer this file trains on the built-in tasks,
+with SmolLM2's special tokens and ChatML template (fast to train, the same text pipeline as the
+real model, and no GGUF conversion: what `make test-fast` runs)."""
 
 from __future__ import annotations
 
@@ -26,9 +28,44 @@ def smollm2_dir(model_cache) -> Path:
     return convert_gguf(packaged_gguf(), model_cache)
 
 
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\\nYou are a helpful AI assistant<|im_end|>\\n' }}{% endif %}"
+          "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
-    """A 2-layer random Llama (hidden 64) with SmolLM2's tokenizer and chat template.
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer (1024 tokens) trained on the built-in tasks' text, with
+    SmolLM2's special tokens (<|im_start|> bos, <|im_end|> eos and pad, <|endoftext|> unk) and
+    a ChatML chat template. Any text encodes (bytes are its alphabet); the tasks' words are few
+    tokens each, as with a real tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from fedllm.config import DataConfig
+    from fedllm.data import load_splits
+
+    train, held_out = load_splits(DataConfig())
+    texts = [" ".join(str(e.get(k, "")) for k in ("instruction", "input", "response")) for e in train + held_out]
+    texts += ["system user assistant Answer with the result only. Be brief. ### Instruction: ### Response:"] * 8
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=1024, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    tok.chat_template = CHATML
+    path = tmp_path_factory.mktemp("tiny-tokenizer")
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A 2-layer random Llama (hidden 64) with the tiny tokenizer and its chat template.
 
     initializer_range 0.2 (not 0.02) gives the tied embeddings enough norm for the logits to
     move far from uniform, so a few LoRA steps visibly lower the loss.
@@ -36,7 +73,7 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     path = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, initializer_range=0.2, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,

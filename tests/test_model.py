@@ -9,6 +9,7 @@ from fedllm.config import ModelConfig
 from fedllm.model import convert_gguf, packaged_gguf, resolve
 
 
+@pytest.mark.gguf  # the real SmolLM2 GGUF, converted once per session
 def test_gguf_converts_once_to_a_loadable_cache(smollm2_dir, model_cache):
     files = {p.name for p in smollm2_dir.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= files

@@ -3,6 +3,8 @@ from transformers import AutoTokenizer
 
 from fedllm.data import IGNORE, collate, encode, prompt_text
 
+pytestmark = pytest.mark.gguf  # the real SmolLM2 GGUF, converted once per session
+
 EX = {"instruction": "Compute the expression.", "input": "2 + 3", "response": "5", "family": "arithmetic"}
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Protocol
+from typing import Any, Callable, Protocol
 
 from flwr.app import Context, Message, RecordDict
 
@@ -92,11 +92,6 @@ ServerFactory = Callable[[Config], ServerHalf]
 ClientFactory = Callable[[Config, Context, int], ClientHalf]
 
 
-class Method(Protocol):
-    server: ServerFactory
-    client: ClientFactory
-
-
 class MethodImpl:
     """What register_method stores: the two half factories."""
 
@@ -111,12 +106,3 @@ def register_method(name: str, *, server: ServerFactory, client: ClientFactory, 
                     **meta: Any) -> MethodImpl:
     """Add a method under `name` (what train.method selects)."""
     return METHODS.register(name, MethodImpl(server, client), config=config, **meta)
-
-
-def method_meta(name: str) -> Mapping[str, Any]:
-    return METHODS.get(name).meta
-
-
-@contextlib.contextmanager
-def nothing() -> Iterator[None]:
-    yield None

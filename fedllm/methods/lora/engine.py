@@ -117,7 +117,7 @@ def frozen_delta(model: Any, factors: State) -> Iterator[None]:
 
     `factors` holds NAME.lora_A.weight (R, in) and NAME.lora_B.weight (out, R), any R per
     module, scaling folded in: the frozen global delta of exact LoRA aggregation
-    (strategies/exact_lora.py). The base weight is restored from a copy, not by subtraction,
+    (fedllm/methods/exact_lora). The base weight is restored from a copy, not by subtraction,
     so no drift builds up in the cached model.
     """
     saved = []
