@@ -59,7 +59,7 @@ model = _wrap(base, cfg.lora)
 state = lora.adapter_state(model)
 lora.set_adapter_state(model, state)
 t3 = time.perf_counter()
-rows, n = ca.client_rows(tuple(sorted(cfg.to_flat().items())), 0, 4)
+rows, n = ca.client_rows(tuple(sorted(cfg.to_flat().items())), tok, 0, 4)
 t4 = time.perf_counter()
 lora.train(model, rows, cfg.train, tok.pad_token_id, seed=0)
 t5 = time.perf_counter()
@@ -67,7 +67,7 @@ out = {"import": t1 - t0, "load": t2 - t1, "wrap": t3 - t2, "data": t4 - t3, "st
 # warm: the same process again, as a long-lived client serves its next round
 t6 = time.perf_counter()
 lora.set_adapter_state(model, state)
-rows, n = ca.client_rows(tuple(sorted(cfg.to_flat().items())), 0, 4)
+rows, n = ca.client_rows(tuple(sorted(cfg.to_flat().items())), tok, 0, 4)
 t7 = time.perf_counter()
 out["warm"] = t7 - t6
 print("RESULT " + json.dumps(out))

@@ -80,6 +80,10 @@ class Registry(Generic[T]):
             raise ConfigError(f"{self.key}: unknown {self.kind} {spec!r}; registered: {', '.join(self.names())}")
         return self._entries[spec]
 
+    def remove(self, name: str) -> None:
+        """Take an entry out (a plug-in's tests, or a user replacing a built-in on purpose)."""
+        self._entries.pop(name, None)
+
     def names(self) -> list[str]:
         return sorted(self._entries)
 

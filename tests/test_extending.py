@@ -15,13 +15,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from conftest import reply_to, tiny_run_config
-from fedllm.compression import decode, encode, parse, register_codec
+from fedllm.compression import CODECS, decode, encode, parse, register_codec
 from fedllm.compression.codecs import Codec
 from fedllm.config import Config
-from fedllm.contribution import register_scorer
+from fedllm.contribution import SCORERS, register_scorer
 from fedllm.errors import PayloadError
 from fedllm.local_grid import LocalGrid
-from fedllm.methods import register_method
+from fedllm.methods import METHODS, register_method
 from fedllm.methods.lora import LoraServer
 from fedllm.protocol import ARRAYS, LEDGER, METRICS, Update, check_like, read_arrays, reply_metrics
 from strategies import OPTIMIZERS, RULES, ServerOpt, build
@@ -42,12 +42,8 @@ def sign_sgd(updates: list[Update], cfg: Config) -> dict[str, torch.Tensor]:
     return {k: 0.1 * torch.sign(t) for k, t in mean.items()}
 
 
-RULES.register("sign-sgd", sign_sgd, accepts={"dense"}, streams=True)
-
-
 # (b) a server optimizer: plain server SGD with a fixed lr of 2 and a round counter as its state
-OPTIMIZERS.register("double", ServerOpt(init=lambda d, cfg: 0, update=lambda d, n, cfg: ({k: 2 * t for k, t in d.items()},
-                                                                                         n + 1)), accepts={"dense"})
+DOUBLE = ServerOpt(init=lambda d, cfg: 0, update=lambda d, n, cfg: ({k: 2 * t for k, t in d.items()}, n + 1))
 
 
 def test_a_new_rule_and_a_new_optimizer_chain(task_identity):
@@ -65,9 +61,6 @@ def test_a_new_rule_and_a_new_optimizer_chain(task_identity):
 def fp16() -> Codec:
     return Codec("fp16()", lambda frame, rng: {**frame, "v": frame["v"].astype(np.float16)},
                  lambda frame: {**frame, "v": frame["v"].astype(np.float32)})
-
-
-register_codec("fp16", fp16)
 
 
 def test_a_new_codec_in_a_chain_through_the_strategy():
@@ -145,10 +138,6 @@ class IdentityClient:
         return {ARRAYS: ArrayRecord(self.state)}
 
 
-register_method("identity", server=IdentityServer, client=IdentityClient, default_rule="fedavg", compression=False,
-                dp=False, utility=False, delta_kind="dense")
-
-
 def test_a_new_method_runs_through_the_server_loop(tiny_model_dir, tmp_path):
     from fedllm.server_app import run
 
@@ -162,16 +151,32 @@ def test_a_new_method_runs_through_the_server_loop(tiny_model_dir, tmp_path):
 
 
 # (e) a contribution scorer: every honest client scores the same
-@register_scorer("uniform")
 def uniform(vectors, weights, aggregate, utility=None):
     return [1.0] * len(vectors)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _registered():
+    """Each plug-in goes in with one call, as a user's module would do at import; they are
+    taken out after this file so that the other tests' registry tables stay the built-ins."""
+    RULES.register("sign-sgd", sign_sgd, accepts={"dense"}, streams=True)
+    OPTIMIZERS.register("double", DOUBLE, accepts={"dense"})
+    register_codec("fp16", fp16)
+    register_method("identity", server=IdentityServer, client=IdentityClient, default_rule="fedavg",
+                    compression=False, dp=False, utility=False, delta_kind="dense")
+    register_scorer("uniform")(uniform)
+    yield
+    for registry, name in ((RULES, "sign-sgd"), (OPTIMIZERS, "double"), (CODECS, "fp16"), (METHODS, "identity"),
+                           (SCORERS, "uniform")):
+        registry.remove(name)
 
 
 def test_a_new_scorer_shares_the_reward_evenly(tiny_model_dir, tmp_path):
     from fedllm.server_app import run
 
     cfg = tiny_run_config(tiny_model_dir, tmp_path, **{"ledger.enabled": True, "ledger.scorer": "uniform",
-                                                       "server.evaluate": False, "server.num-rounds": 1})
+                                                       "ledger.noise-z": 0.0, "server.evaluate": False,
+                                                       "server.num-rounds": 1})  # no direction flags: 3 honest
     run_dir = run(LocalGrid(3), cfg)
     row = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1]
     rewards = row["ledger"]["rewards"]
