@@ -69,7 +69,7 @@ class LedgerSession:
         self.history = contribution.History()
         self.accounts: dict[str, dict[str, Any]] = {}  # address -> partition, node, cumulative, leaf
         if cursor is not None:
-            self.history = cursor["history"]
+            self.history = contribution.History.from_state(cursor["history"])
             # a resumed run has new SuperNodes: each account binds to its node again on first sight
             self.accounts = {a: {k: v for k, v in acct.items() if k != "node"} for a, acct in cursor["accounts"].items()}
             log.info("ledger: resumed FedLedger at %s after round %d", self.contract.address, cursor["round"])
@@ -105,7 +105,7 @@ class LedgerSession:
         """What a checkpoint keeps to continue this ledger: the contract, the last round it
         recorded, the accounts and the flags' history."""
         return {"contract": self.address, "round": self.contract.view("lastRound"), "accounts": self.accounts,
-                "history": self.history}
+                "history": self.history.state_dict()}
 
     def write(self, name: str, data: Any) -> None:
         path = self.dir / name

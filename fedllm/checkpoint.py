@@ -1,20 +1,24 @@
 """Checkpoints: what the server needs to go on after a crash, written after every round.
 
-RUN_DIR/checkpoint.pt holds the round number, the config, the strategy's `state_dict()` (the
-method's: global state, downlink history, error-feedback residual; the rule chain's: server
-optimizer moments, by position and name), the random number generators' states, the ledger
-cursor and the metrics rows so far. What each node holds is not kept: a resumed run is a new
-Flower run whose nodes start empty, so they get the full state first.
-It is written to a temporary file, flushed to disk and renamed over the old one, so a kill at
-any moment leaves the previous round's checkpoint or the new one, never half of one.
+RUN_DIR/checkpoint.safetensors holds the round number, the config, the strategy's
+`state_dict()` (the method's: global state, downlink history, error-feedback residual; the
+rule chain's: server optimizer states, by position and name), the random number generators'
+states, the ledger cursor and the metrics rows so far. What each node holds is not kept: a
+resumed run is a new Flower run whose nodes start empty, so they get the full state first.
+
+The format is data only, so a run folder someone sends you cannot run code when resumed: the
+tensors (and byte strings, as uint8 tensors) are safetensors entries, and everything else is
+JSON in the safetensors header's metadata, with each tensor, byte string, tuple and dict
+written as a small tagged object. Nothing is unpickled. It is written to a temporary file,
+flushed to disk and renamed over the old one, so a kill at any moment leaves the previous
+round's checkpoint or the new one, never half of one.
 
     fedllm simulate --resume runs/NAME            # continues after the last finished round
-
-The file is a pickle (torch.save) of the run's own state: load only checkpoints you wrote.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -28,8 +32,9 @@ from fedllm.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-FILE = "checkpoint.pt"
-FORMAT = 2  # 2: named state_dicts (1 pickled the strategy's attributes)
+FILE = "checkpoint.safetensors"
+FORMAT = 3  # 3: data only (safetensors + JSON); 2 and 1 were pickles
+KEY = "fedllm-checkpoint"  # the safetensors metadata entry holding the JSON
 MAY_DIFFER = frozenset({"server.resume", "server.num-rounds", "server.run-dir", "server.run-name"})
 
 
@@ -38,17 +43,78 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(tuple(state["numpy"]))
     torch.set_rng_state(state["torch"])
 
 
+def to_data(obj: Any, tensors: dict[str, torch.Tensor], where: str = "") -> Any:
+    """`obj` as JSON-able data, its tensors, arrays and byte strings moved into `tensors`.
+
+    Raises:
+        TypeError: naming where in the state an object of another type sits.
+    """
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach().to("cpu").contiguous().clone()
+        return {"$t": key}
+    if isinstance(obj, np.ndarray):
+        key = f"t{len(tensors)}"
+        tensors[key] = torch.from_numpy(np.ascontiguousarray(obj).astype(np.int64 if obj.dtype.kind in "iu" else
+                                                                          np.float64))
+        return {"$np": key, "dtype": obj.dtype.str}
+    if isinstance(obj, (bytes, bytearray)):
+        key = f"t{len(tensors)}"
+        tensors[key] = torch.frombuffer(bytearray(obj), dtype=torch.uint8).clone() if obj else \
+            torch.zeros(0, dtype=torch.uint8)
+        return {"$b": key}
+    if isinstance(obj, tuple):
+        return {"$tuple": [to_data(x, tensors, f"{where}[{i}]") for i, x in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [to_data(x, tensors, f"{where}[{i}]") for i, x in enumerate(obj)]
+    if isinstance(obj, dict) and all(isinstance(k, str) for k in obj):
+        return {"$d": {k: to_data(v, tensors, f"{where}.{k}") for k, v in obj.items()}}
+    raise TypeError(f"checkpoint: cannot store {type(obj).__name__} at {where or 'the top'} (state_dicts hold "
+                    "tensors, numbers, strings, bytes, lists, tuples and dicts with string keys)")
+
+
+def from_data(data: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of `to_data`.
+
+    Raises:
+        ValueError: for a tag or tensor reference that is not there.
+    """
+    if isinstance(data, list):
+        return [from_data(x, tensors) for x in data]
+    if not isinstance(data, dict):
+        return data
+    if len(data) == 1 and "$t" in data:
+        return tensors[data["$t"]]
+    if "$np" in data:
+        return tensors[data["$np"]].numpy().astype(np.dtype(data["dtype"]))
+    if len(data) == 1 and "$b" in data:
+        return tensors[data["$b"]].numpy().tobytes()
+    if len(data) == 1 and "$tuple" in data:
+        return tuple(from_data(x, tensors) for x in data["$tuple"])
+    if len(data) == 1 and "$d" in data and isinstance(data["$d"], dict):
+        return {k: from_data(v, tensors) for k, v in data["$d"].items()}
+    raise ValueError(f"unknown entry {sorted(data)[:3]}")
+
+
 def save(run_dir: Path, payload: dict[str, Any]) -> Path:
-    """Write RUN_DIR/checkpoint.pt atomically (temporary file, fsync, rename, fsync the folder)."""
+    """Write RUN_DIR/checkpoint.safetensors atomically (temporary file, fsync, rename, fsync
+    the folder)."""
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    meta = json.dumps(to_data({"format": FORMAT, **payload}, tensors))
     path = Path(run_dir) / FILE
     tmp = path.with_name(FILE + ".tmp")
     with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, **payload}, f)
+        f.write(save(tensors, metadata={KEY: meta}))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -58,6 +124,26 @@ def save(run_dir: Path, payload: dict[str, Any]) -> Path:
     finally:
         os.close(fd)
     return path
+
+
+def read(path: Path) -> dict[str, Any]:
+    """A checkpoint file's content (no config checks: see `load`).
+
+    Raises:
+        ConfigError: naming server.resume when the file is not a readable fedllm checkpoint.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get(KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        ckpt = from_data(json.loads(meta), tensors) if meta else None
+    except Exception as err:  # truncated, foreign or tampered file: data only, so nothing ran
+        raise ConfigError(f"server.resume: cannot read {path}: {type(err).__name__}: {err}") from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ConfigError(f"server.resume: {path} is not a fedllm checkpoint of format {FORMAT}")
+    return ckpt
 
 
 def load(run_dir: Path, flat_config: dict[str, Any]) -> dict[str, Any]:
@@ -70,12 +156,7 @@ def load(run_dir: Path, flat_config: dict[str, Any]) -> dict[str, Any]:
     path = Path(run_dir) / FILE
     if not path.exists():
         raise ConfigError(f"server.resume: {path} does not exist (no round finished, or server.checkpoint was off)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated or foreign file
-        raise ConfigError(f"server.resume: cannot read {path}: {type(err).__name__}: {err}") from err
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ConfigError(f"server.resume: {path} is not a fedllm checkpoint of format {FORMAT}")
+    ckpt = read(path)
     saved = ckpt["config"]
     for key in sorted(set(saved) | set(flat_config)):
         if key not in MAY_DIFFER and saved.get(key) != flat_config.get(key):

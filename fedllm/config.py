@@ -170,7 +170,7 @@ class ServerConfig:
                                  "the largest possible upload for zo).", 0)
     max_update_norm: float = _help("Replies whose update has a larger L2 norm are dropped (LoRA delta, or zo "
                                    "per-seed sums); 0: no bound.", 0.0)
-    checkpoint: bool = _help("Write RUN_DIR/checkpoint.pt after every round (atomically), for --resume.", True)
+    checkpoint: bool = _help("Write RUN_DIR/checkpoint.safetensors after every round (atomically, data only), for --resume.", True)
     resume: str = _help("A run directory to continue from its checkpoint (what `fedllm simulate --resume` "
                         "sets); the config must match that run's.", "")
     evaluate: bool = _help("Evaluate the global model on the held-out split.", True)

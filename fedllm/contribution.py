@@ -143,6 +143,13 @@ class History:
     global_deltas: list[torch.Tensor] = field(default_factory=list)
     keep: int = 8  # global deltas kept
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"hashes": sorted(self.hashes), "global_deltas": list(self.global_deltas), "keep": self.keep}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "History":
+        return cls(set(state["hashes"]), list(state["global_deltas"]), int(state["keep"]))
+
     def add(self, hashes: list[bytes], global_delta: torch.Tensor | None) -> None:
         self.hashes.update(hashes)
         if global_delta is not None:

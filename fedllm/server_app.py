@@ -4,7 +4,7 @@ Started by Flower (`flwr run .`) or by `fedllm simulate`. The round reads top to
 method's server half encodes what each node needs, the clients train, the strategy validates
 the replies into Updates, the rule chain aggregates them and the method applies the aggregate;
 the round's `RoundResult` goes to the metrics row, the ledger and the checkpoint. Writes a run
-directory: config.json, metrics.jsonl (one line per round), checkpoint.pt (after every round,
+directory: config.json, metrics.jsonl (one line per round), checkpoint.safetensors (after every round,
 for server.resume), summary.json, and the method's result: adapter/ (PEFT format) for LoRA and
 exact-lora, zo/accumulators.bin for zo, merged/ on request. A round goes on without the clients that fail,
 time out or send invalid replies, as long as server.min-replies valid ones arrive; otherwise it

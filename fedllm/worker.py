@@ -9,8 +9,12 @@ torch and loaded the model once, so a round starts in well under a second instea
 
 The first message of a node starts the worker (and waits for it); the worker exits when the
 process it watches (the SuperNode's process that started the ClientApp) ends, or after
-`--idle` seconds without a message. The socket lives in a 0700 directory of the user's, and
-connections must present the key kept beside it (multiprocessing's HMAC handshake).
+`--idle` seconds without a message. The socket lives in a directory that must be the user's
+own, mode 0700, and not a link (checked with lstat; otherwise the call is refused), and both
+ends prove they hold the key kept beside it (multiprocessing's HMAC challenge, each way). What
+crosses the socket is data only: Flower's protobuf encoding of the RecordDicts and the
+Context, and a JSON header; nothing is unpickled. A connection that fails the handshake or
+sends garbage is logged and the worker goes on serving.
 """
 
 from __future__ import annotations
@@ -18,15 +22,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import secrets
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from multiprocessing.connection import Client, Listener
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +43,24 @@ log = logging.getLogger(__name__)
 START_TIMEOUT = 300.0  # seconds for a cold worker to answer (imports and the model load)
 
 
+MAX_MESSAGE = 1 << 31  # bytes one part of a message may have
+
+
 def worker_dir() -> Path:
+    """The user's private directory of worker sockets and keys.
+
+    Raises:
+        FedLLMError: when it is a link, not a directory, someone else's, or open to others
+            (another user could answer in the worker's place).
+    """
     path = Path(os.environ.get("FEDLLM_WORKER_DIR") or Path(tempfile.gettempdir()) / f"fedllm-workers-{os.getuid()}")
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700, parents=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise FedLLMError(f"warm worker directory {path}: must be a directory (not a link) of this user's with mode "
+                          f"0700; it is {stat.filemode(st.st_mode)}, owner uid {st.st_uid}. Remove it or set "
+                          "FEDLLM_WORKER_DIR to a private directory")
     return path
 
 
@@ -59,13 +81,48 @@ def call(request: Any, context: Any, started: float | None = None) -> Any:
         with open(address.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one start per node, however many messages race
             conn = _connect(address) or _start(address)
+    from flwr.common.serde import context_to_proto, recorddict_from_proto, recorddict_to_proto
+
     with conn:
-        conn.send((request, context, started))
-        status, payload, state = conn.recv()
-    if status != "ok":
-        raise PayloadError(f"warm worker: {payload}")
+        send_parts(conn, {"started": started}, recorddict_to_proto(request).SerializeToString(),
+                   context_to_proto(context).SerializeToString())
+        head, *parts = recv_parts(conn)
+    if head.get("status") != "ok" or len(parts) != 2:
+        raise PayloadError(f"warm worker: {head.get('error', 'malformed answer')}")
+    reply, state = (recorddict_from_proto(_parse_recorddict(raw)) for raw in parts)
     context.state = state
-    return payload
+    return reply
+
+
+def send_parts(conn: Connection, head: dict[str, Any], *parts: bytes) -> None:
+    """A JSON header, then byte strings, each its own frame (no pickle)."""
+    body = json.dumps({**head, "parts": len(parts)}).encode()
+    conn.send_bytes(body)
+    for part in parts:
+        conn.send_bytes(part)
+
+
+def recv_parts(conn: Connection) -> list[Any]:
+    """[header, part, ...] as send_parts sent them.
+
+    Raises:
+        PayloadError: for a header that is not a JSON object or a wrong number of parts.
+    """
+    try:
+        head = json.loads(conn.recv_bytes(MAX_MESSAGE))
+        if not isinstance(head, dict) or not isinstance(head.get("parts"), int) or not 0 <= head["parts"] <= 2:
+            raise ValueError("bad header")
+        return [head, *(conn.recv_bytes(MAX_MESSAGE) for _ in range(head["parts"]))]
+    except (ValueError, OSError, EOFError) as err:
+        raise PayloadError(f"malformed message on the worker socket: {err}") from err
+
+
+def _parse_recorddict(raw: bytes) -> Any:
+    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+    proto = ProtoRecordDict()
+    proto.ParseFromString(raw)
+    return proto
 
 
 def _connect(address: Path) -> Any:
@@ -120,16 +177,43 @@ def serve(address: Path, watch_pid: int, idle: float) -> None:
     with Listener(str(address), family="AF_UNIX", authkey=key) as listener:
         log.info("warm worker %s: ready", address.name)
         while True:
-            with listener.accept() as conn:
-                request, context, started = conn.recv()
+            try:
+                conn = listener.accept()
+            except (AuthenticationError, OSError, EOFError) as err:  # a wrong key or a dropped peer: go on
+                log.warning("warm worker %s: refused a connection: %s", address.name, err)
+                continue
+            with conn:
                 last[0] = time.monotonic()
-                try:
-                    reply = handle(request, context, started)
-                    conn.send(("ok", reply, context.state))
-                except Exception as err:  # reported to the ClientApp, which fails the message
-                    log.exception("warm worker: round failed")
-                    conn.send(("error", f"{type(err).__name__}: {err}", None))
+                answer(conn, handle)
                 last[0] = time.monotonic()
+
+
+def answer(conn: Connection, handle: Any) -> None:
+    """Read one request from `conn`, run it, send the reply or the error (never raises)."""
+    from flwr.common.serde import context_from_proto, recorddict_from_proto, recorddict_to_proto
+    from flwr.proto.message_pb2 import Context as ProtoContext
+
+    try:
+        head, raw_request, raw_context = recv_parts(conn)
+        proto = ProtoContext()
+        proto.ParseFromString(raw_context)
+        context = context_from_proto(proto)
+        request = recorddict_from_proto(_parse_recorddict(raw_request))
+        started = head.get("started")
+        started = float(started) if isinstance(started, (int, float)) else None
+    except Exception as err:  # not what a ClientApp sends: refuse it, keep serving
+        log.warning("warm worker: malformed request: %s", err)
+        with contextlib.suppress(OSError):
+            send_parts(conn, {"status": "error", "error": f"malformed request: {type(err).__name__}"})
+        return
+    try:
+        reply = handle(request, context, started)
+        send_parts(conn, {"status": "ok"}, recorddict_to_proto(reply).SerializeToString(),
+                   recorddict_to_proto(context.state).SerializeToString())
+    except Exception as err:  # reported to the ClientApp, which fails the message
+        log.exception("warm worker: round failed")
+        with contextlib.suppress(OSError):
+            send_parts(conn, {"status": "error", "error": f"{type(err).__name__}: {err}"})
 
 
 def _alive(pid: int) -> bool:

@@ -88,9 +88,11 @@ def fedavgm() -> ServerOpt:
 def adaptive(rule: str) -> ServerOpt:
     """Adam, Yogi or Adagrad on the server (strategy.server-lr (default 1e-3), beta1, beta2, tau)."""
 
-    def update(d: State, moments: Moments | None, cfg: Config) -> tuple[State, Moments]:
+    def update(d: State, moments: dict[str, State] | None, cfg: Config) -> tuple[State, dict[str, State]]:
         s = cfg.strategy
-        return adaptive_step(_float(d), moments, rule, s.server_lr or 1e-3, s.beta1, s.beta2, s.tau)
+        step, new = adaptive_step(_float(d), Moments(**moments) if moments else None, rule, s.server_lr or 1e-3,
+                                  s.beta1, s.beta2, s.tau)
+        return step, new._asdict()  # plain data, as a checkpoint stores it
 
     return ServerOpt(lambda d, cfg: None, update)
 

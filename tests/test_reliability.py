@@ -275,7 +275,7 @@ def test_resume_in_process_reaches_the_same_state_and_refuses_another_config(tin
 
 def test_checkpoint_errors_name_the_problem(tmp_path):
     flat = Config().to_flat()
-    with pytest.raises(ConfigError, match="checkpoint.pt does not exist"):
+    with pytest.raises(ConfigError, match="checkpoint.safetensors does not exist"):
         checkpoint.load(tmp_path, flat)
     (tmp_path / checkpoint.FILE).write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="cannot read"):
@@ -285,6 +285,48 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
     with pytest.raises(ConfigError, match="server.num-rounds: 3 is below the 4 rounds"):
         checkpoint.load(tmp_path, flat)
     assert checkpoint.load(tmp_path, {**flat, "server.num-rounds": 6})["round"] == 4
+
+
+def test_checkpoint_is_data_only_and_round_trips_every_value(tmp_path):
+    import random
+
+    import numpy as np
+
+    flat = Config().to_flat()
+    state = {"global": {"w": torch.randn(3, 2), "b": torch.zeros(0)}, "history": [b"", b"\x00\xffpayload"],
+             "moments": {"m": {"w": torch.ones(2, dtype=torch.float64)}}, "none": None, "nan": math.nan,
+             "tuple": (1, "a", (2.5, None)), "big": 10**30, "$d": "a key that looks like a tag"}
+    random.seed(3)
+    rng = checkpoint.rng_state()
+    checkpoint.save(tmp_path, {"round": 1, "config": flat, "strategy": state, "rng": rng, "metrics": [{"round": 0}]})
+    back = checkpoint.load(tmp_path, flat)
+    got = back["strategy"]
+    assert torch.equal(got["global"]["w"], state["global"]["w"]) and got["global"]["b"].shape == (0,)
+    assert got["history"] == state["history"] and got["moments"]["m"]["w"].dtype == torch.float64
+    assert got["none"] is None and math.isnan(got["nan"]) and got["tuple"] == (1, "a", (2.5, None))
+    assert got["big"] == 10**30 and got["$d"] == state["$d"]
+    checkpoint.set_rng_state(back["rng"])
+    assert random.random() == (random.seed(3), random.random())[1]
+    assert np.array_equal(back["rng"]["numpy"][1], rng["numpy"][1])
+    with pytest.raises(TypeError, match="cannot store object at .strategy.bad"):
+        checkpoint.save(tmp_path, {"round": 1, "config": flat, "strategy": {"bad": object()}})
+
+
+def test_a_pickle_planted_as_the_checkpoint_runs_nothing(tmp_path):
+    """A run folder from someone else: its checkpoint is read as data, never unpickled."""
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    (tmp_path / checkpoint.FILE).write_bytes(pickle.dumps({"format": checkpoint.FORMAT, "x": Boom()}))
+    with pytest.raises(ConfigError, match="cannot read"):
+        checkpoint.load(tmp_path, Config().to_flat())
+    torch.save({"format": checkpoint.FORMAT, "x": Boom()}, tmp_path / checkpoint.FILE)  # torch's zip pickle too
+    with pytest.raises(ConfigError, match="cannot read"):
+        checkpoint.load(tmp_path, Config().to_flat())
+    assert not (tmp_path / "pwned").exists()
 
 
 # --- attack clients -----------------------------------------------------------------------
@@ -403,7 +445,7 @@ def test_sigkill_after_a_round_then_resume_gives_the_weights_of_an_uninterrupted
     for pid in _ray_processes() - before:  # Ray daemons that outlive their driver would slow the rest
         with contextlib.suppress(ProcessLookupError):
             os.kill(int(pid), signal.SIGKILL)
-    done = torch.load(run_dir / checkpoint.FILE, weights_only=False)["round"]
+    done = checkpoint.read(run_dir / checkpoint.FILE)["round"]
     assert 1 <= done < 3 and not (run_dir / "summary.json").exists()
     resumed = subprocess.run(_fedllm_cmd("simulate", "--num-clients", "2", "--resume", str(run_dir)),
                              capture_output=True, text=True, env=_env(), timeout=900)
