@@ -77,17 +77,24 @@ def make_certs(work: Path, sites: int, hosts: list[str]) -> None:
                 [(x509.SubjectAlternativeName(names), False), (x509.BasicConstraints(ca=False, path_length=None), True),
                  (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)])
     (certs / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (certs / "ca.key").write_bytes(pem(ca_key))
+    write_private(certs / "ca.key", pem(ca_key))
     (certs / "superlink.crt").write_bytes(link.public_bytes(serialization.Encoding.PEM))
-    (certs / "superlink.key").write_bytes(pem(link_key))
+    write_private(certs / "superlink.key", pem(link_key))
     for name in [f"site-{i}" for i in range(sites)] + ["rogue"]:
         key = ec.generate_private_key(ec.SECP384R1())
-        (keys / name).write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                                    serialization.NoEncryption()))
+        write_private(keys / name, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                                     serialization.NoEncryption()))
         (keys / f"{name}.pub").write_bytes(key.public_key().public_bytes(
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
-    for path in [certs / "ca.key", certs / "superlink.key", *keys.glob("site-*[0-9]"), keys / "rogue"]:
-        path.chmod(0o600)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a private key readable by its owner only from the first byte (created 0600, never
+    wider, whatever the umask), replacing any file there."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def _is_ip(host: str) -> bool:
