@@ -12,6 +12,7 @@ typo never passes silently. Dashes and underscores in key names are interchangea
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -20,8 +21,47 @@ from fedllm.errors import ConfigError
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
-def _help(text: str, default: Any) -> Any:
-    return field(default=default, metadata={"help": text})
+def _help(text: str, default: Any, check: str = "") -> Any:
+    """A field with its help line and, for a number, the values it takes: "> 0", ">= 0",
+    an interval such as "[0, 1)", or "finite" (any finite number). Every number is refused
+    when NaN or infinite, at parse time, with the key named."""
+    return field(default=default, metadata={"help": text, "check": check})
+
+
+def parse_check(check: str) -> tuple[float, float, bool, bool]:
+    """(low, high, low included, high included) of a field's check."""
+    check = check.strip()
+    if check in ("", "finite"):
+        return -math.inf, math.inf, False, False
+    if check.startswith(">="):
+        return float(check[2:]), math.inf, True, False
+    if check.startswith(">"):
+        return float(check[1:]), math.inf, False, False
+    low, high = (float(x) for x in check[1:-1].split(","))
+    return low, high, check[0] == "[", check[-1] == "]"
+
+
+def within(value: float, check: str) -> bool:
+    """Whether a finite `value` satisfies `check`."""
+    low, high, low_in, high_in = parse_check(check)
+    return (low < value or (low_in and value == low)) and (value < high or (high_in and value == high))
+
+
+def check_numbers(section: str, obj: Any) -> None:
+    """Every number of a config section finite and within its field's check.
+
+    Raises:
+        ConfigError: naming the first key whose value is out of range.
+    """
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        key, check = f"{section}.{f.name.replace('_', '-')}", f.metadata.get("check", "")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
+        if not within(value, check):
+            raise ConfigError(f"{key}: must be {check if check[0] in '<>' else 'in ' + check}, got {value}")
 
 
 @dataclass
@@ -49,18 +89,18 @@ class DataConfig:
         "builtin",
     )
     eval_source: str = _help("Held-out file for a file source; '' splits off eval-fraction.", "")
-    eval_fraction: float = _help("Share of a file source held out for evaluation.", 0.1)
+    eval_fraction: float = _help("Share of a file source held out for evaluation.", 0.1, check="(0, 1)")
     families: str = _help("Built-in task families, comma separated, or 'all'.", "all")
-    train_per_family: int = _help("Built-in training examples per family.", 64)
-    eval_per_family: int = _help("Built-in held-out examples per family.", 8)
-    seed: int = _help("Seed for data generation and partitioning.", 0)
+    train_per_family: int = _help("Built-in training examples per family.", 64, check="> 0")
+    eval_per_family: int = _help("Built-in held-out examples per family.", 8, check="> 0")
+    seed: int = _help("Seed for data generation and partitioning.", 0, check=">= 0")
     instruction_field: str = _help("Field holding the instruction.", "instruction")
     input_field: str = _help("Field holding optional extra input; '' for none.", "input")
     response_field: str = _help("Field holding the reference response.", "response")
     label_field: str = _help("Field used by the dirichlet and task partitioners.", "family")
     partition: str = _help("Partitioning: iid, dirichlet, or task.", "task")
-    alpha: float = _help("Dirichlet concentration (smaller is more skewed).", 0.5)
-    max_length: int = _help("Token limit of prompt + response; longer examples are cut.", 128)
+    alpha: float = _help("Dirichlet concentration (smaller is more skewed).", 0.5, check="> 0")
+    max_length: int = _help("Token limit of prompt + response; longer examples are cut.", 128, check="> 0")
     system_prompt: str = _help(
         "System message for chat templates; '' keeps the template's own.",
         "Answer with the result only.",
@@ -78,9 +118,9 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
-    rank: int = _help("LoRA rank r.", 8)
-    alpha: float = _help("LoRA scaling alpha (the update is scaled by alpha / r).", 16.0)
-    dropout: float = _help("Dropout on the LoRA input.", 0.05)
+    rank: int = _help("LoRA rank r.", 8, check="> 0")
+    alpha: float = _help("LoRA scaling alpha (the update is scaled by alpha / r).", 16.0, check="> 0")
+    dropout: float = _help("Dropout on the LoRA input.", 0.05, check="[0, 1)")
     target_modules: str = _help("Comma-separated module names to adapt.", "q_proj,v_proj")
     client_ranks: str = _help(
         "Per-client ranks by partition id, e.g. '4,8,16' (cycled); '' gives every client lora.rank. "
@@ -112,14 +152,14 @@ class LoraConfig:
 class TrainConfig:
     method: str = _help("Training method from the registry: lora (PEFT adapters), exact-lora (LoRA with exact "
                         "stacked aggregation; client ranks may differ) or zo (seed-based zeroth-order).", "lora")
-    local_steps: int = _help("Optimizer steps per client per round (tau for zo).", 10)
-    batch_size: int = _help("Examples per micro-batch.", 4)
-    grad_accum: int = _help("Micro-batches accumulated per optimizer step.", 1)
-    lr: float = _help("AdamW learning rate.", 1e-3)
-    weight_decay: float = _help("AdamW weight decay.", 0.0)
-    max_grad_norm: float = _help("Gradient clipping norm; 0 turns it off.", 1.0)
+    local_steps: int = _help("Optimizer steps per client per round (tau for zo).", 10, check="> 0")
+    batch_size: int = _help("Examples per micro-batch.", 4, check="> 0")
+    grad_accum: int = _help("Micro-batches accumulated per optimizer step.", 1, check="> 0")
+    lr: float = _help("AdamW learning rate.", 1e-3, check="> 0")
+    weight_decay: float = _help("AdamW weight decay.", 0.0, check=">= 0")
+    max_grad_norm: float = _help("Gradient clipping norm; 0 turns it off.", 1.0, check=">= 0")
     precision: str = _help("Mixed precision through accelerate: no, bf16 or fp16.", "no")
-    seed: int = _help("Seed for batch sampling and adapter initialisation.", 0)
+    seed: int = _help("Seed for batch sampling and adapter initialisation.", 0, check=">= 0")
 
     def __post_init__(self) -> None:
         _positive("train.local-steps", self.local_steps)
@@ -131,15 +171,15 @@ class TrainConfig:
 
 @dataclass
 class ZOConfig:
-    num_seeds: int = _help("K: size of the seed pool fixed for the run.", 4096)
-    pool_seed: int = _help("Seed that draws the pool of K seeds.", 42)
-    eps: float = _help("Perturbation scale of the two forward passes.", 1e-3)
-    lr: float = _help("Learning rate of theta -= lr * g * z.", 1e-5)
+    num_seeds: int = _help("K: size of the seed pool fixed for the run.", 4096, check="[1, 65536]")
+    pool_seed: int = _help("Seed that draws the pool of K seeds.", 42, check=">= 0")
+    eps: float = _help("Perturbation scale of the two forward passes.", 1e-3, check="> 0")
+    lr: float = _help("Learning rate of theta -= lr * g * z.", 1e-5, check="> 0")
     dist: str = _help("Perturbation distribution: gaussian or rademacher.", "gaussian")
     params: str = _help("Perturbed parameters: all (full fine-tuning) or lora.", "all")
     pro: bool = _help("FedKSeed-Pro: sample seeds by their history of scalar magnitudes.", False)
-    bits: int = _help("Bits per uploaded scalar (8, 4 or 2; 0 sends float32).", 8)
-    rebuild_every: int = _help("Rebuild the model from base + accumulators every N syncs (0: never).", 0)
+    bits: int = _help("Bits per uploaded scalar (8, 4 or 2; 0 sends float32).", 8, check="[0, 8]")
+    rebuild_every: int = _help("Rebuild the model from base + accumulators every N syncs (0: never).", 0, check=">= 0")
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_seeds <= 65536:
@@ -154,30 +194,30 @@ class ZOConfig:
 
 @dataclass
 class ServerConfig:
-    num_rounds: int = _help("Federated rounds.", 3)
+    num_rounds: int = _help("Federated rounds.", 3, check="> 0")
     strategy: str = _help(
         "Rule chain: an aggregation rule then server optimizers, e.g. 'fedavg', 'median > fedadam', 'fedadam', or a "
         "rule function 'module:function'; '' picks the method's default rule (fedavg; exact-lora: stack).", "")
-    fraction_train: float = _help("Share of connected clients sampled each round.", 1.0)
-    min_clients: int = _help("Fewest clients a round needs.", 2)
+    fraction_train: float = _help("Share of connected clients sampled each round.", 1.0, check="(0, 1]")
+    min_clients: int = _help("Fewest clients a round needs.", 2, check="> 0")
     round_timeout: float = _help("Seconds to wait for client replies; a client that has not replied by then is "
-                                 "counted as missing.", 3600.0)
-    min_replies: int = _help("Fewest valid replies a round needs; with fewer the round is retried.", 1)
+                                 "counted as missing.", 3600.0, check="> 0")
+    min_replies: int = _help("Fewest valid replies a round needs; with fewer the round is retried.", 1, check="> 0")
     round_retries: int = _help("Times a round with too few valid replies is tried again before the run stops "
-                               "(its checkpoint kept for --resume).", 1)
+                               "(its checkpoint kept for --resume).", 1, check=">= 0")
     max_reply_bytes: int = _help("Largest update payload accepted, in bytes; 0: the strategy's default (three "
                                  "times the dense float32 adapter for LoRA, the largest valid factors for exact-lora, "
-                                 "the largest possible upload for zo).", 0)
+                                 "the largest possible upload for zo).", 0, check=">= 0")
     max_update_norm: float = _help("Replies whose update has a larger L2 norm are dropped (LoRA delta, or zo "
-                                   "per-seed sums); 0: no bound.", 0.0)
+                                   "per-seed sums); 0: no bound.", 0.0, check=">= 0")
     checkpoint: bool = _help("Write RUN_DIR/checkpoint.safetensors after every round (atomically, data only), for --resume.", True)
     resume: str = _help("A run directory to continue from its checkpoint (what `fedllm simulate --resume` "
                         "sets); the config must match that run's.", "")
     evaluate: bool = _help("Evaluate the global model on the held-out split.", True)
-    eval_every: int = _help("Evaluate every N rounds (0: only before the first and after the last).", 1)
-    eval_batch_size: int = _help("Batch size of server-side evaluation.", 16)
-    exact_match_examples: int = _help("Held-out examples scored by greedy generation.", 16)
-    max_new_tokens: int = _help("Generation limit for exact match.", 16)
+    eval_every: int = _help("Evaluate every N rounds (0: only before the first and after the last).", 1, check=">= 0")
+    eval_batch_size: int = _help("Batch size of server-side evaluation.", 16, check="> 0")
+    exact_match_examples: int = _help("Held-out examples scored by greedy generation.", 16, check=">= 0")
+    max_new_tokens: int = _help("Generation limit for exact match.", 16, check="> 0")
     run_dir: str = _help("Parent folder of run directories.", "runs")
     run_name: str = _help("Run directory name; '' picks a timestamp.", "")
     merge: bool = _help("Also save the adapter merged into a full model.", False)
@@ -186,8 +226,6 @@ class ServerConfig:
         _positive("server.num-rounds", self.num_rounds)
         _positive("server.min-clients", self.min_clients)
         _positive("server.min-replies", self.min_replies)
-        if self.round_retries < 0 or self.max_reply_bytes < 0 or self.max_update_norm < 0:
-            raise ConfigError("server: round-retries, max-reply-bytes and max-update-norm must be >= 0")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(
                 f"server.fraction-train: must be in (0, 1], got {self.fraction_train}"
@@ -219,43 +257,35 @@ class CompressionConfig:
 
 @dataclass
 class StrategyConfig:
-    proximal_mu: float = _help("FedProx: weight mu of the proximal term (mu / 2) ||w - w_global||^2.", 0.01)
+    proximal_mu: float = _help("FedProx: weight mu of the proximal term (mu / 2) ||w - w_global||^2.", 0.01, check=">= 0")
     server_lr: float = _help("Server learning rate of fedavgm/fedadam/fedyogi/fedadagrad; 0 picks 1.0 for "
-                             "fedavgm and 1e-3 for the adaptive ones.", 0.0)
-    momentum: float = _help("FedAvgM server momentum.", 0.9)
-    beta1: float = _help("FedAdam/FedYogi first-moment decay.", 0.9)
-    beta2: float = _help("FedAdam/FedYogi second-moment decay.", 0.99)
-    tau: float = _help("FedAdam/FedYogi/FedAdagrad adaptivity (added to the root of the second moment).", 1e-3)
-    trim_fraction: float = _help("Trimmed mean: share of clients cut from each end, per coordinate.", 0.2)
-    byzantine: int = _help("Krum/Multi-Krum: number f of Byzantine clients tolerated.", 1)
-    multikrum_keep: int = _help("Multi-Krum: updates averaged; 0 keeps n - f.", 0)
-    max_norm: float = _help("Norm-bounded averaging: each update is scaled down to this L2 norm.", 1.0)
-    exact_max_rank: int = _help("exact-lora: cap on the rank of the frozen global delta (0: exact, no cap).", 0)
+                             "fedavgm and 1e-3 for the adaptive ones.", 0.0, check=">= 0")
+    momentum: float = _help("FedAvgM server momentum.", 0.9, check="[0, 1)")
+    beta1: float = _help("FedAdam/FedYogi first-moment decay.", 0.9, check="[0, 1)")
+    beta2: float = _help("FedAdam/FedYogi second-moment decay.", 0.99, check="[0, 1)")
+    tau: float = _help("FedAdam/FedYogi/FedAdagrad adaptivity (added to the root of the second moment).", 1e-3, check="> 0")
+    trim_fraction: float = _help("Trimmed mean: share of clients cut from each end, per coordinate.", 0.2, check="[0, 0.5)")
+    byzantine: int = _help("Krum/Multi-Krum: number f of Byzantine clients tolerated.", 1, check=">= 0")
+    multikrum_keep: int = _help("Multi-Krum: updates averaged; 0 keeps n - f.", 0, check=">= 0")
+    max_norm: float = _help("Norm-bounded averaging: each update is scaled down to this L2 norm.", 1.0, check="> 0")
+    exact_max_rank: int = _help("exact-lora: cap on the rank of the frozen global delta (0: exact, no cap).", 0, check=">= 0")
 
     def __post_init__(self) -> None:
-        if self.proximal_mu < 0 or self.server_lr < 0 or self.tau <= 0 or self.max_norm <= 0:
-            raise ConfigError("strategy: proximal-mu and server-lr must be >= 0, tau and max-norm > 0")
         for key, value in (("strategy.momentum", self.momentum), ("strategy.beta1", self.beta1),
                            ("strategy.beta2", self.beta2)):
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{key}: must be in [0, 1), got {value}")
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ConfigError(f"strategy.trim-fraction: must be in [0, 0.5), got {self.trim_fraction}")
-        if self.byzantine < 0 or self.multikrum_keep < 0 or self.exact_max_rank < 0:
-            raise ConfigError("strategy: byzantine, multikrum-keep and exact-max-rank must be >= 0")
 
 
 @dataclass
 class DPConfig:
     clipping_norm: float = _help("Client-side fixed clipping of each update's L2 norm (Flower's DP wrapper); "
-                                 "0 turns differential privacy off.", 0.0)
+                                 "0 turns differential privacy off.", 0.0, check=">= 0")
     noise_multiplier: float = _help("Gaussian noise std on the aggregate = multiplier x clipping-norm / "
-                                    "sampled clients.", 1.0)
-    sampled_clients: int = _help("Clients sampled per round, for the noise scale; 0 uses server.min-clients.", 0)
-
-    def __post_init__(self) -> None:
-        if self.clipping_norm < 0 or self.noise_multiplier < 0 or self.sampled_clients < 0:
-            raise ConfigError("dp: clipping-norm, noise-multiplier and sampled-clients must be >= 0")
+                                    "sampled clients.", 1.0, check=">= 0")
+    sampled_clients: int = _help("Clients sampled per round, for the noise scale; 0 uses server.min-clients.", 0, check=">= 0")
 
 
 PENALTY_FLAGS = ("free-rider", "noise", "opposed", "oversized", "duplicate", "replay", "stale", "outlier", "invalid")
@@ -274,30 +304,30 @@ class LedgerConfig:
                              "and staked by the server (simulation only, the keys are not secret); 'node': each "
                              "SuperNode signs with the key in its node config ledger-key and registers itself.",
                              "simulated")
-    seed: int = _help("Seed of the derived (simulation) keys.", 0)
-    pool: float = _help("Ether the owner puts in the reward pool when deploying.", 100.0)
-    stake: float = _help("Ether each simulated client stakes.", 1.0)
-    min_stake: float = _help("Smallest stake the contract accepts (ether), when deploying.", 0.5)
+    seed: int = _help("Seed of the derived (simulation) keys.", 0, check=">= 0")
+    pool: float = _help("Ether the owner puts in the reward pool when deploying.", 100.0, check=">= 0")
+    stake: float = _help("Ether each simulated client stakes.", 1.0, check=">= 0")
+    min_stake: float = _help("Smallest stake the contract accepts (ether), when deploying.", 0.5, check=">= 0")
     reward_per_round: float = _help("Ether shared among the round's clients by score (less if the pool is "
-                                    "smaller).", 1.0)
+                                    "smaller).", 1.0, check=">= 0")
     unbonding_seconds: int = _help("Seconds between a client's unbond request and its withdrawal; penalties "
-                                   "apply until then.", 86400)
+                                   "apply until then.", 86400, check=">= 0")
     slashed_to: str = _help("Where slashed stake goes: 'pool' (funds rewards) or 'burn' (locked for good).", "pool")
     scorer: str = _help("Contribution scorer from the registry: cosine (to the aggregate, no data), loo "
                         "(leave-one-out validation loss) or shapley (GTG-Shapley; for a few clients).", "cosine")
-    validation_examples: int = _help("Held-out examples of the loo and shapley validation loss.", 16)
-    shapley_permutations: int = _help("GTG-Shapley: most permutations sampled per round.", 20)
+    validation_examples: int = _help("Held-out examples of the loo and shapley validation loss.", 16, check="> 0")
+    shapley_permutations: int = _help("GTG-Shapley: most permutations sampled per round.", 20, check="> 0")
     penalties: str = _help("Share of the stake slashed per flag, 'flag=fraction,...' (flags: "
                            + ", ".join(PENALTY_FLAGS) + ").",
                            "free-rider=0.5,noise=0.5,opposed=0.5,oversized=0.25,duplicate=0.25,replay=0.5,stale=0.25,"
                            "outlier=0.1,invalid=0.1")
     free_rider_ratio: float = _help("An update whose norm is below this share of the median norm is a free "
-                                    "rider's.", 0.05)
+                                    "rider's.", 0.05, check=">= 0")
     noise_z: float = _help("An update less aligned with the others' coordinate-wise median than |cos| sqrt(D) < "
                            "noise-z is noise (a random direction gives about 1), one with cos sqrt(D) <= -noise-z is "
-                           "opposed (a flipped sign); 0 turns both tests off (they are off for zo).", 4.0)
+                           "opposed (a flipped sign); 0 turns both tests off (they are off for zo).", 4.0, check=">= 0")
     oversize_ratio: float = _help("An update whose norm exceeds this multiple of the median norm is oversized "
-                                  "(a scaled update); 0 turns the test off.", 5.0)
+                                  "(a scaled update); 0 turns the test off.", 5.0, check=">= 0")
 
     def __post_init__(self) -> None:
         _choice("ledger.client-keys", self.client_keys, ("simulated", "node"))
@@ -342,9 +372,9 @@ class AttackConfig:
                          "round's reply again), duplicate (a copy of partition attack.victim's update), label-flip "
                          "(trains on its examples with the responses shuffled), crash (raises mid-round: a fault "
                          "for dropout tests).", "")
-    noise_scale: float = _help("Norm of the noise attacker's update relative to its honest update's.", 1.0)
-    scale: float = _help("Factor the scale attacker multiplies its update by.", 10.0)
-    victim: int = _help("Partition whose update the duplicate attacker copies.", 0)
+    noise_scale: float = _help("Norm of the noise attacker's update relative to its honest update's.", 1.0, check="> 0")
+    scale: float = _help("Factor the scale attacker multiplies its update by.", 10.0, check="finite")
+    victim: int = _help("Partition whose update the duplicate attacker copies.", 0, check=">= 0")
 
     def __post_init__(self) -> None:
         self.kinds()
@@ -397,7 +427,10 @@ class Config:
             if attr not in fields:
                 raise ConfigError(f"{key}: unknown config key in [{section}]")
             sections[section][attr] = _coerce(key, value, fields[attr].type)
-        return cls(**{name: _section_types()[name](**kw) for name, kw in sections.items()})
+        built = {name: _section_types()[name](**kw) for name, kw in sections.items()}
+        for name, section_obj in built.items():
+            check_numbers(name, section_obj)
+        return cls(**built)
 
     def to_flat(self) -> dict[str, Any]:
         """The inverse of `from_flat`, with dashed key names as in pyproject.toml."""

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from fedllm import Config, ConfigError, parse_overrides
-from fedllm.config import help_table
+from fedllm.config import help_table, within
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,3 +111,44 @@ def test_ledger_and_attack_config_parse():
     assert cfg.ledger.penalty_map() == {"noise": 0.25, "free-rider": 1.0}
     assert cfg.attack.kinds() == {3: "zero", 4: "noise"}
     assert Config().ledger.penalty_map()["free-rider"] == 0.5 and Config().attack.kinds() == {}
+
+
+NUMERIC = [(key, default) for key, _, default in help_table()
+           if isinstance(default, (int, float)) and not isinstance(default, bool)]
+
+
+def test_every_numeric_key_declares_its_values():
+    from fedllm.config import Config as C
+    import dataclasses as dc
+
+    fields = {f"{s.name}.{f.name.replace('_', '-')}": f for s in dc.fields(C) for f in dc.fields(s.default_factory())}
+    assert len(NUMERIC) >= 50 and all("check" in fields[k].metadata for k, _ in NUMERIC)
+    assert all(within(d, fields[k].metadata["check"]) for k, d in NUMERIC)  # every default is allowed
+
+
+@pytest.mark.parametrize("key, default", NUMERIC)
+def test_bad_numbers_are_refused_at_parse_time_naming_the_key(key, default):
+    """NaN and inf always; -1 and 0 exactly when outside the field's declared values."""
+    import dataclasses as dc
+
+    from fedllm.config import Config as C
+
+    section, name = key.split(".", 1)
+    field_ = next(f for f in dc.fields(dict((s.name, s.default_factory) for s in dc.fields(C))[section]())
+                  if f.name == name.replace("-", "_"))
+    for value in ("nan", "inf", "-inf", "-1", "0"):
+        ok = value in ("-1", "0") and within(float(value), field_.metadata["check"])
+        if ok:
+            Config.from_flat({key: value})
+        else:
+            with pytest.raises(ConfigError, match=re.escape(key) + ":"):
+                Config.from_flat({key: value})
+
+
+def test_the_cli_refuses_a_bad_number_before_anything_starts(tmp_path, capsys):
+    from fedllm.cli import main
+
+    assert main(["simulate", "--set", "train.lr=nan", "--set", f"server.run-dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["fedllm: error: train.lr: must be a finite number, got nan"]
+    assert list(tmp_path.iterdir()) == []  # no run folder left behind
