@@ -10,6 +10,7 @@ they had timed out.
 
 from __future__ import annotations
 
+import uuid
 from typing import Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -42,6 +43,7 @@ class LocalGrid:
         replies = []
         for m in messages:
             self.sent += 1
+            m.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's grids stamp what they push
             if m.metadata.dst_node_id in self.silent:
                 continue
             try:

@@ -9,6 +9,7 @@ method's upload records, and LEDGER when the ledger is on.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -75,7 +76,7 @@ def reply_metrics(msg: Message) -> tuple[float, dict[str, float]]:
             non-finite metric.
     """
     if msg.has_error():
-        raise PayloadError(f"client error: {msg.error.reason}")
+        raise PayloadError(f"client error: {short_reason(msg.error.reason)}")
     if METRICS not in msg.content.metric_records:
         raise PayloadError(f"reply lacks the {METRICS!r} record")
     metrics = dict(msg.content.metric_records[METRICS])
@@ -89,6 +90,17 @@ def reply_metrics(msg: Message) -> tuple[float, dict[str, float]]:
                 raise PayloadError(f"metric {k}: non-finite value {v}")
             out[k] = float(v)
     return float(n), out
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def short_reason(text: str, limit: int = 300) -> str:
+    """One line for a drop reason: a client's error text (often a whole traceback, sometimes
+    coloured) cut to its last meaningful line, the exception, without ANSI codes."""
+    lines = [line.strip() for line in ANSI.sub("", str(text)).splitlines() if line.strip()]
+    line = lines[-1] if lines else "no reason given"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def read_arrays(msg: Message, reference: State, name: str = ARRAYS) -> tuple[State, int]:
@@ -136,18 +148,26 @@ def payload_bytes(content: RecordDict) -> int:
     return total
 
 
-def screen(msg: Message, server_round: int, records: frozenset[str], limit: int) -> None:
+def screen(msg: Message, server_round: int, records: frozenset[str], limit: int,
+           sent: frozenset[str] = frozenset()) -> None:
     """The checks every reply passes before a method decodes its update.
 
+    The round a reply belongs to is the message it answers (Flower links a reply to its
+    request): with `sent`, the ids of this round's messages, a reply to any other message is
+    refused. A client need not say the round; one that does (the metric server-round, as
+    fedllm's client does) must say this one.
+
     Raises:
-        PayloadError: for an error reply, records other than `records`, bad metrics, another
-            round's number, or a payload over `limit` bytes.
+        PayloadError: for an error reply, a reply to another message, records other than
+            `records`, bad metrics, another round's number, or a payload over `limit` bytes.
     """
     reply_metrics(msg)
+    if sent and msg.metadata.reply_to_message_id not in sent:
+        raise PayloadError("reply to a message this round did not send")
     unexpected = set(msg.content.keys()) - records
     if unexpected:
         raise PayloadError(f"unexpected records {sorted(unexpected)}")
-    claimed = msg.content.metric_records[METRICS].get("server-round")
+    claimed = msg.content.metric_records[METRICS].get("server-round", server_round)
     if claimed != server_round:
         raise PayloadError(f"reply is for round {claimed!r}, this is round {server_round}")
     size = payload_bytes(msg.content)

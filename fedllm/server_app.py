@@ -13,6 +13,7 @@ is tried again (server.round-retries) and then the run stops with RoundFailed.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import time
@@ -143,7 +144,8 @@ def train_round(server_round: int, cfg: Config, strategy: FedLLMStrategy, run_co
     Raises:
         RoundFailed: after server.round-retries retries (the reason also goes to error.txt).
     """
-    failures = []
+    failures: list[str] = []
+    reasons: list[str] = []  # why replies were dropped, over the attempts
     for attempt in range(cfg.server.round_retries + 1):
         messages = list(strategy.configure_train(server_round, ArrayRecord(), run_config, grid))
         down = {str(m.metadata.dst_node_id): payload_bytes(m.content) for m in messages}
@@ -153,18 +155,24 @@ def train_round(server_round: int, cfg: Config, strategy: FedLLMStrategy, run_co
         if missing:
             log.warning("round %d: no reply within server.round-timeout=%gs from node(s) %s", server_round,
                         cfg.server.round_timeout, ", ".join(map(str, missing)))
-        result = strategy.round(server_round, replies)
+        result = strategy.round(server_round, replies, messages)
         if result.applied:
             return down, replies, result, missing, attempt + 1
         valid = len(result.updates)
         failures.append(f"{valid} valid of {len(messages)} sent")
+        reasons.extend(r for _, r in result.dropped)
+        reasons.extend("no reply within server.round-timeout" for _ in missing)
         log.warning("round %d, attempt %d: %d valid replies of %d sent, server.min-replies=%d%s", server_round,
                     attempt + 1, valid, len(messages), cfg.server.min_replies,
                     "; trying again" if attempt < cfg.server.round_retries else "")
     hint = (f"resume from round {server_round - 1}'s checkpoint with --resume {run_dir}"
             if (run_dir / checkpoint.FILE).exists() else f"run directory {run_dir}")
+    common = ""
+    if reasons:
+        reason, count = collections.Counter(reasons).most_common(1)[0]
+        common = f"; most common drop reason ({count} of {len(reasons)}): {reason}"
     err = RoundFailed(f"round {server_round}: too few valid replies ({'; '.join(failures)}; server.min-replies="
-                      f"{cfg.server.min_replies}, server.round-retries={cfg.server.round_retries}); {hint}")
+                      f"{cfg.server.min_replies}, server.round-retries={cfg.server.round_retries}){common}; {hint}")
     (run_dir / ERROR_FILE).write_text(str(err) + "\n")
     raise err
 

@@ -69,9 +69,9 @@ class FedLLMStrategy(Strategy):
         """server.max-reply-bytes, or else the method's `largest_reply()`."""
         return self.cfg.server.max_reply_bytes or self.method.largest_reply()
 
-    def accept(self, msg: Message, server_round: int) -> Update:
+    def accept(self, msg: Message, server_round: int, sent: frozenset[str] = frozenset()) -> Update:
         """screen, decode, then bound the update's norm (server.max-update-norm)."""
-        screen(msg, server_round, self.method.reply_records, self.max_reply_bytes())
+        screen(msg, server_round, self.method.reply_records, self.max_reply_bytes(), sent)
         update = self.method.decode(msg)
         norm, bound = update_norm(update.delta), self.cfg.server.max_update_norm
         if bound > 0 and norm > bound:
@@ -79,13 +79,16 @@ class FedLLMStrategy(Strategy):
         update.metrics["update-norm"] = norm  # measured by the server, beside what the client reports
         return update
 
-    def collect(self, server_round: int, replies: Iterable[Message]) -> tuple[list[Update], list[tuple[int, str]]]:
+    def collect(self, server_round: int, replies: Iterable[Message],
+                sent: Iterable[Message] = ()) -> tuple[list[Update], list[tuple[int, str]]]:
         """Every reply validated: the accepted updates (in partition order, so that sums are
-        taken in the same order every run) and the dropped ones with their reasons."""
+        taken in the same order every run) and the dropped ones with their reasons. With `sent`
+        (the round's messages, as the grid stamped them), a reply must answer one of them."""
         updates, dropped = [], []
+        sent_ids = frozenset(m.metadata.message_id for m in sent if m.metadata.message_id)
         for msg in replies:
             try:
-                updates.append(self.accept(msg, server_round))
+                updates.append(self.accept(msg, server_round, sent_ids))
             except PayloadError as err:
                 dropped.append((msg.metadata.src_node_id, str(err)))
                 log.warning("round %d: dropped reply of node %d: %s", server_round, msg.metadata.src_node_id, err)
@@ -96,10 +99,11 @@ class FedLLMStrategy(Strategy):
         updates.sort(key=lambda u: (u.metrics.get("partition-id", 0.0), u.node_id))
         return updates, dropped
 
-    def round(self, server_round: int, replies: Iterable[Message]) -> RoundResult:
-        """Validate, aggregate and apply one round's replies; with fewer than server.min-replies
-        valid ones nothing is applied (`applied` False)."""
-        updates, dropped = self.collect(server_round, replies)
+    def round(self, server_round: int, replies: Iterable[Message], sent: Iterable[Message] = ()) -> RoundResult:
+        """Validate, aggregate and apply one round's replies (to the messages `sent`, when
+        given); with fewer than server.min-replies valid ones nothing is applied (`applied`
+        False)."""
+        updates, dropped = self.collect(server_round, replies, sent)
         metrics: dict[str, float] = {"clients-ok": len(updates), "clients-dropped": len(dropped)}
         if updates:
             weights = [u.num_examples for u in updates]

@@ -86,7 +86,6 @@ LORA_CASES = {
     "nan examples": lambda: _arrays_reply(7, metrics=_metrics(**{"num-examples": math.nan})),
     "huge examples": lambda: _arrays_reply(7, metrics=_metrics(**{"num-examples": 1e12})),
     "infinite train-loss": lambda: _arrays_reply(7, metrics=_metrics(**{"train-loss": math.inf})),
-    "no round number": lambda: _arrays_reply(7, metrics=MetricRecord({"num-examples": 10})),
     "old round number": lambda: _arrays_reply(7, metrics=_metrics(**{"server-round": 0})),
     "unexpected record": lambda: _arrays_reply(7, extra={"extra": ConfigRecord({"x": 1})}),
     "no arrays": lambda: _arrays_reply(7, arrays=False),
@@ -216,6 +215,34 @@ def test_malformed_zo_reply(case):
     assert torch.equal(b.acc, a.acc) and torch.equal(b.mag, a.mag)
 
 
+@pytest.mark.usefixtures("task_identity")
+def test_the_round_comes_from_the_message_a_reply_answers():
+    """A standard Flower client (arrays + num-examples, no server-round metric) takes part; a
+    reply to a message this round did not send is dropped, whatever it claims."""
+    s = _lora_strategy()
+    sent = list(s.configure_train(1, ArrayRecord(), ConfigRecord({}), type("G", (), {"get_node_ids": lambda self: [7, 8]})()))
+    for i, m in enumerate(sent):
+        m.metadata.__dict__["_message_id"] = f"id-{i}"  # as a grid stamps what it pushes
+    to7 = next(m for m in sent if m.metadata.dst_node_id == 7)
+    plain = Message(RecordDict({"arrays": ArrayRecord(GOOD_LOCAL), "metrics": MetricRecord({"num-examples": 10})}),
+                    reply_to=to7)
+    stray_to = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=8, message_type="train")
+    stray_to.metadata.__dict__["_message_id"] = "an-old-message"
+    stray = Message(RecordDict({"arrays": ArrayRecord(GOOD_LOCAL), "metrics": _metrics()}), reply_to=stray_to)
+    result = s.round(1, [plain, stray], sent)
+    assert result.applied and [u.node_id for u in result.updates] == [7]
+    assert result.dropped == ((8, "reply to a message this round did not send"),)
+
+
+def test_a_clients_traceback_becomes_one_short_line():
+    from fedllm.protocol import short_reason
+
+    trace = ("Traceback (most recent call last):\n  File \"x.py\", line 3, in f\n    boom()\n"
+             "\x1b[31mRuntimeError: CUDA out of memory\x1b[0m\n\n")
+    assert short_reason(trace) == "RuntimeError: CUDA out of memory"
+    assert len(short_reason("x" * 5000)) == 300 and short_reason("") == "no reason given"
+
+
 def test_the_matrix_is_large_enough():
     cases = len(LORA_CASES) + len(CODECS) * len(CODEC_CASES) + len(ZO_CASES)
     assert cases >= 20 and len(CODECS) == len(PRESETS) - 1 + 5  # every stage alone and every preset
@@ -248,7 +275,8 @@ def test_too_few_replies_retry_then_stop_with_the_checkpoint(tiny_model_dir, tmp
     grid = LocalGrid(2)
     cfg = tiny_run_config(tiny_model_dir, tmp_path, **{"server.run-name": "fails", "server.min-replies": 2,
                                                  "server.round-retries": 2, "attack.clients": "1=crash"})
-    with pytest.raises(RoundFailed, match=r"round 1: too few valid replies \(1 valid of 2 sent; .*server.min-replies=2"):
+    with pytest.raises(RoundFailed, match=r"round 1: too few valid replies \(1 valid of 2 sent; .*server.min-replies=2.*"
+                                          r"most common drop reason \(3 of 3\): client error: Crash: attack.clients: partition 1"):
         run(grid, cfg)
     assert grid.sent == 3 * sent  # tried three times
     assert "too few valid replies" in (tmp_path / "fails" / "error.txt").read_text()
