@@ -46,6 +46,9 @@ def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float
     overrides = dict(overrides)
     overrides.setdefault("server.run-name", time.strftime("%Y%m%d-%H%M%S"))
     cfg = Config.from_flat(overrides)
+    if num_clients < 1 or not 0 < cpus_per_client <= (os.cpu_count() or 1) * 64:
+        raise FedLLMError(f"--num-clients must be >= 1 and --cpus-per-client in (0, {(os.cpu_count() or 1) * 64}]; "
+                          f"got {num_clients} and {cpus_per_client}")
     if num_clients < cfg.server.min_clients:
         raise FedLLMError(f"--num-clients: {num_clients} is below server.min-clients={cfg.server.min_clients}")
     resolve_strategy(cfg)  # the method and rule chain may refuse the config (e.g. zo with compression)
@@ -62,8 +65,6 @@ def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float
         from fedllm import checkpoint
 
         checkpoint.load(resume, cfg.to_flat())  # fails here, before Ray starts
-        (run_dir / "summary.json").unlink(missing_ok=True)
-        (run_dir / ERROR_FILE).unlink(missing_ok=True)
 
     from flwr.simulation import run_simulation
 
@@ -75,12 +76,19 @@ def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
                       "logging_level": "ERROR", "log_to_driver": False},
     }
+    started = time.time()  # an earlier attempt's summary.json or error.txt stays until a new one replaces it
     run_simulation(make_app(overrides), client_app, num_supernodes=num_clients, backend_config=backend)
-    if not (run_dir / "summary.json").exists():
-        if (run_dir / ERROR_FILE).exists():
+    if not written_since(run_dir / "summary.json", started):
+        if written_since(run_dir / ERROR_FILE, started):
             raise FedLLMError((run_dir / ERROR_FILE).read_text().strip())
         raise FedLLMError(f"the simulation did not finish; see the log above (run directory {run_dir})")
     return run_dir
+
+
+def written_since(path: Path, since: float) -> bool:
+    """Whether `path` exists and was (re)written at or after `since` (a second of slack for
+    file systems with coarse times)."""
+    return path.exists() and path.stat().st_mtime >= since - 1.0
 
 
 def resumed_config(run_dir: Path) -> dict[str, Any]:

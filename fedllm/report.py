@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from fedllm.config import Config
+
+log = logging.getLogger(__name__)
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -26,7 +29,7 @@ def make_run_dir(cfg: Config) -> Path:
 
 def write_config(run_dir: Path, cfg: Config) -> None:
     """RUN_DIR/config.json: the run's full flat config."""
-    (Path(run_dir) / "config.json").write_text(json.dumps(cfg.to_flat(), indent=2, sort_keys=True) + "\n")
+    write_atomically(Path(run_dir) / "config.json", json.dumps(cfg.to_flat(), indent=2, sort_keys=True) + "\n")
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:
@@ -45,9 +48,7 @@ class MetricsLog:
     def reset(self, rows: list[dict[str, Any]]) -> None:
         """Replace the log with `rows` (a resumed run's, from its checkpoint), atomically."""
         self.rows = list(rows)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows), encoding="utf-8")
-        tmp.replace(self.path)
+        write_atomically(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows))
 
     def write(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -56,8 +57,38 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    with open(Path(run_dir) / "metrics.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """RUN_DIR/metrics.jsonl's rows. A cut-off last line (what a crash mid-write leaves) is
+    skipped with a warning; a bad line before it is an error.
+
+    Raises:
+        FileNotFoundError: when there is no metrics.jsonl.
+        FedLLMError: naming the file and line of a malformed row that is not the last.
+    """
+    from fedllm.errors import FedLLMError
+
+    path = Path(run_dir) / "metrics.jsonl"
+    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    rows = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as err:
+            if i == len(lines) - 1:
+                log.warning("%s:%d: skipped a cut-off last line (a crash while writing it)", path, n)
+                break
+            raise FedLLMError(f"{path}:{n}: not a metrics row: {err}") from None
+        rows.append(row)
+    return rows
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename: the old file stays whole
+    until the new one is complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:

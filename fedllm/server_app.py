@@ -30,7 +30,7 @@ from fedllm.data import load_splits
 from fedllm.errors import FedLLMError
 from fedllm.evaluate import em_subset, evaluate
 from fedllm.protocol import RoundResult, payload_bytes
-from fedllm.report import MetricsLog, format_summary, make_run_dir, render_report, summary, write_config
+from fedllm.report import MetricsLog, format_summary, make_run_dir, render_report, summary, write_atomically, write_config
 from strategies import FedLLMStrategy, build
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def run(grid: Grid, cfg: Config) -> Path:
     s = summary(metrics.rows)
     if books is not None:
         s["ledger"] = books.finish()
-    (run_dir / "summary.json").write_text(json.dumps(s, indent=2) + "\n")
+    write_atomically(run_dir / "summary.json", json.dumps(s, indent=2) + "\n")
     log.info("summary of %s\n%s", run_dir, format_summary(s))
     try:
         log.info("report: %s", render_report(run_dir))

@@ -86,3 +86,31 @@ def test_compare_overlays_runs_and_the_cli_names_a_bad_directory(tiny_model_dir,
     assert main(["report", str(tmp_path / "missing")]) == 2
     (a / REPORT).unlink()
     assert main(["report", str(a)]) == 0 and (a / REPORT).exists()
+
+
+def test_a_cut_off_last_metrics_line_is_skipped_and_a_bad_middle_line_named(tmp_path, caplog):
+    from fedllm.errors import FedLLMError
+    from fedllm.report import read_metrics
+
+    good = '{"round": 0, "eval-loss": 2.0}\n{"round": 1, "eval-loss": 1.5}\n'
+    (tmp_path / "metrics.jsonl").write_text(good + '{"round": 2, "eval-lo')  # a crash mid-write
+    assert [r["round"] for r in read_metrics(tmp_path)] == [0, 1]
+    assert "cut-off last line" in caplog.text
+    (tmp_path / "metrics.jsonl").write_text('{"round": 0}\n[1, 2]\n{"round": 1}\n')
+    with pytest.raises(FedLLMError, match=r"metrics.jsonl:2: not a metrics row"):
+        read_metrics(tmp_path)
+
+
+def test_cli_refuses_bad_simulation_sizes_and_keeps_earlier_results(tmp_path, capsys):
+    import os
+    import time
+
+    from fedllm.cli import main, written_since
+
+    assert main(["simulate", "--cpus-per-client", "0", "--set", f"server.run-dir={tmp_path}"]) == 2
+    assert "--cpus-per-client in (0," in capsys.readouterr().err
+    assert main(["simulate", "--num-clients", "0", "--set", f"server.run-dir={tmp_path}"]) == 2
+    summary = tmp_path / "summary.json"
+    summary.write_text("{}")
+    os.utime(summary, (time.time() - 60, time.time() - 60))
+    assert not written_since(summary, time.time()) and written_since(summary, time.time() - 120)
