@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from fedllm.config import DataConfig
-from fedllm.data.templates import IGNORE, collate, encode, prompt_text
+from fedllm.data.templates import IGNORE, collate, cut_prompt, encode, prompt_text
 
 
 @torch.no_grad()
@@ -50,7 +50,8 @@ def generate_answers(model: Any, tokenizer: Any, examples: list[dict[str, str]],
     try:
         for i in range(0, len(examples), batch_size):
             prompts = [prompt_text(tokenizer, e, cfg.system_prompt) for e in examples[i:i + batch_size]]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            ids = [cut_prompt(p, cfg.max_length) for p in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+            enc = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(device)
             out = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

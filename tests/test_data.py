@@ -9,7 +9,7 @@ import pytest
 
 from fedllm import ConfigError, DataError
 from fedllm.config import DataConfig
-from fedllm.data import FAMILIES, load_splits, partition
+from fedllm.data import FAMILIES, IGNORE, encode, load_splits, partition, prompt_text
 from fedllm.data.builtin import builtin_splits, parse_families
 
 
@@ -158,3 +158,50 @@ def test_dirichlet_small_alpha_is_skewed():
 def test_partition_id_out_of_range():
     with pytest.raises(ConfigError, match="partition-id"):
         partition([], DataConfig(), 2, 5)
+
+
+def test_file_problems_are_named_by_line_and_column(tmp_path):
+    from fedllm.data import load_source
+
+    cfg = DataConfig()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "response": "b"}\n\n{"instruction": "c", "response":\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:3: not a JSON line"):
+        load_source(str(bad), cfg)
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes("\ufeffinstruction,response\nq,a\n".encode("utf-8"))
+    assert load_source(str(bom), cfg) == [{"instruction": "q", "response": "a", "input": "", "family": "all"}]
+    nested = tmp_path / "nested.jsonl"
+    nested.write_text('{"instruction": {"text": "q"}, "response": "a"}\n')
+    with pytest.raises(DataError, match=r"row 0, column 'instruction': a dict, not text"):
+        load_source(str(nested), cfg)
+
+
+def test_exact_duplicates_never_land_on_both_sides(tmp_path):
+    rows = [{"instruction": f"q{i % 5}", "response": f"a{i % 5}"} for i in range(40)]  # 5 distinct, 8 times each
+    path = tmp_path / "dups.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    train, held = load_splits(DataConfig(source=str(path), eval_fraction=0.2))
+    assert len(train) + len(held) == 5
+    assert not {e["instruction"] for e in train} & {e["instruction"] for e in held}
+
+
+def test_truncation_keeps_the_end_of_the_prompt_and_the_response(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    long_answer = {"instruction": "Say the numbers.", "input": "", "response": " ".join(str(i) for i in range(400))}
+    row = encode(tok, long_answer, max_length=64, system_prompt="Be brief.")
+    prompt_ids = tok(prompt_text(tok, long_answer, "Be brief."), add_special_tokens=False)["input_ids"]
+    n_prompt = sum(1 for x in row["labels"] if x == IGNORE)
+    assert len(row["input_ids"]) == 64 and n_prompt == 16  # a quarter stays for the question's end
+    assert row["input_ids"][:16] == prompt_ids[-16:] and row["labels"][16:] == row["input_ids"][16:]
+    both_long = {**long_answer, "instruction": " ".join(["word"] * 300)}
+    row = encode(tok, both_long, max_length=64)
+    n_prompt = sum(1 for x in row["labels"] if x == IGNORE)
+    prompt_ids = tok(prompt_text(tok, both_long), add_special_tokens=False)["input_ids"]
+    assert n_prompt == 16 and row["input_ids"][:16] == prompt_ids[-16:]
+    short = {"instruction": " ".join(["word"] * 300), "input": "", "response": "42"}
+    row = encode(tok, short, max_length=64)
+    resp = tok("42", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert len(row["input_ids"]) == 64 and row["input_ids"][-len(resp):] == resp  # a long prompt loses its start

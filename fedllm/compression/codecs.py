@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ast
 import re
+import warnings
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -307,7 +308,9 @@ def parse(spec: str) -> Codec:
     stages = []
     for part in filter(None, (p.strip() for p in re.split(r"-?>", text))):
         try:
-            node = ast.parse(part if "(" in part else part + "()", mode="eval").body
+            with warnings.catch_warnings():  # "1e9bits" and the like: refused below, not warned about
+                warnings.simplefilter("ignore", SyntaxWarning)
+                node = ast.parse(part if "(" in part else part + "()", mode="eval").body
             if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
                 raise ValueError("expected name(args)")
             args = [ast.literal_eval(a) for a in node.args]

@@ -6,15 +6,18 @@
 
 from __future__ import annotations
 
+import logging
 import random
 
 from fedllm.config import DataConfig
+from fedllm.errors import DataError
 from fedllm.data.builtin import FAMILIES, builtin_splits, parse_families
 from fedllm.data.files import load_source
 from fedllm.data.partition import partition
 from fedllm.data.templates import IGNORE, collate, encode, prompt_text
 
 Example = dict[str, str]
+log = logging.getLogger(__name__)
 
 
 def load_splits(cfg: DataConfig) -> tuple[list[Example], list[Example]]:
@@ -25,11 +28,29 @@ def load_splits(cfg: DataConfig) -> tuple[list[Example], list[Example]]:
         )
     train = load_source(cfg.source, cfg)
     if cfg.eval_source:
-        return train, load_source(cfg.eval_source, cfg)
-    shuffled = list(train)
+        held_out = load_source(cfg.eval_source, cfg)
+        seen = {_key(e) for e in held_out}
+        kept = [e for e in train if _key(e) not in seen]
+        if len(kept) < len(train):
+            log.warning("data: %d training examples also in %s left out of training", len(train) - len(kept),
+                        cfg.eval_source)
+        if not kept:
+            raise DataError(f"data.source: every example of {cfg.source} is also in data.eval-source")
+        return kept, held_out
+    unique = list({_key(e): e for e in train}.values())  # exact duplicates would land on both sides
+    if len(unique) < len(train):
+        log.warning("data: %d exact duplicate examples of %s removed", len(train) - len(unique), cfg.source)
+    shuffled = list(unique)
     random.Random(cfg.seed).shuffle(shuffled)
     n_eval = max(1, int(len(shuffled) * cfg.eval_fraction))
+    if len(shuffled) - n_eval < 1:
+        raise DataError(f"data.source: {len(shuffled)} distinct examples leave none to train on after holding out "
+                        f"data.eval-fraction={cfg.eval_fraction}")
     return shuffled[n_eval:], shuffled[:n_eval]
+
+
+def _key(example: Example) -> tuple[str, str, str]:
+    return example["instruction"], example.get("input", ""), example["response"]
 
 
 __all__ = [

@@ -24,16 +24,23 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                return [json.loads(line) for line in f if line.strip()]
+            rows = []
+            with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not data
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except ValueError as err:
+                            raise DataError(f"{path}:{n}: not a JSON line: {getattr(err, 'msg', err)}") from None
+            return rows
         if suffix == ".json":
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 rows = json.load(f)
             if not isinstance(rows, list):
                 raise DataError(f"{path}: expected a JSON list of objects")
             return rows
         if suffix == ".csv":
-            with open(path, encoding="utf-8", newline="") as f:
+            with open(path, encoding="utf-8-sig", newline="") as f:
                 return list(csv.DictReader(f))
         if suffix == ".parquet":
             import pyarrow.parquet as pq
@@ -54,13 +61,22 @@ def to_examples(rows: Iterable[dict[str, Any]], cfg: DataConfig, where: str) -> 
         for key, fname in (("instruction", cfg.instruction_field), ("response", cfg.response_field)):
             if fname not in row or row[fname] is None:
                 raise DataError(f"{where}: row {i} has no field {fname!r} (data.{key}-field)")
-            ex[key] = str(row[fname])
-        ex["input"] = str(row.get(cfg.input_field) or "") if cfg.input_field else ""
-        ex["family"] = str(row.get(cfg.label_field, "all"))
+            ex[key] = scalar_text(row[fname], where, i, fname)
+        ex["input"] = scalar_text(row.get(cfg.input_field) or "", where, i, cfg.input_field) if cfg.input_field else ""
+        ex["family"] = scalar_text(row.get(cfg.label_field, "all"), where, i, cfg.label_field)
         out.append(ex)
     if not out:
         raise DataError(f"{where}: no rows")
     return out
+
+
+def scalar_text(value: Any, where: str, row: int, column: str) -> str:
+    """A field's value as text; a structured value (a list or mapping, e.g. a nested Parquet
+    column) is refused, naming the column, rather than turned into its Python repr."""
+    if isinstance(value, (dict, list, tuple, set, bytes)):
+        raise DataError(f"{where}: row {row}, column {column!r}: a {type(value).__name__}, not text; "
+                        "flatten it or point the data.*-field keys at a text column")
+    return str(value)
 
 
 def load_source(source: str, cfg: DataConfig) -> list[dict[str, str]]:

@@ -32,13 +32,26 @@ def prompt_text(tokenizer: Any, example: dict[str, str], system_prompt: str = ""
 def encode(
     tokenizer: Any, example: dict[str, str], max_length: int, system_prompt: str = ""
 ) -> dict[str, list[int]]:
-    """input_ids and labels (-100 on the prompt); the prompt is cut from the left if too long."""
-    prompt = tokenizer(prompt_text(tokenizer, example, system_prompt), add_special_tokens=False)
-    response = tokenizer(example["response"], add_special_tokens=False)
-    resp_ids = response["input_ids"] + [tokenizer.eos_token_id]
-    ids = prompt["input_ids"] + resp_ids
-    labels = [IGNORE] * len(prompt["input_ids"]) + resp_ids
-    return {"input_ids": ids[-max_length:], "labels": labels[-max_length:]}
+    """input_ids and labels (-100 on the prompt), at most `max_length` tokens.
+
+    Truncation keeps the response (with its eos) and cuts the prompt from the left, keeping its
+    end, where the question and the chat template's assistant header are. The prompt keeps at
+    least a quarter of `max_length` (or all of it, if shorter): a response that would leave it
+    less is cut from the right, so no example trains on an answer without its question.
+    Evaluation cuts generation prompts from the left to `max_length` (`cut_prompt`).
+    """
+    prompt_ids = tokenizer(prompt_text(tokenizer, example, system_prompt), add_special_tokens=False)["input_ids"]
+    resp_ids = tokenizer(example["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(prompt_ids) + len(resp_ids) > max_length:
+        floor = min(len(prompt_ids), max_length // 4)  # what the prompt keeps at least
+        resp_ids = resp_ids[:max_length - floor]
+        prompt_ids = cut_prompt(prompt_ids, max_length - len(resp_ids))
+    return {"input_ids": prompt_ids + resp_ids, "labels": [IGNORE] * len(prompt_ids) + resp_ids}
+
+
+def cut_prompt(ids: list[int], budget: int) -> list[int]:
+    """The last `budget` tokens of a prompt (its start goes first when it is too long)."""
+    return ids[len(ids) - budget:] if len(ids) > budget else ids
 
 
 def collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
