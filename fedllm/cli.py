@@ -36,7 +36,7 @@ def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float
     with one line instead of inside a worker.
     """
     from fedllm.data import load_splits
-    from fedllm.model import resolve
+    from fedllm.model import check_available
     from fedllm.server_app import ERROR_FILE
     from strategies import resolve as resolve_strategy
 
@@ -56,8 +56,9 @@ def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float
         from fedllm.ledger import preflight
 
         preflight(cfg)
-    load_splits(cfg.data)
-    resolve(cfg.model)  # converts a GGUF once, before workers start
+    train, _ = load_splits(cfg.data)
+    check_partitions(train, cfg, num_clients)
+    check_available(cfg.model)  # converts a GGUF once, before workers start; a hub id fails fast
     run_dir = Path(cfg.server.run_dir).expanduser() / cfg.server.run_name
     if resume is None and (run_dir / "metrics.jsonl").exists():
         raise FedLLMError(f"server.run-name: {run_dir} holds a run already; pick another name")
@@ -83,6 +84,27 @@ def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float
             raise FedLLMError((run_dir / ERROR_FILE).read_text().strip())
         raise FedLLMError(f"the simulation did not finish; see the log above (run directory {run_dir})")
     return run_dir
+
+
+def check_partitions(train: list[dict[str, str]], cfg: Config, num_clients: int) -> None:
+    """Every client's partition of the training data is non-empty (checked before Ray starts).
+
+    Raises:
+        FedLLMError: naming --num-clients, the empty partition and the data's size.
+    """
+    from fedllm.data import partition
+
+    for pid in range(num_clients):
+        try:
+            mine = partition(train, cfg.data, num_clients, pid)
+        except FedLLMError:
+            raise
+        except Exception as err:  # the partitioners refuse too little data in their own words
+            raise FedLLMError(f"--num-clients: cannot split {len(train)} training examples {num_clients} ways "
+                              f"(data.partition={cfg.data.partition}): {err}") from None
+        if not mine:
+            raise FedLLMError(f"--num-clients: partition {pid} of {num_clients} gets no examples ({len(train)} training "
+                              f"examples, data.partition={cfg.data.partition}); use fewer clients or more data")
 
 
 def written_since(path: Path, since: float) -> bool:

@@ -21,7 +21,7 @@ from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 from fedllm.attacks import POISONING, crash, flip_labels, poisoned
 from fedllm.config import Config
 from fedllm.data import encode, load_source, load_splits, partition
-from fedllm.errors import PayloadError
+from fedllm.errors import DataError, PayloadError
 from fedllm.methods import METHODS
 from fedllm.methods.base import Transform
 from fedllm.model import MODEL_CACHE
@@ -105,6 +105,9 @@ def handle(request: RecordDict, context: Context, started: float | None = None) 
     seed = round_seed(cfg, server_round, as_pid)
     synced = half.sync(request, seed)
     rows, num_examples = node_rows(cfg, context, half.tokenizer, as_pid, flip=attack == "label-flip")
+    if not rows:
+        raise DataError(f"partition {as_pid} of {node_partition(context)[1]} has no training examples "
+                        "(more clients than examples?)")
     metrics: dict[str, Any] = {
         "num-examples": num_examples,
         "partition-id": pid,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -294,7 +295,8 @@ PENALTY_FLAGS = ("free-rider", "noise", "opposed", "oversized", "duplicate", "re
 @dataclass
 class LedgerConfig:
     enabled: bool = _help("Record contributions, rewards and penalties on an Ethereum-compatible chain.", False)
-    chain: str = _help("'tester' (an in-process EVM, no set-up) or a JSON-RPC URL (http(s)://, ws(s)://).", "tester")
+    chain: str = _help("'tester' (an in-process EVM, no set-up) or a node's JSON-RPC URL, http(s):// (web3 8 "
+                       "talks WebSocket only through its async API, which fedllm does not use).", "tester")
     contract: str = _help("Address of a deployed FedLedger; '' deploys a new one at the start of the run.", "")
     owner_key: str = _help("Owner's key, 'env:NAME' or 'file:PATH'; '' derives one from ledger.seed and funds it "
                            "from the node's dev account (tester, anvil).", "")
@@ -331,6 +333,11 @@ class LedgerConfig:
 
     def __post_init__(self) -> None:
         _choice("ledger.client-keys", self.client_keys, ("simulated", "node"))
+        if self.chain != "tester" and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", self.chain):
+            why = " (ws(s):// needs web3's async API; use the node's http(s) URL)" if self.chain.startswith("ws") else ""
+            raise ConfigError(f"ledger.chain: {self.chain!r} is neither 'tester' nor an http(s):// URL{why}")
+        if self.contract and not re.fullmatch(r"0x[0-9a-fA-F]{40}", self.contract.strip()):
+            raise ConfigError(f"ledger.contract: {self.contract!r} is not an address (0x and 40 hex digits)")
         _choice("ledger.slashed-to", self.slashed_to, ("pool", "burn"))
         for key, value in (("ledger.pool", self.pool), ("ledger.stake", self.stake),
                            ("ledger.min-stake", self.min_stake), ("ledger.reward-per-round", self.reward_per_round),

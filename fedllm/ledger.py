@@ -62,19 +62,50 @@ def artifact(name: str) -> dict[str, Any]:
 
 
 def connect(chain: str) -> Any:
-    """A Web3 for "tester" (an in-process py-evm chain) or a JSON-RPC URL (http, https, ws)."""
+    """A Web3 for "tester" (an in-process py-evm chain) or a JSON-RPC URL (http, https)."""
     web3 = _web3()
     if chain == "tester":
         return web3.Web3(web3.EthereumTesterProvider())
     if chain.startswith(("http://", "https://")):
         w3 = web3.Web3(web3.Web3.HTTPProvider(chain, request_kwargs={"timeout": 30}))
-    elif chain.startswith(("ws://", "wss://")):
-        w3 = web3.Web3(web3.Web3.LegacyWebSocketProvider(chain))
     else:
-        raise LedgerError(f"ledger.chain: {chain!r} is neither 'tester' nor an http(s)/ws(s) URL")
+        raise LedgerError(f"ledger.chain: {chain!r} is neither 'tester' nor an http(s) URL")
     if not w3.is_connected():
         raise LedgerError(f"ledger.chain: no JSON-RPC node answers at {chain}")
     return w3
+
+
+def same_runtime(code: bytes, expected: bytes) -> bool:
+    """Whether deployed `code` is the artifact's runtime code: equal everywhere but in the
+    32-byte slots that the compiler leaves zero for immutables (set by the constructor)."""
+    if len(code) != len(expected):
+        return False
+    slots = bytearray(len(expected))  # 1 where an immutable may sit
+    start = None
+    for i, b in enumerate(expected + b"\x01"):
+        if b == 0 and start is None:
+            start = i
+        elif b != 0 and start is not None:
+            if i - start >= 32:
+                slots[start:i] = b"\x01" * (i - start)
+            start = None
+    return all(a == b or m for a, b, m in zip(code, expected, slots))
+
+
+def check_address(value: str, field: str) -> str:
+    """A 0x-prefixed 20-byte address, checksummed if it has mixed case.
+
+    Raises:
+        LedgerError: naming `field` for anything else.
+    """
+    from eth_utils import is_address, is_checksum_address, to_checksum_address
+
+    text = value.strip()
+    if not is_address(text):
+        raise LedgerError(f"{field}: {value!r} is not an address (0x and 40 hex digits)")
+    if text != text.lower() and text[2:] != text[2:].upper() and not is_checksum_address(text):
+        raise LedgerError(f"{field}: {value!r} has a wrong checksum (mixed case that does not match the address)")
+    return to_checksum_address(text)
 
 
 def read_key(spec: str, field: str) -> Any:
@@ -149,7 +180,7 @@ def preflight(cfg: Any) -> None:
         if spec:
             read_key(spec, field)
     if lc.contract:
-        Ledger(w3, lc.contract)
+        Ledger(w3, lc.contract)  # the address's checksum, and FedLedger's runtime code there
     elif not lc.owner_key and not w3.eth.accounts:
         raise LedgerError("ledger.owner-key: required to deploy on a chain without unlocked dev accounts")
 
@@ -166,9 +197,13 @@ class Ledger:
     def __init__(self, w3: Any, address: str) -> None:
         self.w3 = w3
         art = artifact("FedLedger")
-        self.address = w3.to_checksum_address(address)
-        if w3.eth.get_code(self.address) in (b"", None):
+        self.address = check_address(address, "ledger.contract")
+        code = bytes(w3.eth.get_code(self.address) or b"")
+        if not code:
             raise LedgerError(f"ledger.contract: no contract at {address}")
+        if not same_runtime(code, bytes.fromhex(art["deployedBytecode"][2:])):
+            raise LedgerError(f"ledger.contract: the contract at {address} is not this fedllm's FedLedger "
+                              "(its runtime code differs from contracts/artifacts/FedLedger.json)")
         self.contract = w3.eth.contract(address=self.address, abi=art["abi"])
         self.errors = _error_selectors(art["abi"])
 

@@ -100,6 +100,37 @@ def resolve(cfg: ModelConfig) -> Path | str:
     return name  # a hub id
 
 
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_available(cfg: ModelConfig, timeout: float = 10.0) -> None:
+    """Fail fast, before any worker starts, when model.name cannot be loaded: a directory
+    without weights, or a hub id that is neither in the local cache nor reachable (offline:
+    HF_HUB_OFFLINE set, no request; online: one request of at most `timeout` seconds).
+
+    Raises:
+        ModelError: naming model.name and what is missing.
+    """
+    source = resolve(cfg)
+    if isinstance(source, Path):
+        if not any((source / w).is_file() for w in WEIGHTS) and not any(source.glob("*.safetensors")):
+            raise ModelError(f"model.name: {source} has no weights ({', '.join(WEIGHTS[::2])} or *.safetensors)")
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(source, "config.json"), str):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise ModelError(f"model.name: hub id {source!r} is not in the local cache and HF_HUB_OFFLINE is set")
+    try:
+        from huggingface_hub import HfApi
+
+        HfApi().model_info(source, timeout=timeout)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"model.name: hub id {source!r} is not cached and cannot be reached: {first}") from None
+
+
 def convert_gguf(gguf: Path, root: Path) -> Path:
     """De-quantize a GGUF file once into `root/<name>-<hash>/` (safetensors + tokenizer).
 

@@ -90,6 +90,9 @@ def parse_chain(spec: str, cfg: Config, kind: str, default_rule: str,
         rule: Entry[Rule] = Entry(head, method_rules[head], None, {"accepts": frozenset({kind})})
     else:
         rule = RULES.get(head)
+    if isinstance(rule.impl, type) or not callable(rule.impl):
+        raise ConfigError(f"server.strategy: {head!r} is not a rule: a rule is a function (updates, cfg) -> delta "
+                          f"(got a {'class' if isinstance(rule.impl, type) else type(rule.impl).__name__})")
     accepts = rule.meta.get("accepts")
     if accepts is not None and kind not in accepts:
         raise ConfigError(f"server.strategy: rule {head!r} does not aggregate {kind!r} updates "

@@ -152,3 +152,37 @@ def test_the_cli_refuses_a_bad_number_before_anything_starts(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["fedllm: error: train.lr: must be a finite number, got nan"]
     assert list(tmp_path.iterdir()) == []  # no run folder left behind
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("fedllm.config:Config", "'fedllm.config:Config' is not a rule: a rule is a function (updates, cfg) -> delta (got a class)"),
+    ("fedllm.config:DEFAULT_MODEL", "is not a rule"),
+    ("no_such_module:rule", "server.strategy: cannot import 'no_such_module:rule'"),
+])
+def test_a_user_rule_must_be_a_function(spec, message):
+    from strategies import resolve
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve(Config.from_flat({"server.strategy": spec}))
+
+
+def test_preflight_refuses_too_many_clients_and_a_model_without_weights(tmp_path, tiny_model_dir, monkeypatch):
+    from fedllm.cli import main
+    from fedllm.errors import ModelError
+    from fedllm.model import check_available
+    from fedllm.config import ModelConfig
+
+    data = tmp_path / "few.jsonl"
+    data.write_text("\n".join(f'{{"instruction": "q{i}", "response": "a{i}"}}' for i in range(4)))
+    assert main(["simulate", "--num-clients", "8", "--set", f"data.source={data}", "--set", "data.partition=iid",
+                 "--set", f"server.run-dir={tmp_path / 'runs'}", "--set", f"model.name={tiny_model_dir}"]) == 2
+    assert not (tmp_path / "runs").exists()
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match="has no weights"):
+        check_available(ModelConfig(name=str(empty)))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="not in the local cache and HF_HUB_OFFLINE is set"):
+        check_available(ModelConfig(name="someone/some-model"))
+    check_available(ModelConfig(name=str(tiny_model_dir)))

@@ -3,6 +3,7 @@ started on 127.0.0.1 at a free port). Also the Merkle tree and the artifacts' fr
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
@@ -297,3 +298,29 @@ def test_signed_reply_names_its_account_and_tampering_is_caught():
     del tampered[LEDGER_RECORD]
     with pytest.raises(LedgerError, match="lacks the ledger signature"):
         reply_account(tampered, contract, 3)
+
+
+def test_addresses_chains_and_foreign_contracts_are_refused_up_front():
+    from fedllm import ledger as L
+    from fedllm.config import Config
+    from fedllm.errors import ConfigError
+
+    for flat, message in (({"ledger.chain": "ws://127.0.0.1:8546"}, "ws(s):// needs web3's async API"),
+                          ({"ledger.chain": "ftp://x"}, "neither 'tester' nor an http(s):// URL"),
+                          ({"ledger.contract": "0x12"}, "ledger.contract: '0x12' is not an address")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            Config.from_flat(flat)
+    good = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
+    assert L.check_address(good.lower(), "ledger.contract") == good
+    with pytest.raises(L.LedgerError, match="wrong checksum"):
+        L.check_address(good.replace("a", "A", 1), "ledger.contract")
+    w3 = connect("tester")
+    owner = dev_account(w3, 0, "owner", 10)
+    real = Ledger.deploy(w3, owner, owner.address, to_wei(0.1))
+    assert Ledger(w3, real.address).address == real.address  # immutables differ, the rest is FedLedger
+    other = artifact("ReentrantClaimer")
+    tx = w3.eth.contract(abi=other["abi"], bytecode=other["bytecode"]).constructor(real.address).build_transaction(
+        {"from": owner.address, "nonce": w3.eth.get_transaction_count(owner.address)})
+    foreign = L._send(w3, owner, tx).contractAddress
+    with pytest.raises(LedgerError, match="is not this fedllm's FedLedger"):
+        Ledger(w3, foreign)
