@@ -14,10 +14,14 @@ Errors print one line and exit 2; `--debug` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,12 +36,26 @@ def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float
     """Run a Flower simulation (Ray backend) of `num_clients` virtual clients; with `resume`,
     continue that run directory from its checkpoint (its config.json, `overrides` on top).
 
-    The config, the model and the data are checked here first, so a mistake fails fast
-    with one line instead of inside a worker.
+    The config, the model and the data are checked here first, so a mistake fails fast with
+    one line instead of inside a worker. The simulation then runs in a child process of its own
+    session, which this process watches: SIGINT or SIGTERM kills it and every Ray process it
+    started at once, keeping the last finished round's checkpoint (written atomically).
+
+    Raises:
+        Stopped: after SIGINT or SIGTERM (exit 130 or 143).
     """
+    overrides, run_dir = prepare(overrides, num_clients, cpus_per_client, resume)
+    supervise({"overrides": overrides, "num_clients": num_clients, "cpus_per_client": cpus_per_client,
+               "run_dir": str(run_dir)}, run_dir)
+    return run_dir
+
+
+def prepare(overrides: dict[str, Any], num_clients: int, cpus_per_client: float,
+            resume: Path | None) -> tuple[dict[str, Any], Path]:
+    """Every check that can run before Ray starts; returns the final overrides (with the run
+    name fixed) and the run directory."""
     from fedllm.data import load_splits
     from fedllm.model import check_available
-    from fedllm.server_app import ERROR_FILE
     from strategies import resolve as resolve_strategy
 
     if resume is not None:
@@ -66,24 +84,101 @@ def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float
         from fedllm import checkpoint
 
         checkpoint.load(resume, cfg.to_flat())  # fails here, before Ray starts
+    return overrides, run_dir
 
+
+def run_engine(job: dict[str, Any]) -> None:
+    """The child's side of `simulate`: Flower's simulation engine on the prepared job.
+
+    Raises:
+        FedLLMError: with error.txt's reason, or when the run wrote no summary.
+    """
     from flwr.simulation import run_simulation
 
     from fedllm.client_app import app as client_app
-    from fedllm.server_app import make_app
+    from fedllm.server_app import ERROR_FILE, make_app
 
+    run_dir = Path(job["run_dir"])
+    _die_with_parent()
     backend = {
-        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": job["cpus_per_client"], "num_gpus": 0.0},
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
                       "logging_level": "ERROR", "log_to_driver": False},
     }
     started = time.time()  # an earlier attempt's summary.json or error.txt stays until a new one replaces it
-    run_simulation(make_app(overrides), client_app, num_supernodes=num_clients, backend_config=backend)
+    run_simulation(make_app(job["overrides"]), client_app, num_supernodes=job["num_clients"], backend_config=backend)
     if not written_since(run_dir / "summary.json", started):
         if written_since(run_dir / ERROR_FILE, started):
             raise FedLLMError((run_dir / ERROR_FILE).read_text().strip())
         raise FedLLMError(f"the simulation did not finish; see the log above (run directory {run_dir})")
-    return run_dir
+
+
+def _die_with_parent() -> None:
+    """If the supervising `fedllm simulate` dies (even by SIGKILL), take this process group (the
+    engine and Ray's processes) with it instead of running on, orphaned."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True, name="fedllm-parent-watch").start()
+
+
+class Stopped(FedLLMError):
+    """The run was stopped by a signal; `exit_code` is 128 + the signal number."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+ENGINE_JOB = "FEDLLM_ENGINE_JOB"  # the child's job, as JSON in its environment
+
+
+def supervise(job: dict[str, Any], run_dir: Path) -> None:
+    """Run `run_engine(job)` in a child process in a session of its own (Ray's processes join its
+    process group) and wait for it; SIGINT or SIGTERM here stops the whole group.
+
+    Raises:
+        Stopped: when a signal stopped the run.
+        FedLLMError: when the child failed (its one-line reason is already printed).
+    """
+    proc = subprocess.Popen([sys.executable, "-m", "fedllm", "_engine"], start_new_session=True,
+                            env={**os.environ, ENGINE_JOB: json.dumps(job)})
+    signals: list[int] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        # the checkpoint is written atomically, so killing at once loses at most the round in
+        # flight, and the engine gets no chance to print its tracebacks over the one-line reason
+        signals.append(signum)
+        _kill_group(proc.pid, signal.SIGKILL)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _kill_group(proc.pid, signal.SIGKILL)  # whatever of the group outlived the engine
+    if signals:
+        name = signal.Signals(signals[0]).name
+        from fedllm import checkpoint
+
+        if (run_dir / checkpoint.FILE).exists():
+            done = checkpoint.read(run_dir / checkpoint.FILE)["round"]
+            hint = f"round {done} is checkpointed; go on with: fedllm simulate --resume {run_dir}"
+        else:
+            hint = f"no round finished (run directory {run_dir})"
+        raise Stopped(f"stopped by {name}; {hint}", 128 + signals[0])
+    if proc.returncode != 0:
+        raise FedLLMError(f"the simulation failed (exit {proc.returncode}); see above")
+
+
+def _kill_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
 
 
 def check_partitions(train: list[dict[str, str]], cfg: Config, num_clients: int) -> None:
@@ -146,13 +241,16 @@ def main(argv: list[str] | None = None) -> int:
     cmp_ = sub.add_parser("compare", help="one HTML page with several runs' plots overlaid")
     cmp_.add_argument("run_dirs", type=Path, nargs="+")
     cmp_.add_argument("--out", type=Path, default=Path("compare.html"), help="the page to write")
+    sub.add_parser("_engine")  # the supervised child of `simulate` (its job in $FEDLLM_ENGINE_JOB)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("flwr").propagate = False  # Flower logs through its own handler
     logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state database set-up
     try:
-        if args.command == "simulate":
+        if args.command == "_engine":
+            run_engine(json.loads(os.environ[ENGINE_JOB]))
+        elif args.command == "simulate":
             run_dir = simulate(parse_overrides(args.set), args.num_clients, args.cpus_per_client, args.resume)
             print(f"run directory: {run_dir}")
         elif args.command == "prepare-model":
@@ -176,9 +274,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for key, text, default in help_table():
                 print(f"{key:28} {default!r:32} {text}")
+    except Stopped as err:
+        print(f"fedllm: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("fedllm: stopped by SIGINT", file=sys.stderr)
+        return 130
     except FedLLMError as err:
         if args.debug:
             raise
+        if args.command == "simulate" and str(err).startswith("the simulation failed"):
+            return 2  # the child printed its one-line reason already
         print(f"fedllm: error: {err}", file=sys.stderr)
         return 2
     return 0

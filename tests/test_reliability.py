@@ -515,3 +515,36 @@ def test_zo_resume_in_process_reaches_the_accumulators_up_to_the_perturbation_dr
     b = zo.Accumulators.from_bytes((part / "zo" / "accumulators.bin").read_bytes(), 64)
     assert a.version == b.version == 3 and torch.equal(a.acc != 0, b.acc != 0)
     assert float((a.acc - b.acc).norm() / a.acc.norm()) < 1e-4
+
+
+def _group_alive(pattern: str) -> set[str]:
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    return set(out.split())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_a_simulation_within_seconds_and_leaves_nothing_behind(sig, tiny_model_dir, tmp_path):
+    """SIGINT and SIGTERM end `fedllm simulate` within seconds: one line, exit 128 + signal, the
+    last finished round's checkpoint kept (it loads), and no engine or Ray process left."""
+    before = _ray_processes() | _group_alive("fedllm _engine")
+    args = _sets(tiny_model_dir, tmp_path, "stopped", **{"server.num-rounds": 40, "train.local-steps": 40})
+    proc = subprocess.Popen(_fedllm_cmd("simulate", "--num-clients", "2", *args), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=_env())
+    run_dir = tmp_path / "stopped"
+    deadline = time.time() + 600
+    while not (run_dir / checkpoint.FILE).exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before its first checkpoint"
+    t0 = time.time()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - t0 < 15
+    assert proc.returncode == 128 + sig
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"fedllm: stopped by {signal.Signals(sig).name}; round ") and "--resume" in last
+    assert "Traceback" not in err
+    done = checkpoint.load(run_dir, Config.from_flat(json.loads((run_dir / "config.json").read_text())).to_flat())
+    assert done["round"] >= 1
+    time.sleep(1)
+    assert (_ray_processes() | _group_alive("fedllm _engine")) - before == set()
