@@ -106,6 +106,7 @@ def run_engine(job: dict[str, Any]) -> None:
                       "logging_level": "ERROR", "log_to_driver": False},
     }
     started = time.time()  # an earlier attempt's summary.json or error.txt stays until a new one replaces it
+    _stop_on_error(run_dir / ERROR_FILE, started)
     run_simulation(make_app(job["overrides"]), client_app, num_supernodes=job["num_clients"], backend_config=backend)
     if not written_since(run_dir / "summary.json", started):
         if written_since(run_dir / ERROR_FILE, started):
@@ -124,6 +125,20 @@ def _die_with_parent() -> None:
         os.killpg(0, signal.SIGKILL)
 
     threading.Thread(target=watch, daemon=True, name="fedllm-parent-watch").start()
+
+
+def _stop_on_error(error_file: Path, since: float) -> None:
+    """Flower's engine waits on when the ServerApp fails; once the server has written why it
+    stopped, end this process group (the engine and Ray) so the CLI reports it within seconds."""
+
+    def watch() -> None:
+        while not written_since(error_file, since):
+            time.sleep(0.5)
+        time.sleep(1.0)  # let the server's last log lines out
+        print(f"fedllm: error: {error_file.read_text().strip()}", file=sys.stderr, flush=True)
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True, name="fedllm-error-watch").start()
 
 
 class Stopped(FedLLMError):

@@ -29,7 +29,7 @@ from fedllm.contribution import SCORERS
 from fedllm.data import load_splits
 from fedllm.errors import FedLLMError
 from fedllm.evaluate import em_subset, evaluate
-from fedllm.protocol import RoundResult, payload_bytes
+from fedllm.protocol import RoundResult, payload_bytes, short_reason
 from fedllm.report import MetricsLog, format_summary, make_run_dir, render_report, summary, write_atomically, write_config
 from strategies import FedLLMStrategy, build
 
@@ -208,7 +208,14 @@ def make_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         _log_through_flower()
         cfg = Config.from_flat({**dict(context.run_config), **dict(overrides or {})})
-        run(grid, cfg)
+        try:
+            run(grid, cfg)
+        except Exception as err:  # why the run stopped, in one line beside its results
+            run_dir = Path(cfg.server.resume or Path(cfg.server.run_dir).expanduser() / cfg.server.run_name)
+            if cfg.server.run_name and run_dir.is_dir() and not isinstance(err, RoundFailed):
+                reason = str(err) if isinstance(err, FedLLMError) else f"{type(err).__name__}: {err}"
+                (run_dir / ERROR_FILE).write_text(f"the server stopped: {short_reason(reason)}\n")
+            raise
 
     return server_app
 

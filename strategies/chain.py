@@ -13,6 +13,7 @@ client-side fixed-clipping strategy adds it (the clients clip with Flower's mod)
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -71,6 +72,15 @@ class Chain:
         self.states = [saved[k] for k in expected]
 
 
+def takes_two(fn: Any) -> bool:
+    """Whether `fn` can be called with two positional arguments (updates, cfg)."""
+    try:
+        inspect.signature(fn).bind(None, None)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def parse_chain(spec: str, cfg: Config, kind: str, default_rule: str,
                 method_rules: Mapping[str, Rule] | None = None) -> Chain:
     """The chain for server.strategy `spec`, checked against the method's update kind.
@@ -90,9 +100,10 @@ def parse_chain(spec: str, cfg: Config, kind: str, default_rule: str,
         rule: Entry[Rule] = Entry(head, method_rules[head], None, {"accepts": frozenset({kind})})
     else:
         rule = RULES.get(head)
-    if isinstance(rule.impl, type) or not callable(rule.impl):
+    if isinstance(rule.impl, type) or not callable(rule.impl) or not takes_two(rule.impl):
+        got = "a class" if isinstance(rule.impl, type) else f"{type(rule.impl).__name__} {getattr(rule.impl, '__name__', '')}"
         raise ConfigError(f"server.strategy: {head!r} is not a rule: a rule is a function (updates, cfg) -> delta "
-                          f"(got a {'class' if isinstance(rule.impl, type) else type(rule.impl).__name__})")
+                          f"(got {got.strip()})")
     accepts = rule.meta.get("accepts")
     if accepts is not None and kind not in accepts:
         raise ConfigError(f"server.strategy: rule {head!r} does not aggregate {kind!r} updates "

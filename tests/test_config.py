@@ -156,6 +156,7 @@ def test_the_cli_refuses_a_bad_number_before_anything_starts(tmp_path, capsys):
 
 @pytest.mark.parametrize("spec, message", [
     ("fedllm.config:Config", "'fedllm.config:Config' is not a rule: a rule is a function (updates, cfg) -> delta (got a class)"),
+    ("os:system", "'os:system' is not a rule"),
     ("fedllm.config:DEFAULT_MODEL", "is not a rule"),
     ("no_such_module:rule", "server.strategy: cannot import 'no_such_module:rule'"),
 ])

@@ -517,6 +517,13 @@ def test_zo_resume_in_process_reaches_the_accumulators_up_to_the_perturbation_dr
     assert float((a.acc - b.acc).norm() / a.acc.norm()) < 1e-4
 
 
+def _living(pgid: str) -> list[str]:
+    """Processes of a process group that are not zombies (dead, waiting to be reaped)."""
+    out = subprocess.run(["ps", "-eo", "pid=,pgid=,stat="], capture_output=True, text=True).stdout
+    return [pid for pid, group, stat in (line.split() for line in out.splitlines()) if group == pgid
+            and not stat.startswith("Z")]
+
+
 def _group_alive(pattern: str) -> set[str]:
     out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
     return set(out.split())
@@ -527,7 +534,6 @@ def _group_alive(pattern: str) -> set[str]:
 def test_a_signal_stops_a_simulation_within_seconds_and_leaves_nothing_behind(sig, tiny_model_dir, tmp_path):
     """SIGINT and SIGTERM end `fedllm simulate` within seconds: one line, exit 128 + signal, the
     last finished round's checkpoint kept (it loads), and no engine or Ray process left."""
-    before = _ray_processes() | _group_alive("fedllm _engine")
     args = _sets(tiny_model_dir, tmp_path, "stopped", **{"server.num-rounds": 40, "train.local-steps": 40})
     proc = subprocess.Popen(_fedllm_cmd("simulate", "--num-clients", "2", *args), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=_env())
@@ -536,6 +542,9 @@ def test_a_signal_stops_a_simulation_within_seconds_and_leaves_nothing_behind(si
     while not (run_dir / checkpoint.FILE).exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before its first checkpoint"
+    (engine,) = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    group = subprocess.run(["pgrep", "-g", engine], capture_output=True, text=True).stdout.split()
+    assert len(group) >= 3  # the engine and Ray's processes share its process group
     t0 = time.time()
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
@@ -546,5 +555,26 @@ def test_a_signal_stops_a_simulation_within_seconds_and_leaves_nothing_behind(si
     assert "Traceback" not in err
     done = checkpoint.load(run_dir, Config.from_flat(json.loads((run_dir / "config.json").read_text())).to_flat())
     assert done["round"] >= 1
-    time.sleep(1)
+    deadline = time.time() + 10
+    while _living(engine) and time.time() < deadline:  # SIGKILLed at once; exiting takes a moment
+        time.sleep(0.2)
+    assert _living(engine) == []
+
+
+@pytest.mark.slow
+def test_a_server_that_fails_ends_the_cli_within_seconds_with_its_reason(tiny_model_dir, tmp_path):
+    """Flower's engine would wait on after its ServerApp raised; the CLI ends with the reason."""
+    (tmp_path / "bad_rule.py").write_text("def rule(updates, cfg):\n    raise RuntimeError('my rule broke')\n")
+    before = _ray_processes() | _group_alive("fedllm _engine")
+    args = _sets(tiny_model_dir, tmp_path, "broken", **{"server.strategy": "bad_rule:rule", "server.num-rounds": 2})
+    t0 = time.time()
+    proc = subprocess.run(_fedllm_cmd("simulate", "--num-clients", "2", *args), capture_output=True, text=True,
+                          env={**_env(), "PYTHONPATH": str(tmp_path)}, timeout=600)
+    assert proc.returncode == 2
+    assert "fedllm: error: the server stopped: RuntimeError: my rule broke" in proc.stderr
+    assert "RuntimeError: my rule broke" in (tmp_path / "broken" / "error.txt").read_text()
+    assert time.time() - t0 < 120
+    deadline = time.time() + 10
+    while (_ray_processes() | _group_alive("fedllm _engine")) - before and time.time() < deadline:
+        time.sleep(0.2)  # killed at once; exiting and being reaped takes a moment
     assert (_ray_processes() | _group_alive("fedllm _engine")) - before == set()
