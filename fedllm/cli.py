@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,6 +79,7 @@ def prepare(overrides: dict[str, Any], num_clients: int, cpus_per_client: float,
     check_partitions(train, cfg, num_clients)
     check_available(cfg.model)  # converts a GGUF once, before workers start; a hub id fails fast
     run_dir = Path(cfg.server.run_dir).expanduser() / cfg.server.run_name
+    check_writable(run_dir)
     if resume is None and (run_dir / "metrics.jsonl").exists():
         raise FedLLMError(f"server.run-name: {run_dir} holds a run already; pick another name")
     if resume is not None:
@@ -106,7 +108,7 @@ def run_engine(job: dict[str, Any]) -> None:
                       "logging_level": "ERROR", "log_to_driver": False},
     }
     started = time.time()  # an earlier attempt's summary.json or error.txt stays until a new one replaces it
-    _stop_on_error(run_dir / ERROR_FILE, started)
+    _stop_on_error()
     run_simulation(make_app(job["overrides"]), client_app, num_supernodes=job["num_clients"], backend_config=backend)
     if not written_since(run_dir / "summary.json", started):
         if written_since(run_dir / ERROR_FILE, started):
@@ -127,15 +129,17 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="fedllm-parent-watch").start()
 
 
-def _stop_on_error(error_file: Path, since: float) -> None:
-    """Flower's engine waits on when the ServerApp fails; once the server has written why it
-    stopped, end this process group (the engine and Ray) so the CLI reports it within seconds."""
+def _stop_on_error() -> None:
+    """Flower's engine waits on when the ServerApp fails; once it has (fedllm.server_app fills
+    SERVER_FAILED with why), print the reason and end this process group (the engine and Ray)
+    so the CLI reports it within seconds."""
+    from fedllm.server_app import SERVER_FAILED
 
     def watch() -> None:
-        while not written_since(error_file, since):
+        while not SERVER_FAILED:
             time.sleep(0.5)
         time.sleep(1.0)  # let the server's last log lines out
-        print(f"fedllm: error: {error_file.read_text().strip()}", file=sys.stderr, flush=True)
+        print(f"fedllm: error: {SERVER_FAILED[0]}", file=sys.stderr, flush=True)
         os.killpg(0, signal.SIGKILL)
 
     threading.Thread(target=watch, daemon=True, name="fedllm-error-watch").start()
@@ -215,6 +219,24 @@ def check_partitions(train: list[dict[str, str]], cfg: Config, num_clients: int)
         if not mine:
             raise FedLLMError(f"--num-clients: partition {pid} of {num_clients} gets no examples ({len(train)} training "
                               f"examples, data.partition={cfg.data.partition}); use fewer clients or more data")
+
+
+def check_writable(run_dir: Path, min_free: int = 64 << 20) -> None:
+    """The run directory can be created and written, with some room left (checked on its
+    nearest existing folder, which this creates nothing in).
+
+    Raises:
+        FedLLMError: naming server.run-dir.
+    """
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise FedLLMError(f"server.run-dir: {existing} is not a writable folder (for the run directory {run_dir})")
+    free = shutil.disk_usage(existing).free
+    if free < min_free:
+        raise FedLLMError(f"server.run-dir: only {free >> 20} MiB free on {existing}; a run needs room for its "
+                          "checkpoints and results")
 
 
 def written_since(path: Path, since: float) -> bool:

@@ -14,6 +14,7 @@ is tried again (server.round-retries) and then the run stops with RoundFailed.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import time
@@ -133,6 +134,9 @@ def run(grid: Grid, cfg: Config) -> Path:
 
 
 ERROR_FILE = "error.txt"  # why a run stopped, for the CLI to print
+# Why this process's ServerApp failed, if it did: `fedllm simulate` runs the ServerApp in its
+# engine process and ends the engine when this fills (Flower's engine would wait on).
+SERVER_FAILED: list[str] = []
 
 
 def train_round(server_round: int, cfg: Config, strategy: FedLLMStrategy, run_config: ConfigRecord, grid: Grid,
@@ -210,11 +214,14 @@ def make_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
         cfg = Config.from_flat({**dict(context.run_config), **dict(overrides or {})})
         try:
             run(grid, cfg)
-        except Exception as err:  # why the run stopped, in one line beside its results
+        except Exception as err:  # why the run stopped, in one line beside its results (if the disk lets us)
+            reason = str(err) if isinstance(err, (FedLLMError, RoundFailed)) else f"{type(err).__name__}: {err}"
+            reason = reason if isinstance(err, RoundFailed) else f"the server stopped: {short_reason(reason)}"
             run_dir = Path(cfg.server.resume or Path(cfg.server.run_dir).expanduser() / cfg.server.run_name)
             if cfg.server.run_name and run_dir.is_dir() and not isinstance(err, RoundFailed):
-                reason = str(err) if isinstance(err, FedLLMError) else f"{type(err).__name__}: {err}"
-                (run_dir / ERROR_FILE).write_text(f"the server stopped: {short_reason(reason)}\n")
+                with contextlib.suppress(OSError):
+                    (run_dir / ERROR_FILE).write_text(reason + "\n")
+            SERVER_FAILED.append(reason)  # for `fedllm simulate`'s engine, which Flower would keep waiting
             raise
 
     return server_app

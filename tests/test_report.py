@@ -114,3 +114,16 @@ def test_cli_refuses_bad_simulation_sizes_and_keeps_earlier_results(tmp_path, ca
     summary.write_text("{}")
     os.utime(summary, (time.time() - 60, time.time() - 60))
     assert not written_since(summary, time.time()) and written_since(summary, time.time() - 120)
+
+
+def test_a_run_dir_that_cannot_be_written_is_refused_before_anything_starts(tmp_path):
+    from fedllm.cli import check_writable
+    from fedllm.errors import FedLLMError
+
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(FedLLMError, match="server.run-dir: .*a-file is not a writable folder"):
+        check_writable(tmp_path / "a-file" / "runs" / "x")
+    with pytest.raises(FedLLMError, match="MiB free"):
+        check_writable(tmp_path / "runs", min_free=1 << 62)
+    check_writable(tmp_path / "new" / "runs")
+    assert not (tmp_path / "new").exists()  # nothing created by the check
