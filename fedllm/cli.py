@@ -47,7 +47,7 @@ def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float
     """
     overrides, run_dir = prepare(overrides, num_clients, cpus_per_client, resume)
     supervise({"overrides": overrides, "num_clients": num_clients, "cpus_per_client": cpus_per_client,
-               "run_dir": str(run_dir)}, run_dir)
+               "run_dir": str(run_dir), "parent": os.getpid()}, run_dir)
     return run_dir
 
 
@@ -101,7 +101,7 @@ def run_engine(job: dict[str, Any]) -> None:
     from fedllm.server_app import ERROR_FILE, make_app
 
     run_dir = Path(job["run_dir"])
-    _die_with_parent()
+    _die_with_parent(int(job["parent"]))
     backend = {
         "client_resources": {"num_cpus": job["cpus_per_client"], "num_gpus": 0.0},
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
@@ -116,10 +116,18 @@ def run_engine(job: dict[str, Any]) -> None:
         raise FedLLMError(f"the simulation did not finish; see the log above (run directory {run_dir})")
 
 
-def _die_with_parent() -> None:
-    """If the supervising `fedllm simulate` dies (even by SIGKILL), take this process group (the
-    engine and Ray's processes) with it instead of running on, orphaned."""
-    parent = os.getppid()
+def _die_with_parent(parent: int) -> None:
+    """If the supervising `fedllm simulate` (pid `parent`) dies, even by SIGKILL, end this
+    process group (the engine and every Ray process) at once rather than run on, orphaned: the
+    kernel's parent-death signal on Linux, turned into a kill of the group, and a watcher as the
+    fallback elsewhere."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: os.killpg(0, signal.SIGKILL))  # the whole group
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the signal was armed
+        os.killpg(0, signal.SIGKILL)
 
     def watch() -> None:
         while os.getppid() == parent:
