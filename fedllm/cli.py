@@ -101,14 +101,13 @@ def run_engine(job: dict[str, Any]) -> None:
     from fedllm.server_app import ERROR_FILE, make_app
 
     run_dir = Path(job["run_dir"])
-    _die_with_parent(int(job["parent"]))
+    _watch(int(job["parent"]))  # also when the parent died before this (getppid differs at once)
     backend = {
         "client_resources": {"num_cpus": job["cpus_per_client"], "num_gpus": 0.0},
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
                       "logging_level": "ERROR", "log_to_driver": False},
     }
     started = time.time()  # an earlier attempt's summary.json or error.txt stays until a new one replaces it
-    _stop_on_error()
     run_simulation(make_app(job["overrides"]), client_app, num_supernodes=job["num_clients"], backend_config=backend)
     if not written_since(run_dir / "summary.json", started):
         if written_since(run_dir / ERROR_FILE, started):
@@ -116,41 +115,34 @@ def run_engine(job: dict[str, Any]) -> None:
         raise FedLLMError(f"the simulation did not finish; see the log above (run directory {run_dir})")
 
 
-def _die_with_parent(parent: int) -> None:
-    """If the supervising `fedllm simulate` (pid `parent`) dies, even by SIGKILL, end this
-    process group (the engine and every Ray process) at once rather than run on, orphaned: the
-    kernel's parent-death signal on Linux, turned into a kill of the group, and a watcher as the
-    fallback elsewhere."""
+def _watch(parent: int) -> None:
+    """End this process group (the engine and every Ray process) at once when the supervising
+    `fedllm simulate` (pid `parent`) dies, even by SIGKILL, rather than run on orphaned: the
+    kernel's parent-death signal on Linux, turned into a kill of the group, with a polling
+    thread as the fallback elsewhere. The same thread ends the group once the ServerApp has
+    failed (fedllm.server_app fills SERVER_FAILED with why), after printing the reason: Flower's
+    engine would wait on."""
+    from fedllm.server_app import SERVER_FAILED
+
     signal.signal(signal.SIGTERM, lambda signum, frame: os.killpg(0, signal.SIGKILL))  # the whole group
     with contextlib.suppress(Exception):
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # it died before the signal was armed
-        os.killpg(0, signal.SIGKILL)
 
     def watch() -> None:
-        while os.getppid() == parent:
+        while os.getppid() == parent and not SERVER_FAILED:
             time.sleep(0.5)
+        if SERVER_FAILED:
+            time.sleep(1.0)  # let the server's last log lines out
+            print(f"fedllm: error: {SERVER_FAILED[0]}", file=sys.stderr, flush=True)
         os.killpg(0, signal.SIGKILL)
 
-    threading.Thread(target=watch, daemon=True, name="fedllm-parent-watch").start()
+    threading.Thread(target=watch, daemon=True, name="fedllm-engine-watch").start()
 
 
-def _stop_on_error() -> None:
-    """Flower's engine waits on when the ServerApp fails; once it has (fedllm.server_app fills
-    SERVER_FAILED with why), print the reason and end this process group (the engine and Ray)
-    so the CLI reports it within seconds."""
-    from fedllm.server_app import SERVER_FAILED
-
-    def watch() -> None:
-        while not SERVER_FAILED:
-            time.sleep(0.5)
-        time.sleep(1.0)  # let the server's last log lines out
-        print(f"fedllm: error: {SERVER_FAILED[0]}", file=sys.stderr, flush=True)
-        os.killpg(0, signal.SIGKILL)
-
-    threading.Thread(target=watch, daemon=True, name="fedllm-error-watch").start()
+class EngineFailed(FedLLMError):
+    """The simulation's child process failed; it printed its one-line reason already."""
 
 
 class Stopped(FedLLMError):
@@ -170,7 +162,7 @@ def supervise(job: dict[str, Any], run_dir: Path) -> None:
 
     Raises:
         Stopped: when a signal stopped the run.
-        FedLLMError: when the child failed (its one-line reason is already printed).
+        EngineFailed: when the child failed (its one-line reason is already printed).
     """
     proc = subprocess.Popen([sys.executable, "-m", "fedllm", "_engine"], start_new_session=True,
                             env={**os.environ, ENGINE_JOB: json.dumps(job)})
@@ -200,7 +192,7 @@ def supervise(job: dict[str, Any], run_dir: Path) -> None:
             hint = f"no round finished (run directory {run_dir})"
         raise Stopped(f"stopped by {name}; {hint}", 128 + signals[0])
     if proc.returncode != 0:
-        raise FedLLMError(f"the simulation failed (exit {proc.returncode}); see above")
+        raise EngineFailed(f"the simulation failed (exit {proc.returncode}); see above")
 
 
 def _kill_group(pgid: int, sig: int) -> None:
@@ -322,14 +314,14 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as err:
         print(f"fedllm: {err}", file=sys.stderr)
         return err.exit_code
+    except EngineFailed:
+        return 2  # the child printed its one-line reason already
     except KeyboardInterrupt:
         print("fedllm: stopped by SIGINT", file=sys.stderr)
         return 130
     except FedLLMError as err:
         if args.debug:
             raise
-        if args.command == "simulate" and str(err).startswith("the simulation failed"):
-            return 2  # the child printed its one-line reason already
         print(f"fedllm: error: {err}", file=sys.stderr)
         return 2
     return 0

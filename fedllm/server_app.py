@@ -215,10 +215,13 @@ def make_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
         try:
             run(grid, cfg)
         except Exception as err:  # why the run stopped, in one line beside its results (if the disk lets us)
-            reason = str(err) if isinstance(err, (FedLLMError, RoundFailed)) else f"{type(err).__name__}: {err}"
-            reason = reason if isinstance(err, RoundFailed) else f"the server stopped: {short_reason(reason)}"
+            if isinstance(err, RoundFailed):  # it wrote error.txt itself
+                SERVER_FAILED.append(str(err))
+                raise
+            said = str(err) if isinstance(err, FedLLMError) else f"{type(err).__name__}: {err}"
+            reason = f"the server stopped: {short_reason(said)}"
             run_dir = Path(cfg.server.resume or Path(cfg.server.run_dir).expanduser() / cfg.server.run_name)
-            if cfg.server.run_name and run_dir.is_dir() and not isinstance(err, RoundFailed):
+            if cfg.server.run_name and run_dir.is_dir():
                 with contextlib.suppress(OSError):
                     (run_dir / ERROR_FILE).write_text(reason + "\n")
             SERVER_FAILED.append(reason)  # for `fedllm simulate`'s engine, which Flower would keep waiting
