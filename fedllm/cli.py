@@ -7,6 +7,8 @@
     fedllm ledger runs/NAME                    # stakes, scores, rewards and penalties of a run
     fedllm report runs/NAME                    # runs/NAME/report.html (also written at the end of a run)
     fedllm compare runs/A runs/B --out cmp.html  # several runs' plots overlaid
+    fedllm eval runs/NAME --tasks fedllm_builtin,fedllm_builtin_mc   # lm-eval tasks on a run's result
+    fedllm tasks DIR                           # fedllm's lm-eval tasks, for `lm_eval --include_path DIR`
 
 Errors print one line and exit 2; `--debug` shows the traceback.
 """
@@ -71,6 +73,8 @@ def prepare(overrides: dict[str, Any], num_clients: int, cpus_per_client: float,
     if num_clients < cfg.server.min_clients:
         raise FedLLMError(f"--num-clients: {num_clients} is below server.min-clients={cfg.server.min_clients}")
     resolve_strategy(cfg)  # the method and rule chain may refuse the config (e.g. zo with compression)
+    check_trackers(cfg)
+    check_tasks(cfg)
     if cfg.ledger.enabled:
         from fedllm.ledger import preflight
 
@@ -221,6 +225,28 @@ def check_partitions(train: list[dict[str, str]], cfg: Config, num_clients: int)
                               f"examples, data.partition={cfg.data.partition}); use fewer clients or more data")
 
 
+def check_trackers(cfg: Config) -> None:
+    from fedllm.tracking import check_installed
+
+    check_installed(cfg)
+
+
+def check_tasks(cfg: Config) -> None:
+    """server.eval-tasks known to lm-eval (fedllm's own tasks written to a scratch folder)."""
+    import tempfile
+
+    from fedllm.data import load_splits
+    from fedllm.harness import parse_tasks, task_manager, write_tasks
+
+    tasks = parse_tasks(cfg.server.eval_tasks)
+    if not tasks:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_tasks(Path(tmp), load_splits(cfg.data)[1][:1], cfg.data)
+        task_manager(tasks, [folder, *(Path(p.strip()) for p in cfg.server.eval_include_path.split(",") if p.strip())],
+                     key="server.eval-tasks")
+
+
 def check_writable(run_dir: Path, min_free: int = 64 << 20) -> None:
     """The run directory can be created and written, with some room left (checked on its
     nearest existing folder, which this creates nothing in).
@@ -278,6 +304,17 @@ def main(argv: list[str] | None = None) -> int:
     cmp_ = sub.add_parser("compare", help="one HTML page with several runs' plots overlaid")
     cmp_.add_argument("run_dirs", type=Path, nargs="+")
     cmp_.add_argument("--out", type=Path, default=Path("compare.html"), help="the page to write")
+    ev = sub.add_parser("eval", help="evaluate a run's result on lm-eval tasks (RUN_DIR/lm-eval/results.json)")
+    ev.add_argument("run_dir", type=Path)
+    ev.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks, e.g. fedllm_builtin,fedllm_builtin_mc "
+                    "(offline) or mmlu (needs its data reachable or cached)")
+    ev.add_argument("--include-path", type=Path, action="append", default=[], metavar="DIR",
+                    help="a folder of your own lm-eval task YAML (repeatable)")
+    ev.add_argument("--limit", type=int, default=0, help="examples per task (0: all)")
+    ev.add_argument("--batch-size", type=int, default=16)
+    tsk = sub.add_parser("tasks", help="write fedllm's lm-eval tasks (from the config's held-out split) into DIR")
+    tsk.add_argument("out_dir", type=Path)
+    tsk.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sub.add_parser("_engine")  # the supervised child of `simulate` (its job in $FEDLLM_ENGINE_JOB)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -308,6 +345,25 @@ def main(argv: list[str] | None = None) -> int:
                 if not (d / "metrics.jsonl").exists():
                     raise FedLLMError(f"{d}: no metrics.jsonl; not a fedllm run directory")
             print(render_report(args.run_dir) if args.command == "report" else render_compare(dirs, args.out))
+        elif args.command == "eval":
+            from fedllm.harness import parse_tasks
+            from fedllm.server_app import evaluate_run
+
+            tasks = parse_tasks(args.tasks)
+            if not tasks or args.limit < 0 or args.batch_size < 1:
+                raise FedLLMError("--tasks: name at least one task; --limit >= 0 and --batch-size >= 1")
+            if not args.run_dir.is_dir():
+                raise FedLLMError(f"{args.run_dir}: no such run directory")
+            figures = evaluate_run(args.run_dir, tasks, args.include_path, args.limit, args.batch_size)
+            for task, metrics in figures.items():
+                print(f"{task:24} " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+            print(f"results: {args.run_dir / 'lm-eval' / 'results.json'}")
+        elif args.command == "tasks":
+            from fedllm.data import load_splits
+            from fedllm.harness import write_tasks
+
+            cfg = Config.from_flat(parse_overrides(args.set))
+            print(write_tasks(args.out_dir, load_splits(cfg.data)[1], cfg.data, cfg.server.max_new_tokens))
         else:
             for key, text, default in help_table():
                 print(f"{key:28} {default!r:32} {text}")

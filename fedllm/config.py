@@ -219,18 +219,38 @@ class ServerConfig:
     eval_batch_size: int = _help("Batch size of server-side evaluation.", 16, check="> 0")
     exact_match_examples: int = _help("Held-out examples scored by greedy generation.", 16, check=">= 0")
     max_new_tokens: int = _help("Generation limit for exact match.", 16, check="> 0")
+    eval_tasks: str = _help("lm-eval tasks run on the global model at every evaluation (server.eval-every), e.g. "
+                            "'fedllm_builtin,fedllm_builtin_mc' (fedllm's own, offline) or hub tasks such as 'mmlu' "
+                            "(need their data reachable or cached); '' runs none.", "")
+    eval_limit: int = _help("Examples per lm-eval task (0: all).", 0, check=">= 0")
+    eval_include_path: str = _help("Folders of your own lm-eval task YAML, comma separated.", "")
+    trackers: str = _help("Experiment trackers through accelerate, comma separated: tensorboard, mlflow, wandb, aim. "
+                          "Offline, inside the run directory: tensorboard/ (event files), mlruns/ (MLflow file store), "
+                          "wandb/ (offline mode: `wandb sync` uploads it), .aim (`aim up` shows it).", "")
     run_dir: str = _help("Parent folder of run directories.", "runs")
     run_name: str = _help("Run directory name; '' picks a timestamp.", "")
     merge: bool = _help("Also save the adapter merged into a full model.", False)
 
     def __post_init__(self) -> None:
         _positive("server.num-rounds", self.num_rounds)
+        self.tracker_names()
         _positive("server.min-clients", self.min_clients)
         _positive("server.min-replies", self.min_replies)
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(
                 f"server.fraction-train: must be in (0, 1], got {self.fraction_train}"
             )
+
+
+    def tracker_names(self) -> list[str]:
+        """server.trackers as a list, checked."""
+        names = [t.strip() for t in self.trackers.split(",") if t.strip()]
+        for name in names:
+            _choice("server.trackers", name, TRACKERS)
+        return names
+
+
+TRACKERS = ("tensorboard", "mlflow", "wandb", "aim")
 
 
 @dataclass

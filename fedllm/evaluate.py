@@ -1,11 +1,17 @@
-"""Server-side evaluation: loss on response tokens, and exact match from greedy generation.
+"""Server-side evaluation: loss on response tokens, exact match and Rouge-L from greedy
+generation, overall and per task family (or per label).
 
     metrics = evaluate(model, tokenizer, held_out, data_cfg, batch_size=16, em_examples=16)
-    metrics["eval-loss"], metrics["exact-match"]
+    metrics["eval-loss"], metrics["exact-match"], metrics["rouge-l"]
+    metrics["families"]["arithmetic"]  # {"eval-loss", "tokens", "exact-match", "rouge-l", "generated"}
+
+The overall figures are the per-family ones weighted by their counts: eval loss by response
+tokens, exact match and Rouge-L by generated examples.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -15,28 +21,45 @@ from fedllm.data.templates import IGNORE, collate, cut_prompt, encode, prompt_te
 
 
 @torch.no_grad()
-def eval_loss(model: Any, tokenizer: Any, examples: list[dict[str, str]], cfg: DataConfig,
-              batch_size: int = 16) -> float:
-    """Mean cross-entropy per response token over all examples (token-weighted)."""
+def example_losses(model: Any, tokenizer: Any, examples: list[dict[str, str]], cfg: DataConfig,
+                   batch_size: int = 16) -> list[tuple[float, int]]:
+    """(summed cross-entropy over the response tokens, number of response tokens) per example."""
     rows = [encode(tokenizer, e, cfg.max_length, cfg.system_prompt) for e in examples]
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    out: list[tuple[float, int]] = []
     for i in range(0, len(rows), batch_size):
         batch = {k: v.to(device) for k, v in collate(rows[i:i + batch_size], tokenizer.pad_token_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
         target = batch["labels"][:, 1:]  # (B, T-1)
         loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), target.reshape(-1),
-            ignore_index=IGNORE, reduction="sum",
-        )
-        total += loss.item()
-        count += int((target != IGNORE).sum())
-    return total / max(count, 1)
+            logits.transpose(1, 2), target, ignore_index=IGNORE, reduction="none")  # (B, T-1)
+        out += zip(loss.sum(dim=1).tolist(), (target != IGNORE).sum(dim=1).tolist())
+    return out
+
+
+def eval_loss(model: Any, tokenizer: Any, examples: list[dict[str, str]], cfg: DataConfig,
+              batch_size: int = 16) -> float:
+    """Mean cross-entropy per response token over all examples (token-weighted)."""
+    losses = example_losses(model, tokenizer, examples, cfg, batch_size)
+    return sum(s for s, _ in losses) / max(sum(n for _, n in losses), 1)
 
 
 def normalize(text: str) -> str:
     return " ".join(text.strip().lower().rstrip(".").split())
+
+
+@functools.cache
+def _rouge() -> Any:
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"])
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """Rouge-L F-measure (longest common subsequence of words; rouge-score's tokenizer:
+    lower case, letters and digits only)."""
+    return float(_rouge().score(reference, prediction)["rougeL"].fmeasure)
 
 
 @torch.no_grad()
@@ -68,15 +91,19 @@ def exact_match(model: Any, tokenizer: Any, examples: list[dict[str, str]], cfg:
     if not examples:
         return 0.0
     answers = generate_answers(model, tokenizer, examples, cfg, max_new_tokens, batch_size)
-    hits = sum(normalize(a) == normalize(e["response"]) for a, e in zip(answers, examples))
-    return hits / len(examples)
+    return sum(normalize(a) == normalize(e["response"]) for a, e in zip(answers, examples)) / len(examples)
+
+
+def family_of(example: dict[str, str]) -> str:
+    """The example's task family: the built-in suite's, or a file's data.label-field ('all' without one)."""
+    return str(example.get("family", "all"))
 
 
 def em_subset(examples: list[dict[str, str]], n: int) -> list[dict[str, str]]:
     """A fixed subset of `n` examples spread over families (round-robin)."""
     by_family: dict[str, list[dict[str, str]]] = {}
     for e in examples:
-        by_family.setdefault(e.get("family", "all"), []).append(e)
+        by_family.setdefault(family_of(e), []).append(e)
     picked: list[dict[str, str]] = []
     depth = 0
     while len(picked) < min(n, len(examples)):
@@ -88,14 +115,37 @@ def em_subset(examples: list[dict[str, str]], n: int) -> list[dict[str, str]]:
 
 
 def evaluate(model: Any, tokenizer: Any, examples: list[dict[str, str]], cfg: DataConfig,
-             batch_size: int = 16, em_examples: int = 16, max_new_tokens: int = 16) -> dict[str, float]:
+             batch_size: int = 16, em_examples: int = 16, max_new_tokens: int = 16) -> dict[str, Any]:
+    """Eval loss over `examples`; exact match and Rouge-L over `em_subset(examples, em_examples)`;
+    the same per family under "families" when the examples carry more than one label."""
     was_training = model.training
     model.eval()
     try:
-        return {
-            "eval-loss": eval_loss(model, tokenizer, examples, cfg, batch_size),
-            "exact-match": exact_match(model, tokenizer, em_subset(examples, em_examples), cfg,
-                                       max_new_tokens, batch_size),
-        }
+        losses = example_losses(model, tokenizer, examples, cfg, batch_size)
+        picked = em_subset(examples, em_examples)
+        answers = generate_answers(model, tokenizer, picked, cfg, max_new_tokens, batch_size) if picked else []
     finally:
         model.train(was_training)
+    families: dict[str, dict[str, Any]] = {}
+    for e, (loss, tokens) in zip(examples, losses):
+        f = families.setdefault(family_of(e), {"loss-sum": 0.0, "tokens": 0, "generated": 0, "em": 0, "rouge": 0.0})
+        f["loss-sum"] += loss
+        f["tokens"] += tokens
+    for e, answer in zip(picked, answers):
+        f = families[family_of(e)]
+        f["generated"] += 1
+        f["em"] += normalize(answer) == normalize(e["response"])
+        f["rouge"] += rouge_l(answer, e["response"])
+    tokens = sum(f["tokens"] for f in families.values())
+    out: dict[str, Any] = {
+        "eval-loss": sum(f["loss-sum"] for f in families.values()) / max(tokens, 1),
+        "exact-match": sum(f["em"] for f in families.values()) / len(picked) if picked else 0.0,
+        "rouge-l": sum(f["rouge"] for f in families.values()) / len(picked) if picked else 0.0,
+    }
+    if len(families) > 1:
+        out["families"] = {name: {
+            "eval-loss": f["loss-sum"] / max(f["tokens"], 1), "tokens": f["tokens"],
+            "exact-match": f["em"] / f["generated"] if f["generated"] else None,
+            "rouge-l": f["rouge"] / f["generated"] if f["generated"] else None,
+            "generated": f["generated"]} for name, f in sorted(families.items())}
+    return out

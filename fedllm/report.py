@@ -92,20 +92,36 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Before/after figures of a run from its metrics rows."""
+    """Before/after figures of a run from its metrics rows, with the communication they cost
+    (FlowerTune ranks a run by its score at its total bytes)."""
     evaluated = [r for r in rows if "eval-loss" in r] or [{}]
     first, last = evaluated[0], evaluated[-1]
     trained = [r for r in rows if r["round"] > 0]
-    return {
+    up = sum(sum(r.get("bytes-up", {}).values()) for r in trained)
+    down = sum(sum(r.get("bytes-down", {}).values()) for r in trained)
+    tasks = [r for r in rows if r.get("lm-eval")]
+    out = {
         "rounds": len(trained),
         "eval-loss-before": first.get("eval-loss"),
         "eval-loss-after": last.get("eval-loss"),
         "exact-match-before": first.get("exact-match"),
         "exact-match-after": last.get("exact-match"),
-        "bytes-up-total": sum(sum(r.get("bytes-up", {}).values()) for r in trained),
-        "bytes-down-total": sum(sum(r.get("bytes-down", {}).values()) for r in trained),
+        "rouge-l-before": first.get("rouge-l"),
+        "rouge-l-after": last.get("rouge-l"),
+        "bytes-up-total": up,
+        "bytes-down-total": down,
+        "bytes-total": up + down,
         "seconds": sum(r.get("round-seconds", 0.0) for r in trained),
     }
+    if last.get("families"):
+        out["families-after"] = {name: {k: f.get(k) for k in ("eval-loss", "exact-match", "rouge-l")}
+                                 for name, f in last["families"].items()}
+    if tasks:
+        from fedllm.harness import headline
+
+        out["lm-eval-before"] = headline(tasks[0]["lm-eval"])
+        out["lm-eval-after"] = headline(tasks[-1]["lm-eval"])
+    return out
 
 
 def _num(v: Any, digits: int) -> str:
@@ -113,13 +129,20 @@ def _num(v: Any, digits: int) -> str:
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    return "\n".join([
+    lines = [
         f"rounds             {s['rounds']}",
         f"eval loss          {_num(s['eval-loss-before'], 4)} -> {_num(s['eval-loss-after'], 4)}",
         f"exact match        {_num(s['exact-match-before'], 3)} -> {_num(s['exact-match-after'], 3)}",
-        f"bytes up / down    {human_bytes(s['bytes-up-total'])} / {human_bytes(s['bytes-down-total'])}",
+        f"Rouge-L            {_num(s.get('rouge-l-before'), 3)} -> {_num(s.get('rouge-l-after'), 3)}",
+    ]
+    for task, value in s.get("lm-eval-after", {}).items():
+        lines.append(f"{task:18} {_num(s['lm-eval-before'].get(task), 3)} -> {_num(value, 3)}")
+    lines += [
+        f"bytes up / down    {human_bytes(s['bytes-up-total'])} / {human_bytes(s['bytes-down-total'])} "
+        f"(total {human_bytes(s.get('bytes-total', s['bytes-up-total'] + s['bytes-down-total']))})",
         f"training time      {s['seconds']:.1f} s",
-    ])
+    ]
+    return "\n".join(lines)
 
 
 def human_bytes(n: float) -> str:
@@ -214,6 +237,7 @@ def _series(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "eval-rounds": [r["round"] for r in rows if "eval-loss" in r],
         "eval-loss": [r["eval-loss"] for r in rows if "eval-loss" in r],
         "exact-match": [r.get("exact-match") for r in rows if "eval-loss" in r],
+        "rouge-l": [r.get("rouge-l") for r in rows if "eval-loss" in r],
         "rounds": [r["round"] for r in trained],
         "bytes-up": up, "bytes-down": down,
         "bytes-up-cumulative": list(itertools.accumulate(up)),
@@ -274,6 +298,7 @@ def _run_plots(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     panels = [
         ("eval loss per round", "eval-rounds", ["eval-loss"], "eval loss (response tokens)"),
         ("exact match per round", "eval-rounds", ["exact-match"], "exact match"),
+        ("Rouge-L per round", "eval-rounds", ["rouge-l"], "Rouge-L F"),
         ("bytes up and down per round", "rounds", ["bytes-up", "bytes-down"], "bytes (all clients)"),
         ("cumulative bytes on the wire", "rounds", ["bytes-up-cumulative", "bytes-down-cumulative"], "bytes"),
         ("round time", "rounds", ["round-seconds"], "seconds"),
@@ -294,6 +319,49 @@ def _run_plots(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
         _finish(ax, title, ylabel, legend_size=8)
         out.append(_png(fig))
     return out
+
+
+def _family_plots(rows: list[dict[str, Any]]) -> list[str]:
+    """Eval loss, exact match and Rouge-L per task family over the rounds (non-IID training shows
+    here: a family held by one client moves with that client's weight in the aggregate), and the
+    lm-eval tasks' headline figures."""
+    plt = _pyplot()
+    evaluated = [r for r in rows if r.get("families")]
+    out = []
+    if evaluated:
+        names = sorted({f for r in evaluated for f in r["families"]})
+        for key, label in (("eval-loss", "eval loss"), ("exact-match", "exact match"), ("rouge-l", "Rouge-L")):
+            fig, ax = plt.subplots(figsize=(6, 3.4))
+            for name in names:
+                ys = [r["families"].get(name, {}).get(key) for r in evaluated]
+                ax.plot([r["round"] for r in evaluated], [float("nan") if y is None else y for y in ys],
+                        marker="o", label=name)
+            _finish(ax, f"{label} per family", label, legend_size=7)
+            out.append(_png(fig))
+    tasks = [r for r in rows if r.get("lm-eval")]
+    if tasks:
+        from fedllm.harness import headline
+
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        series: dict[str, list[float]] = {}
+        for i, r in enumerate(tasks):
+            for name, value in headline(r["lm-eval"]).items():
+                series.setdefault(name, [float("nan")] * len(tasks))[i] = value
+        for name, ys in sorted(series.items()):
+            ax.plot([r["round"] for r in tasks], ys, marker="o", label=name)
+        _finish(ax, "lm-eval tasks per round", "score", legend_size=7)
+        out.append(_png(fig))
+    return out
+
+
+def _family_table(s: dict[str, Any]) -> str:
+    fams = s.get("families-after") or {}
+    if not fams:
+        return ""
+    head = "<tr><th>family</th><th>eval loss</th><th>exact match</th><th>Rouge-L</th></tr>"
+    cells = "".join(f"<tr><td>{_esc(n)}</td><td>{_num(f.get('eval-loss'), 4)}</td><td>{_num(f.get('exact-match'), 3)}"
+                    f"</td><td>{_num(f.get('rouge-l'), 3)}</td></tr>" for n, f in fams.items())
+    return "<h2>Per family, after the last round</h2><table>" + head + cells + "</table>"
 
 
 def _ledger_plots(rows: list[dict[str, Any]]) -> list[str]:
@@ -346,10 +414,18 @@ def render_report(run_dir: Path) -> Path:
     figures = [("rounds", s["rounds"]),
                ("eval loss", f"{_num(s['eval-loss-before'], 4)} -> {_num(s['eval-loss-after'], 4)}"),
                ("exact match", f"{_num(s['exact-match-before'], 4)} -> {_num(s['exact-match-after'], 4)}"),
+               ("Rouge-L", f"{_num(s.get('rouge-l-before'), 4)} -> {_num(s.get('rouge-l-after'), 4)}"),
+               *((f"lm-eval {task}", f"{_num(s['lm-eval-before'].get(task), 4)} -> {_num(v, 4)}")
+                 for task, v in s.get("lm-eval-after", {}).items()),
                ("bytes up / down", f"{human_bytes(s['bytes-up-total'])} / {human_bytes(s['bytes-down-total'])}"),
+               ("communication total", human_bytes(s["bytes-total"])),
                ("training time", f"{s['seconds']:.1f} s"),
                ("dropped replies", sum(len(r.get("dropped", [])) for r in rows))]
-    body = ["<h2>Final figures</h2>", _table(figures), "<h2>Rounds</h2>", *_run_plots({run_dir.name: rows})]
+    body = ["<h2>Final figures</h2>", _table(figures), _family_table(s), "<h2>Rounds</h2>",
+            *_run_plots({run_dir.name: rows})]
+    per_family = _family_plots(rows)
+    if per_family:
+        body += ["<h2>Per family and lm-eval tasks</h2>", *per_family]
     ledger = _ledger_plots(rows)
     if ledger:
         body += ["<h2>Ledger</h2>", *ledger]
@@ -367,13 +443,15 @@ def render_compare(run_dirs: list[Path], out: Path) -> Path:
     keys = sorted({k for c in configs.values() for k in c})
     differ = [k for k in keys if len({json.dumps(c.get(k)) for c in configs.values()}) > 1
               and k not in ("server.run-name", "server.run-dir", "server.resume")]
-    head = "<tr><th>run</th><th>eval loss</th><th>exact match</th><th>bytes up</th><th>bytes down</th><th>seconds</th>" \
+    head = "<tr><th>run</th><th>eval loss</th><th>exact match</th><th>Rouge-L</th><th>bytes up</th><th>bytes down</th>" \
+           "<th>bytes total</th><th>seconds</th>" \
            + "".join(f"<th>{_esc(k)}</th>" for k in differ) + "</tr>"
     lines = []
     for name, rows in runs.items():
         s = summary(rows)
-        cells = [_num(s["eval-loss-after"], 4), _num(s["exact-match-after"], 3), human_bytes(s["bytes-up-total"]),
-                 human_bytes(s["bytes-down-total"]), f"{s['seconds']:.1f}"] + [configs[name].get(k) for k in differ]
+        cells = [_num(s["eval-loss-after"], 4), _num(s["exact-match-after"], 3), _num(s["rouge-l-after"], 3),
+                 human_bytes(s["bytes-up-total"]), human_bytes(s["bytes-down-total"]), human_bytes(s["bytes-total"]),
+                 f"{s['seconds']:.1f}"] + [configs[name].get(k) for k in differ]
         lines.append(f"<tr><td>{_esc(name)}</td>" + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>")
     body = ["<h2>Final figures</h2><table>" + head + "".join(lines) + "</table>", "<h2>Rounds</h2>",
             *_run_plots(runs)]

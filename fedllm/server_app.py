@@ -30,8 +30,10 @@ from fedllm.contribution import SCORERS
 from fedllm.data import load_splits
 from fedllm.errors import FedLLMError
 from fedllm.evaluate import em_subset, evaluate
+from fedllm.harness import parse_tasks, run_tasks, task_manager, write_tasks
 from fedllm.protocol import RoundResult, payload_bytes, short_reason
 from fedllm.report import MetricsLog, format_summary, make_run_dir, render_report, summary, write_atomically, write_config
+from fedllm.tracking import Trackers
 from strategies import FedLLMStrategy, build
 
 log = logging.getLogger(__name__)
@@ -60,18 +62,40 @@ def run(grid: Grid, cfg: Config) -> Path:
         from fedllm.accounting import LedgerSession  # web3 is the optional [ledger] extra
 
         books = LedgerSession(cfg, run_dir, ckpt["ledger"] if ckpt else None)
-    round_extra = {"ledger-contract": books.address} if books else {}
     validation = em_subset(held_out, cfg.ledger.validation_examples)
 
-    def evaluate_state(server_round: int) -> dict[str, float]:
+    tasks = parse_tasks(cfg.server.eval_tasks)
+    if tasks:  # fedllm's own lm-eval tasks from this run's held-out split; unknown tasks fail here
+        folder = write_tasks(run_dir / "lm-eval" / "tasks", held_out, cfg.data, cfg.server.max_new_tokens,
+                             method.tokenizer)
+        includes = [folder, *(Path(p.strip()) for p in cfg.server.eval_include_path.split(",") if p.strip())]
+        manager = task_manager(tasks, includes, key="server.eval-tasks")
+
+    def evaluate_state(server_round: int) -> dict[str, Any]:
         every = cfg.server.eval_every
         if not cfg.server.evaluate or (
                 server_round not in (0, n_rounds) and (every <= 0 or server_round % every)):
             return {}
         with method.model() as model:
-            return evaluate(model, method.tokenizer, held_out, cfg.data, cfg.server.eval_batch_size,
-                            cfg.server.exact_match_examples, cfg.server.max_new_tokens)
+            out = evaluate(model, method.tokenizer, held_out, cfg.data, cfg.server.eval_batch_size,
+                           cfg.server.exact_match_examples, cfg.server.max_new_tokens)
+            if tasks:
+                out["lm-eval"] = run_tasks(model, method.tokenizer, tasks, cfg.data, limit=cfg.server.eval_limit,
+                                           batch_size=cfg.server.eval_batch_size, manager=manager)
+        return out
 
+    trackers = Trackers(cfg, run_dir, ckpt["metrics"] if ckpt else [])
+    try:
+        return _rounds(cfg, run_dir, ckpt, strategy, grid, metrics, books, evaluate_state, validation, trackers)
+    finally:
+        trackers.finish()
+
+
+def _rounds(cfg: Config, run_dir: Path, ckpt: dict[str, Any] | None, strategy: FedLLMStrategy, grid: Grid,
+            metrics: MetricsLog, books: Any, evaluate_state: Any, validation: list[dict[str, str]],
+            trackers: Trackers) -> Path:
+    method, n_rounds = strategy.method, cfg.server.num_rounds
+    round_extra = {"ledger-contract": books.address} if books else {}
     if ckpt:
         first = ckpt["round"] + 1
         strategy.load_state_dict(ckpt["strategy"])
@@ -83,6 +107,7 @@ def run(grid: Grid, cfg: Config) -> Path:
         first = 1
         start = evaluate_state(0)
         metrics.write({"round": 0, **start})
+        trackers.log({"round": 0, **start})
         log.info("round 0/%d: eval loss %s, exact match %s", n_rounds, _fmt(start.get("eval-loss")),
                  _fmt(start.get("exact-match")))
     for server_round in range(first, n_rounds + 1):
@@ -112,6 +137,7 @@ def run(grid: Grid, cfg: Config) -> Path:
             **accounts,
         }
         metrics.write(row)
+        trackers.log(row)
         if cfg.server.checkpoint:
             checkpoint.save(run_dir, {
                 "round": server_round, "config": cfg.to_flat(), "strategy": strategy.state_dict(),
@@ -126,10 +152,13 @@ def run(grid: Grid, cfg: Config) -> Path:
         s["ledger"] = books.finish()
     write_atomically(run_dir / "summary.json", json.dumps(s, indent=2) + "\n")
     log.info("summary of %s\n%s", run_dir, format_summary(s))
+    report = None
     try:
-        log.info("report: %s", render_report(run_dir))
+        report = render_report(run_dir)
+        log.info("report: %s", report)
     except Exception as err:  # the run's results are saved: a plotting failure must not fail it
         log.warning("report: not written (%s: %s); `fedllm report %s` retries", type(err).__name__, err, run_dir)
+    trackers.finish(report, s)
     return run_dir
 
 
@@ -179,6 +208,40 @@ def train_round(server_round: int, cfg: Config, strategy: FedLLMStrategy, run_co
                       f"{cfg.server.min_replies}, server.round-retries={cfg.server.round_retries}){common}; {hint}")
     (run_dir / ERROR_FILE).write_text(str(err) + "\n")
     raise err
+
+
+def evaluate_run(run_dir: Path, tasks: list[str], include_path: list[Path] = (), limit: int = 0,
+                 batch_size: int = 16) -> dict[str, dict[str, float]]:
+    """lm-eval figures of a run's result (the global model of its last checkpoint: the adapter on
+    its base, or the zo-rebuilt model), on `tasks`; fedllm's own tasks are written from the run's
+    held-out split into RUN_DIR/lm-eval/tasks. Writes RUN_DIR/lm-eval/results.json.
+
+    Raises:
+        FedLLMError: for a folder that is not a run, one without a checkpoint, an unknown task, or a
+            task whose data cannot be loaded.
+    """
+    from fedllm.harness import run_tasks, task_manager, write_tasks
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FedLLMError(f"{run_dir}: not a fedllm run directory (no config.json)")
+    if not (run_dir / checkpoint.FILE).is_file():
+        raise FedLLMError(f"{run_dir}: no {checkpoint.FILE} to rebuild the result from (server.checkpoint was off, "
+                          "or no round finished)")
+    ckpt = checkpoint.read(run_dir / checkpoint.FILE)
+    cfg = Config.from_flat(ckpt["config"])
+    _, held_out = load_splits(cfg.data)
+    folder = write_tasks(run_dir / "lm-eval" / "tasks", held_out, cfg.data, cfg.server.max_new_tokens)
+    manager = task_manager(tasks, [folder, *include_path])  # unknown tasks fail before the model loads
+    strategy = build(cfg)
+    strategy.load_state_dict(ckpt["strategy"])
+    write_tasks(folder, held_out, cfg.data, cfg.server.max_new_tokens, strategy.method.tokenizer)  # its prompt format
+    with strategy.method.model() as model:
+        figures = run_tasks(model, strategy.method.tokenizer, tasks, cfg.data, limit=limit, batch_size=batch_size,
+                            manager=manager)
+    write_atomically(run_dir / "lm-eval" / "results.json", json.dumps(
+        {"round": ckpt["round"], "tasks": tasks, "limit": limit, "results": figures}, indent=2) + "\n")
+    return figures
 
 
 def needs_utility(cfg: Config) -> bool:

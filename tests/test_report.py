@@ -62,13 +62,14 @@ def test_report_of_a_real_run_shows_every_plot_in_headless_chromium(tiny_model_d
     page = run_dir / REPORT  # written at the end of the run
     html = page.read_text()
     assert not re.search(r"(src|href)=[\"']?(https?:)?//", html)  # nothing to fetch: opens offline
-    for title in ("eval loss per round", "exact match per round", "bytes up and down per round",
+    for title in ("eval loss per round", "exact match per round", "Rouge-L per round", "eval loss per family",
+                  "exact match per family", "Rouge-L per family", "bytes up and down per round",
                   "cumulative bytes on the wire", "round time", "contribution score per client",
                   "rewards earned per client (cumulative)", "stake slashed per client (cumulative)"):
         assert f'alt="{title}"' in html
     assert "Final figures" in html and "lora.rank" in html  # the figures and the config
     seen = _load(chromium, page)
-    assert seen.get("plots") == "8" and seen.get("plots-shown") == "8", seen
+    assert seen.get("plots") == "12" and seen.get("plots-shown") == "12", seen
     assert "errors" not in seen, seen
 
 
@@ -82,7 +83,7 @@ def test_compare_overlays_runs_and_the_cli_names_a_bad_directory(tiny_model_dir,
     html = out.read_text()
     assert "compression.up" in html and ">lora<" in html and ">int8<" in html  # the differing key, both runs
     seen = _load(chromium, out)
-    assert seen.get("plots") == "5" and seen.get("plots-shown") == "5", seen
+    assert seen.get("plots") == "6" and seen.get("plots-shown") == "6", seen
     assert main(["report", str(tmp_path / "missing")]) == 2
     (a / REPORT).unlink()
     assert main(["report", str(a)]) == 0 and (a / REPORT).exists()

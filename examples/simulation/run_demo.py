@@ -64,5 +64,7 @@ if __name__ == "__main__":
         print(f"\n{'':14}{'before':>10}{'after':>10}")
         print(f"{'eval loss':14}{s['eval-loss-before']:>10.4f}{s['eval-loss-after']:>10.4f}")
         print(f"{'exact match':14}{s['exact-match-before']:>10.3f}{s['exact-match-after']:>10.3f}")
+        print(f"{'Rouge-L':14}{s['rouge-l-before']:>10.3f}{s['rouge-l-after']:>10.3f}")
+        print(f"communication {s['bytes-total'] / 1e6:.1f} MB up and down")
         print(f"run directory: {run_dir}")
     sys.exit(code)

@@ -1,0 +1,155 @@
+"""Experiment trackers (server.trackers) through accelerate's tracking module, offline and
+inside the run directory:
+
+    tensorboard  RUN_DIR/tensorboard/          event files (`tensorboard --logdir RUN_DIR/tensorboard`)
+    mlflow       RUN_DIR/mlruns/               an MLflow store: mlflow.db (SQLite) and artifacts/
+                                               (`mlflow ui --backend-store-uri sqlite:///RUN_DIR/mlruns/mlflow.db`)
+    wandb        RUN_DIR/wandb/                offline mode (`wandb sync RUN_DIR/wandb/offline-run-*` uploads it)
+    aim          RUN_DIR/.aim                  an Aim repository (`aim up --repo RUN_DIR`)
+
+Each round's metrics row goes out as scalars at step = round (eval loss, exact match, Rouge-L,
+per-family figures, lm-eval figures, bytes per round and cumulative, times); the config goes
+in as hyperparameters; the report as an artifact where the tracker keeps files (MLflow, wandb).
+A resumed run continues the same tracker runs (their ids are kept in RUN_DIR/trackers.json).
+A tracker that fails is turned off with a warning: it never stops a run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from fedllm.config import Config
+from fedllm.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "aim": "aim"}
+IDS = "trackers.json"
+
+
+def check_installed(cfg: Config) -> list[str]:
+    """server.trackers, each one's package importable.
+
+    Raises:
+        ConfigError: naming the first tracker whose package is missing.
+    """
+    names = cfg.server.tracker_names()
+    for name in names:
+        if importlib.util.find_spec(PACKAGES[name]) is None:
+            raise ConfigError(f"server.trackers: {name} needs the {PACKAGES[name]} package "
+                              "(pip install 'fedllm[trackers]')")
+    return names
+
+
+def tracking_uri(run_dir: Path) -> str:
+    """The run's MLflow store: a SQLite file in the run directory (MLflow 3 keeps its plain-file
+    store in maintenance mode and refuses it by default)."""
+    return f"sqlite:///{Path(run_dir).resolve() / 'mlruns' / 'mlflow.db'}"
+
+
+def scalars(row: dict[str, Any], totals: dict[str, float]) -> dict[str, float]:
+    """A metrics row as flat scalars; `totals` carries the cumulative bytes between rounds."""
+    out: dict[str, float] = {}
+    for key, value in row.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "round":
+            out[key] = float(value)
+    for name, figures in (row.get("families") or {}).items():
+        for key, value in figures.items():
+            if isinstance(value, (int, float)):
+                out[f"families/{name}/{key}"] = float(value)
+    for task, figures in (row.get("lm-eval") or {}).items():
+        for key, value in figures.items():
+            out[f"lm-eval/{task}/{key}"] = float(value)
+    for key in ("bytes-up", "bytes-down"):
+        if isinstance(row.get(key), dict):
+            out[key] = float(sum(row[key].values()))
+            totals[key] = totals.get(key, 0.0) + out[key]
+            out[f"{key}-cumulative"] = totals[key]
+    return out
+
+
+class Trackers:
+    """The run's trackers; `log(row)` after each round, `finish(report)` at the end."""
+
+    def __init__(self, cfg: Config, run_dir: Path, rows: list[dict[str, Any]] = ()) -> None:
+        self.run_dir = Path(run_dir).resolve()
+        self.active: dict[str, Any] = {}
+        self.totals: dict[str, float] = {}
+        for row in rows:  # a resumed run's cumulative bytes go on from where it stopped
+            scalars(row, self.totals)
+        names = check_installed(cfg)
+        if not names:
+            return
+        ids_file = self.run_dir / IDS
+        ids = json.loads(ids_file.read_text()) if ids_file.exists() else {}
+        hparams = {k: v for k, v in cfg.to_flat().items() if isinstance(v, (bool, int, float, str))}
+        for name in names:
+            try:
+                tracker = self._make(name, ids.get(name))
+                tracker.start()
+                if name not in ids:
+                    tracker.store_init_configuration(hparams)
+                ids[name] = self._id(name, tracker)
+                self.active[name] = tracker
+            except Exception as err:  # a tracker is a view of the run, never a reason to stop it
+                log.warning("server.trackers: %s not started (%s: %s)", name, type(err).__name__, err)
+        ids_file.write_text(json.dumps({k: v for k, v in ids.items() if v is not None}, indent=2) + "\n")
+
+    def _make(self, name: str, previous: str | None) -> Any:
+        from accelerate import tracking
+
+        run_name = self.run_dir.name
+        if name == "tensorboard":
+            return tracking.TensorBoardTracker(run_name, self.run_dir / "tensorboard")
+        if name == "mlflow":
+            import mlflow
+
+            (self.run_dir / "mlruns").mkdir(exist_ok=True)
+            mlflow.set_tracking_uri(tracking_uri(self.run_dir))
+            return tracking.MLflowTracker(experiment_name="fedllm", run_id=previous, run_name=run_name,
+                                          logging_dir=(self.run_dir / "mlruns" / "artifacts").as_uri())
+        if name == "wandb":
+            os.environ.setdefault("WANDB_SILENT", "true")
+            return tracking.WandBTracker("fedllm", name=run_name, dir=str(self.run_dir), mode="offline",
+                                         id=previous, resume="allow" if previous else None)
+        return tracking.AimTracker(run_name, str(self.run_dir), system_tracking_interval=None,
+                                   **({"run_hash": previous} if previous else {}))
+
+    @staticmethod
+    def _id(name: str, tracker: Any) -> str | None:
+        if name == "mlflow":
+            return tracker.active_run.info.run_id
+        if name == "wandb":
+            return tracker.run.id
+        if name == "aim":
+            return tracker.writer.hash
+        return None
+
+    def log(self, row: dict[str, Any]) -> None:
+        values = scalars(row, self.totals)
+        for name, tracker in list(self.active.items()):
+            try:
+                tracker.log(values, step=int(row["round"]))
+            except Exception as err:
+                log.warning("server.trackers: %s turned off after an error (%s: %s)", name, type(err).__name__, err)
+                self.active.pop(name)
+
+    def finish(self, report: Path | None = None, summary: dict[str, Any] | None = None) -> None:
+        for name, tracker in self.active.items():
+            try:
+                if summary and name == "tensorboard":
+                    tracker.writer.add_text("summary", "    " + json.dumps(summary, indent=2).replace("\n", "\n    "))
+                if report is not None and report.exists():
+                    if name == "mlflow":
+                        tracker.log_artifact(str(report))
+                    elif name == "wandb":
+                        tracker.run.save(str(report), base_path=str(report.parent), policy="now")
+                tracker.finish()
+            except Exception as err:
+                log.warning("server.trackers: %s did not finish cleanly (%s: %s)", name, type(err).__name__, err)
+        self.active = {}

@@ -1,0 +1,228 @@
+"""Evaluation people can compare: Rouge-L, per-family figures, lm-eval tasks (fedllm's own,
+offline), `fedllm eval`, experiment trackers read back, communication beside the score."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_run_config
+from fedllm.config import DataConfig
+from fedllm.local_grid import LocalGrid
+
+
+def _tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_rouge_l_matches_the_longest_common_subsequence_by_hand():
+    from fedllm.evaluate import rouge_l
+
+    # LCS("the cat on the mat", "the cat sat on the mat") = 5 words: P = 5/5, R = 5/6
+    p, r = 1.0, 5 / 6
+    assert rouge_l("the cat on the mat", "the cat sat on the mat") == pytest.approx(2 * p * r / (p + r))
+    assert rouge_l("12, 45, 67", "12, 45, 67") == 1.0  # punctuation is not a word
+    assert rouge_l("67, 45", "45, 67") == pytest.approx(0.5)  # one word in order out of two each side
+    assert rouge_l("", "42") == 0.0 and rouge_l("Paris", "paris") == 1.0
+
+
+def test_per_family_figures_sum_to_the_overall_ones(tiny_model_dir):
+    from fedllm.data import load_splits
+    from fedllm.evaluate import em_subset, eval_loss, evaluate
+
+    model, tok = _tiny(tiny_model_dir)
+    cfg = DataConfig(families="parity,arithmetic,sorting", eval_per_family=3, max_length=64)
+    _, held = load_splits(cfg)
+    out = evaluate(model, tok, held, cfg, batch_size=4, em_examples=5, max_new_tokens=3)
+    fams = out["families"]
+    assert sorted(fams) == ["arithmetic", "parity", "sorting"]
+    tokens = sum(f["tokens"] for f in fams.values())
+    assert sum(f["eval-loss"] * f["tokens"] for f in fams.values()) / tokens == pytest.approx(out["eval-loss"])
+    assert out["eval-loss"] == pytest.approx(eval_loss(model, tok, held, cfg, batch_size=3))  # batching-free
+    generated = sum(f["generated"] for f in fams.values())
+    assert generated == len(em_subset(held, 5)) == 5
+    for key in ("exact-match", "rouge-l"):
+        assert sum((f[key] or 0.0) * f["generated"] for f in fams.values()) / generated == pytest.approx(out[key])
+    # one family: no breakdown to show
+    single = evaluate(model, tok, held[:3], cfg, batch_size=4, em_examples=2, max_new_tokens=2)
+    assert "families" not in single and math.isfinite(single["eval-loss"])
+
+
+def test_local_lm_eval_tasks_generate_what_fedllm_generates(tiny_model_dir, tmp_path):
+    """The same prompts reach the model through lm-eval as through fedllm: greedy answers agree
+    example by example, and so do exact match and Rouge-L."""
+    from fedllm.data import load_splits
+    from fedllm.evaluate import generate_answers, normalize, rouge_l
+    from fedllm.harness import choices_of, run_tasks, write_tasks
+
+    model, tok = _tiny(tiny_model_dir)
+    cfg = DataConfig(families="parity,arithmetic,reverse", eval_per_family=4, max_length=64)
+    _, held = load_splits(cfg)
+    folder = write_tasks(tmp_path / "tasks", held, cfg, max_new_tokens=4, tokenizer=tok)
+    samples: dict = {}
+    figures = run_tasks(model, tok, ["fedllm_builtin", "fedllm_builtin_mc"], cfg, include_path=[folder],
+                        batch_size=1, samples=samples)
+    ours = generate_answers(model, tok, held, cfg, max_new_tokens=4, batch_size=1)
+    theirs = {s["doc"]["response"] + "|" + s["doc"]["prompt"]: s["response"] for s in samples["fedllm_builtin"]}
+    assert len(theirs) == len(held)
+    for e, answer in zip(held, ours):
+        key = e["response"] + "|" + (f"{e['instruction']}\n{e['input']}" if e.get("input") else e["instruction"])
+        assert theirs[key] == answer  # the same text, token for token
+    em = sum(normalize(a) == normalize(e["response"]) for a, e in zip(ours, held)) / len(held)
+    assert figures["fedllm_builtin"]["exact_match"] == pytest.approx(em)
+    assert figures["fedllm_builtin"]["rouge_l"] == pytest.approx(
+        sum(rouge_l(a, e["response"]) for a, e in zip(ours, held)) / len(held))
+    mc = choices_of(held, cfg.seed)
+    assert all(r["choices"][r["label"]] in {e["response"] for e in held} for r in mc)
+    assert all(len(set(r["choices"])) == len(r["choices"]) >= 2 for r in mc)
+    assert len(samples["fedllm_builtin_mc"]) == len(mc) and 0.0 <= figures["fedllm_builtin_mc"]["acc"] <= 1.0
+
+
+@pytest.mark.gguf
+def test_lm_eval_on_smollm2_agrees_with_fedllms_exact_match(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fedllm.config import ModelConfig
+    from fedllm.data import load_splits
+    from fedllm.evaluate import generate_answers, normalize
+    from fedllm.harness import run_tasks, write_tasks
+    from fedllm.model import resolve
+
+    path = resolve(ModelConfig())
+    model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    cfg = DataConfig(eval_per_family=1)  # one example of each of the seven families
+    _, held = load_splits(cfg)
+    folder = write_tasks(tmp_path, held, cfg, max_new_tokens=8, tokenizer=tok)
+    samples: dict = {}
+    figures = run_tasks(model, tok, ["fedllm_builtin"], cfg, include_path=[folder], batch_size=1, samples=samples)
+    ours = generate_answers(model, tok, held, cfg, max_new_tokens=8, batch_size=1)
+    assert sorted(s["response"] for s in samples["fedllm_builtin"]) == sorted(ours)
+    assert any(a.strip() for a in ours)  # a real model says something
+    em = sum(normalize(a) == normalize(e["response"]) for a, e in zip(ours, held)) / len(held)
+    assert figures["fedllm_builtin"]["exact_match"] == pytest.approx(em)
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tiny_model_dir, tmp_path_factory):
+    """A 2-round tiny run with lm-eval tasks and all four trackers on."""
+    from fedllm.server_app import run
+
+    cfg = tiny_run_config(tiny_model_dir, tmp_path_factory.mktemp("tracked"), **{
+        "server.eval-tasks": "fedllm_builtin,fedllm_builtin_mc", "server.exact-match-examples": 4,
+        "server.trackers": "tensorboard,mlflow,wandb,aim"})
+    return run(LocalGrid(2), cfg)
+
+
+def test_trackers_are_written_and_read_back(tracked_run):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fedllm.report import read_metrics
+    from fedllm.tracking import tracking_uri
+
+    rows = read_metrics(tracked_run)
+    want = [(r["round"], r["eval-loss"]) for r in rows]
+    assert [w[0] for w in want] == [0, 1, 2]
+    events = EventAccumulator(str(tracked_run / "tensorboard" / tracked_run.name))
+    events.Reload()
+    got = [(e.step, e.value) for e in events.Scalars("eval-loss")]
+    assert [s for s, _ in got] == [0, 1, 2] and all(v == pytest.approx(w, rel=1e-6) for (_, v), (_, w) in zip(got, want))
+    assert "families/parity/eval-loss" in events.Tags()["scalars"]
+    assert "lm-eval/fedllm_builtin_mc/acc" in events.Tags()["scalars"]
+    cum = [e.value for e in events.Scalars("bytes-up-cumulative")]
+    assert cum[-1] == pytest.approx(sum(sum(r["bytes-up"].values()) for r in rows if r["round"] > 0))
+
+    ids = json.loads((tracked_run / "trackers.json").read_text())
+    client = MlflowClient(tracking_uri(tracked_run))
+    history = client.get_metric_history(ids["mlflow"], "eval-loss")
+    got = sorted((m.step, m.value) for m in history)
+    assert [s for s, _ in got] == [0, 1, 2] and [v for _, v in got] == pytest.approx([w for _, w in want])
+    mlrun = client.get_run(ids["mlflow"])
+    assert mlrun.data.params["lora.rank"] == "8" and mlrun.info.status == "FINISHED"
+    assert "report.html" in [a.path for a in client.list_artifacts(ids["mlflow"])]
+
+    offline = list((tracked_run / "wandb").glob(f"offline-run-*-{ids['wandb']}"))
+    assert offline and (offline[0] / "files" / "report.html").exists()
+    assert list(offline[0].glob("*.wandb"))[0].stat().st_size > 0
+
+    from aim import Run
+
+    aim_run = Run(run_hash=ids["aim"], repo=str(tracked_run))  # opened for writing: aim reads unindexed runs so
+    try:
+        assert aim_run["hparams"]["lora.rank"] == 8
+        seq = next(m for m in aim_run.metrics() if m.name == "eval-loss")
+        assert sorted(seq.values.sparse_numpy()[1]) == pytest.approx(sorted(w for _, w in want))
+    finally:
+        aim_run.close()
+
+
+def test_lm_eval_figures_go_into_metrics_summary_and_report(tracked_run):
+    from fedllm.report import read_metrics
+
+    rows = read_metrics(tracked_run)
+    assert all(set(r["lm-eval"]) == {"fedllm_builtin", "fedllm_builtin_mc"} for r in rows)
+    summary = json.loads((tracked_run / "summary.json").read_text())
+    assert summary["bytes-total"] == summary["bytes-up-total"] + summary["bytes-down-total"] > 0
+    assert summary["lm-eval-after"]["fedllm_builtin/exact_match"] == rows[-1]["lm-eval"]["fedllm_builtin"]["exact_match"]
+    assert set(summary["families-after"]) == {"parity", "arithmetic"}
+    html = (tracked_run / "report.html").read_text()
+    for title in ("eval loss per family", "exact match per family", "Rouge-L per family", "lm-eval tasks per round"):
+        assert f'alt="{title}"' in html
+    assert "communication total" in html
+
+
+def test_fedllm_eval_rebuilds_the_result_and_names_bad_input(tracked_run, tmp_path, capsys):
+    from fedllm.cli import main
+    from fedllm.report import read_metrics
+
+    assert main(["eval", str(tracked_run), "--tasks", "fedllm_builtin", "--batch-size", "1"]) == 0
+    saved = json.loads((tracked_run / "lm-eval" / "results.json").read_text())
+    # the checkpoint's global model is the one the last round evaluated
+    last = read_metrics(tracked_run)[-1]["lm-eval"]["fedllm_builtin"]
+    assert saved["round"] == 2 and saved["results"]["fedllm_builtin"] == pytest.approx(last)
+    capsys.readouterr()
+
+    def error(*argv) -> str:
+        assert main(["eval", *map(str, argv)]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1, lines
+        return lines[0]
+
+    assert "no such run directory" in error(tmp_path / "missing", "--tasks", "fedllm_builtin")
+    assert "not a fedllm run directory" in error(tmp_path, "--tasks", "fedllm_builtin")
+    assert "unknown lm-eval task 'no_such_task'" in error(tracked_run, "--tasks", "no_such_task")
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "remote.yaml").write_text("task: remote_qa\ndataset_path: fedllm-nobody/no-such-dataset\n"
+                                     "test_split: test\noutput_type: generate_until\ndoc_to_text: q\n"
+                                     "doc_to_target: a\nmetric_list:\n  - metric: exact_match\n")
+    import os
+
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    try:
+        line = error(tracked_run, "--tasks", "remote_qa", "--include-path", hub)
+    finally:
+        del os.environ["HF_DATASETS_OFFLINE"]
+    assert "lm-eval task remote_qa" in line and "could not be loaded" in line
+
+
+def test_bad_tracker_and_task_settings_are_one_line_errors(tiny_model_dir, tmp_path, capsys):
+    from fedllm.cli import main
+    from fedllm.config import Config
+    from fedllm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="server.trackers: must be one of tensorboard, mlflow, wandb, aim"):
+        Config.from_flat({"server.trackers": "tensorboard,comet"})
+    argv = ["simulate", "--num-clients", "2", "--set", f"model.name={tiny_model_dir}", "--set",
+            f"server.run-dir={tmp_path}", "--set", "server.eval-tasks=fedllm_builtin,nosuch_task"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["fedllm: error: server.eval-tasks: unknown lm-eval task 'nosuch_task'; fedllm's own: "
+                   "fedllm_builtin, fedllm_builtin_mc"]
+    assert not list(tmp_path.iterdir())  # refused before anything was written
