@@ -55,6 +55,11 @@ def rows(clients: int, rounds: int, steps: int) -> dict[str, tuple[int, dict[str
     for s, s_over in STRATEGIES.items():
         for p, p_over in PARTITIONS.items():
             out[f"{s} {p}"] = (clients, {"server.num-rounds": rounds, "train.local-steps": steps, **s_over, **p_over})
+    # what closes FedAvg's gap at the same samples and steps: a server step larger than the mean
+    # delta (FedAvg with server learning rate 4, no momentum: the mean of 8 clients' deltas x 4)
+    out["fedavg task, server-lr 4"] = (clients, {"server.num-rounds": rounds, "train.local-steps": steps,
+                                                 "server.strategy": "fedavgm", "strategy.server-lr": 4.0,
+                                                 "strategy.momentum": 0.0, **PARTITIONS["task"]})
     out["zo task"] = (clients, {"server.num-rounds": rounds, "train.local-steps": steps, **ZO})
     # zo's steps are two forward passes each, and one random direction learns little: the same
     # rounds with ten times the local steps (ten times the samples) shows what zo needs

@@ -6,7 +6,8 @@ the replies into Updates, the rule chain aggregates them and the method applies 
 the round's `RoundResult` goes to the metrics row, the ledger and the checkpoint. Writes a run
 directory: config.json, metrics.jsonl (one line per round), checkpoint.safetensors (after every round,
 for server.resume), summary.json, and the method's result: adapter/ (PEFT format) for LoRA and
-exact-lora, zo/accumulators.bin for zo, merged/ on request. A round goes on without the clients that fail,
+exact-lora, zo/accumulators.bin for zo, merged/ on request; with server.eval-tasks lm-eval/, with
+server.trackers the trackers' files (fedllm.tracking). A round goes on without the clients that fail,
 time out or send invalid replies, as long as server.min-replies valid ones arrive; otherwise it
 is tried again (server.round-retries) and then the run stops with RoundFailed.
 """

@@ -226,3 +226,44 @@ def test_bad_tracker_and_task_settings_are_one_line_errors(tiny_model_dir, tmp_p
     assert err == ["fedllm: error: server.eval-tasks: unknown lm-eval task 'nosuch_task'; fedllm's own: "
                    "fedllm_builtin, fedllm_builtin_mc"]
     assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_a_resumed_run_continues_its_tracker_runs(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from fedllm.config import Config
+    from fedllm.tracking import Trackers, tracking_uri
+
+    cfg = Config.from_flat({"server.trackers": "mlflow"})
+    rows = [{"round": 0, "eval-loss": 2.0}, {"round": 1, "eval-loss": 1.5, "bytes-up": {"1": 10, "2": 20}}]
+    first = Trackers(cfg, tmp_path)
+    for row in rows:
+        first.log(row)
+    first.finish()  # the run stops here; its checkpoint holds rows
+    again = Trackers(cfg, tmp_path, rows)
+    again.log({"round": 2, "eval-loss": 1.25, "bytes-up": {"1": 5}})
+    again.finish()
+    run_id = json.loads((tmp_path / "trackers.json").read_text())["mlflow"]
+    client = MlflowClient(tracking_uri(tmp_path))
+    assert len(client.search_runs([client.get_experiment_by_name("fedllm").experiment_id])) == 1
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, "eval-loss")) == [
+        (0, 2.0), (1, 1.5), (2, 1.25)]
+    assert [m.value for m in client.get_metric_history(run_id, "bytes-up-cumulative")] == [30.0, 35.0]
+
+
+def test_fedllm_tasks_writes_task_yaml_with_absolute_data_paths(tmp_path, capsys):
+    import yaml
+
+    from fedllm.cli import main
+
+    assert main(["tasks", str(tmp_path / "t"), "--set", "data.families=parity,arithmetic",
+                 "--set", "data.eval-per-family=3"]) == 0
+    folder = tmp_path / "t"
+    assert capsys.readouterr().out.strip() == str(folder.resolve())
+    text = (folder / "fedllm_builtin.yaml").read_text().replace("!function ", "")
+    data = yaml.safe_load(text)["dataset_kwargs"]["data_files"]["test"]
+    assert data == str((folder / "fedllm_builtin.jsonl").resolve())
+    rows = [json.loads(line) for line in (folder / "fedllm_builtin.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and {r["family"] for r in rows} == {"parity", "arithmetic"}
+    mc = [json.loads(line) for line in (folder / "fedllm_builtin_mc.jsonl").read_text().splitlines()]
+    assert all(2 <= len(r["choices"]) <= 4 for r in mc)  # parity has two answers: even, odd
