@@ -57,13 +57,13 @@ def rows(clients: int, rounds: int, steps: int) -> dict[str, tuple[int, dict[str
             out[f"{s} {p}"] = (clients, {"server.num-rounds": rounds, "train.local-steps": steps, **s_over, **p_over})
     # what closes FedAvg's gap at the same samples and steps: a server step larger than the mean
     # delta (FedAvg with server learning rate 4, no momentum: the mean of 8 clients' deltas x 4)
-    out["fedavg task, server-lr 4"] = (clients, {"server.num-rounds": rounds, "train.local-steps": steps,
+    out["fedavg task server-lr 4"] = (clients, {"server.num-rounds": rounds, "train.local-steps": steps,
                                                  "server.strategy": "fedavgm", "strategy.server-lr": 4.0,
                                                  "strategy.momentum": 0.0, **PARTITIONS["task"]})
     out["zo task"] = (clients, {"server.num-rounds": rounds, "train.local-steps": steps, **ZO})
     # zo's steps are two forward passes each, and one random direction learns little: the same
     # rounds with ten times the local steps (ten times the samples) shows what zo needs
-    out["zo task, 10x steps"] = (clients, {"server.num-rounds": rounds, "train.local-steps": 10 * steps, **ZO})
+    out["zo task 10x steps"] = (clients, {"server.num-rounds": rounds, "train.local-steps": 10 * steps, **ZO})
     return out
 
 

@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 FILE = "checkpoint.safetensors"
 FORMAT = 3  # 3: data only (safetensors + JSON); 2 and 1 were pickles
 KEY = "fedllm-checkpoint"  # the safetensors metadata entry holding the JSON
-MAY_DIFFER = frozenset({"server.resume", "server.num-rounds", "server.run-dir", "server.run-name"})
+# keys a resumed run may change: where it runs, how long, and what it evaluates and reports to
+MAY_DIFFER = frozenset({"server.resume", "server.num-rounds", "server.run-dir", "server.run-name",
+                        "server.eval-tasks", "server.eval-limit", "server.eval-include-path", "server.trackers"})
 
 
 def rng_state() -> dict[str, Any]:
@@ -157,7 +159,10 @@ def load(run_dir: Path, flat_config: dict[str, Any]) -> dict[str, Any]:
     if not path.exists():
         raise ConfigError(f"server.resume: {path} does not exist (no round finished, or server.checkpoint was off)")
     ckpt = read(path)
-    saved = ckpt["config"]
+    from fedllm.config import Config
+
+    defaults = Config().to_flat()  # a key added since the checkpoint was written had its default then
+    saved = {**defaults, **ckpt["config"]}
     for key in sorted(set(saved) | set(flat_config)):
         if key not in MAY_DIFFER and saved.get(key) != flat_config.get(key):
             raise ConfigError(f"server.resume: {key} is {flat_config.get(key)!r}, the checkpointed run had "

@@ -237,14 +237,14 @@ def check_tasks(cfg: Config) -> None:
 
     from fedllm.data import load_splits
     from fedllm.harness import parse_tasks, task_manager, write_tasks
+    from fedllm.server_app import include_paths
 
     tasks = parse_tasks(cfg.server.eval_tasks)
     if not tasks:
         return
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_tasks(Path(tmp), load_splits(cfg.data)[1][:1], cfg.data)
-        task_manager(tasks, [folder, *(Path(p.strip()) for p in cfg.server.eval_include_path.split(",") if p.strip())],
-                     key="server.eval-tasks")
+        task_manager(tasks, [folder, *include_paths(cfg)], key="server.eval-tasks", include_key="server.eval-include-path")
 
 
 def check_writable(run_dir: Path, min_free: int = 64 << 20) -> None:
@@ -379,6 +379,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"fedllm: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a path that cannot be read or written: named in one line
+        if args.debug:
+            raise
+        print(f"fedllm: error: {err.filename or ''}: {err.strerror or err}".lstrip(": "), file=sys.stderr)
         return 2
     return 0
 

@@ -225,7 +225,7 @@ class ServerConfig:
     eval_limit: int = _help("Examples per lm-eval task (0: all).", 0, check=">= 0")
     eval_include_path: str = _help("Folders of your own lm-eval task YAML, comma separated.", "")
     trackers: str = _help("Experiment trackers through accelerate, comma separated: tensorboard, mlflow, wandb, aim. "
-                          "Offline, inside the run directory: tensorboard/ (event files), mlruns/ (MLflow file store), "
+                          "Offline, inside the run directory: tensorboard/ (event files), mlruns/ (MLflow: mlflow.db, SQLite), "
                           "wandb/ (offline mode: `wandb sync` uploads it), .aim (`aim up` shows it).", "")
     run_dir: str = _help("Parent folder of run directories.", "runs")
     run_name: str = _help("Run directory name; '' picks a timestamp.", "")

@@ -152,7 +152,8 @@ def parse_tasks(spec: str) -> list[str]:
     return [t.strip() for t in spec.split(",") if t.strip()]
 
 
-def task_manager(tasks: list[str], include_path: list[Path], key: str = "--tasks") -> Any:
+def task_manager(tasks: list[str], include_path: list[Path], key: str = "--tasks",
+                 include_key: str = "--include-path") -> Any:
     """lm-eval's TaskManager that knows every one of `tasks` (only the include paths when they
     suffice: indexing lm-eval's own ~15,000 tasks takes seconds).
 
@@ -165,9 +166,10 @@ def task_manager(tasks: list[str], include_path: list[Path], key: str = "--tasks
         raise ConfigError(f"{key}: lm-eval is not installed (pip install 'fedllm[eval]')") from None
     for path in include_path:
         if not Path(path).is_dir():
-            raise ConfigError(f"{key}: include path {path} is not a folder")
-    manager = TaskManager(include_path=[str(p) for p in include_path], include_defaults=False) if include_path else None
-    if manager is None or any(t not in manager.all_tasks for t in tasks):
+            raise ConfigError(f"{include_key}: {path} is not a folder")
+    if include_path and all(t in LOCAL_TASKS for t in tasks):  # no need to index lm-eval's own tasks
+        manager = TaskManager(include_path=[str(p) for p in include_path], include_defaults=False)
+    else:
         manager = TaskManager(include_path=[str(p) for p in include_path] or None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
@@ -197,6 +199,7 @@ def run_tasks(model: Any, tokenizer: Any, tasks: list[str], cfg: DataConfig, inc
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=None)
     chat = bool(getattr(tokenizer, "chat_template", None))
     out: dict[str, dict[str, float]] = {}
+    saved = _rng_state()  # lm-eval seeds the global generators; the run's sampling and noise must not notice
     try:
         for task in tasks:  # one at a time: an unreachable dataset names its task
             try:
@@ -209,7 +212,7 @@ def run_tasks(model: Any, tokenizer: Any, tasks: list[str], cfg: DataConfig, inc
             except Exception as err:
                 raise FedLLMError(f"lm-eval task {task}: {_why(err)}") from err
             for name, figures in (results or {}).get("results", {}).items():
-                out[name] = {metric.split(",")[0]: float(v) for metric, v in figures.items()
+                out[name] = {_metric_name(metric): float(v) for metric, v in figures.items()
                              if isinstance(v, (int, float)) and not metric.startswith("alias")
                              and "_stderr" not in metric and metric != "sample_len"}
             if samples is not None:
@@ -217,7 +220,31 @@ def run_tasks(model: Any, tokenizer: Any, tasks: list[str], cfg: DataConfig, inc
                     samples[name] = [{"doc": r["doc"], "response": r["filtered_resps"][0]} for r in records]
     finally:
         model.train(was_training)
+        _set_rng_state(saved)
     return out
+
+
+def _rng_state() -> tuple[Any, Any, Any]:
+    import numpy as np
+    import torch
+
+    return random.getstate(), np.random.get_state(), torch.get_rng_state()
+
+
+def _set_rng_state(state: tuple[Any, Any, Any]) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+    torch.set_rng_state(state[2])
+
+
+def _metric_name(key: str) -> str:
+    """lm-eval's 'metric,filter' as 'metric' (filter 'none') or 'metric/filter' (gsm8k's
+    exact_match,strict-match and exact_match,flexible-extract stay apart)."""
+    metric, _, filt = key.partition(",")
+    return metric if filt in ("", "none") else f"{metric}/{filt}"
 
 
 def headline(figures: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -225,8 +252,9 @@ def headline(figures: dict[str, dict[str, float]]) -> dict[str, float]:
     out = {}
     for task, metrics in figures.items():
         for name in HEADLINE:
-            if name in metrics:
-                out[f"{task}/{name}"] = metrics[name]
+            found = [k for k in metrics if k == name or k.startswith(name + "/")]
+            if found:
+                out[f"{task}/{found[0]}"] = metrics[found[0]]
                 break
     return out
 

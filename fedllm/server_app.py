@@ -18,6 +18,7 @@ import collections
 import contextlib
 import json
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -66,11 +67,13 @@ def run(grid: Grid, cfg: Config) -> Path:
     validation = em_subset(held_out, cfg.ledger.validation_examples)
 
     tasks = parse_tasks(cfg.server.eval_tasks)
-    if tasks:  # fedllm's own lm-eval tasks from this run's held-out split; unknown tasks fail here
-        folder = write_tasks(run_dir / "lm-eval" / "tasks", held_out, cfg.data, cfg.server.max_new_tokens,
-                             method.tokenizer)
-        includes = [folder, *(Path(p.strip()) for p in cfg.server.eval_include_path.split(",") if p.strip())]
-        manager = task_manager(tasks, includes, key="server.eval-tasks")
+    # fedllm's own lm-eval tasks from this run's held-out split, in a fresh folder (nothing planted in a
+    # run directory is read as a task); unknown tasks fail here
+    tasks_dir = tempfile.TemporaryDirectory(prefix="fedllm-tasks-")
+    if tasks:
+        folder = write_tasks(Path(tasks_dir.name), held_out, cfg.data, cfg.server.max_new_tokens, method.tokenizer)
+        manager = task_manager(tasks, [folder, *include_paths(cfg)], key="server.eval-tasks",
+                               include_key="server.eval-include-path")
 
     def evaluate_state(server_round: int) -> dict[str, Any]:
         every = cfg.server.eval_every
@@ -90,6 +93,12 @@ def run(grid: Grid, cfg: Config) -> Path:
         return _rounds(cfg, run_dir, ckpt, strategy, grid, metrics, books, evaluate_state, validation, trackers)
     finally:
         trackers.finish()
+        tasks_dir.cleanup()
+
+
+def include_paths(cfg: Config) -> list[Path]:
+    """server.eval-include-path as folders."""
+    return [Path(p.strip()).expanduser() for p in cfg.server.eval_include_path.split(",") if p.strip()]
 
 
 def _rounds(cfg: Config, run_dir: Path, ckpt: dict[str, Any] | None, strategy: FedLLMStrategy, grid: Grid,
@@ -215,7 +224,7 @@ def evaluate_run(run_dir: Path, tasks: list[str], include_path: list[Path] = (),
                  batch_size: int = 16) -> dict[str, dict[str, float]]:
     """lm-eval figures of a run's result (the global model of its last checkpoint: the adapter on
     its base, or the zo-rebuilt model), on `tasks`; fedllm's own tasks are written from the run's
-    held-out split into RUN_DIR/lm-eval/tasks. Writes RUN_DIR/lm-eval/results.json.
+    held-out split into a fresh temporary folder. Writes RUN_DIR/lm-eval/results.json.
 
     Raises:
         FedLLMError: for a folder that is not a run, one without a checkpoint, an unknown task, or a
@@ -229,18 +238,23 @@ def evaluate_run(run_dir: Path, tasks: list[str], include_path: list[Path] = (),
     if not (run_dir / checkpoint.FILE).is_file():
         raise FedLLMError(f"{run_dir}: no {checkpoint.FILE} to rebuild the result from (server.checkpoint was off, "
                           "or no round finished)")
+    out = run_dir / "lm-eval"
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise FedLLMError(f"{out}: not a folder of this run (a link or a file); remove it")
     ckpt = checkpoint.read(run_dir / checkpoint.FILE)
-    cfg = Config.from_flat(ckpt["config"])
+    cfg = Config.from_flat({**Config().to_flat(), **ckpt["config"]})
     _, held_out = load_splits(cfg.data)
-    folder = write_tasks(run_dir / "lm-eval" / "tasks", held_out, cfg.data, cfg.server.max_new_tokens)
-    manager = task_manager(tasks, [folder, *include_path])  # unknown tasks fail before the model loads
-    strategy = build(cfg)
-    strategy.load_state_dict(ckpt["strategy"])
-    write_tasks(folder, held_out, cfg.data, cfg.server.max_new_tokens, strategy.method.tokenizer)  # its prompt format
-    with strategy.method.model() as model:
-        figures = run_tasks(model, strategy.method.tokenizer, tasks, cfg.data, limit=limit, batch_size=batch_size,
-                            manager=manager)
-    write_atomically(run_dir / "lm-eval" / "results.json", json.dumps(
+    with tempfile.TemporaryDirectory(prefix="fedllm-tasks-") as tmp:
+        folder = write_tasks(Path(tmp), held_out, cfg.data, cfg.server.max_new_tokens)
+        manager = task_manager(tasks, [folder, *include_path])  # unknown tasks fail before the model loads
+        strategy = build(cfg)
+        strategy.load_state_dict(ckpt["strategy"])
+        write_tasks(folder, held_out, cfg.data, cfg.server.max_new_tokens, strategy.method.tokenizer)  # its prompts
+        with strategy.method.model() as model:
+            figures = run_tasks(model, strategy.method.tokenizer, tasks, cfg.data, limit=limit,
+                                batch_size=batch_size, manager=manager)
+    out.mkdir(exist_ok=True)
+    write_atomically(out / "results.json", json.dumps(
         {"round": ckpt["round"], "tasks": tasks, "limit": limit, "results": figures}, indent=2) + "\n")
     return figures
 

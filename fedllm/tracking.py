@@ -20,6 +20,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,14 @@ def tracking_uri(run_dir: Path) -> str:
     return f"sqlite:///{Path(run_dir).resolve() / 'mlruns' / 'mlflow.db'}"
 
 
+def metric_name(name: str) -> str:
+    """A name every tracker takes (MLflow allows letters, digits, _ - . / and spaces)."""
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)
+
+
 def scalars(row: dict[str, Any], totals: dict[str, float]) -> dict[str, float]:
-    """A metrics row as flat scalars; `totals` carries the cumulative bytes between rounds."""
+    """A metrics row as flat scalars; `totals` carries the cumulative bytes between rounds.
+    Family and task names are made safe for every tracker (`metric_name`)."""
     out: dict[str, float] = {}
     for key, value in row.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "round":
@@ -61,10 +68,10 @@ def scalars(row: dict[str, Any], totals: dict[str, float]) -> dict[str, float]:
     for name, figures in (row.get("families") or {}).items():
         for key, value in figures.items():
             if isinstance(value, (int, float)):
-                out[f"families/{name}/{key}"] = float(value)
+                out[metric_name(f"families/{name}/{key}")] = float(value)
     for task, figures in (row.get("lm-eval") or {}).items():
         for key, value in figures.items():
-            out[f"lm-eval/{task}/{key}"] = float(value)
+            out[metric_name(f"lm-eval/{task}/{key}")] = float(value)
     for key in ("bytes-up", "bytes-down"):
         if isinstance(row.get(key), dict):
             out[key] = float(sum(row[key].values()))
@@ -86,7 +93,13 @@ class Trackers:
         if not names:
             return
         ids_file = self.run_dir / IDS
-        ids = json.loads(ids_file.read_text()) if ids_file.exists() else {}
+        try:
+            ids = json.loads(ids_file.read_text()) if ids_file.exists() else {}
+            if not isinstance(ids, dict) or not all(isinstance(v, str) for v in ids.values()):
+                raise ValueError("not an object of tracker ids")
+        except (OSError, ValueError) as err:  # a damaged file: start new tracker runs rather than stop
+            log.warning("%s: ignored (%s); the trackers start new runs", ids_file, err)
+            ids = {}
         hparams = {k: v for k, v in cfg.to_flat().items() if isinstance(v, (bool, int, float, str))}
         for name in names:
             try:

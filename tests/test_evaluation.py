@@ -34,7 +34,7 @@ def test_rouge_l_matches_the_longest_common_subsequence_by_hand():
 
 def test_per_family_figures_sum_to_the_overall_ones(tiny_model_dir):
     from fedllm.data import load_splits
-    from fedllm.evaluate import em_subset, eval_loss, evaluate
+    from fedllm.evaluate import em_subset, eval_loss, evaluate, exact_match, generate_answers, rouge_l
 
     model, tok = _tiny(tiny_model_dir)
     cfg = DataConfig(families="parity,arithmetic,sorting", eval_per_family=3, max_length=64)
@@ -46,9 +46,19 @@ def test_per_family_figures_sum_to_the_overall_ones(tiny_model_dir):
     assert sum(f["eval-loss"] * f["tokens"] for f in fams.values()) / tokens == pytest.approx(out["eval-loss"])
     assert out["eval-loss"] == pytest.approx(eval_loss(model, tok, held, cfg, batch_size=3))  # batching-free
     generated = sum(f["generated"] for f in fams.values())
-    assert generated == len(em_subset(held, 5)) == 5
+    picked = em_subset(held, 5)
+    assert generated == len(picked) == 5
     for key in ("exact-match", "rouge-l"):
         assert sum((f[key] or 0.0) * f["generated"] for f in fams.values()) / generated == pytest.approx(out[key])
+    # and the overall figures against an independent computation over the same examples
+    answers = generate_answers(model, tok, picked, cfg, max_new_tokens=3, batch_size=4)
+    assert out["exact-match"] == pytest.approx(exact_match(model, tok, picked, cfg, max_new_tokens=3, batch_size=4))
+    assert out["rouge-l"] == pytest.approx(sum(rouge_l(a, e["response"]) for a, e in zip(answers, picked)) / 5)
+    by_family = {}
+    for e, a in zip(picked, answers):
+        by_family.setdefault(e["family"], []).append(rouge_l(a, e["response"]))
+    assert {n: f["rouge-l"] for n, f in fams.items()} == pytest.approx(
+        {n: sum(v) / len(v) for n, v in by_family.items()})
     # one family: no breakdown to show
     single = evaluate(model, tok, held[:3], cfg, batch_size=4, em_examples=2, max_new_tokens=2)
     assert "families" not in single and math.isfinite(single["eval-loss"])
@@ -79,8 +89,13 @@ def test_local_lm_eval_tasks_generate_what_fedllm_generates(tiny_model_dir, tmp_
     assert figures["fedllm_builtin"]["rouge_l"] == pytest.approx(
         sum(rouge_l(a, e["response"]) for a, e in zip(ours, held)) / len(held))
     mc = choices_of(held, cfg.seed)
-    assert all(r["choices"][r["label"]] in {e["response"] for e in held} for r in mc)
-    assert all(len(set(r["choices"])) == len(r["choices"]) >= 2 for r in mc)
+    answer_of = {(f"{e['instruction']}\n{e['input']}" if e.get("input") else e["instruction"]): e for e in held}
+    for r in mc:  # the label points at this example's own answer; the others are its family's wrong ones
+        e = answer_of[r["prompt"]]
+        assert r["choices"][r["label"]] == e["response"]
+        assert len(set(r["choices"])) == len(r["choices"]) >= 2
+        assert {c for i, c in enumerate(r["choices"]) if i != r["label"]} <= {
+            x["response"] for x in held if x["family"] == e["family"] and x["response"] != e["response"]}
     assert len(samples["fedllm_builtin_mc"]) == len(mc) and 0.0 <= figures["fedllm_builtin_mc"]["acc"] <= 1.0
 
 
@@ -267,3 +282,56 @@ def test_fedllm_tasks_writes_task_yaml_with_absolute_data_paths(tmp_path, capsys
     assert len(rows) == 6 and {r["family"] for r in rows} == {"parity", "arithmetic"}
     mc = [json.loads(line) for line in (folder / "fedllm_builtin_mc.jsonl").read_text().splitlines()]
     assert all(2 <= len(r["choices"]) <= 4 for r in mc)  # parity has two answers: even, odd
+
+
+def test_lm_eval_leaves_the_global_generators_as_it_found_them(tiny_model_dir, tmp_path):
+    """lm-eval seeds random, numpy and torch; a run's client sampling and DP noise must not repeat."""
+    import random
+
+    import numpy as np
+
+    from fedllm.data import load_splits
+    from fedllm.harness import run_tasks, write_tasks
+
+    model, tok = _tiny(tiny_model_dir)
+    cfg = DataConfig(families="parity", eval_per_family=2, max_length=64)
+    folder = write_tasks(tmp_path, load_splits(cfg)[1], cfg, max_new_tokens=2, tokenizer=tok)
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    want = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    run_tasks(model, tok, ["fedllm_builtin"], cfg, include_path=[folder], batch_size=2)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
+
+
+def test_nothing_planted_in_a_run_directory_is_read_as_a_task(tracked_run, tmp_path):
+    """A task YAML left in RUN_DIR/lm-eval (say, by whoever could write there) under the name of
+    fedllm's own task, with a scoring function of its own, is never loaded."""
+    from fedllm.server_app import evaluate_run
+
+    planted = tracked_run / "lm-eval" / "tasks" / "a"
+    planted.mkdir(parents=True)
+    marker = tmp_path / "ran"
+    (planted / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n"
+                                     "def process_results(doc, results):\n    return {'exact_match': 1.0}\n")
+    (planted / "x.yaml").write_text("task: fedllm_builtin\ndataset_path: json\ntest_split: test\n"
+                                    "output_type: generate_until\ndoc_to_text: prompt\ndoc_to_target: response\n"
+                                    "process_results: !function evil.process_results\n")
+    figures = evaluate_run(tracked_run, ["fedllm_builtin"], limit=2, batch_size=2)
+    assert not marker.exists() and "fedllm_builtin" in figures
+
+
+def test_a_checkpoint_from_before_a_key_existed_still_resumes(tmp_path):
+    """Config keys added later (server.trackers, ...) compare as their defaults; evaluation and
+    tracker keys may change on resume."""
+    from fedllm import checkpoint
+    from fedllm.config import Config
+    from fedllm.errors import ConfigError
+
+    flat = Config().to_flat()
+    old = {k: v for k, v in flat.items() if not k.startswith(("server.eval-tasks", "server.trackers"))}
+    checkpoint.save(tmp_path, {"round": 1, "config": old, "strategy": {}, "rng": checkpoint.rng_state(),
+                               "ledger": None, "metrics": []})
+    assert checkpoint.load(tmp_path, flat)["round"] == 1
+    assert checkpoint.load(tmp_path, {**flat, "server.trackers": "tensorboard"})["round"] == 1
+    with pytest.raises(ConfigError, match="server.resume: lora.rank"):
+        checkpoint.load(tmp_path, {**flat, "lora.rank": 4})
