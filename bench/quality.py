@@ -60,6 +60,11 @@ def rows(clients: int, rounds: int, steps: int) -> dict[str, tuple[int, dict[str
     out["fedavg task server-lr 4"] = (clients, {"server.num-rounds": rounds, "train.local-steps": steps,
                                                  "server.strategy": "fedavgm", "strategy.server-lr": 4.0,
                                                  "strategy.momentum": 0.0, **PARTITIONS["task"]})
+    # the same samples through more, smaller rounds: a quarter of the clients per round (sampled),
+    # four times the rounds: more sequential steps, which is what FedAvg gives up
+    out["fedavg task 4x rounds quarter clients"] = (clients, {
+        "server.num-rounds": 4 * rounds, "server.fraction-train": 0.25, "train.local-steps": steps,
+        "server.strategy": "fedavg", **PARTITIONS["task"]})
     out["zo task"] = (clients, {"server.num-rounds": rounds, "train.local-steps": steps, **ZO})
     # zo's steps are two forward passes each, and one random direction learns little: the same
     # rounds with ten times the local steps (ten times the samples) shows what zo needs

@@ -66,6 +66,16 @@ def robustness(d: dict[str, Any]) -> list[Row]:
              lambda v: v >= 0.9)]
 
 
+def quality(d: dict[str, Any]) -> list[Row]:
+    rows = {r["row"]: r for r in d["rows"]}
+    out = [("FedAvg by task: eval-loss gain / centralized gain", rows["fedavg task"]["fraction"], ">= 0.95",
+            lambda v: v >= 0.95)]
+    if "paired-p" in rows.get("zo task", {}):
+        out.append(("zo: one-sided paired t-test p of its gain", rows["zo task"]["paired-p"], "< 0.05",
+                    lambda v: v < 0.05))
+    return out
+
+
 # script, short arguments, headline figures
 SUITE: list[tuple[str, list[str], Callable[[dict[str, Any]], list[Row]]]] = [
     ("simulation_overhead", ["--rounds", "1", "--steps", "5"], overhead),
@@ -75,6 +85,8 @@ SUITE: list[tuple[str, list[str], Callable[[dict[str, Any]], list[Row]]]] = [
     ("client_start", ["--repeats", "1"], client_start),
     ("robustness", ["--attacks", "sign-flip,scale", "--strategies", "median", "--rounds", "2", "--steps", "1"],
      robustness),
+    ("quality", ["--seeds", "0,1", "--clients", "4", "--rounds", "1", "--steps", "2", "--only",
+                 "centralized,fedavg task,zo task", "--fresh"], quality),
 ]
 
 
