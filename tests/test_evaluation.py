@@ -134,6 +134,7 @@ def tracked_run(tiny_model_dir, tmp_path_factory):
     return run(LocalGrid(2), cfg)
 
 
+@pytest.mark.slow
 def test_trackers_are_written_and_read_back(tracked_run):
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -177,6 +178,7 @@ def test_trackers_are_written_and_read_back(tracked_run):
         aim_run.close()
 
 
+@pytest.mark.slow
 def test_lm_eval_figures_go_into_metrics_summary_and_report(tracked_run):
     from fedllm.report import read_metrics
 
@@ -192,6 +194,7 @@ def test_lm_eval_figures_go_into_metrics_summary_and_report(tracked_run):
     assert "communication total" in html
 
 
+@pytest.mark.slow
 def test_fedllm_eval_rebuilds_the_result_and_names_bad_input(tracked_run, tmp_path, capsys):
     from fedllm.cli import main
     from fedllm.report import read_metrics
@@ -303,6 +306,7 @@ def test_lm_eval_leaves_the_global_generators_as_it_found_them(tiny_model_dir, t
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
 
 
+@pytest.mark.slow
 def test_nothing_planted_in_a_run_directory_is_read_as_a_task(tracked_run, tmp_path):
     """A task YAML left in RUN_DIR/lm-eval (say, by whoever could write there) under the name of
     fedllm's own task, with a scoring function of its own, is never loaded."""
