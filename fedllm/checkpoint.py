@@ -148,6 +148,13 @@ def read(path: Path) -> dict[str, Any]:
     return ckpt
 
 
+def saved_config(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The checkpointed run's flat config; a key added since it was written had its default then."""
+    from fedllm.config import Config
+
+    return {**Config().to_flat(), **ckpt["config"]}
+
+
 def load(run_dir: Path, flat_config: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint of `run_dir`, checked against the config of the run that resumes it.
 
@@ -159,10 +166,7 @@ def load(run_dir: Path, flat_config: dict[str, Any]) -> dict[str, Any]:
     if not path.exists():
         raise ConfigError(f"server.resume: {path} does not exist (no round finished, or server.checkpoint was off)")
     ckpt = read(path)
-    from fedllm.config import Config
-
-    defaults = Config().to_flat()  # a key added since the checkpoint was written had its default then
-    saved = {**defaults, **ckpt["config"]}
+    saved = saved_config(ckpt)
     for key in sorted(set(saved) | set(flat_config)):
         if key not in MAY_DIFFER and saved.get(key) != flat_config.get(key):
             raise ConfigError(f"server.resume: {key} is {flat_config.get(key)!r}, the checkpointed run had "

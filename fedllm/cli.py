@@ -59,6 +59,7 @@ def prepare(overrides: dict[str, Any], num_clients: int, cpus_per_client: float,
     name fixed) and the run directory."""
     from fedllm.data import load_splits
     from fedllm.model import check_available
+    from fedllm.tracking import check_installed
     from strategies import resolve as resolve_strategy
 
     if resume is not None:
@@ -73,7 +74,7 @@ def prepare(overrides: dict[str, Any], num_clients: int, cpus_per_client: float,
     if num_clients < cfg.server.min_clients:
         raise FedLLMError(f"--num-clients: {num_clients} is below server.min-clients={cfg.server.min_clients}")
     resolve_strategy(cfg)  # the method and rule chain may refuse the config (e.g. zo with compression)
-    check_trackers(cfg)
+    check_installed(cfg)  # server.trackers
     check_tasks(cfg)
     if cfg.ledger.enabled:
         from fedllm.ledger import preflight
@@ -225,26 +226,17 @@ def check_partitions(train: list[dict[str, str]], cfg: Config, num_clients: int)
                               f"examples, data.partition={cfg.data.partition}); use fewer clients or more data")
 
 
-def check_trackers(cfg: Config) -> None:
-    from fedllm.tracking import check_installed
-
-    check_installed(cfg)
-
-
 def check_tasks(cfg: Config) -> None:
     """server.eval-tasks known to lm-eval (fedllm's own tasks written to a scratch folder)."""
     import tempfile
 
     from fedllm.data import load_splits
-    from fedllm.harness import parse_tasks, task_manager, write_tasks
-    from fedllm.server_app import include_paths
+    from fedllm.harness import parse_tasks
+    from fedllm.server_app import eval_tasks
 
-    tasks = parse_tasks(cfg.server.eval_tasks)
-    if not tasks:
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = write_tasks(Path(tmp), load_splits(cfg.data)[1][:1], cfg.data)
-        task_manager(tasks, [folder, *include_paths(cfg)], key="server.eval-tasks", include_key="server.eval-include-path")
+    if parse_tasks(cfg.server.eval_tasks):
+        with tempfile.TemporaryDirectory() as tmp:
+            eval_tasks(cfg, Path(tmp), load_splits(cfg.data)[1][:1])
 
 
 def check_writable(run_dir: Path, min_free: int = 64 << 20) -> None:

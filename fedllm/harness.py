@@ -24,6 +24,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from fedllm.checkpoint import rng_state, set_rng_state
 from fedllm.config import DataConfig
 from fedllm.errors import ConfigError, FedLLMError
 
@@ -199,7 +200,7 @@ def run_tasks(model: Any, tokenizer: Any, tasks: list[str], cfg: DataConfig, inc
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=None)
     chat = bool(getattr(tokenizer, "chat_template", None))
     out: dict[str, dict[str, float]] = {}
-    saved = _rng_state()  # lm-eval seeds the global generators; the run's sampling and noise must not notice
+    saved = rng_state()  # lm-eval seeds the global generators; the run's sampling and noise must not notice
     try:
         for task in tasks:  # one at a time: an unreachable dataset names its task
             try:
@@ -220,24 +221,8 @@ def run_tasks(model: Any, tokenizer: Any, tasks: list[str], cfg: DataConfig, inc
                     samples[name] = [{"doc": r["doc"], "response": r["filtered_resps"][0]} for r in records]
     finally:
         model.train(was_training)
-        _set_rng_state(saved)
+        set_rng_state(saved)
     return out
-
-
-def _rng_state() -> tuple[Any, Any, Any]:
-    import numpy as np
-    import torch
-
-    return random.getstate(), np.random.get_state(), torch.get_rng_state()
-
-
-def _set_rng_state(state: tuple[Any, Any, Any]) -> None:
-    import numpy as np
-    import torch
-
-    random.setstate(state[0])
-    np.random.set_state(state[1])
-    torch.set_rng_state(state[2])
 
 
 def _metric_name(key: str) -> str:

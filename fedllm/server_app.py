@@ -69,11 +69,9 @@ def run(grid: Grid, cfg: Config) -> Path:
     tasks = parse_tasks(cfg.server.eval_tasks)
     # fedllm's own lm-eval tasks from this run's held-out split, in a fresh folder (nothing planted in a
     # run directory is read as a task); unknown tasks fail here
-    tasks_dir = tempfile.TemporaryDirectory(prefix="fedllm-tasks-")
-    if tasks:
-        folder = write_tasks(Path(tasks_dir.name), held_out, cfg.data, cfg.server.max_new_tokens, method.tokenizer)
-        manager = task_manager(tasks, [folder, *include_paths(cfg)], key="server.eval-tasks",
-                               include_key="server.eval-include-path")
+    tasks_dir = tempfile.TemporaryDirectory(prefix="fedllm-tasks-") if tasks else None
+    if tasks_dir is not None:
+        manager = eval_tasks(cfg, Path(tasks_dir.name), held_out, method.tokenizer)
 
     def evaluate_state(server_round: int) -> dict[str, Any]:
         every = cfg.server.eval_every
@@ -93,12 +91,21 @@ def run(grid: Grid, cfg: Config) -> Path:
         return _rounds(cfg, run_dir, ckpt, strategy, grid, metrics, books, evaluate_state, validation, trackers)
     finally:
         trackers.finish()
-        tasks_dir.cleanup()
+        if tasks_dir is not None:
+            tasks_dir.cleanup()
 
 
-def include_paths(cfg: Config) -> list[Path]:
-    """server.eval-include-path as folders."""
-    return [Path(p.strip()).expanduser() for p in cfg.server.eval_include_path.split(",") if p.strip()]
+def eval_tasks(cfg: Config, folder: Path, examples: list[dict[str, str]], tokenizer: Any = None) -> Any:
+    """fedllm's own lm-eval tasks over `examples` written into `folder`, and lm-eval's task manager
+    for server.eval-tasks with them and server.eval-include-path.
+
+    Raises:
+        ConfigError: naming server.eval-tasks (an unknown task) or server.eval-include-path.
+    """
+    write_tasks(folder, examples, cfg.data, cfg.server.max_new_tokens, tokenizer)
+    includes = [Path(p.strip()).expanduser() for p in cfg.server.eval_include_path.split(",") if p.strip()]
+    return task_manager(parse_tasks(cfg.server.eval_tasks), [Path(folder), *includes], key="server.eval-tasks",
+                        include_key="server.eval-include-path")
 
 
 def _rounds(cfg: Config, run_dir: Path, ckpt: dict[str, Any] | None, strategy: FedLLMStrategy, grid: Grid,
@@ -230,8 +237,6 @@ def evaluate_run(run_dir: Path, tasks: list[str], include_path: list[Path] = (),
         FedLLMError: for a folder that is not a run, one without a checkpoint, an unknown task, or a
             task whose data cannot be loaded.
     """
-    from fedllm.harness import run_tasks, task_manager, write_tasks
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise FedLLMError(f"{run_dir}: not a fedllm run directory (no config.json)")
@@ -242,7 +247,7 @@ def evaluate_run(run_dir: Path, tasks: list[str], include_path: list[Path] = (),
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise FedLLMError(f"{out}: not a folder of this run (a link or a file); remove it")
     ckpt = checkpoint.read(run_dir / checkpoint.FILE)
-    cfg = Config.from_flat({**Config().to_flat(), **ckpt["config"]})
+    cfg = Config.from_flat(checkpoint.saved_config(ckpt))
     _, held_out = load_splits(cfg.data)
     with tempfile.TemporaryDirectory(prefix="fedllm-tasks-") as tmp:
         folder = write_tasks(Path(tmp), held_out, cfg.data, cfg.server.max_new_tokens)
