@@ -152,7 +152,8 @@ class LoraConfig:
 @dataclass
 class TrainConfig:
     method: str = _help("Training method from the registry: lora (PEFT adapters), exact-lora (LoRA with exact "
-                        "stacked aggregation; client ranks may differ) or zo (seed-based zeroth-order).", "lora")
+                        "stacked aggregation; client ranks may differ), zo (seed-based zeroth-order) or diloco "
+                        "(Streaming DiLoCo: fragment-wise syncs with an outer Nesterov optimizer).", "lora")
     local_steps: int = _help("Optimizer steps per client per round (tau for zo).", 10, check="> 0")
     batch_size: int = _help("Examples per micro-batch.", 4, check="> 0")
     grad_accum: int = _help("Micro-batches accumulated per optimizer step.", 1, check="> 0")
@@ -191,6 +192,41 @@ class ZOConfig:
         _choice("zo.params", self.params, ("all", "lora"))
         if self.bits not in (0, 2, 4, 8):
             raise ConfigError(f"zo.bits: must be 0, 2, 4 or 8, got {self.bits}")
+
+
+@dataclass
+class DiLoCoConfig:
+    inner_steps: int = _help("H: inner AdamW steps between two syncs of a fragment; one round runs H / fragments "
+                             "of them (train.local-steps is not used).", 40, check="> 0")
+    fragments: int = _help("P: parameter fragments synced in turn, one per round (1: plain DiLoCo); at most the "
+                           "model's transformer blocks.", 4, check="> 0")
+    pattern: str = _help("Blocks of a fragment: strided (block i in fragment i mod P, every fragment spans the "
+                         "depth) or sequential (consecutive blocks).", "strided")
+    outer_lr: float = _help("Outer SGD learning rate on the averaged outer gradient.", 0.7, check="> 0")
+    momentum: float = _help("Outer SGD momentum.", 0.9, check="[0, 1)")
+    nesterov: bool = _help("Nesterov momentum for the outer step.", True)
+    alpha: float = _help("Merge on arrival: local <- alpha local + (1 - alpha) global (0 takes the global; the "
+                         "paper's overlapped setting uses 0.5).", 0.0, check="[0, 1]")
+    tau: int = _help("Rounds a fragment's global arrives late: 0 merges before the next round's steps, 1 after "
+                     "them (overlapped); below diloco.fragments.", 0, check=">= 0")
+    params: str = _help("What is trained and synced: full (every weight, the paper's setting) or lora (the LoRA "
+                        "adapter of [lora] on a frozen base).", "full")
+
+    def __post_init__(self) -> None:
+        _positive("diloco.inner-steps", self.inner_steps)
+        _positive("diloco.fragments", self.fragments)
+        _choice("diloco.pattern", self.pattern, ("strided", "sequential"))
+        _choice("diloco.params", self.params, ("full", "lora"))
+        if self.inner_steps % self.fragments:
+            raise ConfigError(f"diloco.inner-steps: H={self.inner_steps} is not divisible by diloco.fragments="
+                              f"{self.fragments} (a round runs H / P inner steps)")
+        if self.tau >= self.fragments:
+            raise ConfigError(f"diloco.tau: {self.tau} must be below diloco.fragments={self.fragments} (a fragment's "
+                              "global must arrive before its next sync)")
+
+    def round_steps(self) -> int:
+        """Inner steps in one round: H / P."""
+        return self.inner_steps // self.fragments
 
 
 @dataclass
@@ -429,6 +465,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     zo: ZOConfig = field(default_factory=ZOConfig)
+    diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)

@@ -25,6 +25,7 @@ UPDATE = "update"  # LoRA with compression.up: the encoded delta
 DOWN = "down"  # LoRA with compression.down: the version and the encoded global deltas a node lacks
 FROZEN = "frozen"  # exact-lora: the frozen global delta's factors
 ZO = "zo"  # zo: the accumulators' sync bytes down, the encoded scalars up
+DILOCO = "diloco"  # diloco: the round's fragment, versions and (compression.down) encoded steps down
 MAX_EXAMPLES = 10**9  # a larger claimed example count is a lie meant to outweigh the others
 
 

@@ -162,6 +162,9 @@ def resolve(cfg: Config) -> tuple[Any, Chain]:
                           f"train.method={entry.name} does not give; use {plain}")
     chain = parse_chain(cfg.server.strategy, cfg, meta.get("delta_kind", "dense"), meta.get("default_rule", "fedavg"),
                         dict(meta.get("rules", ())))
+    if chain.optimizers and not meta.get("server_optimizers", True):
+        raise ConfigError(f"server.strategy: train.method={entry.name} takes its own outer step (its config "
+                          f"section); name an aggregation rule only, not {', '.join(o.name for o in chain.optimizers)}")
     return entry, chain
 
 

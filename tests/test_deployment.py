@@ -62,6 +62,14 @@ def test_two_sites_with_tls_and_node_auth(tiny_model_dir, tmp_path):
         run_id = deploy.submit(work, zo_config)
         status = deploy.wait_run(work, run_id, timeout=600)
         assert status == "finished:completed", deploy.flwr(work, "log", str(run_id), "fedllm", "--show").stdout[-3000:]
+        # Streaming DiLoCo, overlapped and 4-bit both ways: each site keeps its state in its SuperNode
+        diloco_config = run_config.replace('server.run-name="deployed"', 'server.run-name="diloco"').replace(
+            "server.num-rounds=2", "server.num-rounds=4").replace("train.lr=0.02", "train.lr=0.002") + (
+            ' train.method="diloco" diloco.fragments=2 diloco.inner-steps=4 diloco.tau=1 diloco.alpha=0.5'
+            ' compression.up="quantize(4)" compression.down="quantize(4)"')
+        run_id = deploy.submit(work, diloco_config)
+        status = deploy.wait_run(work, run_id, timeout=600)
+        assert status == "finished:completed", deploy.flwr(work, "log", str(run_id), "fedllm", "--show").stdout[-3000:]
     assert all(p.poll() is not None for p in procs.procs.values())  # everything stopped
     run = tmp_path / "runs" / "deployed"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -85,3 +93,15 @@ def test_two_sites_with_tls_and_node_auth(tiny_model_dir, tmp_path):
     accounts = json.loads((zo / "ledger" / "accounts.json").read_text())["accounts"]
     assert sorted(a["partition"] for a in accounts.values()) == [0, 1]
     assert all(a["claimed"] == a["earned"] > 0 for a in accounts.values())
+
+    diloco = tmp_path / "runs" / "diloco"
+    rows = [json.loads(line) for line in (diloco / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4] and rows[4]["eval-loss"] < rows[0]["eval-loss"]
+    assert [r["diloco-fragment"] for r in rows[1:]] == [1, 0, 1, 0]
+    for r in rows[1:]:
+        assert r["clients-ok"] == 2 and r["dropped"] == []
+        # every site kept its state from round to round: nobody was sent the whole model again
+        assert all(c["diloco-resynced"] == 0 for c in r["clients"].values())
+    # tau = 1: a fragment synced in round t is merged before round t + 2's steps
+    assert [sorted({c["diloco-merged"] for c in r["clients"].values()}) for r in rows[1:]] == [[0], [0], [1], [1]]
+    assert (diloco / "model" / "config.json").is_file()

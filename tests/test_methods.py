@@ -18,7 +18,8 @@ from strategies import build
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
-SMALL = {"zo": {"zo.num-seeds": 64, "train.lr": 1e-4}, "exact-lora": {"lora.client-ranks": "2,4"}}
+SMALL = {"zo": {"zo.num-seeds": 64, "train.lr": 1e-4}, "exact-lora": {"lora.client-ranks": "2,4"},
+         "diloco": {"diloco.fragments": 2, "diloco.inner-steps": 4}}
 
 
 class Grid:
@@ -111,7 +112,7 @@ def test_downlink_one_rule_for_unknown_versions():
 def test_a_bad_request_is_refused_by_the_client_half(tiny_model_dir, tmp_path):
     from fedllm.errors import PayloadError
 
-    for name, record in (("lora", "arrays"), ("exact-lora", "frozen"), ("zo", "zo")):
+    for name, record in (("lora", "arrays"), ("exact-lora", "frozen"), ("zo", "zo"), ("diloco", "diloco")):
         cfg = tiny_run_config(tiny_model_dir, tmp_path, **{"train.method": name, **SMALL.get(name, {})})
         request = RecordDict({CONFIG: ConfigRecord({**cfg.to_flat(), "server-round": 1})})
         with pytest.raises(PayloadError):

@@ -127,6 +127,26 @@ def test_zo_simulation_lowers_eval_loss(tiny_model_dir, tmp_path):
     assert not torch.equal(merged.model.embed_tokens.weight, base.model.embed_tokens.weight)
 
 
+def test_diloco_simulation_overlapped_and_quantized(tiny_model_dir, tmp_path):
+    """Streaming DiLoCo in Flower's simulation (Ray): 2 fragments, the global merged one round
+    late, 4-bit outer gradients and steps; every client keeps its state through the rounds."""
+    sets = {
+        "model.name": tiny_model_dir, "server.run-dir": tmp_path, "server.run-name": "diloco",
+        "train.method": "diloco", "diloco.fragments": 2, "diloco.inner-steps": 4, "diloco.tau": 1,
+        "diloco.alpha": 0.5, "compression.up": "quantize(4)", "compression.down": "quantize(4)", "train.lr": 0.002,
+        "server.num-rounds": 4, "data.families": "parity,arithmetic", "data.train-per-family": 16,
+        "data.eval-per-family": 4, "server.exact-match-examples": 2, "server.max-new-tokens": 2,
+    }
+    proc = _fedllm("simulate", "--num-clients", "2", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "diloco" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[4]["eval-loss"] < rows[0]["eval-loss"], [r.get("eval-loss") for r in rows]
+    for r in rows[1:]:
+        assert r["clients-ok"] == 2 and r["diloco-fragment"] == r["round"] % 2
+        assert all(c["diloco-resynced"] == 0 for c in r["clients"].values())
+    assert (tmp_path / "diloco" / "model" / "config.json").is_file()
+
+
 def _flwr_run(app: Path, tiny_model_dir, tmp_path, name: str) -> tuple[Path, str]:
     """`flwr run APP` with a tiny model; returns the run directory and the output.
 

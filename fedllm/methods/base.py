@@ -15,6 +15,8 @@ Metadata a method registers with (read by the cross-checks in `strategies.resolv
 - delta_kind: what its updates are ("dense" named tensors of fixed shapes, "sums" per-seed
   scalars, "factors" LoRA factors of any rank), matched against a rule's `accepts`;
 - rules: rules of its own, (name, function) pairs (exact-lora's stack);
+- server_optimizers: whether server.strategy may chain server optimizers (fedadam, ...) after
+  the rule (default True; diloco takes its own outer step);
 - compression: whether compression.up/down apply (its uploads are named tensors);
 - dp: whether Flower's client-side clipping mod applies (it clips float32 arrays);
 - utility: whether `utility` gives the validation loss that scorers with needs_utility call.

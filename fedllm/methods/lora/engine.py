@@ -176,18 +176,20 @@ def subtract(a: State, b: State) -> State:
 
 
 def train(model: Any, rows: list[dict[str, list[int]]], cfg: TrainConfig, pad_id: int,
-          seed: int, proximal_mu: float = 0.0) -> dict[str, float]:
+          seed: int, proximal_mu: float = 0.0, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
     """Run `cfg.local_steps` AdamW steps on encoded rows; returns loss and counts.
 
     Batches are drawn from a seeded permutation, epoch after epoch, and dropout masks from the
     seeded global generator, so a round is repeatable (also after a resume, in a new process).
     `proximal_mu` > 0 adds FedProx's (mu / 2) * ||w - w_global||^2 on the adapter weights.
+    `optimizer`: step this one (over the trainable parameters, its state carried by the caller
+    from round to round, as DiLoCo's inner AdamW) instead of a fresh AdamW.
     """
     acc = accelerator(cfg.precision)
     torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = optimizer or torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     stream = batches(rows, cfg.batch_size, pad_id, torch.Generator().manual_seed(seed))
     losses: list[float] = []
     model.train()
