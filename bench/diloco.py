@@ -109,7 +109,29 @@ def client_rounds(over: dict[str, Any]) -> None:
         handle(RecordDict({CONFIG: ConfigRecord({**cfg.to_flat(), "server-round": r}), DILOCO: ConfigRecord(info),
                            ARRAYS: ArrayRecord({k: t.clone() for k, t in engine.take(state, keys, p).items()})}),
                context)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(peak_rss_mb())
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM). Not getrusage's ru_maxrss: Linux carries the parent's
+    peak into a child across fork and exec, so a child of a large process reads the parent's."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def largest_share(fragments: int) -> float:
+    """The largest of the P fragments' share of SmolLM2's parameters (by `engine.fragments`): what
+    one streaming round moves at most, against a plain DiLoCo round."""
+    from fedllm.config import Config
+    from fedllm.methods.diloco import engine
+
+    cfg = Config.from_flat({**COMMON, "diloco.fragments": fragments})
+    state = engine.initial_state(cfg)
+    sizes = [sum(t.numel() for t in engine.take(state, part, fragments).values())
+             for part in engine.fragments(state, fragments, "strided")]
+    return max(sizes) / sum(t.numel() for t in state.values())
 
 
 def table(results: dict[str, dict[str, Any]], fragments: int) -> tuple[dict[str, Any], str]:
@@ -123,6 +145,9 @@ def table(results: dict[str, dict[str, Any]], fragments: int) -> tuple[dict[str,
     if {"diloco", "streaming"} <= set(results):
         d, s = results["diloco"], results["streaming"]
         goals["peak-ratio streaming/diloco"] = s["peak-round-bytes"] / d["peak-round-bytes"]
+        goals["largest fragment's share"] = largest_share(fragments)
+        goals["peak-ratio / largest fragment's share"] = goals["peak-ratio streaming/diloco"] / goals[
+            "largest fragment's share"]
         goals["peak-ratio ideal 1/P"] = 1 / fragments
         goals["eval-loss streaming/diloco"] = s["eval-loss"] / d["eval-loss"]
         if "streaming-overlap" in results:
@@ -145,6 +170,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="rows, comma separated")
     ap.add_argument("--fresh", action="store_true", help="ignore the rows already in --out")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--rss-only", action="store_true", help="measure the client peak RSS of the rows in --out again")
     ap.add_argument("--client-rounds", default="", help=argparse.SUPPRESS)
     opts = ap.parse_args()
     if opts.client_rounds:
@@ -156,6 +182,11 @@ def main() -> None:
         old = json.loads(opts.out.read_text())
         done = old.get("runs", {}) if old.get("setup") == setup else {}
     wanted = [n for n in opts.only.split(",") if n] or list(rows(opts.inner_steps))
+    if opts.rss_only:
+        for name in wanted:
+            if name in done:
+                done[name]["client-peak-rss-mb"] = client_rss(rows(opts.inner_steps)[name])
+                print(name, done[name]["client-peak-rss-mb"], flush=True)
     with tempfile.TemporaryDirectory(prefix="fedllm-diloco-") as tmp:
         for name in wanted:
             if name in done:

@@ -15,7 +15,6 @@ from conftest import reply_to, tiny_run_config
 from fedllm import checkpoint
 from fedllm.client_train import client_rows, handle, round_seed
 from fedllm.compression import encode, parse
-from fedllm.config import Config
 from fedllm.errors import ConfigError
 from fedllm.local_grid import LocalGrid
 from fedllm.methods.diloco import engine
@@ -261,6 +260,7 @@ def test_a_node_that_misses_rounds_catches_up_and_one_that_lost_its_state_resync
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_resume_is_bit_identical_outer_momentum_included(tiny_model_dir, tmp_path):
     """A server that stops after round 2 and resumes from its checkpoint, its nodes keeping their
     state, ends where an uninterrupted run ends, bit for bit; nodes that lost their state (a new
@@ -339,6 +339,19 @@ def test_malformed_diloco_reply_is_dropped_and_the_round_goes_on(case, tiny_mode
     assert result.applied and [n for n, _ in result.dropped] == [7] and result.metrics["clients-ok"] == 1
 
 
+def test_a_node_whose_state_does_not_read_back_is_sent_the_whole_model(tiny_model_dir, tmp_path):
+    cfg = _cfg(tiny_model_dir, tmp_path)
+    strategy = build(cfg)
+    contexts = _contexts(2)
+    _round(strategy, cfg, contexts, 1)
+    _round(strategy, cfg, contexts, 2)
+    contexts[2].state[LOCAL] = ArrayRecord({"not-a-weight": torch.zeros(2)})  # a damaged node state
+    result, _ = _round(strategy, cfg, contexts, 3)
+    assert [n for n, _ in result.dropped] == [2] and "holds no state" in result.dropped[0][1]
+    result, msgs = _round(strategy, cfg, contexts, 4)
+    assert not result.dropped and {u.node_id: u.metrics["diloco-resynced"] for u in result.updates} == {1: 0, 2: 1}
+
+
 def test_a_malformed_request_is_refused_by_the_client(tiny_model_dir, tmp_path):
     from fedllm.errors import PayloadError
 
@@ -354,6 +367,7 @@ def test_a_malformed_request_is_refused_by_the_client(tiny_model_dir, tmp_path):
 
 
 # --- runs -------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("over", [
     {},
     {"diloco.tau": 1, "diloco.alpha": 0.5, "compression.up": "quantize(4)", "compression.down": "quantize(4)"},

@@ -13,6 +13,7 @@ kept its state: it goes on where it was, bit for bit).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
@@ -23,6 +24,8 @@ from fedllm.errors import PayloadError
 from fedllm.methods.base import Transform
 from fedllm.methods.diloco import engine
 from fedllm.protocol import ARRAYS, CONFIG, DILOCO, UPDATE, State, check_like
+
+log = logging.getLogger(__name__)
 
 LOCAL, SNAPSHOT, ADAM, PENDING, META, RESIDUAL = (f"diloco-{x}" for x in (
     "local", "snapshot", "adam", "pending", "meta", "residual"))  # context.state names
@@ -44,14 +47,27 @@ class DiLoCoClient:
 
     # --- the node's state -----------------------------------------------------------------------
     def _load(self) -> bool:
-        """The node's held state from context.state; False when it holds none."""
+        """The node's held state from context.state; False when it holds none (or holds a state
+        that does not read back: it is dropped, and the server's whole state brings the node back)."""
         st = self.context.state
         if META not in st.config_records or LOCAL not in st.array_records:
             return False
+        try:
+            return self._read(st)
+        except (KeyError, ValueError, TypeError) as err:
+            log.warning("diloco: dropping this node's unreadable state (%s)", err)
+            for name in (LOCAL, SNAPSHOT, ADAM, PENDING, META):
+                if name in st:
+                    del st[name]
+            return False
+
+    def _read(self, st: RecordDict) -> bool:
         meta = st.config_records[META]
         self.meta = {"version": int(meta["version"]), "trained": int(meta["trained"])}
         self.local, self.snapshot = _pop(st, LOCAL), _pop(st, SNAPSHOT)  # one copy in memory, not two
         self.adam, held = _pop(st, ADAM), _pop(st, PENDING)
+        if set(self.local) != set(self.reference) or set(self.snapshot) != set(self.reference):
+            raise ValueError("its tensors are not the model's")
         self.pending = {q: (due, {k: held[k] for k in self.parts[q]})
                         for q, due in zip(meta.get("pending", []), meta.get("due", []))}
         return True

@@ -30,7 +30,8 @@ from fedllm.errors import ConfigError
 from fedllm.model import MODEL_CACHE, cache_root, load_base_model
 
 State = dict[str, torch.Tensor]
-BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # a transformer block's parameters: ...layers.N....
+# a transformer block's parameters: ...layers.N... (Llama, Mistral, Qwen), h.N (GPT-2), layer.N, blocks.N
+BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
 
 
 def fragment_of(server_round: int, fragments: int) -> int:
@@ -62,6 +63,8 @@ def fragments(state: State, count: int, pattern: str) -> list[list[str]]:
     Raises:
         ConfigError: when P exceeds the number of blocks (naming diloco.fragments).
     """
+    if count == 1:
+        return [list(state)]
     blocks = sorted({b for b in map(block_of, state) if b is not None})
     if count > len(blocks):
         raise ConfigError(f"diloco.fragments: P={count} exceeds the model's {len(blocks)} transformer blocks")
