@@ -13,6 +13,7 @@ the same bytes), or the whole global state when its version is unknown or that i
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,6 +30,8 @@ from fedllm.model import save_merged
 from fedllm.protocol import (ARRAYS, DILOCO, LEDGER, METRICS, UPDATE, State, Update, check_like, read_arrays,
                              reply_metrics)
 
+log = logging.getLogger(__name__)
+
 
 class DiLoCoServer:
     """The global parameters, the outer momentum (per tensor, moved only when its fragment
@@ -38,6 +41,9 @@ class DiLoCoServer:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg, self.dc = cfg, cfg.diloco
+        if self.dc.params == "full" and cfg.train.lr > 1e-4:
+            log.warning("diloco.params=full with train.lr=%g: a LoRA learning rate; full-parameter AdamW steps "
+                        "usually want 1e-5 to 5e-5", cfg.train.lr)
         self.net, self.tokenizer = engine.trainable_model(cfg)
         self.state: State = {k: t.clone() for k, t in engine.initial_state(cfg).items()}
         self.parts = engine.fragments(self.state, self.dc.fragments, self.dc.pattern)
