@@ -76,7 +76,9 @@ def one_run(name: str, clients: int, steps: int, over: dict[str, Any], workdir: 
     return {"row": name, "rounds": cfg.server.num_rounds, "eval-loss-before": s["eval-loss-before"],
             "eval-loss": s["eval-loss-after"], "exact-match": s["exact-match-after"],
             "exact-match-before": s["exact-match-before"], "bytes-up": s["bytes-up-total"],
-            "bytes-down": s["bytes-down-total"], "peak-round-bytes": max(per), "seconds": round(seconds, 1),
+            "bytes-down": s["bytes-down-total"], "peak-round-bytes": max(per),
+            "peak-up-bytes": max(sum(r["bytes-up"].values()) for r in metrics if r["round"] > 0),
+            "seconds": round(seconds, 1),
             "client-peak-rss-mb": client_rss(over)}
 
 
@@ -148,6 +150,9 @@ def table(results: dict[str, dict[str, Any]], fragments: int) -> tuple[dict[str,
         goals["largest fragment's share"] = largest_share(fragments)
         goals["peak-ratio / largest fragment's share"] = goals["peak-ratio streaming/diloco"] / goals[
             "largest fragment's share"]
+        if "peak-up-bytes" in d and "peak-up-bytes" in s:  # one direction: also fair when diloco has one round
+            goals["peak-up-ratio / largest fragment's share"] = s["peak-up-bytes"] / d["peak-up-bytes"] / goals[
+                "largest fragment's share"]
         goals["peak-ratio ideal 1/P"] = 1 / fragments
         goals["eval-loss streaming/diloco"] = s["eval-loss"] / d["eval-loss"]
         if "streaming-overlap" in results:
