@@ -91,7 +91,8 @@ def decode(codec: Codec, payload: bytes, names: list[str]) -> State:
 def compress(codec: Codec, tensors: State, feedback: Feedback | None, seed: int) -> tuple[bytes, Feedback | None]:
     """Encode `tensors` plus the residual in `feedback`; returns the payload and the new state.
 
-    With feedback None (error feedback off) only the payload is computed.
+    With feedback None (error feedback off) only the payload is computed. Residuals of tensors
+    not in `tensors` are kept as they are.
     """
     if feedback is None:
         return encode(codec, tensors, seed), None
@@ -99,7 +100,8 @@ def compress(codec: Codec, tensors: State, feedback: Feedback | None, seed: int)
               for k, t in tensors.items()}
     payload = encode(codec, target, seed)
     sent = decode(codec, payload, sorted(target))
-    return payload, Feedback({k: target[k] - sent[k] for k in target})
+    # residuals of tensors not sent this time (another fragment's) wait for their next turn
+    return payload, Feedback({**feedback.residual, **{k: target[k] - sent[k] for k in target}})
 
 
 __all__ = [

@@ -18,17 +18,18 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
-from fedllm.compression import Feedback, compress, decode, parse
+from fedllm.compression import decode, parse
 from fedllm.config import Config
 from fedllm.errors import PayloadError
 from fedllm.methods.base import Transform
 from fedllm.methods.diloco import engine
+from fedllm.methods.lora.client import send_compressed
 from fedllm.protocol import ARRAYS, CONFIG, DILOCO, UPDATE, State, check_like
 
 log = logging.getLogger(__name__)
 
-LOCAL, SNAPSHOT, ADAM, PENDING, META, RESIDUAL = (f"diloco-{x}" for x in (
-    "local", "snapshot", "adam", "pending", "meta", "residual"))  # context.state names
+LOCAL, SNAPSHOT, ADAM, PENDING, META = (f"diloco-{x}" for x in (
+    "local", "snapshot", "adam", "pending", "meta"))  # context.state names
 
 
 class DiLoCoClient:
@@ -199,14 +200,7 @@ class DiLoCoClient:
         self._store()
         if not self.cfg.compression.up:
             return {ARRAYS: ArrayRecord(delta)}
-        feedback = None
-        if self.cfg.compression.error_feedback:
-            held = self.context.state.array_records.get(RESIDUAL)
-            residual = held.to_torch_state_dict() if held is not None else {}
-            feedback = Feedback({k: residual[k] for k in names if k in residual})
-        payload, feedback = compress(parse(self.cfg.compression.up), delta, feedback, self.seed)
-        if feedback is not None:
-            self.context.state[RESIDUAL] = ArrayRecord({**residual, **feedback.residual})
+        payload = send_compressed(delta, self.context, self.cfg, self.seed)
         return {UPDATE: ConfigRecord({"payload": payload})}
 
 

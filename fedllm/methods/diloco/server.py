@@ -50,7 +50,7 @@ class DiLoCoServer:
         self.momentum: State = {}
         self.up = parse(cfg.compression.up) if cfg.compression.up else None
         self.down = parse(cfg.compression.down) if cfg.compression.down else None
-        self.residual: State | None = {} if cfg.compression.error_feedback else None  # the downlink's error feedback
+        self.feedback = Feedback({}) if cfg.compression.error_feedback else None  # the downlink's error feedback
         self.downlink = Downlink(start_known=True)  # every party starts from the base (or the seeded adapter)
         self.rounds: list[int] = []  # the round each downlink version synced
         self.next_round = 1
@@ -130,11 +130,7 @@ class DiLoCoServer:
             self.momentum.update(momentum)
         payload = b""
         if self.down is not None:
-            feedback = Feedback({k: self.residual[k] for k in change if k in self.residual}) \
-                if self.residual is not None else None
-            payload, feedback = compress(self.down, change, feedback, seed=server_round)
-            if feedback is not None:
-                self.residual.update(feedback.residual)
+            payload, self.feedback = compress(self.down, change, self.feedback, seed=server_round)
             change = decode(self.down, payload, sorted(change))
         start = self.take(list(change))
         engine.put(self.state, {k: engine.advance(start[k], c) for k, c in change.items()}, self.dc.fragments)
@@ -175,7 +171,8 @@ class DiLoCoServer:
     # --- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"global": self.state, "momentum": self.momentum, "downlink": self.downlink.state_dict(),
-                "rounds": list(self.rounds), "next-round": self.next_round, "feedback": self.residual}
+                "rounds": list(self.rounds), "next-round": self.next_round,
+                "feedback": self.feedback.residual if self.feedback is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.state = {k: t.clone() for k, t in state["global"].items()}  # moved in place: never share
@@ -186,4 +183,4 @@ class DiLoCoServer:
         self.downlink.start_known = self.downlink.version == 0
         self.rounds, self.next_round = list(state["rounds"]), int(state["next-round"])
         self._sent = {}
-        self.residual = dict(state["feedback"]) if state["feedback"] is not None else None
+        self.feedback = Feedback(dict(state["feedback"])) if state["feedback"] is not None else None
