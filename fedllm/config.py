@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -236,6 +237,8 @@ class ServerConfig:
         "Rule chain: an aggregation rule then server optimizers, e.g. 'fedavg', 'median > fedadam', 'fedadam', or a "
         "rule function 'module:function'; '' picks the method's default rule (fedavg; exact-lora: stack).", "")
     fraction_train: float = _help("Share of connected clients sampled each round.", 1.0, check="(0, 1]")
+    clients_per_round: int = _help("Clients sampled each round; 0: server.fraction-train of the connected clients.",
+                                   0, check=">= 0")
     min_clients: int = _help("Fewest clients a round needs.", 2, check="> 0")
     round_timeout: float = _help("Seconds to wait for client replies; a client that has not replied by then is "
                                  "counted as missing.", 3600.0, check="> 0")
@@ -266,9 +269,20 @@ class ServerConfig:
     run_dir: str = _help("Parent folder of run directories.", "runs")
     run_name: str = _help("Run directory name; '' picks a timestamp.", "")
     merge: bool = _help("Also save the adapter merged into a full model.", False)
+    aggregation: str = _help(
+        "auto: fold each reply into a running sum as it arrives when the rule is a sum (fedavg, fedprox, fedkseed) "
+        "and the ledger is off, else keep the round's list; stream (refused for rules that need every update); list.",
+        "auto")
+    aggregators: str = _help(
+        "Processes that fold a streamed round: 1 (the server's own), N >= 2 (a tree of N shared-memory workers), or "
+        "auto (one per 16 sampled clients, at most half the cores).", "1")
+    node_state: int = _help("Nodes whose downlink version the server remembers (the most recently sampled); a node "
+                            "beyond that is sent the full state next time.", 4096, check="> 0")
 
     def __post_init__(self) -> None:
         _positive("server.num-rounds", self.num_rounds)
+        _choice("server.aggregation", self.aggregation, ("auto", "stream", "list"))
+        self.aggregator_count(1)
         self.tracker_names()
         _positive("server.min-clients", self.min_clients)
         _positive("server.min-replies", self.min_replies)
@@ -277,6 +291,19 @@ class ServerConfig:
                 f"server.fraction-train: must be in (0, 1], got {self.fraction_train}"
             )
 
+
+    def aggregator_count(self, pending: int) -> int:
+        """server.aggregators as a number of processes for a round of `pending` replies.
+
+        Raises:
+            ConfigError: for a value that is not auto or a whole number >= 1.
+        """
+        value = str(self.aggregators).strip()
+        if value == "auto":
+            return max(1, min((os.cpu_count() or 1) // 2, math.ceil(pending / 16)))
+        if not value.isdigit() or int(value) < 1:
+            raise ConfigError(f"server.aggregators: must be auto or a whole number >= 1, got {self.aggregators!r}")
+        return int(value)
 
     def tracker_names(self) -> list[str]:
         """server.trackers as a list, checked."""

@@ -1,52 +1,69 @@
-"""A Flower Grid whose nodes run fedllm's client in this process, one message after another:
-for benchmarks and tests that drive `fedllm.server_app.run` without Ray or a SuperLink.
+"""The in-process engine's Grid: nodes whose ClientApp runs in this process, one message after
+another, when the server pulls their replies (`fedllm simulate --engine inprocess`, the
+benchmarks, the tests). No Ray and no SuperLink: for one-device users and for debugging.
 
     from fedllm.local_grid import LocalGrid
     run_dir = run(LocalGrid(10), cfg)            # 10 nodes, partitions 0..9
 
-A client that raises becomes an error reply, as in Flower; `silent` nodes never reply, as if
-they had timed out. With `spill` (a folder), each node's array records (context.state) wait on
-disk as safetensors between its messages, so that only the node at work holds its state in
-memory: for full-parameter methods whose per-node state is the size of the model (diloco).
+Messages wait in the grid when pushed; `pull_messages` runs each waiting client lazily, so the
+server folds one reply before the next client trains (a streamed round holds one update). A
+client that raises becomes an error reply, as in Flower; `silent` nodes never reply, so the
+server counts them missing after server.round-timeout. A node's Context is made the first
+time it gets a message (1000 registered nodes cost nothing until sampled). With `spill` (a
+folder), each node's array records (context.state) wait on disk as safetensors between its
+messages, so that only the node at work holds its state in memory: for many nodes, or for
+full-parameter methods whose per-node state is the size of the model (diloco).
 """
 
 from __future__ import annotations
 
 import uuid
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Iterator
 
 from flwr.app import Context, Error, Message, RecordDict
 
 
 class LocalGrid:
-    """Nodes 1..n with node config partition-id = node - 1 and num-partitions = n."""
+    """Nodes 1..n with node config partition-id = node - 1 and num-partitions = n, running
+    `app` (fedllm's ClientApp, with its mods, unless given)."""
 
-    def __init__(self, num_nodes: int, silent: Iterable[int] = (), spill: Path | None = None) -> None:
+    def __init__(self, num_nodes: int, silent: Iterable[int] = (), spill: Path | None = None,
+                 app: Any = None) -> None:
         from flwr.supercore.task_identity import TaskIdentity
 
         if TaskIdentity._task_id is None:  # Flower stamps messages with the running task's identity
             TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-        self.contexts = {node: Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
-                                       node_config={"partition-id": node - 1, "num-partitions": num_nodes})
-                         for node in range(1, num_nodes + 1)}
+        self.num_nodes = num_nodes
+        self.contexts: dict[int, Context] = {}
         self.silent = set(silent)
         self.sent = 0
         self.spill = Path(spill) if spill is not None else None
+        self.app = app
+        self.waiting: dict[str, Message] = {}  # pushed, not yet run
 
     def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
+        return list(range(1, self.num_nodes + 1))
+
+    def context(self, node: int) -> Context:
+        """Node `node`'s Context (made on first use)."""
+        if node not in self.contexts:
+            self.contexts[node] = Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
+                                          node_config={"partition-id": node - 1, "num-partitions": self.num_nodes})
+        return self.contexts[node]
 
     def reply(self, message: Message) -> RecordDict:
         """The client's reply content to `message` (override to cache or alter)."""
-        from fedllm.client_train import handle
+        if self.app is None:
+            from fedllm.client_app import app
 
-        context = self.contexts[message.metadata.dst_node_id]
+            self.app = app
+        context = self.context(message.metadata.dst_node_id)
         if self.spill is None:
-            return handle(message.content, context)
+            return self.app(message, context).content
         self._unspill(context)
         try:
-            return handle(message.content, context)
+            return self.app(message, context).content
         finally:
             self._spill(context)
 
@@ -75,15 +92,27 @@ class LocalGrid:
         if "local-grid-spilled" in context.state.config_records:
             del context.state["local-grid-spilled"]
 
-    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
         for m in messages:
-            self.sent += 1
+            if not 1 <= m.metadata.dst_node_id <= self.num_nodes:
+                raise ValueError(f"no node {m.metadata.dst_node_id} in this grid (nodes 1..{self.num_nodes})")
             m.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's grids stamp what they push
-            if m.metadata.dst_node_id in self.silent:
-                continue
+            self.sent += 1
+            if m.metadata.dst_node_id not in self.silent:
+                self.waiting[m.metadata.message_id] = m
+            ids.append(m.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterator[Message]:
+        """Runs each waiting message among `message_ids`, in push order, yielding its reply."""
+        wanted = set(message_ids)
+        for mid in [mid for mid in self.waiting if mid in wanted]:
+            m = self.waiting.pop(mid)
             try:
-                replies.append(Message(self.reply(m), reply_to=m))
+                yield Message(self.reply(m), reply_to=m)
             except Exception as err:  # a failing client, reported as Flower reports a ClientApp exception
-                replies.append(Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=m))
-        return replies
+                yield Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=m)
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
+        return list(self.pull_messages(self.push_messages(messages)))

@@ -21,9 +21,9 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedllm import checkpoint
@@ -130,7 +130,8 @@ def _rounds(cfg: Config, run_dir: Path, ckpt: dict[str, Any] | None, strategy: F
     for server_round in range(first, n_rounds + 1):
         t0 = time.perf_counter()
         run_config = ConfigRecord({**cfg.to_flat(), **round_extra})
-        down, replies, result, missing, attempts = train_round(server_round, cfg, strategy, run_config, grid, run_dir)
+        down, replies, result, missing, attempts = train_round(server_round, cfg, strategy, run_config, grid, run_dir,
+                                                               keep_replies=books is not None)
         train_seconds = time.perf_counter() - t0
         accounts = {}
         if books is not None:
@@ -185,11 +186,29 @@ ERROR_FILE = "error.txt"  # why a run stopped, for the CLI to print
 SERVER_FAILED: list[str] = []
 
 
+def receive(grid: Grid, messages: list[Message], timeout: float | None, interval: float = 0.1) -> Iterator[Message]:
+    """Push `messages` and yield each reply as it arrives (polling every `interval` seconds while
+    none is waiting), until every message is answered or `timeout` seconds have passed."""
+    waiting = set(grid.push_messages(messages))
+    end = None if timeout is None else time.monotonic() + timeout
+    while waiting:
+        got = False
+        for reply in grid.pull_messages(list(waiting)):
+            waiting.discard(reply.metadata.reply_to_message_id)
+            got = True
+            yield reply
+        if not waiting or (end is not None and time.monotonic() >= end):
+            return
+        if not got:
+            time.sleep(interval)
+
+
 def train_round(server_round: int, cfg: Config, strategy: FedLLMStrategy, run_config: ConfigRecord, grid: Grid,
-                run_dir: Path) -> tuple[dict[str, int], list[Any], RoundResult, list[int], int]:
-    """Send the round's train messages and aggregate the replies, trying again while fewer than
-    server.min-replies are valid. Returns (bytes down per node, replies, the round's result,
-    nodes that never replied, attempts).
+                run_dir: Path, keep_replies: bool = False) -> tuple[dict[str, int], list[Any], RoundResult, list[int], int]:
+    """Send the round's train messages and aggregate the replies as they arrive, trying again
+    while fewer than server.min-replies are valid. Returns (bytes down per node, the replies
+    when `keep_replies` (the ledger reads their signatures), else [], the round's result, nodes
+    that never replied, attempts).
 
     Raises:
         RoundFailed: after server.round-retries retries (the reason also goes to error.txt).
@@ -199,13 +218,21 @@ def train_round(server_round: int, cfg: Config, strategy: FedLLMStrategy, run_co
     for attempt in range(cfg.server.round_retries + 1):
         messages = list(strategy.configure_train(server_round, ArrayRecord(), run_config, grid))
         down = {str(m.metadata.dst_node_id): payload_bytes(m.content) for m in messages}
-        replies = list(grid.send_and_receive(messages, timeout=cfg.server.round_timeout))
-        answered = {r.metadata.src_node_id for r in replies}
+        answered: set[int] = set()
+        replies: list[Message] = []
+
+        def arrivals() -> Iterator[Message]:
+            for reply in receive(grid, messages, cfg.server.round_timeout):
+                answered.add(reply.metadata.src_node_id)
+                if keep_replies:
+                    replies.append(reply)
+                yield reply
+
+        result = strategy.round(server_round, arrivals(), messages)
         missing = sorted(m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in answered)
         if missing:
             log.warning("round %d: no reply within server.round-timeout=%gs from node(s) %s", server_round,
                         cfg.server.round_timeout, ", ".join(map(str, missing)))
-        result = strategy.round(server_round, replies, messages)
         if result.applied:
             return down, replies, result, missing, attempt + 1
         valid = len(result.updates)

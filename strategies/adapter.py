@@ -12,6 +12,7 @@ values; then the update's norm); a bad reply is dropped with its reason, never r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Iterable, Mapping
 
@@ -26,6 +27,9 @@ from fedllm.errors import ConfigError, PayloadError
 from fedllm.methods import METHODS, ServerHalf
 from fedllm.protocol import CONFIG, RoundResult, Update, screen, update_norm
 from strategies.chain import Chain, parse_chain
+from strategies.fold import Running
+from strategies.rules import Aggregate
+from strategies.tree import SumTree
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +47,14 @@ class FedLLMStrategy(Strategy):
                  self.cfg.compression.up, self.cfg.compression.down)
 
     def sample(self, grid: Grid) -> list[int]:
-        """Node ids for this round (waits until server.min-clients are connected)."""
-        connected = len(list(grid.get_node_ids()))
-        size = max(int(connected * self.cfg.server.fraction_train), self.cfg.server.min_clients)
-        node_ids, _ = sample_nodes(grid, self.cfg.server.min_clients, size)
-        return node_ids
+        """Node ids for this round, in increasing order: server.clients-per-round of them, else
+        server.fraction-train of the connected ones (waits until server.min-clients, and as many
+        as are sampled, are connected)."""
+        server = self.cfg.server
+        size = server.clients_per_round or max(int(len(list(grid.get_node_ids())) * server.fraction_train),
+                                               server.min_clients)
+        node_ids, _ = sample_nodes(grid, server.min_clients, size)
+        return sorted(node_ids)
 
     def round_config(self, server_round: int) -> dict[str, Any]:
         """Per-round values sent beside the run config (keys without a dot)."""
@@ -79,38 +86,70 @@ class FedLLMStrategy(Strategy):
         update.metrics["update-norm"] = norm  # measured by the server, beside what the client reports
         return update
 
-    def collect(self, server_round: int, replies: Iterable[Message],
-                sent: Iterable[Message] = ()) -> tuple[list[Update], list[tuple[int, str]]]:
+    def accumulator(self, pending: int) -> Running | SumTree | None:
+        """Where a streamed round folds its updates (`pending` replies expected): in this
+        process, or a tree of server.aggregators worker processes; None for a round that keeps
+        the list (the rule needs every update, the ledger scores them, or
+        server.aggregation=list)."""
+        if not self.streams():
+            return None
+        workers = self.cfg.server.aggregator_count(pending)
+        return SumTree(workers) if workers > 1 else Running(self.chain.fold)
+
+    def streams(self) -> bool:
+        """Whether rounds fold replies as they arrive (server.aggregation, the rule's `streams`
+        metadata, and the ledger, whose scorers and flags need every update)."""
+        mode = self.cfg.server.aggregation
+        return mode == "stream" or (mode == "auto" and self.chain.fold is not None and not self.cfg.ledger.enabled)
+
+    def collect(self, server_round: int, replies: Iterable[Message], sent: Iterable[Message] = (),
+                into: Running | SumTree | None = None) -> tuple[list[Update], list[tuple[int, str]]]:
         """Every reply validated: the accepted updates (in partition order, so that sums are
         taken in the same order every run) and the dropped ones with their reasons. With `sent`
-        (the round's messages, as the grid stamped them), a reply must answer one of them."""
+        (the round's messages, as the grid stamped them), a reply must answer one of them.
+        With `into`, each accepted update is folded into it as it arrives and kept without its
+        tensors (its node, examples and metrics stay for the round's row)."""
         updates, dropped = [], []
         sent_ids = frozenset(m.metadata.message_id for m in sent if m.metadata.message_id)
         for msg in replies:
             try:
-                updates.append(self.accept(msg, server_round, sent_ids))
+                update = self.accept(msg, server_round, sent_ids)
             except PayloadError as err:
                 dropped.append((msg.metadata.src_node_id, str(err)))
                 log.warning("round %d: dropped reply of node %d: %s", server_round, msg.metadata.src_node_id, err)
+                continue
             except Exception as err:  # a validation bug must not end the round: log it loudly
                 dropped.append((msg.metadata.src_node_id, f"unexpected {type(err).__name__}: {err}"))
                 log.exception("round %d: reply of node %d could not be checked", server_round,
                               msg.metadata.src_node_id)
+                continue
+            if into is not None:
+                into.add(update.delta, update.num_examples)
+                update = dataclasses.replace(update, delta={})
+            updates.append(update)
         updates.sort(key=lambda u: (u.metrics.get("partition-id", 0.0), u.node_id))
         return updates, dropped
 
     def round(self, server_round: int, replies: Iterable[Message], sent: Iterable[Message] = ()) -> RoundResult:
         """Validate, aggregate and apply one round's replies (to the messages `sent`, when
         given); with fewer than server.min-replies valid ones nothing is applied (`applied`
-        False)."""
-        updates, dropped = self.collect(server_round, replies, sent)
-        metrics: dict[str, float] = {"clients-ok": len(updates), "clients-dropped": len(dropped)}
-        if updates:
-            weights = [u.num_examples for u in updates]
-            metrics["train-loss"] = sum(w * u.metrics.get("train-loss", 0.0) for w, u in zip(weights, updates)) / sum(weights)
-        if len(updates) < self.cfg.server.min_replies:
-            return RoundResult(server_round, tuple(updates), tuple(dropped), (), metrics, applied=False)
-        agg = self.chain(updates)
+        False). Replies are consumed as the iterable yields them: a streamed round folds each
+        into a running sum and holds none of their tensors."""
+        sent = list(sent)
+        into = self.accumulator(len(sent))
+        try:
+            updates, dropped = self.collect(server_round, replies, sent, into)
+            metrics: dict[str, float] = {"clients-ok": len(updates), "clients-dropped": len(dropped)}
+            if updates:
+                weights = [u.num_examples for u in updates]
+                metrics["train-loss"] = sum(w * u.metrics.get("train-loss", 0.0)
+                                            for w, u in zip(weights, updates)) / sum(weights)
+            if len(updates) < self.cfg.server.min_replies:
+                return RoundResult(server_round, tuple(updates), tuple(dropped), (), metrics, applied=False)
+            agg = self.chain(updates) if into is None else self.chain.finish(Aggregate(into.result()))
+        finally:
+            if into is not None:
+                into.close()
         metrics.update(self.method.apply(agg.delta, updates, server_round))
         return RoundResult(server_round, tuple(updates), tuple(dropped), agg.outliers, metrics, applied=True)
 
@@ -162,6 +201,10 @@ def resolve(cfg: Config) -> tuple[Any, Chain]:
                           f"train.method={entry.name} does not give; use {plain}")
     chain = parse_chain(cfg.server.strategy, cfg, meta.get("delta_kind", "dense"), meta.get("default_rule", "fedavg"),
                         dict(meta.get("rules", ())))
+    if cfg.server.aggregation == "stream" and (chain.fold is None or cfg.ledger.enabled):
+        why = (f"rule {chain.rule.name!r} needs every update at once" if chain.fold is None
+               else "the ledger's scorers and flags need every update")
+        raise ConfigError(f"server.aggregation: cannot stream ({why}); use auto or list")
     if chain.optimizers and not meta.get("server_optimizers", True):
         raise ConfigError(f"server.strategy: train.method={entry.name} takes its own outer step (its config "
                           f"section); name an aggregation rule only, not {', '.join(o.name for o in chain.optimizers)}")

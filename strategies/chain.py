@@ -25,6 +25,7 @@ from fedllm.config import Config
 from fedllm.errors import ConfigError
 from fedllm.protocol import Update
 from fedllm.registry import Entry
+from strategies.fold import Fold
 from strategies.optimizers import OPTIMIZERS, ServerOpt
 from strategies.rules import RULES, Aggregate, Rule
 
@@ -45,7 +46,17 @@ class Chain:
 
     def __call__(self, updates: list[Update]) -> Aggregate:
         out = self.rule.impl(updates, self.cfg)
-        agg = out if isinstance(out, Aggregate) else Aggregate(out)
+        return self.finish(out if isinstance(out, Aggregate) else Aggregate(out))
+
+    @property
+    def fold(self) -> Fold | None:
+        """The rule's streaming fold (registry metadata `fold`), or None for a rule that needs
+        every update at once."""
+        return self.rule.meta.get("fold") if self.rule.meta.get("streams") else None
+
+    def finish(self, agg: Aggregate) -> Aggregate:
+        """The stages after the rule (optimizers, DP noise) on the rule's aggregate; what
+        `__call__` runs after the rule, and what a streamed round runs after its fold."""
         delta = agg.delta
         for i, opt in enumerate(self.optimizers):
             if self.states[i] is None:

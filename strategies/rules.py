@@ -6,7 +6,9 @@ A rule that leaves clients out or cuts them down names them in `Aggregate.outlie
 ledger flags them). Register with `RULES.register(name, fn, accepts={...}, streams=...)`:
 `accepts` names the update kinds it works on (a method's `delta_kind`: "dense" LoRA deltas,
 "sums" zo per-seed sums, "factors" exact-lora adapters); `streams` says the rule is a sum
-that could be folded update by update, rather than one that needs every update at once.
+that the server folds update by update as replies arrive, with `fold` (a strategies.fold.Fold)
+saying how, rather than one that needs every update at once (streams=False: the server keeps
+the round's list).
 
 - FedAvg: McMahan et al., 2017, https://arxiv.org/abs/1602.05629. On LoRA it averages the A
   and B factors separately, which is not the average of the products B @ A (see exact-lora).
@@ -25,8 +27,9 @@ from typing import Callable, NamedTuple
 import torch
 
 from fedllm.config import Config
-from fedllm.protocol import State, Update, weighted_mean
+from fedllm.protocol import State, Update
 from fedllm.registry import Registry
+from strategies.fold import MEAN, fold_all
 
 
 class Aggregate(NamedTuple):
@@ -100,8 +103,9 @@ def norm_bounded_mean(x: torch.Tensor, weights: torch.Tensor, max_norm: float) -
 
 
 def fedavg(updates: list[Update], cfg: Config) -> State:
-    """Example-weighted mean of the deltas."""
-    return weighted_mean([u.delta for u in updates], [u.num_examples for u in updates])
+    """Example-weighted mean of the deltas (float32): the MEAN fold run over the list, so a
+    streamed round that folds the same updates in the same order gives the same bits."""
+    return fold_all(MEAN, [u.delta for u in updates], [u.num_examples for u in updates])
 
 
 def _robust(combine: Callable[[torch.Tensor, torch.Tensor, Config], tuple[torch.Tensor, list[int]]]) -> Rule:
@@ -154,9 +158,9 @@ def proximal_mu(cfg: Config) -> dict[str, float]:
     return {"proximal-mu": cfg.strategy.proximal_mu}
 
 
-RULES.register("fedavg", fedavg, accepts=DENSE, streams=True)
-RULES.register("fedkseed", fedavg, accepts=frozenset({"sums"}), streams=True)  # FedKSeed's name for it
-RULES.register("fedprox", fedavg, accepts=frozenset({"dense"}), streams=True, round_config=proximal_mu)
+RULES.register("fedavg", fedavg, accepts=DENSE, streams=True, fold=MEAN)
+RULES.register("fedkseed", fedavg, accepts=frozenset({"sums"}), streams=True, fold=MEAN)  # FedKSeed's name for it
+RULES.register("fedprox", fedavg, accepts=frozenset({"dense"}), streams=True, fold=MEAN, round_config=proximal_mu)
 for _name, _combine in (("median", _median), ("trimmed-mean", _trimmed), ("krum", _krum),
                         ("multikrum", _multikrum), ("norm-bounded", _norm_bounded)):
     # not for zo's sums: clients draw their own seeds, so a coordinate-wise statistic of sparse sums is ~0

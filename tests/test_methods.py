@@ -69,7 +69,7 @@ def test_every_method_keeps_the_contract(name, tiny_model_dir, tmp_path):
 def test_an_attack_hook_rewrites_the_update_before_encoding(name, tiny_model_dir, tmp_path):
     """sign-flip through fedllm's client: the attacker's decoded update is minus the honest one."""
     base = tiny_run_config(tiny_model_dir, tmp_path, **{"train.method": name, "server.evaluate": False,
-                                                        **SMALL.get(name, {})})
+                                                        "server.aggregation": "list", **SMALL.get(name, {})})
     deltas = {}
     for kind in ("", "0=sign-flip"):
         cfg = base.replace(attack__clients=kind)
@@ -77,6 +77,7 @@ def test_an_attack_hook_rewrites_the_update_before_encoding(name, tiny_model_dir
         result, _ = _round(strategy, cfg, _contexts(1), 1)
         deltas[kind] = result.updates[0].delta
     honest, flipped = deltas[""], deltas["0=sign-flip"]
+    assert honest and honest.keys() == flipped.keys()  # a list round keeps each update's tensors
     if name == "exact-lora":  # the upload is the adapter itself: compare the changes from its fresh start
         from fedllm.client_train import round_seed
         from fedllm.methods.lora import engine as lora

@@ -13,21 +13,28 @@ message until its reply is accepted (a node that crashes, times out or sends an 
 may hold anything), and after a restart (node versions are not saved: a resumed run's nodes
 start empty). A node never contacted holds version 0 when every party starts from the same
 known state (`start_known`, zo's zero accumulators), else its version is unknown.
+
+The table is bounded (`capacity`, server.node-state): it keeps the most recently sent nodes,
+and a node pushed out is unknown again (sent the full state next time). From the first
+eviction on, a node not in the table may be an evicted one, so it counts as unknown even
+with `start_known`: the server's memory stays independent of the number of registered nodes.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 
 class Downlink:
     """History of the applied round payloads and the version each node holds."""
 
-    def __init__(self, start_known: bool) -> None:
-        self.start_known = start_known
+    def __init__(self, start_known: bool, capacity: int = 4096) -> None:
+        self.start_known, self.capacity = start_known, capacity
         self.history: list[bytes] = []
-        self._node: dict[int, int | None] = {}  # version each node holds (None: unknown)
+        self._node: OrderedDict[int, int | None] = OrderedDict()  # version each node holds (None: unknown)
         self._pending: dict[int, int] = {}  # version a node was sent, until its reply is accepted
+        self.evicted = False
 
     @property
     def version(self) -> int:
@@ -36,7 +43,7 @@ class Downlink:
 
     def version_of(self, node: int) -> int | None:
         """The version `node` holds, or None when unknown."""
-        return self._node.get(node, 0 if self.start_known else None)
+        return self._node.get(node, 0 if self.start_known and not self.evicted else None)
 
     def missing(self, node: int) -> list[bytes] | None:
         """The payloads `node` lacks to reach the current version, or None when its version is
@@ -48,6 +55,11 @@ class Downlink:
         """`node` was sent the current version; what it holds is unknown until it replies."""
         self._pending[node] = self.version
         self._node[node] = None
+        self._node.move_to_end(node)
+        while len(self._node) > self.capacity:  # the least recently sent node is forgotten
+            old, _ = self._node.popitem(last=False)
+            self._pending.pop(old, None)
+            self.evicted = True
 
     def accepted(self, node: int) -> None:
         """`node`'s reply was accepted: it holds the version it was sent."""
@@ -62,4 +74,4 @@ class Downlink:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = list(state["history"])
-        self._node, self._pending = {}, {}
+        self._node, self._pending = OrderedDict(), {}

@@ -51,7 +51,7 @@ class DiLoCoServer:
         self.up = parse(cfg.compression.up) if cfg.compression.up else None
         self.down = parse(cfg.compression.down) if cfg.compression.down else None
         self.feedback = Feedback({}) if cfg.compression.error_feedback else None  # the downlink's error feedback
-        self.downlink = Downlink(start_known=True)  # every party starts from the base (or the seeded adapter)
+        self.downlink = Downlink(True, cfg.server.node_state)  # every party starts from the base (or the seeded adapter)
         self.rounds: list[int] = []  # the round each downlink version synced
         self.next_round = 1
         self._sent: dict[tuple[int, int | None], ArrayRecord] = {}  # this version's downlink records

@@ -56,7 +56,7 @@ class LoraServer:
         self.before: State = self.state  # the state before the last apply (for the utility)
         self.up = parse(cfg.compression.up) if cfg.compression.up else None
         self.down = parse(cfg.compression.down) if cfg.compression.down else None
-        self.downlink = Downlink(start_known=False)
+        self.downlink = Downlink(False, cfg.server.node_state)
         self.feedback = Feedback({}) if cfg.compression.error_feedback else None
 
     # --- the wire -----------------------------------------------------------------------------

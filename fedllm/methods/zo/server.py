@@ -44,7 +44,7 @@ class ZOServer:
             self.engine = self.tokenizer = None
             self.fingerprint = fingerprint
         self.state = zo.Accumulators(self.k)
-        self.downlink = Downlink(start_known=True)  # every party starts from zero accumulators
+        self.downlink = Downlink(True, cfg.server.node_state)  # every party starts from zero accumulators
 
     def encode_down(self, node: int) -> dict[str, Any]:
         down = zo.encode_down(self.state, self.downlink.history, self.downlink.version_of(node))
