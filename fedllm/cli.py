@@ -2,6 +2,8 @@
 
     fedllm simulate --num-clients 4 --set server.num-rounds=3 --set lora.rank=16
     fedllm simulate --resume runs/NAME         # continue a stopped run from its checkpoint
+    fedllm simulate --engine inprocess         # no Ray: the clients one after another in one process
+    fedllm simulate --ray-address 10.0.0.5:6379  # on a running Ray cluster
     fedllm prepare-model                       # convert the default GGUF once
     fedllm config                              # every config key, its default and help
     fedllm ledger runs/NAME                    # stakes, scores, rewards and penalties of a run
@@ -35,9 +37,19 @@ from fedllm.errors import FedLLMError
 log = logging.getLogger("fedllm")
 
 
-def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float, resume: Path | None = None) -> Path:
-    """Run a Flower simulation (Ray backend) of `num_clients` virtual clients; with `resume`,
-    continue that run directory from its checkpoint (its config.json, `overrides` on top).
+ENGINES = ("ray", "inprocess")
+
+
+def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float, resume: Path | None = None,
+             engine: str = "ray", ray_address: str = "") -> Path:
+    """Run a simulation of `num_clients` virtual clients; with `resume`, continue that run
+    directory from its checkpoint (its config.json, `overrides` on top).
+
+    Engines: "ray", Flower's simulation (a local Ray instance, or the cluster at `ray_address`,
+    e.g. "127.0.0.1:6379" of a `ray start --head`); "inprocess", the same ServerApp and
+    ClientApp driven through fedllm's in-process Grid (`fedllm.local_grid`): the clients run
+    one after another in the server's process, without Ray's daemons, their states spilled to
+    disk between their rounds.
 
     The config, the model and the data are checked here first, so a mistake fails fast with
     one line instead of inside a worker. The simulation then runs in a child process of its own
@@ -47,9 +59,14 @@ def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float
     Raises:
         Stopped: after SIGINT or SIGTERM (exit 130 or 143).
     """
+    if engine not in ENGINES:
+        raise FedLLMError(f"--engine: must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if ray_address and engine != "ray":
+        raise FedLLMError("--ray-address: joins a Ray cluster, which only --engine ray uses")
     overrides, run_dir = prepare(overrides, num_clients, cpus_per_client, resume)
     supervise({"overrides": overrides, "num_clients": num_clients, "cpus_per_client": cpus_per_client,
-               "run_dir": str(run_dir), "parent": os.getpid()}, run_dir)
+               "run_dir": str(run_dir), "parent": os.getpid(), "engine": engine, "ray_address": ray_address},
+              run_dir)
     return run_dir
 
 
@@ -95,25 +112,41 @@ def prepare(overrides: dict[str, Any], num_clients: int, cpus_per_client: float,
 
 
 def run_engine(job: dict[str, Any]) -> None:
-    """The child's side of `simulate`: Flower's simulation engine on the prepared job.
+    """The child's side of `simulate`: the job's engine (Flower's simulation, or the in-process
+    Grid) running fedllm's ServerApp and ClientApp.
 
     Raises:
         FedLLMError: with error.txt's reason, or when the run wrote no summary.
     """
-    from flwr.simulation import run_simulation
-
-    from fedllm.client_app import app as client_app
     from fedllm.server_app import ERROR_FILE, make_app
 
     run_dir = Path(job["run_dir"])
     _watch(int(job["parent"]))  # also when the parent died before this (getppid differs at once)
-    backend = {
-        "client_resources": {"num_cpus": job["cpus_per_client"], "num_gpus": 0.0},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
-                      "logging_level": "ERROR", "log_to_driver": False},
-    }
     started = time.time()  # an earlier attempt's summary.json or error.txt stays until a new one replaces it
-    run_simulation(make_app(job["overrides"]), client_app, num_supernodes=job["num_clients"], backend_config=backend)
+    if job.get("engine", "ray") == "inprocess":
+        import tempfile
+
+        from flwr.app import Context, RecordDict
+
+        from fedllm.local_grid import LocalGrid
+
+        with tempfile.TemporaryDirectory(prefix="fedllm-nodes-") as spill:
+            grid = LocalGrid(job["num_clients"], spill=Path(spill))
+            make_app(job["overrides"])(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                                     run_config={}))
+    else:
+        from flwr.simulation import run_simulation
+
+        from fedllm.client_app import app as client_app
+
+        init: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": False}
+        if job.get("ray_address"):
+            init["address"] = job["ray_address"]  # the cluster's own resources; this process is its driver
+        else:
+            init.update(num_cpus=os.cpu_count() or 1, include_dashboard=False)
+        backend = {"client_resources": {"num_cpus": job["cpus_per_client"], "num_gpus": 0.0}, "init_args": init}
+        run_simulation(make_app(job["overrides"]), client_app, num_supernodes=job["num_clients"],
+                       backend_config=backend)
     if not written_since(run_dir / "summary.json", started):
         if written_since(run_dir / ERROR_FILE, started):
             raise FedLLMError((run_dir / ERROR_FILE).read_text().strip())
@@ -284,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
                      help="Ray CPUs per client; the default runs one client at a time on all cores")
     sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="config override, e.g. lora.rank=16 (see `fedllm config`)")
+    sim.add_argument("--engine", choices=ENGINES, default="ray",
+                     help="ray: Flower's simulation engine (Ray); inprocess: the clients one after another in this "
+                     "process, no Ray (one device, debugging)")
+    sim.add_argument("--ray-address", default="", metavar="HOST:PORT",
+                     help="join a running Ray cluster (`ray start --head` prints its address) instead of starting one")
     sim.add_argument("--resume", type=Path, metavar="RUN_DIR",
                      help="continue a run from its checkpoint (its config; --set server.num-rounds=N may extend it)")
     prep = sub.add_parser("prepare-model", help="convert a GGUF model into the safetensors cache")
@@ -317,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "_engine":
             run_engine(json.loads(os.environ[ENGINE_JOB]))
         elif args.command == "simulate":
-            run_dir = simulate(parse_overrides(args.set), args.num_clients, args.cpus_per_client, args.resume)
+            run_dir = simulate(parse_overrides(args.set), args.num_clients, args.cpus_per_client, args.resume,
+                               args.engine, args.ray_address)
             print(f"run directory: {run_dir}")
         elif args.command == "prepare-model":
             from fedllm.model import resolve

@@ -118,3 +118,27 @@ def test_a_bad_request_is_refused_by_the_client_half(tiny_model_dir, tmp_path):
         request = RecordDict({CONFIG: ConfigRecord({**cfg.to_flat(), "server-round": 1})})
         with pytest.raises(PayloadError):
             handle(request, _contexts(1)[1])
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_a_streamed_round_equals_the_list_round(name, tiny_model_dir, tmp_path):
+    """The same replies, folded as they arrive (server.aggregation=stream) or aggregated as a
+    list, move the global state to the same bits (the replies come in partition order); a
+    method whose default rule needs every update keeps the list under auto."""
+    base = tiny_run_config(tiny_model_dir, tmp_path, **{"train.method": name, "server.evaluate": False,
+                                                        **SMALL.get(name, {})})
+    listed = build(base.replace(server__aggregation="list"))
+    if build(base).chain.fold is None:  # exact-lora's stack
+        assert not build(base).streams()
+        return
+    streamed = build(base.replace(server__aggregation="stream"))
+    assert streamed.streams() and not listed.streams()
+    contexts = _contexts(3)
+    for rnd in (1, 2):
+        result, replies = _round(listed, base, contexts, rnd)
+        list(streamed.configure_train(rnd, ArrayRecord(), ConfigRecord(base.to_flat()), Grid(list(contexts))))
+        folded = streamed.round(rnd, iter(replies))
+        assert folded.applied and folded.metrics["clients-ok"] == 3
+        assert all(u.delta == {} for u in folded.updates) and all(u.delta for u in result.updates)
+        assert [u.node_id for u in folded.updates] == [u.node_id for u in result.updates]
+        assert streamed.method.digest() == listed.method.digest()

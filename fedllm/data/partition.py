@@ -9,6 +9,8 @@ rest unused), so `TaskPartitioner` implements it on flwr-datasets' Partitioner b
 
 from __future__ import annotations
 
+import functools
+
 from flwr_datasets.partitioner import Partitioner
 
 from fedllm.config import DataConfig
@@ -28,7 +30,9 @@ class TaskPartitioner(Partitioner):
         return self._num_partitions
 
     def load_partition(self, partition_id: int):
-        column = self.dataset[self._partition_by]
+        if getattr(self, "_column_of", None) is not self.dataset:  # read the column once per dataset
+            self._column_of, self._column = self.dataset, self.dataset.data.column(self._partition_by).to_pylist()
+        column = self._column
         labels = sorted(set(column))
         n = self._num_partitions
         if len(labels) >= n:
@@ -65,8 +69,19 @@ def partition(
         raise ConfigError(f"partition-id: {partition_id} is outside 0..{num_partitions - 1}")
     if num_partitions == 1:
         return list(examples)
+    labels = tuple(str(e.get("family", "")) for e in examples)
+    return [examples[i] for i in assignment(labels, cfg.partition, cfg.alpha, cfg.seed, num_partitions)[partition_id]]
+
+
+@functools.lru_cache(maxsize=4)
+def assignment(labels: tuple[str, ...], scheme: str, alpha: float, seed: int,
+               num_partitions: int) -> tuple[tuple[int, ...], ...]:
+    """Every partition's example indices, computed once per process for a dataset's labels
+    (what the partitioners read) and the partitioning: a client of 1000 builds the split once,
+    not once per partition it asks for."""
     from datasets import Dataset
 
+    cfg = DataConfig(partition=scheme, alpha=alpha, seed=seed)
     partitioner = make_partitioner(cfg, num_partitions)
-    partitioner.dataset = Dataset.from_list(examples)
-    return partitioner.load_partition(partition_id).to_list()
+    partitioner.dataset = Dataset.from_dict({"family": list(labels), "_row": list(range(len(labels)))})
+    return tuple(tuple(partitioner.load_partition(p)["_row"]) for p in range(num_partitions))
