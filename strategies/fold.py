@@ -42,19 +42,22 @@ def _init() -> Sum:
 
 
 def _add(acc: Sum, delta: State, weight: float) -> Sum:
+    names = list(delta)
     if not acc.total:  # the first update: its weighted copy becomes the accumulator
-        return Sum({k: t.float() * weight for k, t in delta.items()}, float(weight))
+        return Sum(dict(zip(names, torch._foreach_mul([delta[k].float() for k in names], float(weight)))),
+                   float(weight))
     if delta.keys() != acc.total.keys():
         raise ValueError(f"fold: update tensors {sorted(delta)[:3]}... differ from the first update's")
-    for k, t in acc.total.items():
-        t.add_(delta[k].float(), alpha=weight)
+    # one multi-tensor kernel launch for every tensor (a LoRA adapter has hundreds of small ones)
+    torch._foreach_add_([acc.total[k] for k in names], [delta[k].float() for k in names], alpha=float(weight))
     return Sum(acc.total, acc.weight + float(weight))
 
 
 def _result(acc: Sum) -> State:
     if acc.weight <= 0:
         raise ValueError("weights must sum to a positive number")
-    return {k: t / acc.weight for k, t in acc.total.items()}
+    names = list(acc.total)
+    return dict(zip(names, torch._foreach_div([acc.total[k] for k in names], acc.weight)))
 
 
 MEAN = Fold(_init, _add, _result)

@@ -18,6 +18,7 @@ SuperLink (README, "Scale").
 
 from __future__ import annotations
 
+import mmap
 import multiprocessing as mp
 import queue
 from typing import Any
@@ -27,6 +28,13 @@ import torch
 from fedllm.protocol import State
 
 SLOTS_PER_WORKER = 2
+
+
+def shared_zeros(rows: int, cols: int) -> torch.Tensor:
+    """A (rows, cols) float32 tensor over an anonymous shared mapping: the kernel zero-fills its
+    pages on first touch (no copy, unlike `share_memory_()`), and forked workers share it."""
+    buf = mmap.mmap(-1, max(rows * cols * 4, 1))
+    return torch.frombuffer(buf, dtype=torch.float32, count=rows * cols).view(rows, cols)
 
 
 def _worker(index: int, todo: Any, free: Any, slots: torch.Tensor, partials: torch.Tensor) -> None:
@@ -53,8 +61,8 @@ class SumTree:
         size = sum(shape.numel() for _, shape, _ in self.layout)
         ctx = mp.get_context("fork")  # the workers inherit the shared tensors and queues; no re-import
         n_slots = SLOTS_PER_WORKER * self.workers
-        self.slots = torch.empty(n_slots, size).share_memory_()  # (S, D)
-        self.partials = torch.zeros(self.workers, size).share_memory_()  # (W, D)
+        self.slots = shared_zeros(n_slots, size)  # (S, D)
+        self.partials = shared_zeros(self.workers, size)  # (W, D)
         self.free = ctx.Queue()
         for s in range(n_slots):
             self.free.put(s)

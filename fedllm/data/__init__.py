@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 
@@ -23,9 +24,9 @@ log = logging.getLogger(__name__)
 def load_splits(cfg: DataConfig) -> tuple[list[Example], list[Example]]:
     """(train, held-out) examples for the configured source."""
     if cfg.source == "builtin":
-        return builtin_splits(
-            parse_families(cfg.families), cfg.train_per_family, cfg.eval_per_family, cfg.seed
-        )
+        train, held_out = _builtin(tuple(parse_families(cfg.families)), cfg.train_per_family, cfg.eval_per_family,
+                                   cfg.seed)
+        return list(train), list(held_out)
     train = load_source(cfg.source, cfg)
     if cfg.eval_source:
         held_out = load_source(cfg.eval_source, cfg)
@@ -47,6 +48,13 @@ def load_splits(cfg: DataConfig) -> tuple[list[Example], list[Example]]:
         raise DataError(f"data.source: {len(shuffled)} distinct examples leave none to train on after holding out "
                         f"data.eval-fraction={cfg.eval_fraction}")
     return shuffled[n_eval:], shuffled[:n_eval]
+
+
+@functools.lru_cache(maxsize=4)
+def _builtin(families: tuple[str, ...], train_per_family: int, eval_per_family: int,
+             seed: int) -> tuple[list[Example], list[Example]]:
+    """The built-in splits, generated once per process (each of 1000 simulated clients asks)."""
+    return builtin_splits(list(families), train_per_family, eval_per_family, seed)
 
 
 def _key(example: Example) -> tuple[str, str, str]:
