@@ -5,12 +5,13 @@ clients, 8 sampled per round, 3 rounds of a tiny random Llama (SmolLM2's tokeniz
     python bench/scale.py [--registered 10 100 1000] [--per-round 8] [--rounds 3] [--out FILE]
 
 Each row runs in a child process of its own (`fedllm.server_app.run` over a LocalGrid of that
-many nodes; the clients train in the same process, one after another). Columns: the mean
-round seconds (metrics.jsonl's round-seconds), the child's peak RSS (VmHWM), the contexts the
-grid made (only sampled nodes get one) (every client holds 4 examples: the built-in data grows with the clients, so that a client's
-work is the same in every row). Round 1 (the model load, the partitioning) is left out of the
-mean. Goal: seconds per round
-and RSS flat in the number of registered clients (within 10% from the fewest to the most).
+many nodes; the clients train in the same process, one after another). Every client holds 4
+examples (the built-in data grows with the clients, so that a client's work is the same in
+every row). Columns: the mean round seconds (metrics.jsonl's round-seconds), the server's share
+of them (the round less the time the clients took, measured around each ClientApp call), the
+child's peak RSS (VmHWM) and the contexts the grid made (only sampled nodes get one). Round 1
+(the model load, the partitioning) is left out of the means. Goal: seconds per round and RSS
+flat in the number of registered clients (within 10% from the fewest to the most).
 """
 
 from __future__ import annotations
@@ -59,9 +60,12 @@ def child(registered: int, per_round: int, rounds: int, model: str, work: str) -
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
     hwm = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
                if line.startswith("VmHWM:"))
+    clients = [sum(grid.client_seconds[i * per_round: (i + 1) * per_round]) for i in range(rounds)]
+    later = range(1, len(rows))  # round 1 loads the model and partitions the data
     return {"registered": registered, "per_round": per_round, "rounds": rounds,
-            "round_seconds": [r["round-seconds"] for r in rows],
-            "mean_round_seconds": sum(r["round-seconds"] for r in rows[1:]) / max(len(rows) - 1, 1),
+            "round_seconds": [r["round-seconds"] for r in rows], "client_seconds": clients,
+            "mean_round_seconds": sum(rows[i]["round-seconds"] for i in later) / len(later),
+            "mean_server_seconds": sum(rows[i]["round-seconds"] - clients[i] for i in later) / len(later),
             "peak_rss_mb": hwm / 1024, "contexts": len(grid.contexts), "messages": grid.sent}
 
 
@@ -79,7 +83,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fedllm-scale-"))
     model = tiny_model(work / "tiny")
     rows = []
-    print(f"{'registered':>11}{'per round':>10}{'s / round':>11}{'peak RSS MB':>13}{'contexts':>10}")
+    print(f"{'registered':>11}{'per round':>10}{'s / round':>11}{'server s':>10}{'peak RSS MB':>13}{'contexts':>10}")
     for n in args.registered:
         proc = subprocess.run([sys.executable, __file__, "--one", str(n), str(model), str(work),
                                "--per-round", str(args.per_round), "--rounds", str(args.rounds)],
@@ -88,10 +92,13 @@ def main() -> None:
             raise SystemExit(f"{n} clients: failed\n{proc.stderr[-3000:]}")
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         rows.append(r)
-        print(f"{n:>11}{r['per_round']:>10}{r['mean_round_seconds']:>11.3f}{r['peak_rss_mb']:>13.0f}"
+        print(f"{n:>11}{r['per_round']:>10}{r['mean_round_seconds']:>11.3f}{r['mean_server_seconds']:>10.3f}"
+              f"{r['peak_rss_mb']:>13.0f}"
               f"{r['contexts']:>10}", flush=True)
     first, last = rows[0], rows[-1]
     goals = {"round seconds, most / fewest registered": last["mean_round_seconds"] / first["mean_round_seconds"],
+             "server seconds per round, most / fewest registered":
+                 last["mean_server_seconds"] / first["mean_server_seconds"],
              "peak RSS, most / fewest registered": last["peak_rss_mb"] / first["peak_rss_mb"]}
     for k, v in goals.items():
         print(f"{k}: {v:.3f} (goal <= 1.10)")

@@ -89,6 +89,28 @@ def diloco(d: dict[str, Any]) -> list[Row]:
             ("eval loss, streaming / diloco", g["eval-loss streaming/diloco"], "<= 1.02", lambda v: v <= 1.02)]
 
 
+def aggregation(d: dict[str, Any]) -> list[Row]:
+    g = d["goals"]
+    return [("streaming peak RSS, 64 / 4 clients, 538 MB updates", g["stream peak RSS 64/4 clients (full)"],
+             "<= 1.10", lambda v: v <= 1.10),
+            ("streaming peak RSS, 64 / 4 clients, 1.8 MB updates", g["stream peak RSS 64/4 clients (lora)"],
+             "<= 1.10", lambda v: v <= 1.10),
+            ("streaming fold / memcpy, lowest, 538 MB updates", g["stream throughput / memcpy, lowest (full)"],
+             ">= 0.5", lambda v: v >= 0.5),
+            ("streaming fold / memcpy, lowest, 1.8 MB updates", g["stream throughput / memcpy, lowest (lora)"],
+             ">= 0.5", lambda v: v >= 0.5)]
+
+
+def scale(d: dict[str, Any]) -> list[Row]:
+    g = d["goals"]
+    return [("server seconds per round, most / fewest registered",
+             g["server seconds per round, most / fewest registered"], "<= 1.10", lambda v: v <= 1.10),
+            ("round seconds (clients' training included), most / fewest", g["round seconds, most / fewest registered"],
+             "", lambda v: True),
+            ("peak RSS, most / fewest registered", g["peak RSS, most / fewest registered"], "<= 1.10",
+             lambda v: v <= 1.10)]
+
+
 # script, short arguments, headline figures
 SUITE: list[tuple[str, list[str], Callable[[dict[str, Any]], list[Row]]]] = [
     ("simulation_overhead", ["--rounds", "1", "--steps", "5"], overhead),
@@ -101,6 +123,8 @@ SUITE: list[tuple[str, list[str], Callable[[dict[str, Any]], list[Row]]]] = [
     ("quality", ["--seeds", "0,1", "--clients", "4", "--rounds", "1", "--steps", "2", "--only",
                  "centralized,fedavg task,zo task", "--fresh"], quality),
     ("diloco", ["--clients", "2", "--steps", "16", "--inner-steps", "16", "--fresh"], diloco),
+    ("aggregation", ["--clients", "4", "64", "--modes", "stream", "tree"], aggregation),
+    ("scale", [], scale),
 ]
 
 

@@ -48,13 +48,14 @@ def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float
     Engines: "ray", Flower's simulation (a local Ray instance, or the cluster at `ray_address`,
     e.g. "127.0.0.1:6379" of a `ray start --head`); "inprocess", the same ServerApp and
     ClientApp driven through fedllm's in-process Grid (`fedllm.local_grid`): the clients run
-    one after another in the server's process, without Ray's daemons, their states spilled to
-    disk between their rounds.
+    one after another in this process, without Ray's daemons, their states spilled to disk
+    between their rounds.
 
     The config, the model and the data are checked here first, so a mistake fails fast with
-    one line instead of inside a worker. The simulation then runs in a child process of its own
-    session, which this process watches: SIGINT or SIGTERM kills it and every Ray process it
-    started at once, keeping the last finished round's checkpoint (written atomically).
+    one line instead of inside a worker. A Ray simulation then runs in a child process of its
+    own session, which this process watches: SIGINT or SIGTERM kills it and every Ray process it
+    started at once, keeping the last finished round's checkpoint (written atomically). The
+    in-process engine runs in this process and stops the same way.
 
     Raises:
         Stopped: after SIGINT or SIGTERM (exit 130 or 143).
@@ -64,10 +65,51 @@ def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float
     if ray_address and engine != "ray":
         raise FedLLMError("--ray-address: joins a Ray cluster, which only --engine ray uses")
     overrides, run_dir = prepare(overrides, num_clients, cpus_per_client, resume)
-    supervise({"overrides": overrides, "num_clients": num_clients, "cpus_per_client": cpus_per_client,
-               "run_dir": str(run_dir), "parent": os.getpid(), "engine": engine, "ray_address": ray_address},
-              run_dir)
+    job = {"overrides": overrides, "num_clients": num_clients, "cpus_per_client": cpus_per_client,
+           "run_dir": str(run_dir), "parent": os.getpid(), "engine": engine, "ray_address": ray_address}
+    if engine == "inprocess":  # nothing to supervise: no Ray processes, and no second copy of the imports
+        in_this_process(job, run_dir)
+    else:
+        supervise(job, run_dir)
     return run_dir
+
+
+def in_this_process(job: dict[str, Any], run_dir: Path) -> None:
+    """Run the in-process engine here; SIGINT or SIGTERM stop it between two instructions (the
+    checkpoint is written atomically) with the same hint as a supervised run.
+
+    Raises:
+        Stopped: when a signal stopped the run.
+    """
+    def stop(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)  # a KeyboardInterrupt: no `except Exception` on the way swallows it
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        run_engine(job, watch=False)
+    except Interrupted as err:
+        raise Stopped(f"stopped by {signal.Signals(err.signum).name}; {resume_hint(run_dir)}",
+                      128 + err.signum) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during an in-process run."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def resume_hint(run_dir: Path) -> str:
+    from fedllm import checkpoint
+
+    if (run_dir / checkpoint.FILE).exists():
+        done = checkpoint.read(run_dir / checkpoint.FILE)["round"]
+        return f"round {done} is checkpointed; go on with: fedllm simulate --resume {run_dir}"
+    return f"no round finished (run directory {run_dir})"
 
 
 def prepare(overrides: dict[str, Any], num_clients: int, cpus_per_client: float,
@@ -111,7 +153,7 @@ def prepare(overrides: dict[str, Any], num_clients: int, cpus_per_client: float,
     return overrides, run_dir
 
 
-def run_engine(job: dict[str, Any]) -> None:
+def run_engine(job: dict[str, Any], watch: bool = True) -> None:
     """The child's side of `simulate`: the job's engine (Flower's simulation, or the in-process
     Grid) running fedllm's ServerApp and ClientApp.
 
@@ -121,7 +163,8 @@ def run_engine(job: dict[str, Any]) -> None:
     from fedllm.server_app import ERROR_FILE, make_app
 
     run_dir = Path(job["run_dir"])
-    _watch(int(job["parent"]))  # also when the parent died before this (getppid differs at once)
+    if watch:
+        _watch(int(job["parent"]))  # also when the parent died before this (getppid differs at once)
     started = time.time()  # an earlier attempt's summary.json or error.txt stays until a new one replaces it
     if job.get("engine", "ray") == "inprocess":
         import tempfile
@@ -220,15 +263,7 @@ def supervise(job: dict[str, Any], run_dir: Path) -> None:
             signal.signal(sig, handler)
         _kill_group(proc.pid, signal.SIGKILL)  # whatever of the group outlived the engine
     if signals:
-        name = signal.Signals(signals[0]).name
-        from fedllm import checkpoint
-
-        if (run_dir / checkpoint.FILE).exists():
-            done = checkpoint.read(run_dir / checkpoint.FILE)["round"]
-            hint = f"round {done} is checkpointed; go on with: fedllm simulate --resume {run_dir}"
-        else:
-            hint = f"no round finished (run directory {run_dir})"
-        raise Stopped(f"stopped by {name}; {hint}", 128 + signals[0])
+        raise Stopped(f"stopped by {signal.Signals(signals[0]).name}; {resume_hint(run_dir)}", 128 + signals[0])
     if proc.returncode != 0:
         raise EngineFailed(f"the simulation failed (exit {proc.returncode}); see above")
 

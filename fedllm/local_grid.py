@@ -17,6 +17,7 @@ full-parameter methods whose per-node state is the size of the model (diloco).
 
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -41,6 +42,7 @@ class LocalGrid:
         self.spill = Path(spill) if spill is not None else None
         self.app = app
         self.waiting: dict[str, Message] = {}  # pushed, not yet run
+        self.client_seconds: list[float] = []  # time each reply took its client, in order
 
     def get_node_ids(self) -> list[int]:
         return list(range(1, self.num_nodes + 1))
@@ -109,10 +111,13 @@ class LocalGrid:
         wanted = set(message_ids)
         for mid in [mid for mid in self.waiting if mid in wanted]:
             m = self.waiting.pop(mid)
+            started = time.perf_counter()
             try:
-                yield Message(self.reply(m), reply_to=m)
+                out = Message(self.reply(m), reply_to=m)
             except Exception as err:  # a failing client, reported as Flower reports a ClientApp exception
-                yield Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=m)
+                out = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=m)
+            self.client_seconds.append(time.perf_counter() - started)
+            yield out
 
     def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
         return list(self.pull_messages(self.push_messages(messages)))
