@@ -59,12 +59,12 @@ def child(mode: str, size: str, clients: int, workers: int) -> dict:
     nbytes = sum(t.numel() * 4 for t in template.values())
     src = torch.cat([t.reshape(-1) for t in template.values()])
     dst = torch.empty_like(src)
-    memcpy = nbytes / best_of(3, lambda: dst.copy_(src))  # one contiguous copy of the update's bytes
+    memcpy = nbytes / best_of(3, dst.copy_, src)  # one contiguous copy of the update's bytes
     del src, dst
     names = list(template)
     into = [torch.empty_like(template[k]) for k in names]
     # the same bytes in the update's own tensors (one copy each, as the fold adds them)
-    memcpy_tensors = nbytes / best_of(3, lambda: torch._foreach_copy_(into, [template[k] for k in names]))
+    memcpy_tensors = nbytes / best_of(3, torch._foreach_copy_, into, [template[k] for k in names])
     del into
     base_mb = vmhwm_mb()
 
@@ -94,11 +94,11 @@ def child(mode: str, size: str, clients: int, workers: int) -> dict:
             "memcpy_tensors_gbs": memcpy_tensors / 1e9, "vs_memcpy_tensors": clients * nbytes / seconds / memcpy_tensors}
 
 
-def best_of(n: int, fn) -> float:
+def best_of(n: int, fn, *args) -> float:
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
-        fn()
+        fn(*args)
         times.append(time.perf_counter() - t0)
     return min(times)
 
