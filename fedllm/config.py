@@ -270,9 +270,12 @@ class ServerConfig:
     run_name: str = _help("Run directory name; '' picks a timestamp.", "")
     merge: bool = _help("Also save the adapter merged into a full model.", False)
     aggregation: str = _help(
-        "auto: fold each reply into a running sum as it arrives when the rule is a sum (fedavg, fedprox, fedkseed) "
-        "and the ledger is off, else keep the round's list; stream (refused for rules that need every update); list.",
-        "auto")
+        "auto: fold each reply into a running sum as it arrives when the rule is a sum (fedavg, fedprox, fedkseed), "
+        "the ledger is off and the round's replies could exceed server.stream-bytes, else keep the round's list "
+        "(summed in partition order: bit-reproducible whatever the arrival order); stream (refused for rules that "
+        "need every update); list.", "auto")
+    stream_bytes: int = _help("With server.aggregation=auto, stream when sampled clients x the largest valid reply "
+                              "exceeds this many bytes.", 268435456, check="> 0")
     aggregators: str = _help(
         "Processes that fold a streamed round: 1 (the server's own), N >= 2 (a tree of N shared-memory workers), or "
         "auto (one per 16 sampled clients, at most half the cores).", "1")

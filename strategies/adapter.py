@@ -91,16 +91,21 @@ class FedLLMStrategy(Strategy):
         process, or a tree of server.aggregators worker processes; None for a round that keeps
         the list (the rule needs every update, the ledger scores them, or
         server.aggregation=list)."""
-        if not self.streams():
+        if not self.streams(pending):
             return None
         workers = self.cfg.server.aggregator_count(pending)
         return SumTree(workers) if workers > 1 else Running(self.chain.fold)
 
-    def streams(self) -> bool:
-        """Whether rounds fold replies as they arrive (server.aggregation, the rule's `streams`
-        metadata, and the ledger, whose scorers and flags need every update)."""
-        mode = self.cfg.server.aggregation
-        return mode == "stream" or (mode == "auto" and self.chain.fold is not None and not self.cfg.ledger.enabled)
+    def streams(self, pending: int) -> bool:
+        """Whether a round of `pending` replies folds them as they arrive: server.aggregation=stream,
+        or auto when the rule is a sum (its `streams` metadata), the ledger (whose scorers and
+        flags need every update) is off, and the replies could hold more than server.stream-bytes.
+        Below that a list round sums in partition order, whatever order the replies came in."""
+        server = self.cfg.server
+        if server.aggregation != "auto":
+            return server.aggregation == "stream"
+        return (self.chain.fold is not None and not self.cfg.ledger.enabled
+                and pending * self.method.largest_reply() > server.stream_bytes)
 
     def collect(self, server_round: int, replies: Iterable[Message], sent: Iterable[Message] = (),
                 into: Running | SumTree | None = None) -> tuple[list[Update], list[tuple[int, str]]]:

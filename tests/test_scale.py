@@ -101,6 +101,20 @@ def test_bad_aggregation_settings_are_one_line_errors(over, message):
         resolve(Config.from_flat(over))
 
 
+def test_auto_streams_large_rounds_of_sum_rules_without_the_ledger(tiny_model_dir, tmp_path):
+    from strategies import build
+
+    cfg = tiny_run_config(tiny_model_dir, tmp_path, **{"server.evaluate": False})
+    strategy = build(cfg)
+    reply = strategy.method.largest_reply()
+    limit = cfg.server.stream_bytes
+    assert not strategy.streams(limit // reply) and strategy.streams(limit // reply + 1)
+    assert not build(cfg.replace(server__strategy="median")).streams(10**6)
+    assert not build(cfg.replace(ledger__enabled=True)).streams(10**6)
+    assert build(cfg.replace(server__aggregation="stream")).streams(1)
+    assert not build(cfg.replace(server__aggregation="list")).streams(10**6)
+
+
 def test_auto_aggregators_grow_with_the_round_and_stop_at_half_the_cores():
     cfg = Config.from_flat({"server.aggregators": "auto"})
     cores = os.cpu_count() or 1
@@ -132,7 +146,8 @@ def test_a_thousand_registered_clients_with_four_per_round(tiny_model_dir, tmp_p
 
     cfg = tiny_run_config(tiny_model_dir, tmp_path, **{
         "server.clients-per-round": 4, "data.partition": "iid", "data.train-per-family": 520,
-        "server.evaluate": False, "server.aggregators": "2", "compression.up": "int8"})
+        "server.evaluate": False, "server.aggregation": "stream", "server.aggregators": "2",
+        "compression.up": "int8"})
     grid = LocalGrid(1000)
     run_dir = run(grid, cfg)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

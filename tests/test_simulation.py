@@ -198,7 +198,8 @@ def _simulate(tiny_model_dir, tmp_path, name, **sets):
 def test_compressed_both_ways(tiny_model_dir, tmp_path):
     """Also folds the replies in a tree of two forked workers inside Ray's driver."""
     run, rows = _simulate(tiny_model_dir, tmp_path, "zip", **{
-        "compression.up": "topk(0.2) > quantize(8) > zstd", "compression.down": "int8", "server.aggregators": 2})
+        "compression.up": "topk(0.2) > quantize(8) > zstd", "compression.down": "int8", "server.aggregation": "stream",
+        "server.aggregators": 2})
     assert rows[2]["eval-loss"] < rows[0]["eval-loss"] - 0.3
     full = sum(t.numel() * 4 for t in load_file(run / "adapter" / "adapter_model.safetensors").values())
     for r in rows[1:]:
