@@ -27,7 +27,7 @@ from fedllm.errors import ConfigError, PayloadError
 from fedllm.methods import METHODS, ServerHalf
 from fedllm.protocol import CONFIG, RoundResult, Update, screen, update_norm
 from strategies.chain import Chain, parse_chain
-from strategies.fold import Running
+from strategies.fold import MEAN, Running
 from strategies.rules import Aggregate
 from strategies.tree import SumTree
 
@@ -94,7 +94,8 @@ class FedLLMStrategy(Strategy):
         if not self.streams(pending):
             return None
         workers = self.cfg.server.aggregator_count(pending)
-        return SumTree(workers) if workers > 1 else Running(self.chain.fold)
+        # the tree computes the weighted mean: a rule with a fold of its own folds in this process
+        return SumTree(workers) if workers > 1 and self.chain.fold is MEAN else Running(self.chain.fold)
 
     def streams(self, pending: int) -> bool:
         """Whether a round of `pending` replies folds them as they arrive: server.aggregation=stream,

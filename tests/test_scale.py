@@ -216,3 +216,19 @@ def test_joining_a_local_ray_head(tiny_model_dir, tmp_path):
     with socket.socket() as s:  # nothing listens on the head's port any more
         assert s.connect_ex(("127.0.0.1", port)) != 0
     shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_the_tree_only_takes_the_weighted_mean(tiny_model_dir, tmp_path):
+    """A rule registered with a fold of its own is folded in the server's process, never
+    averaged by the tree."""
+    from strategies import build
+    from strategies.fold import Fold
+
+    cfg = tiny_run_config(tiny_model_dir, tmp_path, **{"server.aggregation": "stream", "server.aggregators": "2"})
+    strategy = build(cfg)
+    assert isinstance(strategy.accumulator(4), SumTree)
+    own = Fold(MEAN.init, MEAN.add, lambda acc: {k: 2 * t for k, t in MEAN.result(acc).items()})
+    strategy.chain.rule = strategy.chain.rule.__class__("doubled", strategy.chain.rule.impl, None,
+                                                        {"streams": True, "fold": own})
+    running = strategy.accumulator(4)
+    assert isinstance(running, Running) and running.fold is own
