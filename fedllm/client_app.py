@@ -41,3 +41,12 @@ def train(msg: Message, context: Context) -> Message:
 
         content = handle(msg.content, context, started)
     return Message(content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """A method's question before round 1 (LoRA's module scores with lora.target-modules=auto),
+    answered in this process."""
+    from fedllm.client_train import answer
+
+    return Message(answer(msg.content, context), reply_to=msg)

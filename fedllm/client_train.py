@@ -127,6 +127,17 @@ def handle(request: RecordDict, context: Context, started: float | None = None) 
     return signed(reply, request, context, cfg, pid)
 
 
+def answer(request: RecordDict, context: Context) -> RecordDict:
+    """A query's content in (a method's question before round 1), the reply's content out."""
+    cfg = config_from_request(request)
+    pid, _ = node_partition(context)
+    half = METHODS.get(cfg.train.method).impl.client(cfg, context, pid)
+    if not hasattr(half, "answer"):
+        raise PayloadError(f"train.method={cfg.train.method} answers no queries")
+    records = half.answer(request, lambda tokenizer: node_rows(cfg, context, tokenizer), round_seed(cfg, 0, pid))
+    return RecordDict(records)
+
+
 def poisoning(cfg: Config, attack: str | None, seed: int) -> Transform | None:
     """What a model-poisoning attacker does to its update before encoding it (None: honest)."""
     if attack not in POISONING:

@@ -21,6 +21,8 @@ from typing import Any, Mapping
 from fedllm.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+QUANTIZE = ("none", "int8", "nf4", "fp4")
+PEFT_TYPES = ("lora", "dora", "ia3", "prefix", "prompt", "p-tuning")
 
 
 def _help(text: str, default: Any, check: str = "") -> Any:
@@ -74,6 +76,13 @@ class ModelConfig:
         DEFAULT_MODEL,
     )
     dtype: str = _help("Weights dtype: float32 or bfloat16.", "float32")
+    quantize: str = _help(
+        "Clients' base weights through bitsandbytes (QLoRA): none, int8 (LLM.int8), nf4 or fp4 (4-bit, computing in "
+        "model.dtype); needs a LoRA-family adapter (train.method=lora). The server evaluates and merges on the "
+        "unquantized base. A SuperNode's node config 'quantize' (or lora.policy) wins.", "none")
+    client_quantize: str = _help(
+        "Per-client model.quantize by partition id, e.g. 'nf4,int8,none' (cycled, as lora.client-ranks); '' gives "
+        "every client model.quantize.", "")
     cache_dir: str = _help(
         "Where converted GGUF models are cached as safetensors; '' means "
         "$FEDLLM_CACHE or ~/.cache/fedllm.",
@@ -82,6 +91,15 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _choice("model.dtype", self.dtype, ("float32", "bfloat16"))
+        _choice("model.quantize", self.quantize, QUANTIZE)
+        for q in self.client_quantize.split(","):
+            if q.strip():
+                _choice("model.client-quantize", q.strip(), QUANTIZE)
+
+    def quantize_of(self, partition_id: int) -> str:
+        """model.quantize of the client with this partition id."""
+        each = [q.strip() for q in self.client_quantize.split(",") if q.strip()]
+        return each[partition_id % len(each)] if each else self.quantize
 
 
 @dataclass
@@ -120,15 +138,33 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
+    peft: str = _help(
+        "The PEFT adapter, through PEFT's own configs: lora, dora (weight-decomposed LoRA), ia3 (learned scaling "
+        "vectors on lora.target-modules), prefix (prefix tuning), prompt (prompt tuning) or p-tuning; all are "
+        "averaged tensor by tensor. exact-lora, zo and diloco take lora only.", "lora")
     rank: int = _help("LoRA rank r.", 8, check="> 0")
     alpha: float = _help("LoRA scaling alpha (the update is scaled by alpha / r).", 16.0, check="> 0")
     dropout: float = _help("Dropout on the LoRA input.", 0.05, check="[0, 1)")
-    target_modules: str = _help("Comma-separated module names to adapt.", "q_proj,v_proj")
+    target_modules: str = _help(
+        "Comma-separated module names to adapt, or auto: clients score every linear module of the decoder layers on "
+        "a few batches of their data before round 1 and the server keeps the best within lora.module-budget.",
+        "q_proj,v_proj")
+    module_budget: float = _help("With lora.target-modules=auto: the share of the adapter parameters of all linear "
+                                 "modules to keep.", 0.5, check="(0, 1]")
+    calibration_batches: int = _help("With lora.target-modules=auto: batches each client scores modules on.", 4,
+                                     check="> 0")
+    virtual_tokens: int = _help("Virtual tokens of prefix, prompt and p-tuning adapters.", 8, check="> 0")
     client_ranks: str = _help(
-        "Per-client ranks by partition id, e.g. '4,8,16' (cycled); '' gives every client lora.rank. "
-        "Different ranks need server.strategy=exact-lora. A SuperNode's node config 'lora-rank' wins.", "")
+        "Per-client ranks by partition id, e.g. '4,8,16' (cycled); '' gives every client lora.rank. With "
+        "train.method=lora a rank below lora.rank trains the first r rows of the global factors (the rest is sent "
+        "back unchanged); exact-lora aggregates any ranks exactly. A SuperNode's node config 'lora-rank' wins.", "")
+    policy: str = _help(
+        "none, or resources: each SuperNode's node config memory-mb (and compute, a relative speed, default 1) picks "
+        "its model.quantize and LoRA rank (README: Resource-aware clients).", "none")
 
     def __post_init__(self) -> None:
+        _choice("lora.peft", self.peft, PEFT_TYPES)
+        _choice("lora.policy", self.policy, ("none", "resources"))
         _positive("lora.rank", self.rank)
         try:
             ranks = [int(r) for r in self.client_ranks.split(",") if r.strip()]
@@ -140,9 +176,15 @@ class LoraConfig:
             raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.dropout}")
         if not self.modules():
             raise ConfigError("lora.target-modules: name at least one module")
+        if self.auto_modules() and self.peft not in ("lora", "dora"):
+            raise ConfigError(f"lora.target-modules: auto scores LoRA modules; lora.peft={self.peft} names no modules "
+                              "to score (use lora or dora)")
 
     def modules(self) -> list[str]:
         return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+    def auto_modules(self) -> bool:
+        return self.target_modules.strip() == "auto"
 
     def rank_of(self, partition_id: int) -> int:
         """The LoRA rank of the client with this partition id."""
@@ -162,6 +204,8 @@ class TrainConfig:
     weight_decay: float = _help("AdamW weight decay.", 0.0, check=">= 0")
     max_grad_norm: float = _help("Gradient clipping norm; 0 turns it off.", 1.0, check=">= 0")
     precision: str = _help("Mixed precision through accelerate: no, bf16 or fp16.", "no")
+    gradient_checkpointing: bool = _help("Recompute activations in the backward pass (less memory, about a third "
+                                         "more compute).", False)
     seed: int = _help("Seed for batch sampling and adapter initialisation.", 0, check=">= 0")
 
     def __post_init__(self) -> None:

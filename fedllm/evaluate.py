@@ -30,6 +30,7 @@ def example_losses(model: Any, tokenizer: Any, examples: list[dict[str, str]], c
     for i in range(0, len(rows), batch_size):
         batch = {k: v.to(device) for k, v in collate(rows[i:i + batch_size], tokenizer.pad_token_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits[:, logits.shape[1] - batch["input_ids"].shape[1]:]  # prompt tuning prepends virtual tokens
         logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
         target = batch["labels"][:, 1:]  # (B, T-1)
         loss = torch.nn.functional.cross_entropy(

@@ -12,6 +12,7 @@ reuses it across rounds and across the virtual clients it hosts.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -181,16 +182,37 @@ def load_base_model(cfg: ModelConfig, cached: bool = True) -> tuple[Any, Any]:
     Raises:
         ModelError: the name resolves to nothing loadable, in one line.
     """
-    key = ("base", cfg.name, cfg.dtype, str(cache_root(cfg)))
+    key = ("base", cfg.name, cfg.dtype, cfg.quantize, str(cache_root(cfg)))
     if cached:
         return MODEL_CACHE.get(key, lambda: _load(cfg))
     return _load(cfg)
+
+
+def quantization(cfg: ModelConfig) -> Any:
+    """transformers' BitsAndBytesConfig for model.quantize (None for none); 4-bit computes in model.dtype.
+
+    Raises:
+        ModelError: bitsandbytes is not installed.
+    """
+    if cfg.quantize == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(f"model.quantize={cfg.quantize} needs bitsandbytes (pip install 'fedllm[quantize]')")
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quantize,
+                              bnb_4bit_compute_dtype=_DTYPES[cfg.dtype])
 
 
 def _load(cfg: ModelConfig) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve(cfg)
+    quantized = quantization(cfg)
+    if quantized is not None:
+        source = quantized_copy(cfg, source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source))
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=_DTYPES[cfg.dtype])
@@ -202,6 +224,75 @@ def _load(cfg: ModelConfig) -> tuple[Any, Any]:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+def quantized_copy(cfg: ModelConfig, source: Path | str) -> Path:
+    """The base quantized as model.quantize, saved once into the cache (as the GGUF conversion is)
+    and loaded from there: a load then maps the small quantized file instead of reading the full
+    weights and quantizing them (SmolLM2-135M in NF4: 0.3 s and +55 MB RSS, against 1.6 s and a
+    peak of twice the float32 weights).
+
+    The key covers the source (a directory's weight files' sizes and times, or the hub id), the
+    quantization, model.dtype and the transformers and bitsandbytes versions; the directory appears
+    atomically.
+
+    Raises:
+        ModelError: the base cannot be loaded or quantized.
+    """
+    import bitsandbytes
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(source).glob("*.safetensors")) \
+        if isinstance(source, Path) else []
+    key = f"{source}:{files}:{cfg.quantize}:{cfg.dtype}:{transformers.__version__}:{bitsandbytes.__version__}"
+    root = cache_root(cfg)
+    target = root / f"{Path(str(source)).name}-{cfg.quantize}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    log.info("Quantizing %s to %s in %s (once)", cfg.name, cfg.quantize, target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=_DTYPES[cfg.dtype],
+                                                     quantization_config=quantization(cfg))
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"model.name: cannot load {cfg.name!r} in {cfg.quantize}: {first}") from err
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".quantize-", dir=root))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        del model
+        _trim()  # quantizing leaves freed float32 buffers in the allocator's arenas
+    return target
+
+
+def _trim() -> None:
+    """Give freed heap memory back to the OS (glibc's malloc_trim; nothing elsewhere)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(name).malloc_trim(0)
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    """The base model's tokenizer alone (pad token set as load_base_model sets it)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve(cfg)))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def save_merged(model: Any, tokenizer: Any, path: Path) -> None:

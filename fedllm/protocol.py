@@ -26,6 +26,8 @@ DOWN = "down"  # LoRA with compression.down: the version and the encoded global 
 FROZEN = "frozen"  # exact-lora: the frozen global delta's factors
 ZO = "zo"  # zo: the accumulators' sync bytes down, the encoded scalars up
 DILOCO = "diloco"  # diloco: the round's fragment, versions and (compression.down) encoded steps down
+PEFT = "peft"  # lora with lora.target-modules=auto: the modules the server chose for the run, down
+SCORES = "scores"  # a query's reply (before round 1): per-module importance scores, up
 MAX_EXAMPLES = 10**9  # a larger claimed example count is a lie meant to outweigh the others
 
 

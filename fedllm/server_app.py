@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedllm import checkpoint
@@ -33,7 +33,7 @@ from fedllm.data import load_splits
 from fedllm.errors import FedLLMError
 from fedllm.evaluate import em_subset, evaluate
 from fedllm.harness import parse_tasks, run_tasks, task_manager, write_tasks
-from fedllm.protocol import RoundResult, payload_bytes, short_reason
+from fedllm.protocol import CONFIG, RoundResult, payload_bytes, short_reason
 from fedllm.report import MetricsLog, format_summary, make_run_dir, render_report, summary, write_atomically, write_config
 from fedllm.tracking import Trackers
 from strategies import FedLLMStrategy, build
@@ -122,8 +122,9 @@ def _rounds(cfg: Config, run_dir: Path, ckpt: dict[str, Any] | None, strategy: F
         log.info("resumed %s after round %d of %d", run_dir, ckpt["round"], n_rounds)
     else:
         first = 1
+        prepared = prepare(strategy, grid, cfg)
         start = evaluate_state(0)
-        metrics.write({"round": 0, **start})
+        metrics.write({"round": 0, **start, **({"prepare": prepared} if prepared else {})})
         trackers.log({"round": 0, **start})
         log.info("round 0/%d: eval loss %s, exact match %s", n_rounds, _fmt(start.get("eval-loss")),
                  _fmt(start.get("exact-match")))
@@ -201,6 +202,27 @@ def receive(grid: Grid, messages: list[Message], timeout: float | None, interval
             return
         if not got:
             time.sleep(interval)
+
+
+def prepare(strategy: FedLLMStrategy, grid: Grid, cfg: Config) -> dict[str, Any]:
+    """The method's step before round 1 of a new run, if it has one (LoRA's module choice with
+    lora.target-modules=auto): its queries go to the sampled nodes with the run config."""
+    method = strategy.method
+    if not hasattr(method, "prepare"):
+        return {}
+
+    def ask(records: dict[str, Any]) -> Iterator[Message]:
+        config = {**cfg.to_flat(), "server-round": 0}
+        messages = [Message(content=RecordDict({CONFIG: ConfigRecord(config), **records}),
+                            message_type=MessageType.QUERY, dst_node_id=node) for node in strategy.sample(grid)]
+        yield from receive(grid, messages, cfg.server.round_timeout)
+
+    out = method.prepare(ask)
+    if out:
+        log.info("before round 1: %s", ", ".join(f"{k} {v}" for k, v in out.items() if k != "dropped"))
+        for node, reason in out.get("dropped", []):
+            log.warning("before round 1: dropped node %s: %s", node, reason)
+    return out
 
 
 def train_round(server_round: int, cfg: Config, strategy: FedLLMStrategy, run_config: ConfigRecord, grid: Grid,

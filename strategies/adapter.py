@@ -200,6 +200,18 @@ def resolve(cfg: Config) -> tuple[Any, Chain]:
     if cfg.dp.clipping_norm > 0 and (cfg.compression.up or cfg.compression.down):
         raise ConfigError("dp.clipping-norm: differential privacy needs uploads without compression "
                           "(Flower's clipping mod works on the float32 arrays)")
+    if (cfg.model.quantize != "none" or cfg.model.client_quantize.strip()) and not meta.get("quantize", False):
+        raise ConfigError(f"model.quantize: train.method={entry.name} changes or adds into the base weights, which "
+                          "a quantized base cannot take; quantized bases train with train.method=lora")
+    if cfg.lora.policy != "none" and not meta.get("quantize", False):
+        raise ConfigError(f"lora.policy: train.method={entry.name} takes no per-client quantization; set the "
+                          "node config lora-rank per node instead, or use train.method=lora")
+    if cfg.lora.peft not in meta.get("peft", ("lora",)):
+        raise ConfigError(f"lora.peft: train.method={entry.name} takes {', '.join(meta.get('peft', ('lora',)))}, not "
+                          f"{cfg.lora.peft} (use train.method=lora)")
+    if cfg.lora.auto_modules() and not meta.get("auto_modules", False):
+        raise ConfigError(f"lora.target-modules: auto needs a method that asks its clients before round 1 "
+                          f"(train.method=lora), not {entry.name}")
     scorer = SCORERS.get(cfg.ledger.scorer)
     if cfg.ledger.enabled and scorer.meta.get("needs_utility") and not meta.get("utility", False):
         plain = ", ".join(s.name for s in SCORERS.entries() if not s.meta.get("needs_utility"))

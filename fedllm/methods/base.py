@@ -19,14 +19,20 @@ Metadata a method registers with (read by the cross-checks in `strategies.resolv
   the rule (default True; diloco takes its own outer step);
 - compression: whether compression.up/down apply (its uploads are named tensors);
 - dp: whether Flower's client-side clipping mod applies (it clips float32 arrays);
-- utility: whether `utility` gives the validation loss that scorers with needs_utility call.
+- utility: whether `utility` gives the validation loss that scorers with needs_utility call;
+- quantize: whether model.quantize and lora.policy apply (clients train an adapter on a frozen base);
+- peft: the lora.peft adapters it takes (default: lora only).
+
+Optional, before round 1 of a new run: a server half with `prepare(ask)` may query the sampled
+clients (`ask(records)` sends them a query message with the run config and yields the replies); a
+client half answers with `answer(request, rows_of, seed)` (LoRA's module scoring).
 """
 
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from flwr.app import Context, Message, RecordDict
 
@@ -34,6 +40,7 @@ from fedllm.config import Config
 from fedllm.protocol import State, Update
 from fedllm.registry import Registry
 
+Ask = Callable[[dict[str, Any]], Iterator[Message]]  # records -> the replies of a query to the sampled nodes
 UtilityOf = Callable[[list[int]], float]  # indices of accepted updates -> minus a validation loss
 Transform = Callable[[State], State]  # what an attack hook does to an update before it is encoded
 

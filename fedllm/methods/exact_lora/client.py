@@ -8,7 +8,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, RecordDict
 
 from fedllm.config import Config
-from fedllm.errors import PayloadError
+from fedllm.errors import ConfigError, PayloadError
 from fedllm.methods.base import Transform
 from fedllm.methods.lora import engine as lora
 from fedllm.methods.lora.client import client_rank, shifted
@@ -18,6 +18,9 @@ from fedllm.protocol import ARRAYS, FROZEN, State
 class ExactLoraClient:
     def __init__(self, cfg: Config, context: Context, partition_id: int) -> None:
         self.cfg = client_rank(cfg, context, partition_id)
+        if self.cfg.model.quantize != "none":
+            raise ConfigError("exact-lora adds the frozen global delta into the base weights: this node's quantize "
+                              "must be none (node config quantize)")
         self.net, self.tokenizer = lora.lora_model(self.cfg.model, self.cfg.lora, self.cfg.train.seed)
         self.frozen: State = {}
         self.start: State = {}

@@ -1,27 +1,49 @@
 """LoRA's client half: receive the global adapter (whole, or rebuilt from the encoded deltas
 this node lacks), train it, and send the local adapter (or, with compression.up, the encoded
-delta through this node's error-feedback residual)."""
+delta through this node's error-feedback residual).
+
+A node whose rank r is below lora.rank R (lora.client-ranks, lora.policy, node config lora-rank)
+trains the leading r rows of the global factors with alpha scaled by r / R (so alpha / r stays
+alpha / R: its adapter is exactly the rank-r truncation of the global one) and sends the other rows
+back unchanged: its delta there is zero (HetLoRA's zero-padding; fedavg then averages each row
+over all clients). Its base may be quantized (model.quantize or node config quantize)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
 from fedllm.compression import Feedback, compress, decode, parse
 from fedllm.config import Config
-from fedllm.errors import PayloadError
+from fedllm.errors import ConfigError, PayloadError
 from fedllm.methods.base import Transform
 from fedllm.methods.lora import engine as lora
-from fedllm.protocol import ARRAYS, CONFIG, DOWN, UPDATE, State
+from fedllm.methods.lora.resources import base_bits, client_config
+from fedllm.protocol import ARRAYS, CONFIG, DOWN, METRICS, PEFT, SCORES, UPDATE, State
 
 GLOBAL, GLOBAL_VERSION, RESIDUAL = "global", "fedllm-global", "ef-residual"  # context.state names
+Rows = Callable[[Any], tuple[list[dict[str, list[int]]], int]]  # tokenizer -> (encoded rows, examples)
 
 
 def client_rank(cfg: Config, context: Context, partition_id: int) -> Config:
-    """The config with this node's LoRA rank: node config lora-rank, else lora.client-ranks."""
-    rank = int(context.node_config.get("lora-rank", cfg.lora.rank_of(partition_id)))
-    return cfg if rank == cfg.lora.rank else cfg.replace(lora__rank=rank)
+    """The config with this node's rank and quantization (fedllm.methods.lora.resources)."""
+    return client_config(cfg, context.node_config, partition_id)
+
+
+def chosen_modules(request: RecordDict, cfg: Config) -> Config:
+    """With lora.target-modules=auto, the config with the modules the server chose (sent with each
+    message); otherwise `cfg`.
+
+    Raises:
+        PayloadError: the message lacks the choice.
+    """
+    if not cfg.lora.auto_modules():
+        return cfg
+    modules = request.config_records.get(PEFT, {}).get("target-modules")
+    if not isinstance(modules, str) or not modules.strip() or modules.strip() == "auto":
+        raise PayloadError(f"lora.target-modules=auto: the message lacks the server's module choice ({PEFT!r})")
+    return cfg.replace(lora__target_modules=modules)
 
 
 class LoraClient:
@@ -29,29 +51,61 @@ class LoraClient:
 
     def __init__(self, cfg: Config, context: Context, partition_id: int) -> None:
         self.cfg = client_rank(cfg, context, partition_id)
+        self.global_rank = cfg.lora.rank
+        if self.cfg.lora.rank > self.global_rank:
+            raise ConfigError(f"lora rank {self.cfg.lora.rank} of this node is above lora.rank={self.global_rank} "
+                              "(the global adapter's); train.method=exact-lora takes any rank")
         self.context = context
-        self.net, self.tokenizer = lora.lora_model(self.cfg.model, self.cfg.lora, self.cfg.train.seed)
+        self.net = self.tokenizer = None
+        if not cfg.lora.auto_modules():
+            self._build(self.cfg)
         self.start: State = {}  # the state training starts from (what an update is relative to)
         self.mu, self.seed = 0.0, 0
 
+    def _build(self, cfg: Config) -> None:
+        shape = cfg.lora
+        if shape.rank < self.global_rank:  # alpha / r = alpha / R: the rank-r truncation of the global adapter
+            shape = cfg.replace(lora__alpha=shape.alpha * shape.rank / self.global_rank).lora
+        self.net, self.tokenizer = lora.lora_model(cfg.model, shape, cfg.train.seed)
+
     def sync(self, request: RecordDict, seed: int) -> dict[str, float]:
         self.seed = seed
+        if self.net is None:
+            self.cfg = chosen_modules(request, self.cfg)
+            self._build(self.cfg)
         self.start = receive_global(request, self.context, self.cfg)
-        lora.set_adapter_state(self.net, self.start)
+        lora.set_adapter_state(self.net, self.mine(self.start))
         self.mu = float(request.config_records[CONFIG].get("proximal-mu", 0.0))
-        return {"lora-rank": self.cfg.lora.rank}
+        return {"lora-rank": self.cfg.lora.rank, "base-bits": base_bits(self.cfg.model)}
+
+    def mine(self, state: State) -> State:
+        return lora.truncate(state, self.cfg.lora.rank) if self.cfg.lora.rank < self.global_rank else state
 
     def train(self, rows: list[dict[str, list[int]]], seed: int) -> dict[str, float]:
         return lora.train(self.net, rows, self.cfg.train, self.tokenizer.pad_token_id, seed=seed, proximal_mu=self.mu)
 
     def upload(self, transform: Transform | None) -> dict[str, Any]:
         local = lora.adapter_state(self.net)
+        local = {k: t.to(self.start[k].dtype) for k, t in local.items()}  # the global's dtypes, whatever the base's
+        if self.cfg.lora.rank < self.global_rank:
+            local = lora.pad(local, self.start)
         if transform is not None:
             local = shifted(local, self.start, transform)
         if not self.cfg.compression.up:
             return {ARRAYS: ArrayRecord(local)}
         payload = send_compressed(lora.subtract(local, self.start), self.context, self.cfg, self.seed)
         return {UPDATE: ConfigRecord({"payload": payload})}
+
+    def answer(self, request: RecordDict, rows_of: Rows, seed: int) -> dict[str, Any]:
+        """A query before round 1 (lora.target-modules=auto): this node's importance score of every
+        linear module of the decoder, from a probe adapter on all of them."""
+        probe = self.cfg.replace(lora__target_modules=",".join(lora.candidate_leaves(self.cfg.model)),
+                                 lora__dropout=0.0, lora__rank=self.global_rank)
+        net, self.tokenizer = lora.lora_model(probe.model, probe.lora, probe.train.seed)
+        rows, examples = rows_of(self.tokenizer)
+        scores = lora.module_scores(net, rows, probe.train, self.tokenizer.pad_token_id,
+                                    probe.lora.calibration_batches, seed)
+        return {SCORES: MetricRecord(scores), METRICS: MetricRecord({"num-examples": examples})}
 
 
 def shifted(local: State, start: State, transform: Transform) -> State:

@@ -9,11 +9,16 @@ from it and replies with delta = local - global (the same key set, PEFT state-di
     delta = subtract(adapter_state(model), global_state)
 
 LoRA: Hu et al., 2021, https://arxiv.org/abs/2106.09685 (h = W x + (alpha / r) B A x).
+The other adapters of lora.peft come from PEFT's own configs (DoRA: Liu et al., 2024; IA3: Liu et al.,
+2022; prefix tuning: Li & Liang, 2021; prompt tuning: Lester et al., 2021; P-tuning: Liu et al., 2021);
+their tensors are averaged name by name like LoRA's. With model.quantize the base is loaded through
+bitsandbytes and prepared as QLoRA does (Dettmers et al., 2023, PEFT's prepare_model_for_kbit_training).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 from pathlib import Path
@@ -35,33 +40,62 @@ def lora_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, seed: int = 0) -> t
     The base model is loaded fresh (not from the base cache) because PEFT injects its layers
     into the module it wraps.
     """
-    key = ("lora", model_cfg.name, model_cfg.dtype, lora_cfg.rank, lora_cfg.alpha,
-           lora_cfg.dropout, lora_cfg.target_modules, seed)
+    key = ("lora", model_cfg.name, model_cfg.dtype, model_cfg.quantize, lora_cfg.peft, lora_cfg.rank, lora_cfg.alpha,
+           lora_cfg.dropout, lora_cfg.target_modules, lora_cfg.virtual_tokens, seed)
 
     return MODEL_CACHE.get(key, lambda: build_lora_model(model_cfg, lora_cfg, seed))
 
 
 def build_lora_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, seed: int = 0) -> tuple[Any, Any]:
     """A new (PeftModel, tokenizer); the adapter initialisation depends only on `seed`."""
+    if lora_cfg.auto_modules():
+        raise ConfigError("lora.target-modules: auto is resolved before a model is built (the server's module "
+                          "choice travels with each message)")
     base, tokenizer = load_base_model(model_cfg, cached=False)
+    if model_cfg.quantize != "none":
+        from peft import prepare_model_for_kbit_training
+
+        # float32 norms and embeddings, frozen base; checkpointing stays train.gradient-checkpointing's choice
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+        for module in base.modules():
+            # bitsandbytes 0.50 repacks a 4-bit weight for its CPU inference kernel on the first
+            # no-grad forward in eval mode (on CPUs with AVX512-BF16), and that kernel has no
+            # backward: training after one evaluation got no gradients. Keep the trainable layout.
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    torch.manual_seed(seed)  # the random initialisations of prefix, prompt and p-tuning adapters
     model = _wrap(base, lora_cfg)
     reset_adapter(model, seed)  # the same initial adapter on every party, and as init_adapter_state's
-    model.to(accelerator("no").device)
+    model.fedllm_initial = adapter_state(model)  # what reset_adapter restores for the other PEFT types
+    if model_cfg.quantize == "none":
+        model.to(accelerator("no").device)
     model.eval()
     return model, tokenizer
 
 
 def peft_config(lora_cfg: LoraConfig, base_name: str = "") -> Any:
-    from peft import LoraConfig as PeftLoraConfig
+    """PEFT's config for lora.peft (the adapter_config.json a saved adapter carries)."""
+    import peft
 
-    return PeftLoraConfig(
-        r=lora_cfg.rank,
-        lora_alpha=lora_cfg.alpha,
-        lora_dropout=lora_cfg.dropout,
-        target_modules=lora_cfg.modules(),
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=base_name or None,
-    )
+    common = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base_name or None}
+    kind = lora_cfg.peft
+    if kind in ("lora", "dora"):
+        return peft.LoraConfig(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                               target_modules=lora_cfg.modules(), use_dora=kind == "dora", **common)
+    if kind == "ia3":
+        modules = lora_cfg.modules()
+        return peft.IA3Config(target_modules=modules, feedforward_modules=[m for m in modules if m in FEEDFORWARD],
+                              **common)
+    tokens = lora_cfg.virtual_tokens
+    if kind == "prefix":
+        return peft.PrefixTuningConfig(num_virtual_tokens=tokens, **common)
+    if kind == "prompt":
+        return peft.PromptTuningConfig(num_virtual_tokens=tokens, **common)
+    return peft.PromptEncoderConfig(num_virtual_tokens=tokens, encoder_hidden_size=P_TUNING_HIDDEN, **common)
+
+
+FEEDFORWARD = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "mlp.c_fc", "mlp.c_proj")  # IA3 scales their input
+P_TUNING_HIDDEN = 128  # the prompt encoder's MLP width
 
 
 def _wrap(base: Any, lora_cfg: LoraConfig) -> Any:
@@ -85,6 +119,9 @@ def init_adapter_state(model_cfg: ModelConfig, lora_cfg: LoraConfig, seed: int =
 
     from fedllm.model import resolve
 
+    if lora_cfg.peft != "lora":  # DoRA's magnitudes come from the base weights; others are small to build
+        model, _ = build_lora_model(dataclasses.replace(model_cfg, quantize="none"), lora_cfg, seed)
+        return model.fedllm_initial
     with init_empty_weights():
         base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(resolve(model_cfg))))
     model = _wrap(base, lora_cfg)
@@ -104,7 +141,11 @@ def lora_layers(model: Any) -> list[tuple[str, Any]]:
 
 
 def reset_adapter(model: Any, seed: int) -> None:
-    """Initialise every adapter as PEFT does (A: Kaiming-uniform, B: zeros), from `seed`."""
+    """Initialise every adapter as PEFT does (A: Kaiming-uniform, B: zeros), from `seed`; the other
+    PEFT types go back to the state they were built with (from the seed of their cache key)."""
+    if getattr(model, "fedllm_initial", None) is not None and model.peft_config["default"].peft_type.value != "LORA":
+        set_adapter_state(model, model.fedllm_initial)
+        return
     torch.manual_seed(seed)
     for _, module in lora_layers(model):
         for name in module.lora_A:
@@ -140,6 +181,8 @@ def save_adapter(state: State, model_cfg: ModelConfig, lora_cfg: LoraConfig, pat
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
+    if lora_cfg.peft == "p-tuning":
+        state = {"prompt_embeddings": prompt_embeddings(state, model_cfg, lora_cfg)}
     peft_config(lora_cfg, model_cfg.name).save_pretrained(str(path))
     save_file({k: v.contiguous() for k, v in state.items()}, str(path / "adapter_model.safetensors"),
               metadata={"format": "pt"})
@@ -153,10 +196,21 @@ def accelerator(precision: str) -> Any:
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
 
 
+def _encoder(model: Any) -> Any:
+    """P-tuning's prompt encoder, or None: its embedding and MLP are what train, while PEFT's state
+    dict holds only their output (the prompt it computes), which cannot be trained further."""
+    config = model.peft_config["default"]
+    return model.prompt_encoder["default"] if config.peft_type.value == "P_TUNING" else None
+
+
 def adapter_state(model: Any) -> State:
-    """A detached CPU copy of the adapter tensors, keyed as PEFT saves them."""
+    """A detached CPU copy of the adapter tensors, keyed as PEFT saves them (P-tuning: its encoder's
+    weights, prompt_encoder.NAME)."""
     from peft import get_peft_model_state_dict
 
+    encoder = _encoder(model)
+    if encoder is not None:
+        return {f"prompt_encoder.{k}": v.detach().to("cpu", copy=True) for k, v in encoder.state_dict().items()}
     return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
 
 
@@ -168,7 +222,27 @@ def set_adapter_state(model: Any, state: State) -> None:
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise ConfigError(f"adapter state mismatch: missing {missing[:3]}, unexpected {extra[:3]}")
+    encoder = _encoder(model)
+    if encoder is not None:
+        encoder.load_state_dict({k.removeprefix("prompt_encoder."): v for k, v in state.items()})
+        return
     set_peft_model_state_dict(model, state)
+
+
+def prompt_embeddings(state: State, model_cfg: ModelConfig, lora_cfg: LoraConfig) -> torch.Tensor:
+    """The prompt a P-tuning encoder state computes: what PEFT saves for it (prompt_embeddings)."""
+    from peft.tuners.p_tuning import PromptEncoder
+    from transformers import AutoConfig
+
+    from fedllm.model import resolve
+
+    config = peft_config(lora_cfg)
+    config.token_dim = AutoConfig.from_pretrained(str(resolve(model_cfg))).hidden_size
+    config.num_transformer_submodules = 1
+    encoder = PromptEncoder(config)
+    encoder.load_state_dict({k.removeprefix("prompt_encoder."): v for k, v in state.items()})
+    with torch.no_grad():
+        return encoder(torch.arange(lora_cfg.virtual_tokens)[None])[0].contiguous()
 
 
 def subtract(a: State, b: State) -> State:
@@ -187,6 +261,8 @@ def train(model: Any, rows: list[dict[str, list[int]]], cfg: TrainConfig, pad_id
     """
     acc = accelerator(cfg.precision)
     torch.manual_seed(seed)
+    if cfg.gradient_checkpointing:
+        checkpointing(model, True)
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     opt = optimizer or torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -213,8 +289,121 @@ def train(model: Any, rows: list[dict[str, list[int]]], cfg: TrainConfig, pad_id
                 losses.append(step_loss)
     finally:
         model.eval()
+        if cfg.gradient_checkpointing:
+            checkpointing(model, False)
     return {
         "train-loss": sum(losses) / max(len(losses), 1),
         "steps": float(cfg.local_steps),
         "examples-seen": float(cfg.local_steps * cfg.grad_accum * cfg.batch_size),
     }
+
+
+def checkpointing(model: Any, on: bool) -> None:
+    """Switch activation (gradient) checkpointing of a PEFT model's base on or off (non-reentrant:
+    the frozen embeddings' outputs need no requires_grad)."""
+    base = model.base_model
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers 5
+        if on:
+            base.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            base.activation_checkpointing_disable()
+    elif on:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_disable()
+
+
+def truncate(state: State, rank: int) -> State:
+    """The first `rank` rows of every lora_A and columns of every lora_B (other tensors as they are):
+    what a client of a lower rank trains of the global adapter."""
+    out = {}
+    for k, t in state.items():
+        if ".lora_A." in k:
+            t = t[:rank]
+        elif ".lora_B." in k:
+            t = t[:, :rank]
+        out[k] = t.contiguous()
+    return out
+
+
+def pad(local: State, start: State) -> State:
+    """`start` (a full-rank state) with the leading rows / columns replaced by a truncated `local`: the
+    rows a lower-rank client did not train come back unchanged, so its delta there is zero."""
+    out = {}
+    for k, t in start.items():
+        part = local[k]
+        if part.shape == t.shape:
+            out[k] = part
+            continue
+        full = t.clone()
+        full[tuple(slice(0, n) for n in part.shape)] = part
+        out[k] = full
+    return out
+
+
+# --- lora.target-modules=auto: which modules to adapt ---------------------------------------------
+def candidate_shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) features of every linear module inside the decoder layers, by full module name,
+    read from the model's config on the meta device."""
+    return dict(_candidates(model_cfg.name, model_cfg.cache_dir))
+
+
+@functools.lru_cache(maxsize=8)
+def _candidates(name: str, cache_dir: str) -> tuple[tuple[str, tuple[int, int]], ...]:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fedllm.model import resolve
+
+    with init_empty_weights():
+        base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(resolve(
+            ModelConfig(name=name, cache_dir=cache_dir)))))
+    return tuple((n, (m.in_features, m.out_features)) for n, m in base.named_modules()
+                 if isinstance(m, torch.nn.Linear) and ".layers." in f".{n}")
+
+
+def candidate_leaves(model_cfg: ModelConfig) -> list[str]:
+    """The distinct last names of the candidates (q_proj, ..., down_proj): a probe adapter's targets."""
+    return sorted({n.rsplit(".", 1)[-1] for n in candidate_shapes(model_cfg)})
+
+
+def module_scores(model: Any, rows: list[dict[str, list[int]]], cfg: TrainConfig, pad_id: int, n_batches: int,
+                  seed: int) -> dict[str, float]:
+    """Each adapted module's importance on `n_batches` batches of `rows`: the mean squared norm of
+    the loss gradient of its probe adapter's B (B = 0, A random: the gradient a LoRA step on that
+    module starts from; a Fisher-style first-order estimate of how much training it lowers the loss),
+    keyed by the base model's module name."""
+    acc = accelerator(cfg.precision)
+    reset_adapter(model, seed)
+    stream = batches(rows, cfg.batch_size, pad_id, torch.Generator().manual_seed(seed))
+    layers = lora_layers(model)
+    totals = {name: 0.0 for name, _ in layers}
+    model.train()
+    try:
+        for _ in range(n_batches):
+            batch = {k: v.to(acc.device) for k, v in next(stream).items()}
+            with acc.autocast():
+                loss = model(**batch).loss
+            acc.backward(loss)
+            for name, module in layers:
+                grad = module.lora_B["default"].weight.grad
+                totals[name] += float(grad.float().pow(2).sum()) if grad is not None else 0.0
+            model.zero_grad(set_to_none=True)
+    finally:
+        model.eval()
+    prefix = "base_model.model."
+    return {name.removeprefix(prefix): total / n_batches for name, total in totals.items()}
+
+
+def select_modules(scores: dict[str, float], shapes: dict[str, tuple[int, int]], budget: float) -> list[str]:
+    """The modules to adapt: by score per adapter parameter (r (in + out) for each), best first,
+    while their parameters stay within `budget` x those of every candidate (at least one module)."""
+    cost = {n: i + o for n, (i, o) in shapes.items()}
+    limit = budget * sum(cost.values())
+    chosen, used = [], 0
+    for name in sorted(shapes, key=lambda n: (-scores.get(n, 0.0) / cost[n], n)):
+        if chosen and (used + cost[name] > limit or scores.get(name, 0.0) <= 0):
+            continue  # over the budget, or no gradient at all: nothing a step on it would learn
+        chosen.append(name)
+        used += cost[name]
+    return sorted(chosen, key=list(shapes).index)

@@ -4,6 +4,7 @@ rule chain's aggregate of the clients' deltas (local - global)."""
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -13,13 +14,13 @@ from fedllm.compression import Feedback, compress, decode, parse
 from fedllm.config import Config
 from fedllm.contribution import SCORERS
 from fedllm.evaluate import eval_loss
-from fedllm.methods.base import UtilityOf
+from fedllm.methods.base import Ask, UtilityOf
 from fedllm.methods.downlink import Downlink
 from fedllm.methods.lora import engine as lora
-from fedllm.model import save_merged
-from fedllm.errors import PayloadError
-from fedllm.protocol import (ARRAYS, DOWN, LEDGER, METRICS, UPDATE, State, Update, check_like, read_arrays,
-                             reply_metrics, weighted_mean)
+from fedllm.model import load_tokenizer, save_merged
+from fedllm.errors import ConfigError, PayloadError
+from fedllm.protocol import (ARRAYS, DOWN, LEDGER, METRICS, PEFT, SCORES, UPDATE, State, Update, check_like,
+                             read_arrays, reply_metrics, weighted_mean)
 
 
 def needs_model(cfg: Config) -> bool:
@@ -41,28 +42,86 @@ class LoraServer:
 
     def __init__(self, cfg: Config, state: State | None = None) -> None:
         """`state`: start from this adapter state instead of a fresh one (no model is loaded:
-        nothing to evaluate or merge with)."""
-        self.cfg = cfg
+        nothing to evaluate or merge with).
+
+        The server's model is never quantized (model.quantize is the clients'): it evaluates and
+        merges the adapter on the model.dtype base. With lora.target-modules=auto the adapter is
+        made once `prepare` has chosen its modules (or a checkpoint names them)."""
+        check_ranks(cfg)
+        self.cfg = cfg.replace(model__quantize="none")
+        self.modules = ""  # lora.target-modules=auto: the chosen modules, comma separated
+        self.net = self.tokenizer = None
         if state is not None:
-            self.net = self.tokenizer = None
             self.state = dict(state)
-        elif needs_model(cfg):
-            self.net, self.tokenizer = lora.lora_model(cfg.model, cfg.lora, cfg.train.seed)
-            lora.reset_adapter(self.net, cfg.train.seed)  # the cached model may hold an earlier run's adapter
-            self.state = lora.adapter_state(self.net)
+        elif cfg.lora.auto_modules():
+            self.state = {}
+            self.tokenizer = load_tokenizer(cfg.model) if needs_model(cfg) else None
         else:
-            self.net = self.tokenizer = None
-            self.state = lora.init_adapter_state(cfg.model, cfg.lora, cfg.train.seed)
+            self._init()
         self.before: State = self.state  # the state before the last apply (for the utility)
         self.up = parse(cfg.compression.up) if cfg.compression.up else None
         self.down = parse(cfg.compression.down) if cfg.compression.down else None
         self.downlink = Downlink(False, cfg.server.node_state)
         self.feedback = Feedback({}) if cfg.compression.error_feedback else None
 
+    def _init(self) -> None:
+        """The initial adapter of self.cfg's shape (and the model, when the server needs one)."""
+        cfg = self.cfg
+        if needs_model(cfg):
+            self.net, self.tokenizer = lora.lora_model(cfg.model, cfg.lora, cfg.train.seed)
+            lora.reset_adapter(self.net, cfg.train.seed)  # the cached model may hold an earlier run's adapter
+            self.state = lora.adapter_state(self.net)
+        else:
+            self.state = lora.init_adapter_state(cfg.model, cfg.lora, cfg.train.seed)
+
+    # --- before round 1 ---------------------------------------------------------------------------
+    def prepare(self, ask: Ask) -> dict[str, Any]:
+        """lora.target-modules=auto: ask the sampled clients for their module scores, keep the best
+        modules within lora.module-budget (each client's scores normalised to sum 1, then weighted
+        by its examples: no client outweighs its data), and make the adapter. Returns what to log.
+
+        Raises:
+            PayloadError: no client sent valid scores.
+        """
+        if not self.cfg.lora.auto_modules() or self.modules:
+            return {}
+        shapes = lora.candidate_shapes(self.cfg.model)
+        total: dict[str, float] = dict.fromkeys(shapes, 0.0)
+        weights, dropped, used = 0.0, [], 0
+        for reply in ask({}):
+            try:
+                scores, n = read_scores(reply, shapes)
+            except PayloadError as err:
+                dropped.append((reply.metadata.src_node_id, str(err)))
+                continue
+            norm = sum(scores.values()) or 1.0
+            for name, value in scores.items():
+                total[name] += n * value / norm
+            weights += n
+            used += 1
+        if weights == 0:
+            why = "; ".join(f"node {node}: {reason}" for node, reason in dropped[:3]) or "no replies"
+            raise PayloadError(f"lora.target-modules=auto: no client sent valid module scores ({why})")
+        chosen = lora.select_modules(total, shapes, self.cfg.lora.module_budget)
+        self.choose(",".join(chosen))
+        share = sum(sum(shapes[n]) for n in chosen) / sum(sum(s) for s in shapes.values())
+        return {"modules": len(chosen), "of": len(shapes), "parameter-share": round(share, 4),
+                "clients": used, "dropped": dropped}
+
+    def choose(self, modules: str) -> None:
+        self.modules = modules
+        self.cfg = self.cfg.replace(lora__target_modules=modules)
+        self._init()
+        self.before = self.state
+
     # --- the wire -----------------------------------------------------------------------------
     def encode_down(self, node: int) -> dict[str, Any]:
         """The global arrays, or (compression.down) the encoded deltas `node` lacks when that
-        is smaller than the arrays."""
+        is smaller than the arrays; with lora.target-modules=auto also the chosen modules."""
+        extra = {PEFT: ConfigRecord({"target-modules": self.modules})} if self.modules else {}
+        return {**self._encode(node), **extra}
+
+    def _encode(self, node: int) -> dict[str, Any]:
         arrays = ArrayRecord(self.state)
         if self.down is None:
             return {ARRAYS: arrays}
@@ -137,14 +196,55 @@ class LoraServer:
 
     # --- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"global": self.state, "downlink": self.downlink.state_dict(),
+        return {"global": self.state, "downlink": self.downlink.state_dict(), "modules": self.modules,
                 "feedback": self.feedback.residual if self.feedback is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("modules"):
+            self.choose(str(state["modules"]))
         self.state = self.before = state["global"]
         self.downlink.load_state_dict(state["downlink"])
         if state["feedback"] is not None:
             self.feedback = Feedback(state["feedback"])
+
+
+PROMPT_TYPES = ("prefix", "prompt", "p-tuning")
+
+
+def check_ranks(cfg: Config) -> None:
+    """lora.client-ranks at most lora.rank (a client trains the leading rows of the global factors);
+    no server.merge for the prompt types.
+
+    Raises:
+        ConfigError: naming lora.client-ranks or server.merge.
+    """
+    if cfg.server.merge and cfg.lora.peft in PROMPT_TYPES:
+        raise ConfigError(f"server.merge: lora.peft={cfg.lora.peft} adds virtual tokens, not weights: there is "
+                          "nothing to merge into the base (save the adapter only)")
+    ranks = [int(r) for r in cfg.lora.client_ranks.split(",") if r.strip()]
+    if ranks and max(ranks) > cfg.lora.rank:
+        raise ConfigError(f"lora.client-ranks: {max(ranks)} is above lora.rank={cfg.lora.rank} (the global adapter's "
+                          "rank, the largest a client trains); raise lora.rank or use train.method=exact-lora")
+
+
+def read_scores(reply: Message, shapes: dict[str, Any]) -> tuple[dict[str, float], float]:
+    """A query reply's module scores (known modules, finite, >= 0) and example count.
+
+    Raises:
+        PayloadError: naming what is wrong.
+    """
+    n, _ = reply_metrics(reply)
+    content = reply.content
+    if SCORES not in content.metric_records:
+        raise PayloadError(f"reply lacks the {SCORES!r} record")
+    scores = {}
+    for name, value in content.metric_records[SCORES].items():
+        if name not in shapes:
+            raise PayloadError(f"score for unknown module {name[:80]!r}")
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise PayloadError(f"score of {name} is not a finite number >= 0")
+        scores[name] = float(value)
+    return scores, float(n)
 
 
 def state_digest(state: State) -> bytes:
