@@ -8,6 +8,7 @@ adapt every linear module of the decoder (q, k, v, o, gate, up, down; r = 8), th
 - fp32-lora: float32 base; int8-lora: LLM.int8 base; qlora: NF4 base; qlora-checkpointing: NF4 and
   train.gradient-checkpointing; mixed: model.client-quantize = nf4, int8, none, none;
 - auto-modules: lora.target-modules=auto at lora.module-budget 0.5 (half the all-modules adapter);
+- half-layers: every module of every other layer (also half the parameters, chosen without data);
 - dora (same modules), ia3 (k, v, down), prefix, prompt, p-tuning (8 virtual tokens, lr 1e-2: prompt
   methods need a larger step; every other row lr 1e-3).
 Runs go through `fedllm.server_app.run` on an in-process grid. The server evaluates on the float32
@@ -49,6 +50,9 @@ ROWS: dict[str, dict[str, Any]] = {
     "qlora-checkpointing": {"model.quantize": "nf4", "train.gradient-checkpointing": True},
     "mixed": {"model.client-quantize": "nf4,int8,none,none"},
     "auto-modules": {"lora.target-modules": "auto", "lora.module-budget": 0.5},
+    "half-layers": {"lora.target-modules": ",".join(f"model.layers.{i}.{m}" for i in range(0, 30, 2) for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+        "mlp.down_proj"))},
     "dora": {"lora.peft": "dora"},
     "ia3": {"lora.peft": "ia3", "lora.target-modules": "k_proj,v_proj,down_proj"},
     "prefix": {"lora.peft": "prefix", **PROMPT},
@@ -155,6 +159,10 @@ def table(results: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], str]:
         a = results["auto-modules"]
         goals["auto-modules / fp32 adapter parameters"] = a["adapter-parameters"] / base["adapter-parameters"]
         goals["auto-modules / fp32 eval loss"] = a["eval-loss"] / base["eval-loss"]
+        if "half-layers" in results:
+            goals["half-layers / fp32 eval loss"] = results["half-layers"]["eval-loss"] / base["eval-loss"]
+    if base and "int8-lora" in results:  # how far numerics alone move the figure
+        goals["int8 / fp32 eval loss"] = results["int8-lora"]["eval-loss"] / base["eval-loss"]
     lines += [f"{k}: {v:.4g}" for k, v in goals.items()]
     return goals, "\n".join(lines)
 

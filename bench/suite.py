@@ -111,6 +111,16 @@ def scale(d: dict[str, Any]) -> list[Row]:
              lambda v: v <= 1.10)]
 
 
+def peft(d: dict[str, Any]) -> list[Row]:
+    g = d["goals"]
+    return [("4-bit client peak RSS / fp32 client's", g["qlora / fp32 client peak RSS"], "<= 0.5", lambda v: v <= 0.5),
+            ("4-bit client RSS above the imports / fp32 client's", g["qlora / fp32 client RSS above imports"], "",
+             lambda v: True),
+            ("4-bit eval loss / fp32 LoRA's", g["qlora / fp32 eval loss"], "<= 1.03", lambda v: v <= 1.03),
+            ("auto modules (half the parameters) eval loss / all modules'", g["auto-modules / fp32 eval loss"],
+             "<= 1.02", lambda v: v <= 1.02)]
+
+
 # script, short arguments, headline figures
 SUITE: list[tuple[str, list[str], Callable[[dict[str, Any]], list[Row]]]] = [
     ("simulation_overhead", ["--rounds", "1", "--steps", "5"], overhead),
@@ -125,6 +135,7 @@ SUITE: list[tuple[str, list[str], Callable[[dict[str, Any]], list[Row]]]] = [
     ("diloco", ["--clients", "2", "--steps", "16", "--inner-steps", "16", "--fresh"], diloco),
     ("aggregation", ["--clients", "4", "64", "--modes", "stream", "tree"], aggregation),
     ("scale", [], scale),
+    ("peft", ["--rounds", "1", "--steps", "4", "--only", "fp32-lora,qlora,auto-modules", "--fresh"], peft),
 ]
 
 

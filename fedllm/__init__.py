@@ -4,10 +4,16 @@
     cfg = Config.from_flat({"lora.rank": 16})
 """
 
+import logging
+
 from fedllm.config import Config, parse_overrides
 from fedllm.errors import ConfigError, DataError, FedLLMError, ModelError, PayloadError
 
 __version__ = "0.1.0"
+
+# bitsandbytes (imported by peft whenever it is installed) says at import that it could not fetch an
+# optional CPU kernel from the Hugging Face hub (the `kernels` package); its own kernels run instead
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def __getattr__(name: str):

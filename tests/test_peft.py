@@ -333,3 +333,34 @@ def test_a_bad_module_score_reply_is_dropped_and_the_rest_decide(tiny_model_dir)
     fresh = LoraServer(cfg)
     with pytest.raises(PayloadError, match="no client sent valid module scores"):
         fresh.prepare(lambda records: iter(replies[1:]))
+
+
+def test_quantized_and_lower_rank_clients_compose_with_codecs_the_ledger_and_resume(tiny_model_dir, tmp_path):
+    """DoRA with a 4-bit client and a rank-2 client, int8 codecs both ways: with the ledger on (the
+    in-process chain) every round is on the ledger; without it, a resume for a third round goes on
+    from the checkpoint; every reply is accepted and the adapters load."""
+    pytest.importorskip("web3")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fedllm.local_grid import LocalGrid
+    from fedllm.server_app import run
+
+    def grid():
+        g = LocalGrid(3)
+        g.context(1).node_config["quantize"] = "nf4"
+        g.context(2).node_config["lora-rank"] = 2
+        return g
+
+    over = {"lora.peft": "dora", "lora.rank": 4, "compression.up": "int8", "compression.down": "int8",
+            "server.min-replies": 3}
+    booked = run(grid(), tiny_run_config(tiny_model_dir, tmp_path, **over, **{"ledger.enabled": True,
+                                                                               "server.run-name": "ledger"}))
+    assert all((booked / "ledger" / f"round-{r:04d}.json").is_file() for r in (1, 2))
+    cfg = tiny_run_config(tiny_model_dir, tmp_path, **over)
+    run_dir = run(grid(), cfg)
+    resumed = run(grid(), cfg.replace(server__resume=str(run_dir), server__num_rounds=3))
+    for folder, rounds in ((booked, 2), (resumed, 3)):
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert [r["clients-ok"] for r in rows[1:]] == [3] * rounds
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), folder / "adapter")

@@ -369,10 +369,11 @@ def candidate_leaves(model_cfg: ModelConfig) -> list[str]:
 
 def module_scores(model: Any, rows: list[dict[str, list[int]]], cfg: TrainConfig, pad_id: int, n_batches: int,
                   seed: int) -> dict[str, float]:
-    """Each adapted module's importance on `n_batches` batches of `rows`: the mean squared norm of
-    the loss gradient of its probe adapter's B (B = 0, A random: the gradient a LoRA step on that
-    module starts from; a Fisher-style first-order estimate of how much training it lowers the loss),
-    keyed by the base model's module name."""
+    """Each adapted module's importance on `n_batches` batches of `rows`: the mean L1 norm of the
+    loss gradient of its probe adapter's B (B = 0, A random: the gradient a LoRA step on that module
+    starts from). Adam's first step moves every weight by about lr x sign(g), so lr x sum |g| is the
+    first-order loss decrease it buys; per adapter parameter (select_modules) that is mean |g|.
+    Keyed by the base model's module name."""
     acc = accelerator(cfg.precision)
     reset_adapter(model, seed)
     stream = batches(rows, cfg.batch_size, pad_id, torch.Generator().manual_seed(seed))
@@ -387,7 +388,7 @@ def module_scores(model: Any, rows: list[dict[str, list[int]]], cfg: TrainConfig
             acc.backward(loss)
             for name, module in layers:
                 grad = module.lora_B["default"].weight.grad
-                totals[name] += float(grad.float().pow(2).sum()) if grad is not None else 0.0
+                totals[name] += float(grad.float().abs().sum()) if grad is not None else 0.0
             model.zero_grad(set_to_none=True)
     finally:
         model.eval()
