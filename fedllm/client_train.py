@@ -89,15 +89,20 @@ def keep_for_replay(context: Context, reply: RecordDict) -> None:
             context.state[REPLAY + name] = reply[name]
 
 
+def client_half(request: RecordDict, context: Context) -> tuple[Config, int, Any]:
+    """The request's run config, this node's partition id, and the method's client half for them."""
+    cfg = config_from_request(request)
+    pid, _ = node_partition(context)
+    return cfg, pid, METHODS.get(cfg.train.method).impl.client(cfg, context, pid)
+
+
 def handle(request: RecordDict, context: Context, started: float | None = None) -> RecordDict:
     """A train request's content in, the reply's content out (context.state updated).
     `started` (time.time() when the message reached the ClientApp) gives the metric
     start-seconds, the wait until the first training step."""
     started = time.time() if started is None else started
-    cfg = config_from_request(request)
+    cfg, pid, half = client_half(request, context)
     server_round = int(request.config_records[CONFIG].get("server-round", 0))
-    pid, _ = node_partition(context)
-    half = METHODS.get(cfg.train.method).impl.client(cfg, context, pid)
     attack = cfg.attack.kinds().get(pid)
     if attack == "crash":
         crash(pid, server_round)
@@ -129,9 +134,7 @@ def handle(request: RecordDict, context: Context, started: float | None = None) 
 
 def answer(request: RecordDict, context: Context) -> RecordDict:
     """A query's content in (a method's question before round 1), the reply's content out."""
-    cfg = config_from_request(request)
-    pid, _ = node_partition(context)
-    half = METHODS.get(cfg.train.method).impl.client(cfg, context, pid)
+    cfg, pid, half = client_half(request, context)
     if not hasattr(half, "answer"):
         raise PayloadError(f"train.method={cfg.train.method} answers no queries")
     records = half.answer(request, lambda tokenizer: node_rows(cfg, context, tokenizer), round_seed(cfg, 0, pid))

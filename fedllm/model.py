@@ -128,8 +128,7 @@ def check_available(cfg: ModelConfig, timeout: float = 10.0) -> None:
 
         HfApi().model_info(source, timeout=timeout)
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"model.name: hub id {source!r} is not cached and cannot be reached: {first}") from None
+        raise ModelError(f"model.name: hub id {source!r} is not cached and cannot be reached: {first_line(err)}") from None
 
 
 def convert_gguf(gguf: Path, root: Path) -> Path:
@@ -162,18 +161,25 @@ def convert_gguf(gguf: Path, root: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=root))
+    publish(model, tokenizer, target, "model.safetensors")
+    return target
+
+
+def publish(model: Any, tokenizer: Any, target: Path, marker: str) -> None:
+    """Save `model` and `tokenizer` as the folder `target`, atomically: into a temporary folder beside
+    it, then renamed. When the rename fails because another process published `target` first (its
+    file `marker` exists), theirs stays."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".write-", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
     except OSError:
-        if not (target / "model.safetensors").is_file():
+        if not (target / marker).is_file():
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def load_base_model(cfg: ModelConfig, cached: bool = True) -> tuple[Any, Any]:
@@ -210,20 +216,16 @@ def _load(cfg: ModelConfig) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve(cfg)
-    quantized = quantization(cfg)
-    if quantized is not None:
+    if cfg.quantize != "none":
         source = quantized_copy(cfg, source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source))
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=_DTYPES[cfg.dtype])
     except Exception as err:
         where = "directory" if isinstance(source, Path) else "hub id (no network or unknown)"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"model.name: cannot load {cfg.name!r} as a {where}: {first}") from err
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        raise ModelError(f"model.name: cannot load {cfg.name!r} as a {where}: {first_line(err)}") from err
     model.eval()
-    return model, tokenizer
+    return model, with_pad(tokenizer)
 
 
 def quantized_copy(cfg: ModelConfig, source: Path | str) -> Path:
@@ -237,8 +239,9 @@ def quantized_copy(cfg: ModelConfig, source: Path | str) -> Path:
     atomically.
 
     Raises:
-        ModelError: the base cannot be loaded or quantized.
+        ModelError: bitsandbytes is missing, or the base cannot be loaded or quantized.
     """
+    settings = quantization(cfg)  # first: it names the missing bitsandbytes
     import bitsandbytes
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -246,32 +249,28 @@ def quantized_copy(cfg: ModelConfig, source: Path | str) -> Path:
     files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(source).glob("*.safetensors")) \
         if isinstance(source, Path) else []
     key = f"{source}:{files}:{cfg.quantize}:{cfg.dtype}:{transformers.__version__}:{bitsandbytes.__version__}"
-    root = cache_root(cfg)
-    target = root / f"{Path(str(source)).name}-{cfg.quantize}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    target = cache_root(cfg) / f"{Path(str(source)).name}-{cfg.quantize}-{digest}"
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
     log.info("Quantizing %s to %s in %s (once)", cfg.name, cfg.quantize, target)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source))
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=_DTYPES[cfg.dtype],
-                                                     quantization_config=quantization(cfg))
+                                                     quantization_config=settings)
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"model.name: cannot load {cfg.name!r} in {cfg.quantize}: {first}") from err
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".quantize-", dir=root))
+        raise ModelError(f"model.name: cannot load {cfg.name!r} in {cfg.quantize}: {first_line(err)}") from err
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        if not (target / "config.json").is_file():
-            raise
+        publish(model, tokenizer, target, "config.json")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         del model
         _trim()  # quantizing leaves freed float32 buffers in the allocator's arenas
     return target
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's first line, or its type's name when it says nothing."""
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _trim() -> None:
@@ -285,11 +284,24 @@ def _trim() -> None:
             ctypes.CDLL(name).malloc_trim(0)
 
 
+def empty_model(cfg: ModelConfig) -> Any:
+    """The base model's architecture on the meta device, from its config (no weights read, no memory)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(resolve(cfg))))
+
+
 def load_tokenizer(cfg: ModelConfig) -> Any:
     """The base model's tokenizer alone (pad token set as load_base_model sets it)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve(cfg)))
+    return with_pad(AutoTokenizer.from_pretrained(str(resolve(cfg))))
+
+
+def with_pad(tokenizer: Any) -> Any:
+    """`tokenizer` with a pad token: its eos token when it has none."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -29,7 +29,7 @@ import torch
 from fedllm.config import LoraConfig, ModelConfig, TrainConfig
 from fedllm.data.templates import batches
 from fedllm.errors import ConfigError
-from fedllm.model import MODEL_CACHE, load_base_model
+from fedllm.model import MODEL_CACHE, empty_model, load_base_model
 
 State = dict[str, torch.Tensor]
 
@@ -114,17 +114,10 @@ def init_adapter_state(model_cfg: ModelConfig, lora_cfg: LoraConfig, seed: int =
     materialised and initialised as PEFT does (A: Kaiming-uniform, B: zeros). For a server
     that neither evaluates nor merges, this is all it needs.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from fedllm.model import resolve
-
     if lora_cfg.peft != "lora":  # DoRA's magnitudes come from the base weights; others are small to build
         model, _ = build_lora_model(dataclasses.replace(model_cfg, quantize="none"), lora_cfg, seed)
         return model.fedllm_initial
-    with init_empty_weights():
-        base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(resolve(model_cfg))))
-    model = _wrap(base, lora_cfg)
+    model = _wrap(empty_model(model_cfg), lora_cfg)
     for _, module in lora_layers(model):
         for name in module.lora_A:
             module.lora_A[name].to_empty(device="cpu")
@@ -345,21 +338,23 @@ def pad(local: State, start: State) -> State:
 def candidate_shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     """(in, out) features of every linear module inside the decoder layers, by full module name,
     read from the model's config on the meta device."""
-    return dict(_candidates(model_cfg.name, model_cfg.cache_dir))
+    return dict(_architecture(model_cfg.name, model_cfg.cache_dir)[0])
+
+
+def parameter_count(model_cfg: ModelConfig) -> int:
+    """The base model's parameters (a tied embedding counted once), from its config."""
+    return _architecture(model_cfg.name, model_cfg.cache_dir)[1]
 
 
 @functools.lru_cache(maxsize=8)
-def _candidates(name: str, cache_dir: str) -> tuple[tuple[str, tuple[int, int]], ...]:
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from fedllm.model import resolve
-
-    with init_empty_weights():
-        base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(resolve(
-            ModelConfig(name=name, cache_dir=cache_dir)))))
-    return tuple((n, (m.in_features, m.out_features)) for n, m in base.named_modules()
-                 if isinstance(m, torch.nn.Linear) and ".layers." in f".{n}")
+def _architecture(name: str, cache_dir: str) -> tuple[tuple[tuple[str, tuple[int, int]], ...], int]:
+    base = empty_model(ModelConfig(name=name, cache_dir=cache_dir))
+    shapes = tuple((n, (m.in_features, m.out_features)) for n, m in base.named_modules()
+                   if isinstance(m, torch.nn.Linear) and ".layers." in f".{n}")
+    total = sum(p.numel() for p in base.parameters())
+    if getattr(base.config, "tie_word_embeddings", False) and base.get_output_embeddings() is not None:
+        total -= base.get_output_embeddings().weight.numel()  # one tensor once loaded (meta leaves it untied)
+    return shapes, total
 
 
 def candidate_leaves(model_cfg: ModelConfig) -> list[str]:

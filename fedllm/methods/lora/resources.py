@@ -18,7 +18,6 @@ aggregates any rank exactly.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Mapping
 
@@ -26,6 +25,7 @@ from fedllm.config import QUANTIZE, Config, ModelConfig
 
 DTYPES = ("float32", "bfloat16")
 from fedllm.errors import ConfigError
+from fedllm.methods.lora import engine as lora
 
 RUNTIME_MB = 600.0
 BYTES = {"none": None, "int8": 1.0, "nf4": 0.5, "fp4": 0.5}  # per linear weight (None: model.dtype's)
@@ -33,26 +33,8 @@ BYTES = {"none": None, "int8": 1.0, "nf4": 0.5, "fp4": 0.5}  # per linear weight
 
 def parameter_counts(model_cfg: ModelConfig) -> tuple[int, int]:
     """(weights of the decoder's linear layers, every other weight), counted on the meta device."""
-    return _counts(model_cfg.name, model_cfg.cache_dir)
-
-
-@functools.lru_cache(maxsize=8)
-def _counts(name: str, cache_dir: str) -> tuple[int, int]:
-    import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from fedllm.model import resolve
-
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(resolve(
-            ModelConfig(name=name, cache_dir=cache_dir)))))
-    linear = sum(m.weight.numel() for name, m in model.named_modules()
-                 if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}")
-    total = sum(p.numel() for p in model.parameters())
-    if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
-        total -= model.get_output_embeddings().weight.numel()  # one tensor once loaded (meta leaves it untied)
-    return linear, total - linear
+    linear = sum(i * o for i, o in lora.candidate_shapes(model_cfg).values())
+    return linear, lora.parameter_count(model_cfg) - linear
 
 
 def weights_mb(model_cfg: ModelConfig, quantize: str) -> float:

@@ -47,7 +47,7 @@ class LoraServer:
         The server's model is never quantized (model.quantize is the clients'): it evaluates and
         merges the adapter on the model.dtype base. With lora.target-modules=auto the adapter is
         made once `prepare` has chosen its modules (or a checkpoint names them)."""
-        check_ranks(cfg)
+        check_lora_config(cfg)
         self.cfg = cfg.replace(model__quantize="none")
         self.modules = ""  # lora.target-modules=auto: the chosen modules, comma separated
         self.net = self.tokenizer = None
@@ -211,7 +211,7 @@ class LoraServer:
 PROMPT_TYPES = ("prefix", "prompt", "p-tuning")
 
 
-def check_ranks(cfg: Config) -> None:
+def check_lora_config(cfg: Config) -> None:
     """lora.client-ranks at most lora.rank (a client trains the leading rows of the global factors);
     no server.merge for the prompt types.
 
