@@ -84,15 +84,22 @@ def test_a_quantized_base_trains_its_adapter_and_the_loss_falls(tiny_cfg, quanti
 
 
 def test_gradient_checkpointing_gives_the_same_step(tiny_cfg):
-    """Recomputing activations changes memory, not the result: the same adapter after the same steps."""
-    states = []
+    """Recomputing activations changes memory, not the result: the same adapter after the same steps,
+    while the first layer's attention really runs twice a step (forward, then again in the backward)."""
+    states, calls = [], []
     for checkpointing in (False, True):
         model, tok = lora.lora_model(tiny_cfg, LoraConfig(rank=4, dropout=0.0))
         lora.reset_adapter(model, 0)
+        count = [0]
+        attention = model.base_model.model.model.layers[0].self_attn
+        hook = attention.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
         lora.train(model, _rows(tok), TrainConfig(local_steps=3, lr=0.01, gradient_checkpointing=checkpointing),
                    tok.pad_token_id, seed=1)
+        hook.remove()
+        calls.append(count[0])
         states.append(lora.adapter_state(model))
         assert not model.base_model.model.is_activation_checkpointing  # switched off after training
+    assert calls == [3, 6]
     assert states[0].keys() == states[1].keys()
     assert all(torch.allclose(states[0][k], states[1][k], atol=1e-6) for k in states[0])
 
