@@ -40,7 +40,7 @@ bench-full: $(STAMP)
 	$(PY) bench/ledger.py
 	$(PY) bench/client_start.py
 	$(PY) bench/robustness.py
-	$(PY) bench/peft.py
+	$(PY) bench/adapters.py
 
 lock: $(STAMP)
 	head -3 requirements.lock > requirements.lock.new

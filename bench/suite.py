@@ -135,7 +135,7 @@ SUITE: list[tuple[str, list[str], Callable[[dict[str, Any]], list[Row]]]] = [
     ("diloco", ["--clients", "2", "--steps", "16", "--inner-steps", "16", "--fresh"], diloco),
     ("aggregation", ["--clients", "4", "64", "--modes", "stream", "tree"], aggregation),
     ("scale", [], scale),
-    ("peft", ["--rounds", "1", "--steps", "4", "--only", "fp32-lora,qlora,auto-modules", "--fresh"], peft),
+    ("adapters", ["--rounds", "1", "--steps", "4", "--only", "fp32-lora,qlora,auto-modules", "--fresh"], peft),
 ]
 
 

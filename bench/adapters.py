@@ -1,6 +1,6 @@
 """Resource-aware clients: quantized bases, gradient checkpointing, module choice and the PEFT family.
 
-    python bench/peft.py [--rounds 3] [--steps 10] [--clients 4] [--only ROW,...] [--fresh] [--out FILE]
+    python bench/adapters.py [--rounds 3] [--steps 10] [--clients 4] [--only ROW,...] [--fresh] [--out FILE]
 
 SmolLM2-135M-Instruct, the built-in suite, `--clients` clients partitioned by task (non-IID), FedAvg,
 `--rounds` rounds of `--steps` AdamW steps (batch 4) per client, the same for every row. LoRA rows
@@ -33,8 +33,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-# run as a script, this folder is sys.path[0], and this file would stand in for the peft package
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).with_suffix(".json")
