@@ -5,6 +5,7 @@
 """
 
 import logging
+import warnings
 
 from fedllm.config import Config, parse_overrides
 from fedllm.errors import ConfigError, DataError, FedLLMError, ModelError, PayloadError
@@ -14,6 +15,9 @@ __version__ = "0.1.0"
 # bitsandbytes (imported by peft whenever it is installed) says at import that it could not fetch an
 # optional CPU kernel from the Hugging Face hub (the `kernels` package); its own kernels run instead
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# transformers 5 renames gradient checkpointing to activation checkpointing and warns whenever peft
+# or trl call the old names; fedllm calls the new ones where they exist
+warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated", category=FutureWarning)
 
 
 def __getattr__(name: str):

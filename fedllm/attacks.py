@@ -58,7 +58,10 @@ def poisoned(kind: str, delta: State, seed: int, noise_scale: float = 1.0, scale
 
 
 def flip_labels(examples: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
-    """The examples with their responses shuffled among them (a derangement when n > 1)."""
+    """The examples with their responses shuffled among them (a derangement when n > 1); preference
+    pairs with chosen and rejected swapped (every label flipped)."""
+    if examples and "rejected" in examples[0]:
+        return [{**e, "response": e["rejected"], "rejected": e["response"]} for e in examples]
     if len(examples) < 2:
         return list(examples)
     order = list(range(len(examples)))

@@ -116,7 +116,7 @@ def prepare(overrides: dict[str, Any], num_clients: int, cpus_per_client: float,
             resume: Path | None) -> tuple[dict[str, Any], Path]:
     """Every check that can run before Ray starts; returns the final overrides (with the run
     name fixed) and the run directory."""
-    from fedllm.data import load_splits
+    from fedllm.methods import data_splits
     from fedllm.model import check_available
     from fedllm.tracking import check_installed
     from strategies import resolve as resolve_strategy
@@ -139,9 +139,13 @@ def prepare(overrides: dict[str, Any], num_clients: int, cpus_per_client: float,
         from fedllm.ledger import preflight
 
         preflight(cfg)
-    train, _ = load_splits(cfg.data)
+    train, _ = data_splits(cfg)
     check_partitions(train, cfg, num_clients)
     check_available(cfg.model)  # converts a GGUF once, before workers start; a hub id fails fast
+    if cfg.server.init_from and resume is None:  # the adapter fits the run's lora.* (before any round starts)
+        from fedllm.methods.lora.engine import init_adapter_state, read_adapter
+
+        read_adapter(Path(cfg.server.init_from), init_adapter_state(cfg.model, cfg.lora, cfg.train.seed), cfg.lora)
     run_dir = Path(cfg.server.run_dir).expanduser() / cfg.server.run_name
     check_writable(run_dir)
     if resume is None and (run_dir / "metrics.jsonl").exists():
@@ -298,13 +302,13 @@ def check_tasks(cfg: Config) -> None:
     """server.eval-tasks known to lm-eval (fedllm's own tasks written to a scratch folder)."""
     import tempfile
 
-    from fedllm.data import load_splits
     from fedllm.harness import parse_tasks
+    from fedllm.methods import data_splits
     from fedllm.server_app import eval_tasks
 
     if parse_tasks(cfg.server.eval_tasks):
         with tempfile.TemporaryDirectory() as tmp:
-            eval_tasks(cfg, Path(tmp), load_splits(cfg.data)[1][:1])
+            eval_tasks(cfg, Path(tmp), data_splits(cfg)[1][:1])
 
 
 def check_writable(run_dir: Path, min_free: int = 64 << 20) -> None:
@@ -359,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="join a running Ray cluster (`ray start --head` prints its address) instead of starting one")
     sim.add_argument("--resume", type=Path, metavar="RUN_DIR",
                      help="continue a run from its checkpoint (its config; --set server.num-rounds=N may extend it)")
+    sim.add_argument("--init-adapter", type=Path, metavar="ADAPTER_DIR",
+                     help="start the global adapter from a saved one (server.init-from), e.g. an SFT run's "
+                     "RUN_DIR/adapter before DPO rounds")
     prep = sub.add_parser("prepare-model", help="convert a GGUF model into the safetensors cache")
     prep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sub.add_parser("config", help="list every config key with its default and help")
@@ -390,8 +397,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "_engine":
             run_engine(json.loads(os.environ[ENGINE_JOB]))
         elif args.command == "simulate":
-            run_dir = simulate(parse_overrides(args.set), args.num_clients, args.cpus_per_client, args.resume,
-                               args.engine, args.ray_address)
+            overrides = parse_overrides(args.set)
+            if args.init_adapter is not None:
+                overrides["server.init-from"] = str(args.init_adapter.expanduser().resolve())
+            run_dir = simulate(overrides, args.num_clients, args.cpus_per_client, args.resume, args.engine,
+                               args.ray_address)
             print(f"run directory: {run_dir}")
         elif args.command == "prepare-model":
             from fedllm.model import resolve

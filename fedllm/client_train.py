@@ -20,9 +20,9 @@ from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
 from fedllm.attacks import POISONING, crash, flip_labels, poisoned
 from fedllm.config import Config
-from fedllm.data import encode, load_source, load_splits, partition
+from fedllm.data import encode, load_source, load_splits, pair_text, partition
 from fedllm.errors import DataError, PayloadError
-from fedllm.methods import METHODS
+from fedllm.methods import METHODS, uses_pairs
 from fedllm.methods.base import Transform
 from fedllm.model import MODEL_CACHE
 from fedllm.protocol import CONFIG, LEDGER, METRICS
@@ -42,15 +42,19 @@ def client_rows(cfg_items: tuple, tokenizer: Any, partition_id: int, num_partiti
                 flip_seed: int | None = None) -> tuple[list, int]:
     """Encoded training rows (cached per process) and the example count: the file `site_data`
     (a site's own data, named in its node config as data-path), else one partition of data.source.
-    With `flip_seed` the responses are shuffled among the examples (the label-flip attack)."""
+    With `flip_seed` the responses are shuffled among the examples (the label-flip attack; pairs
+    swap chosen and rejected). A method that trains on pairs (dpo) gets their texts (`pair_text`)."""
     cfg = Config.from_flat(dict(cfg_items))
+    pairs = uses_pairs(cfg)
     if site_data:
-        mine = load_source(site_data, cfg.data)
+        mine = load_source(site_data, cfg.data, pairs)
     else:
-        train, _ = load_splits(cfg.data)
+        train, _ = load_splits(cfg.data, pairs)
         mine = partition(train, cfg.data, num_partitions, partition_id)
     if flip_seed is not None:
         mine = flip_labels(mine, flip_seed)
+    if pairs:
+        return [pair_text(tokenizer, e, cfg.data.system_prompt) for e in mine], len(mine)
     rows = [encode(tokenizer, e, cfg.data.max_length, cfg.data.system_prompt) for e in mine]
     return rows, len(mine)
 

@@ -118,6 +118,10 @@ class DataConfig:
     input_field: str = _help("Field holding optional extra input; '' for none.", "input")
     response_field: str = _help("Field holding the reference response.", "response")
     label_field: str = _help("Field used by the dirichlet and task partitioners.", "family")
+    prompt_field: str = _help("Field holding the prompt of a preference pair (train.method=dpo; "
+                              "data.input-field is appended when present).", "prompt")
+    chosen_field: str = _help("Field holding the preferred response of a pair (train.method=dpo).", "chosen")
+    rejected_field: str = _help("Field holding the dispreferred response of a pair (train.method=dpo).", "rejected")
     partition: str = _help("Partitioning: iid, dirichlet, or task.", "task")
     alpha: float = _help("Dirichlet concentration (smaller is more skewed).", 0.5, check="> 0")
     max_length: int = _help("Token limit of prompt + response; longer examples are cut.", 128, check="> 0")
@@ -195,8 +199,9 @@ class LoraConfig:
 @dataclass
 class TrainConfig:
     method: str = _help("Training method from the registry: lora (PEFT adapters), exact-lora (LoRA with exact "
-                        "stacked aggregation; client ranks may differ), zo (seed-based zeroth-order) or diloco "
-                        "(Streaming DiLoCo: fragment-wise syncs with an outer Nesterov optimizer).", "lora")
+                        "stacked aggregation; client ranks may differ), zo (seed-based zeroth-order), diloco "
+                        "(Streaming DiLoCo: fragment-wise syncs with an outer Nesterov optimizer) or dpo (LoRA trained "
+                        "with TRL's DPO on preference pairs).", "lora")
     local_steps: int = _help("Optimizer steps per client per round (tau for zo).", 10, check="> 0")
     batch_size: int = _help("Examples per micro-batch.", 4, check="> 0")
     grad_accum: int = _help("Micro-batches accumulated per optimizer step.", 1, check="> 0")
@@ -274,6 +279,29 @@ class DiLoCoConfig:
         return self.inner_steps // self.fragments
 
 
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down",
+              "sigmoid_norm")
+
+
+@dataclass
+class DpoConfig:
+    beta: float = _help("beta: the strength of the pull toward the reference model (the implicit reward is beta x "
+                        "the log-ratio to it).", 0.1, check="> 0")
+    loss_type: str = _help("TRL's DPO loss: sigmoid (DPO), hinge, ipo, robust, bco_pair, sppo_hard, nca_pair, "
+                           "apo_zero, apo_down or sigmoid_norm.", "sigmoid")
+    label_smoothing: float = _help("The assumed share of flipped preference labels (robust loss), in [0, 0.5).", 0.0,
+                                   check="[0, 0.5)")
+    reference: str = _help("The reference model of each round's local DPO: global (the frozen base plus the round's "
+                           "global adapter, as it arrived) or base (the base alone, adapters off).", "global")
+
+    def __post_init__(self) -> None:
+        _positive("dpo.beta", self.beta)
+        _choice("dpo.loss-type", self.loss_type, DPO_LOSSES)
+        _choice("dpo.reference", self.reference, ("global", "base"))
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label-smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+
+
 @dataclass
 class ServerConfig:
     num_rounds: int = _help("Federated rounds.", 3, check="> 0")
@@ -313,6 +341,9 @@ class ServerConfig:
     run_dir: str = _help("Parent folder of run directories.", "runs")
     run_name: str = _help("Run directory name; '' picks a timestamp.", "")
     merge: bool = _help("Also save the adapter merged into a full model.", False)
+    init_from: str = _help("An adapter folder (a run's RUN_DIR/adapter, PEFT format) the global adapter starts from "
+                           "instead of a fresh one: e.g. DPO rounds after SFT rounds. Its rank, alpha, modules and "
+                           "adapter type must match lora.*; '' starts fresh.", "")
     aggregation: str = _help(
         "auto: fold each reply into a running sum as it arrives when the rule is a sum (fedavg, fedprox, fedkseed), "
         "the ledger is off and the round's replies could exceed server.stream-bytes, else keep the round's list "
@@ -540,6 +571,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     zo: ZOConfig = field(default_factory=ZOConfig)
     diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)

@@ -46,6 +46,28 @@ def eval_loss(model: Any, tokenizer: Any, examples: list[dict[str, str]], cfg: D
     return sum(s for s, _ in losses) / max(sum(n for _, n in losses), 1)
 
 
+def pair_logps(model: Any, tokenizer: Any, pairs: list[dict[str, str]], cfg: DataConfig,
+               batch_size: int = 16) -> torch.Tensor:
+    """(N, 2): log pi(chosen | prompt) and log pi(rejected | prompt) of each preference pair, summed
+    over the answer's tokens and its eos (as `encode` builds them, the same tokens DPO scores)."""
+    rejected = [{**p, "response": p["rejected"]} for p in pairs]
+    losses = example_losses(model, tokenizer, pairs + rejected, cfg, batch_size)
+    sums = torch.tensor([-s for s, _ in losses], dtype=torch.float64)
+    return torch.stack([sums[:len(pairs)], sums[len(pairs):]], dim=1)
+
+
+def preference_metrics(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> dict[str, float]:
+    """DPO's held-out figures from `pair_logps` of the policy and of a reference: the implicit reward
+    r = beta * (log pi - log ref) of each answer; reward-accuracy, the share of pairs whose chosen
+    answer has the larger reward (TRL's rewards/accuracies: a tie counts as wrong); reward-margin,
+    the mean r(chosen) - r(rejected); preference-accuracy, the share the policy itself gives the
+    chosen answer the higher likelihood (reference-free)."""
+    rewards = beta * (policy - reference)  # (N, 2)
+    margin = rewards[:, 0] - rewards[:, 1]
+    return {"reward-accuracy": float((margin > 0).double().mean()), "reward-margin": float(margin.mean()),
+            "preference-accuracy": float((policy[:, 0] > policy[:, 1]).double().mean())}
+
+
 def normalize(text: str) -> str:
     return " ".join(text.strip().lower().rstrip(".").split())
 

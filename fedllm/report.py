@@ -113,6 +113,9 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "bytes-total": up + down,
         "seconds": sum(r.get("round-seconds", 0.0) for r in trained),
     }
+    for key in PREFERENCE:  # train.method=dpo: held-out rewards against the run's starting model
+        if key in last:
+            out[f"{key}-before"], out[f"{key}-after"] = first.get(key), last.get(key)
     if last.get("families"):
         out["families-after"] = {name: {k: f.get(k) for k in ("eval-loss", "exact-match", "rouge-l")}
                                  for name, f in last["families"].items()}
@@ -122,6 +125,15 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out["lm-eval-before"] = headline(tasks[0]["lm-eval"])
         out["lm-eval-after"] = headline(tasks[-1]["lm-eval"])
     return out
+
+
+PREFERENCE = ("reward-accuracy", "reward-margin", "preference-accuracy")
+
+
+def preference_lines(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, 'before -> after') of the preference figures a summary holds."""
+    return [(key.replace("-", " "), f"{_num(s[key + '-before'], 3)} -> {_num(s[key + '-after'], 3)}")
+            for key in PREFERENCE if f"{key}-after" in s]
 
 
 def _num(v: Any, digits: int) -> str:
@@ -135,6 +147,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"exact match        {_num(s['exact-match-before'], 3)} -> {_num(s['exact-match-after'], 3)}",
         f"Rouge-L            {_num(s.get('rouge-l-before'), 3)} -> {_num(s.get('rouge-l-after'), 3)}",
     ]
+    lines += [f"{label:18} {value}" for label, value in preference_lines(s)]
     for task, value in s.get("lm-eval-after", {}).items():
         lines.append(f"{task:18} {_num(s['lm-eval-before'].get(task), 3)} -> {_num(value, 3)}")
     lines += [
@@ -238,6 +251,7 @@ def _series(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "eval-loss": [r["eval-loss"] for r in rows if "eval-loss" in r],
         "exact-match": [r.get("exact-match") for r in rows if "eval-loss" in r],
         "rouge-l": [r.get("rouge-l") for r in rows if "eval-loss" in r],
+        **{key: [r.get(key) for r in rows if "eval-loss" in r] for key in PREFERENCE},
         "rounds": [r["round"] for r in trained],
         "bytes-up": up, "bytes-down": down,
         "bytes-up-cumulative": list(itertools.accumulate(up)),
@@ -303,6 +317,9 @@ def _run_plots(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
         ("cumulative bytes on the wire", "rounds", ["bytes-up-cumulative", "bytes-down-cumulative"], "bytes"),
         ("round time", "rounds", ["round-seconds"], "seconds"),
     ]
+    if any(y is not None for s in series.values() for y in s["reward-accuracy"]):
+        panels.insert(3, ("held-out preference accuracy per round", "eval-rounds",
+                          ["reward-accuracy", "preference-accuracy"], "share of pairs"))
     out = []
     for title, x_key, y_keys, ylabel in panels:
         fig, ax = plt.subplots(figsize=(6, 3.4))
@@ -415,6 +432,7 @@ def render_report(run_dir: Path) -> Path:
                ("eval loss", f"{_num(s['eval-loss-before'], 4)} -> {_num(s['eval-loss-after'], 4)}"),
                ("exact match", f"{_num(s['exact-match-before'], 4)} -> {_num(s['exact-match-after'], 4)}"),
                ("Rouge-L", f"{_num(s.get('rouge-l-before'), 4)} -> {_num(s.get('rouge-l-after'), 4)}"),
+               *preference_lines(s),
                *((f"lm-eval {task}", f"{_num(s['lm-eval-before'].get(task), 4)} -> {_num(v, 4)}")
                  for task, v in s.get("lm-eval-after", {}).items()),
                ("bytes up / down", f"{human_bytes(s['bytes-up-total'])} / {human_bytes(s['bytes-down-total'])}"),

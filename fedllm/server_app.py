@@ -29,10 +29,10 @@ from flwr.serverapp import Grid, ServerApp
 from fedllm import checkpoint
 from fedllm.config import Config
 from fedllm.contribution import SCORERS
-from fedllm.data import load_splits
 from fedllm.errors import FedLLMError
 from fedllm.evaluate import em_subset, evaluate
 from fedllm.harness import parse_tasks, run_tasks, task_manager, write_tasks
+from fedllm.methods import data_splits
 from fedllm.protocol import CONFIG, RoundResult, payload_bytes, short_reason
 from fedllm.report import MetricsLog, format_summary, make_run_dir, render_report, summary, write_atomically, write_config
 from fedllm.tracking import Trackers
@@ -56,7 +56,7 @@ def run(grid: Grid, cfg: Config) -> Path:
     run_dir = Path(cfg.server.resume) if ckpt else make_run_dir(cfg)
     log.info("run directory: %s", run_dir)
     method = strategy.method
-    _, held_out = load_splits(cfg.data)
+    _, held_out = data_splits(cfg)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     n_rounds = cfg.server.num_rounds
     books = None
@@ -81,6 +81,8 @@ def run(grid: Grid, cfg: Config) -> Path:
         with method.model() as model:
             out = evaluate(model, method.tokenizer, held_out, cfg.data, cfg.server.eval_batch_size,
                            cfg.server.exact_match_examples, cfg.server.max_new_tokens)
+            if hasattr(method, "evaluate"):  # a method's own figures (dpo: held-out rewards)
+                out.update(method.evaluate(model, held_out))
             if tasks:
                 out["lm-eval"] = run_tasks(model, method.tokenizer, tasks, cfg.data, limit=cfg.server.eval_limit,
                                            batch_size=cfg.server.eval_batch_size, manager=manager)
@@ -297,7 +299,7 @@ def evaluate_run(run_dir: Path, tasks: list[str], include_path: list[Path] = (),
         raise FedLLMError(f"{out}: not a folder of this run (a link or a file); remove it")
     ckpt = checkpoint.read(run_dir / checkpoint.FILE)
     cfg = Config.from_flat(checkpoint.saved_config(ckpt))
-    _, held_out = load_splits(cfg.data)
+    _, held_out = data_splits(cfg)
     with tempfile.TemporaryDirectory(prefix="fedllm-tasks-") as tmp:
         folder = write_tasks(Path(tmp), held_out, cfg.data, cfg.server.max_new_tokens)
         manager = task_manager(tasks, [folder, *include_path])  # unknown tasks fail before the model loads

@@ -212,6 +212,9 @@ def resolve(cfg: Config) -> tuple[Any, Chain]:
     if cfg.lora.auto_modules() and not meta.get("auto_modules", False):
         raise ConfigError(f"lora.target-modules: auto needs a method that asks its clients before round 1 "
                           f"(train.method=lora), not {entry.name}")
+    if cfg.server.init_from and not meta.get("init_from", False):
+        raise ConfigError(f"server.init-from: train.method={entry.name} does not start from a saved adapter; "
+                          "lora and dpo do")
     scorer = SCORERS.get(cfg.ledger.scorer)
     if cfg.ledger.enabled and scorer.meta.get("needs_utility") and not meta.get("utility", False):
         plain = ", ".join(s.name for s in SCORERS.entries() if not s.meta.get("needs_utility"))
@@ -223,6 +226,9 @@ def resolve(cfg: Config) -> tuple[Any, Chain]:
         why = (f"rule {chain.rule.name!r} needs every update at once" if chain.fold is None
                else "the ledger's scorers and flags need every update")
         raise ConfigError(f"server.aggregation: cannot stream ({why}); use auto or list")
+    if chain.rule.name == "fedprox" and not meta.get("proximal", True):
+        raise ConfigError(f"server.strategy: train.method={entry.name} adds no proximal term to its local loss; "
+                          "use fedavg (or another rule) instead of fedprox")
     if chain.optimizers and not meta.get("server_optimizers", True):
         raise ConfigError(f"server.strategy: train.method={entry.name} takes its own outer step (its config "
                           f"section); name an aggregation rule only, not {', '.join(o.name for o in chain.optimizers)}")

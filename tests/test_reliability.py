@@ -453,9 +453,11 @@ def _ray_processes():
 
 
 @pytest.mark.slow
-def test_sigkill_after_a_round_then_resume_gives_the_weights_of_an_uninterrupted_run(tiny_model_dir, tmp_path):
-    over = {"server.strategy": "fedadam", "strategy.server-lr": 0.01, "compression.down": "int8",
-            "lora.dropout": 0.1}
+@pytest.mark.parametrize("over", [
+    {"server.strategy": "fedadam", "strategy.server-lr": 0.01, "compression.down": "int8", "lora.dropout": 0.1},
+    {"train.method": "dpo", "compression.down": "int8", "train.lr": 0.005},
+], ids=["lora-fedadam", "dpo"])
+def test_sigkill_after_a_round_then_resume_gives_the_weights_of_an_uninterrupted_run(over, tiny_model_dir, tmp_path):
     whole = subprocess.run(_fedllm_cmd("simulate", "--num-clients", "2", *_sets(tiny_model_dir, tmp_path, "whole", **over)),
                            capture_output=True, text=True, env=_env(), timeout=900)
     assert whole.returncode == 0, whole.stderr[-3000:]

@@ -2,6 +2,7 @@
 
     train, held_out = load_splits(cfg.data)
     mine = partition(train, cfg.data, num_partitions=4, partition_id=0)
+    pairs, held_out_pairs = load_splits(cfg.data, preference=True)   # each with a "rejected" answer
 """
 
 from __future__ import annotations
@@ -12,24 +13,28 @@ import random
 
 from fedllm.config import DataConfig
 from fedllm.errors import DataError
-from fedllm.data.builtin import FAMILIES, builtin_splits, parse_families
+from fedllm.data.builtin import FAMILIES, builtin_splits, parse_families, with_rejected
 from fedllm.data.files import load_source
 from fedllm.data.partition import partition
-from fedllm.data.templates import IGNORE, collate, encode, prompt_text
+from fedllm.data.templates import IGNORE, collate, encode, pair_text, prompt_text
 
 Example = dict[str, str]
 log = logging.getLogger(__name__)
 
 
-def load_splits(cfg: DataConfig) -> tuple[list[Example], list[Example]]:
-    """(train, held-out) examples for the configured source."""
+def load_splits(cfg: DataConfig, preference: bool = False) -> tuple[list[Example], list[Example]]:
+    """(train, held-out) examples for the configured source; with `preference`, pairs (a
+    "rejected" answer besides the chosen "response": the built-in preference suite, or a file's
+    data.prompt-field, data.chosen-field and data.rejected-field)."""
     if cfg.source == "builtin":
         train, held_out = _builtin(tuple(parse_families(cfg.families)), cfg.train_per_family, cfg.eval_per_family,
                                    cfg.seed)
+        if preference:
+            return with_rejected(train, cfg.seed), with_rejected(held_out, cfg.seed)
         return list(train), list(held_out)
-    train = load_source(cfg.source, cfg)
+    train = load_source(cfg.source, cfg, preference)
     if cfg.eval_source:
-        held_out = load_source(cfg.eval_source, cfg)
+        held_out = load_source(cfg.eval_source, cfg, preference)
         seen = {_key(e) for e in held_out}
         kept = [e for e in train if _key(e) not in seen]
         if len(kept) < len(train):
@@ -57,8 +62,8 @@ def _builtin(families: tuple[str, ...], train_per_family: int, eval_per_family: 
     return builtin_splits(list(families), train_per_family, eval_per_family, seed)
 
 
-def _key(example: Example) -> tuple[str, str, str]:
-    return example["instruction"], example.get("input", ""), example["response"]
+def _key(example: Example) -> tuple[str, ...]:
+    return example["instruction"], example.get("input", ""), example["response"], example.get("rejected", "")
 
 
 __all__ = [
@@ -67,6 +72,7 @@ __all__ = [
     "collate",
     "encode",
     "load_splits",
+    "pair_text",
     "partition",
     "prompt_text",
 ]

@@ -6,6 +6,11 @@ training prompt.
 
     train, held_out = builtin_splits(["arithmetic", "sorting"], 64, 8, seed=0)
     train[0]  # {"instruction": ..., "input": ..., "response": ..., "family": "arithmetic"}
+
+The preference suite (train.method=dpo) is the same examples with a "rejected" answer each: a
+plausible wrong one made the way the family's own mistakes look (an off-by-one sum, a wrong unit
+factor, two numbers out of order, the day before or after, the other parity), so the chosen answer
+("response") is right and the rejected one wrong by construction, checkable offline.
 """
 
 from __future__ import annotations
@@ -97,6 +102,63 @@ FAMILIES: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {
     "word_length": _word_length,
     "parity": _parity,
 }
+
+
+def _off_by_one(response: str, inp: str, rng: random.Random) -> str:
+    return str(int(response) + rng.choice((-1, 1)))
+
+
+def _wrong_reverse(response: str, inp: str, rng: random.Random) -> str:
+    """The reversal with one pair of neighbouring, different letters swapped (or a letter doubled)."""
+    spots = [i for i in range(len(response) - 1) if response[i] != response[i + 1]]
+    if not spots:
+        return response + response[-1]
+    i = rng.choice(spots)
+    return response[:i] + response[i + 1] + response[i] + response[i + 2:]
+
+
+def _wrong_factor(response: str, inp: str, rng: random.Random) -> str:
+    """The amount times a neighbouring power of ten of the right factor (1000 for 100, 60 for 24...)."""
+    n = int(inp.split()[0])
+    factor = int(response) // n
+    wrong = rng.choice([f for _, _, f in UNITS if f != factor] + [factor * 10])
+    return str(n * wrong)
+
+
+def _misordered(response: str, inp: str, rng: random.Random) -> str:
+    nums = response.split(", ")
+    i = rng.randrange(len(nums) - 1)
+    nums[i], nums[i + 1] = nums[i + 1], nums[i]
+    return ", ".join(nums)
+
+
+def _wrong_date(response: str, inp: str, rng: random.Random) -> str:
+    return (dt.date.fromisoformat(response) + dt.timedelta(days=rng.choice((-1, 1)))).isoformat()
+
+
+def _other_parity(response: str, inp: str, rng: random.Random) -> str:
+    return "odd" if response == "even" else "even"
+
+
+WRONG: dict[str, Callable[[str, str, random.Random], str]] = {
+    "arithmetic": _off_by_one,
+    "reverse": _wrong_reverse,
+    "units": _wrong_factor,
+    "sorting": _misordered,
+    "dates": _wrong_date,
+    "word_length": _off_by_one,
+    "parity": _other_parity,
+}
+
+
+def with_rejected(examples: list[Example], seed: int) -> list[Example]:
+    """Preference pairs: each example with a plausible wrong "rejected" answer (its "response" is the
+    chosen one), drawn from (seed, family, prompt) so every party builds the same pairs."""
+    out = []
+    for e in examples:
+        rng = random.Random(f"{seed}/{e['family']}/{e['instruction']}/{e['input']}/rejected")
+        out.append({**e, "rejected": WRONG[e["family"]](e["response"], e["input"], rng)})
+    return out
 
 
 def parse_families(spec: str) -> list[str]:

@@ -1,7 +1,10 @@
 """Local JSON/JSONL/CSV/Parquet files and hub datasets, mapped to the common example shape.
 
 Every source becomes a list of {"instruction", "input", "response", "family"} dicts, where
-"family" holds the configured label field (or "all" when the file has none).
+"family" holds the configured label field (or "all" when the file has none). Preference data
+(train.method=dpo) maps data.prompt-field to "instruction", data.chosen-field to "response" and
+data.rejected-field to "rejected": a pair is an instruction example with a rejected answer, so
+everything made for instruction data (partitioning, eval loss, exact match) reads it as is.
 """
 
 from __future__ import annotations
@@ -51,16 +54,22 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     raise DataError(f"data.source: {path} has suffix {suffix!r}; use one of {', '.join(SUFFIXES)}")
 
 
-def to_examples(rows: Iterable[dict[str, Any]], cfg: DataConfig, where: str) -> list[dict[str, str]]:
-    """Map rows to examples, naming the source and field of the first missing value."""
+def to_examples(rows: Iterable[dict[str, Any]], cfg: DataConfig, where: str,
+                preference: bool = False) -> list[dict[str, str]]:
+    """Map rows to examples (with `preference`, pairs), naming the source and field of the first
+    missing value."""
+    fields = (("instruction", cfg.instruction_field, "instruction"), ("response", cfg.response_field, "response"))
+    if preference:
+        fields = (("instruction", cfg.prompt_field, "prompt"), ("response", cfg.chosen_field, "chosen"),
+                  ("rejected", cfg.rejected_field, "rejected"))
     out = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise DataError(f"{where}: row {i} is not an object")
         ex = {}
-        for key, fname in (("instruction", cfg.instruction_field), ("response", cfg.response_field)):
+        for key, fname, setting in fields:
             if fname not in row or row[fname] is None:
-                raise DataError(f"{where}: row {i} has no field {fname!r} (data.{key}-field)")
+                raise DataError(f"{where}: row {i} has no field {fname!r} (data.{setting}-field)")
             ex[key] = scalar_text(row[fname], where, i, fname)
         ex["input"] = scalar_text(row.get(cfg.input_field) or "", where, i, cfg.input_field) if cfg.input_field else ""
         ex["family"] = scalar_text(row.get(cfg.label_field, "all"), where, i, cfg.label_field)
@@ -79,8 +88,8 @@ def scalar_text(value: Any, where: str, row: int, column: str) -> str:
     return str(value)
 
 
-def load_source(source: str, cfg: DataConfig) -> list[dict[str, str]]:
-    """Examples of a local file or of `hub:NAME` (train split)."""
+def load_source(source: str, cfg: DataConfig, preference: bool = False) -> list[dict[str, str]]:
+    """Examples (with `preference`, pairs) of a local file or of `hub:NAME` (train split)."""
     if source.startswith("hub:"):
         name = source[4:]
         try:
@@ -90,6 +99,6 @@ def load_source(source: str, cfg: DataConfig) -> list[dict[str, str]]:
         except Exception as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise DataError(f"data.source: cannot load hub dataset {name!r}: {first}") from err
-        return to_examples(rows, cfg, name)
+        return to_examples(rows, cfg, name, preference)
     path = Path(source).expanduser()
-    return to_examples(read_rows(path), cfg, str(path))
+    return to_examples(read_rows(path), cfg, str(path), preference)

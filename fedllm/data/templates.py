@@ -49,6 +49,13 @@ def encode(
     return {"input_ids": prompt_ids + resp_ids, "labels": [IGNORE] * len(prompt_ids) + resp_ids}
 
 
+def pair_text(tokenizer: Any, example: dict[str, str], system_prompt: str = "") -> dict[str, str]:
+    """A preference pair as TRL's DPO takes it: the prompt as the model sees it before its answer,
+    and the chosen and rejected answers (TRL appends the eos to each, as `encode` does)."""
+    return {"prompt": prompt_text(tokenizer, example, system_prompt), "chosen": example["response"],
+            "rejected": example["rejected"]}
+
+
 def cut_prompt(ids: list[int], budget: int) -> list[int]:
     """The last `budget` tokens of a prompt (its start goes first when it is too long)."""
     return ids[len(ids) - budget:] if len(ids) > budget else ids

@@ -26,6 +26,13 @@ Metadata a method registers with (read by the cross-checks in `strategies.resolv
 Optional, before round 1 of a new run: a server half with `prepare(ask)` may query the sampled
 clients (`ask(records)` sends them a query message with the run config and yields the replies); a
 client half answers with `answer(request, rows_of, seed)` (LoRA's module scoring).
+
+Optional at every evaluation: a server half with `evaluate(model, held_out)` adds its own figures
+to the row (dpo: the held-out rewards).
+
+More metadata: preference (its clients train on preference pairs: the data layer loads pairs,
+`fedllm.methods.data_splits`), init_from (server.init-from applies: the global adapter may start
+from a saved one), proximal (whether fedprox's proximal term reaches its local loss; default True).
 """
 
 from __future__ import annotations
@@ -90,8 +97,9 @@ class ClientHalf(Protocol):
         """Bring the local model to the global state the request describes; returns metrics.
         Raises PayloadError when the request cannot be applied."""
 
-    def train(self, rows: list[dict[str, list[int]]], seed: int) -> dict[str, float]:
-        """Local steps on encoded rows; returns stats (train-loss, steps, ...)."""
+    def train(self, rows: list[dict[str, Any]], seed: int) -> dict[str, float]:
+        """Local steps on encoded rows (token ids; pair texts for a preference method); returns stats
+        (train-loss, steps, ...)."""
 
     def upload(self, transform: Transform | None) -> dict[str, Any]:
         """The reply's update records; `transform` (an attack) rewrites the update first."""

@@ -126,6 +126,58 @@ def init_adapter_state(model_cfg: ModelConfig, lora_cfg: LoraConfig, seed: int =
     return adapter_state(model)
 
 
+def read_adapter(folder: Path, like: State, lora_cfg: LoraConfig, key: str = "server.init-from") -> State:
+    """The adapter tensors of a PEFT adapter folder (adapter_config.json + adapter_model.safetensors,
+    what fedllm saves as RUN_DIR/adapter and PeftModel.save_pretrained writes), checked against the
+    configured adapter `like`: type, rank, alpha and modules as lora.*, the same tensor names and
+    shapes, finite values; cast to `like`'s dtypes. safetensors only (nothing in it runs).
+
+    Raises:
+        ConfigError: naming `key`, the file and what differs (and the setting that would match).
+    """
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder).expanduser()
+    weights, config_file = folder / "adapter_model.safetensors", folder / "adapter_config.json"
+    if not weights.is_file() or not config_file.is_file():
+        raise ConfigError(f"{key}: {folder} is not an adapter folder (it needs adapter_config.json and "
+                          "adapter_model.safetensors, as a run's RUN_DIR/adapter has)")
+    try:
+        saved = json.loads(config_file.read_text(encoding="utf-8"))
+        state = load_file(str(weights))
+    except (ValueError, OSError, SafetensorError) as err:
+        raise ConfigError(f"{key}: cannot read {folder}: {str(err).splitlines()[0][:200]}") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{key}: {config_file} is not a JSON object")
+    kind = peft_config(lora_cfg).peft_type.value
+    checks = [("peft_type", saved.get("peft_type"), kind, "lora.peft")]
+    if kind == "LORA":
+        targets = saved.get("target_modules")
+        checks += [("r", saved.get("r"), lora_cfg.rank, "lora.rank"),
+                   ("lora_alpha", saved.get("lora_alpha"), lora_cfg.alpha, "lora.alpha"),
+                   ("use_dora", bool(saved.get("use_dora")), lora_cfg.peft == "dora", "lora.peft"),
+                   ("target_modules", sorted([targets] if isinstance(targets, str) else targets or []),
+                    sorted(lora_cfg.modules()), "lora.target-modules")]
+    for name, have, value, setting in checks:
+        if have != value:
+            raise ConfigError(f"{key}: the adapter in {folder} has {name}={have!r}, this run {value!r} ({setting}); "
+                              "set it to the adapter's")
+    if set(state) != set(like):
+        missing, extra = sorted(set(like) - set(state)), sorted(set(state) - set(like))
+        raise ConfigError(f"{key}: {weights} does not fit the configured adapter: missing {missing[:2]}, "
+                          f"unexpected {extra[:2]}")
+    for name, tensor in state.items():
+        if tensor.shape != like[name].shape:
+            raise ConfigError(f"{key}: {weights}: {name} has shape {tuple(tensor.shape)}, the configured adapter "
+                              f"{tuple(like[name].shape)}")
+        if not torch.isfinite(tensor).all():
+            raise ConfigError(f"{key}: {weights}: {name} holds non-finite values")
+    return {k: state[k].to(like[k].dtype) for k in like}
+
+
 def lora_layers(model: Any) -> list[tuple[str, Any]]:
     """(module name, PEFT LoraLayer) pairs; a layer's state-dict keys are NAME.lora_A.weight etc."""
     from peft.tuners.lora import LoraLayer

@@ -1,0 +1,99 @@
+"""Local DPO through TRL: one `DPOTrainer` per round on the node's cached PEFT model.
+
+DPO (Rafailov et al., 2023, https://arxiv.org/abs/2305.18290) trains the policy pi on pairs
+(x, y_w, y_l) with loss -log sigmoid(beta * ((log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) -
+log ref(y_l|x)))); TRL's other losses (dpo.loss-type) change that outer function. The policy is
+the base plus the LoRA adapter that travels; the reference is frozen:
+
+- dpo.reference=global: the base plus the round's global adapter, as it arrived. TRL copies the
+  adapter it is handed into a second adapter named "ref" when the trainer is made, which here is
+  right after the sync, so the copy is the global adapter.
+- dpo.reference=base: the "ref" copy is removed, and TRL falls back to the base, adapters off.
+
+TRL 1.16 keeps its losses inside `DPOTrainer._compute_loss` (there is no loss function to call
+alone), so the trainer runs the round: `max_steps` = train.local-steps, a constant learning rate,
+its seeded sampler. It patches the base model's forward with a fused LM head and adds the "ref"
+adapter; both are undone after the round, so the cached model is the same one every round
+(and does not grow a wrapper per round).
+
+    stats = train(model, tokenizer, rows, cfg.train, cfg.dpo, cfg.data.max_length, seed)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from typing import Any, Iterator
+
+import torch
+
+from fedllm.config import DpoConfig, TrainConfig
+from fedllm.methods.lora import engine as lora
+
+REF = "ref"  # the name TRL gives the reference adapter
+logging.getLogger("trl").setLevel(logging.ERROR)
+
+
+def train(model: Any, tokenizer: Any, rows: list[dict[str, str]], cfg: TrainConfig, dpo: DpoConfig,
+          max_length: int, seed: int) -> dict[str, float]:
+    """`cfg.local_steps` DPO optimizer steps (AdamW, TRL's trainer) on preference-pair texts
+    (`fedllm.data.pair_text`); returns the round's loss and TRL's reward statistics."""
+    import datasets
+    from transformers import PrinterCallback, TrainerCallback
+    from trl import DPOConfig as TrlConfig
+    from trl import DPOTrainer
+
+    datasets.disable_progress_bars()  # TRL's tokenizing map would draw one bar per round
+    logs: dict[str, float] = {}
+
+    class Keep(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs_: dict | None = None, **kw: Any) -> None:
+            logs.update(logs_ or {})
+
+    with tempfile.TemporaryDirectory(prefix="fedllm-dpo-") as scratch, patched(model):
+        args = TrlConfig(
+            output_dir=scratch, max_steps=cfg.local_steps, per_device_train_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
+            max_grad_norm=cfg.max_grad_norm, lr_scheduler_type="constant", warmup_steps=0,
+            beta=dpo.beta, loss_type=[dpo.loss_type], label_smoothing=dpo.label_smoothing,
+            max_length=max_length,  # TRL leaves out a pair whose prompt alone fills it
+            seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(),
+            bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16",  # TRL's defaults: bf16 and checkpointing
+            gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+            report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True, log_level="error",
+            dataloader_num_workers=0, precompute_ref_log_probs=False, disable_dropout=True,
+        )
+        trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                             processing_class=tokenizer, callbacks=[Keep()])
+        trainer.remove_callback(PrinterCallback)
+        if dpo.reference == "base" and REF in model.peft_config:
+            model.delete_adapter(REF)  # TRL then disables the adapters for the reference pass
+        result = trainer.train()
+    return {
+        "train-loss": float(result.training_loss),
+        "steps": float(cfg.local_steps),
+        "examples-seen": float(cfg.local_steps * cfg.grad_accum * cfg.batch_size),
+        "train-reward-accuracy": float(logs.get("rewards/accuracies", 0.0)),
+        "train-reward-margin": float(logs.get("rewards/margins", 0.0)),
+    }
+
+
+@contextlib.contextmanager
+def patched(model: Any) -> Iterator[None]:
+    """Undo what a DPOTrainer leaves on the model: the "ref" adapter, the fused-LM-head forward it
+    sets on the base model's instance, activation checkpointing, training mode."""
+    base = model.get_base_model()
+    saved = base.__dict__.get("forward")
+    try:
+        yield
+    finally:
+        if saved is None:
+            base.__dict__.pop("forward", None)
+        else:
+            base.forward = saved
+        if REF in model.peft_config:
+            model.delete_adapter(REF)
+        model.set_adapter("default")
+        lora.checkpointing(model, False)
+        model.eval()

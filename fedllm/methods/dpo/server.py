@@ -1,0 +1,47 @@
+"""DPO's server half: LoRA's (the global adapter moved by the rule chain's aggregate), plus the
+held-out preference figures at every evaluation.
+
+The held-out rewards are measured against the run's starting model (the base with the initial
+adapter: fresh, or server.init-from's), not against each round's training reference, so that every
+round is scored on the same scale. Its log-likelihoods of the held-out pairs are computed once, at
+the first evaluation, and kept in the checkpoint (a resumed run keeps its scale)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fedllm.config import Config
+from fedllm.evaluate import pair_logps, preference_metrics
+from fedllm.methods.dpo.client import dpo_config
+from fedllm.methods.lora import engine as lora
+from fedllm.methods.lora.server import LoraServer
+from fedllm.protocol import State
+
+
+class DpoServer(LoraServer):
+    def __init__(self, cfg: Config, state: State | None = None) -> None:
+        super().__init__(dpo_config(cfg), state)
+        self.initial = self.state  # the run's starting adapter: the reference of the held-out rewards
+        self.reference: torch.Tensor | None = None  # (pairs, 2) log-likelihoods under it
+
+    def evaluate(self, model: Any, held_out: list[dict[str, str]]) -> dict[str, float]:
+        """reward-accuracy, reward-margin and preference-accuracy of the model at the global state
+        on the held-out pairs (fedllm.evaluate.preference_metrics)."""
+        cfg = self.cfg
+        if self.reference is None or len(self.reference) != len(held_out):
+            lora.set_adapter_state(model, self.initial)
+            try:
+                self.reference = pair_logps(model, self.tokenizer, held_out, cfg.data, cfg.server.eval_batch_size)
+            finally:
+                lora.set_adapter_state(model, self.state)
+        policy = pair_logps(model, self.tokenizer, held_out, cfg.data, cfg.server.eval_batch_size)
+        return preference_metrics(policy, self.reference, cfg.dpo.beta)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "reference-logps": self.reference}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.reference = state.get("reference-logps")
