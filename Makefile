@@ -40,7 +40,12 @@ bench-full: $(STAMP)
 	$(PY) bench/ledger.py
 	$(PY) bench/client_start.py
 	$(PY) bench/robustness.py
+	$(PY) bench/quality.py
+	$(PY) bench/diloco.py
+	$(PY) bench/aggregation.py
+	$(PY) bench/scale.py
 	$(PY) bench/adapters.py
+	$(PY) bench/dpo.py
 
 lock: $(STAMP)
 	head -3 requirements.lock > requirements.lock.new

@@ -121,6 +121,14 @@ def peft(d: dict[str, Any]) -> list[Row]:
              "<= 1.02", lambda v: v <= 1.02)]
 
 
+def dpo(d: dict[str, Any]) -> list[Row]:
+    g = d["goals"]
+    return [("federated / centralized DPO reward-accuracy gain, from the base",
+             g["base: reward-accuracy gain fed / central"], ">= 0.9", lambda v: v >= 0.9),
+            ("federated DPO exact match - its start, from the base", g["base: exact match fed - start"], ">= -0.02",
+             lambda v: v >= -0.02)]
+
+
 # script, short arguments, headline figures
 SUITE: list[tuple[str, list[str], Callable[[dict[str, Any]], list[Row]]]] = [
     ("simulation_overhead", ["--rounds", "1", "--steps", "5"], overhead),
@@ -136,6 +144,7 @@ SUITE: list[tuple[str, list[str], Callable[[dict[str, Any]], list[Row]]]] = [
     ("aggregation", ["--clients", "4", "64", "--modes", "stream", "tree"], aggregation),
     ("scale", [], scale),
     ("adapters", ["--rounds", "1", "--steps", "4", "--only", "fp32-lora,qlora,auto-modules", "--fresh"], peft),
+    ("dpo", ["--rounds", "1", "--steps", "4", "--only", "central-base,fed-base", "--fresh"], dpo),
 ]
 
 

@@ -1,7 +1,7 @@
 """Deployment with real processes: a SuperLink (TLS, SuperNode authentication) and two
 SuperNodes on 127.0.0.1 at free ports, each training on its own data file, via the walkthrough's
-examples/deployment/deploy.py: a LoRA run, then a ZO run with the ledger on; and a SuperNode
-whose key is not registered is refused."""
+examples/deployment/deploy.py: a LoRA run, then a ZO run with the ledger on, a Streaming DiLoCo run
+and a DPO run on the sites' pair files; and a SuperNode whose key is not registered is refused."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def test_two_sites_with_tls_and_node_auth(tiny_model_dir, tmp_path):
         from fedllm.config import DataConfig
         from fedllm.data import load_splits
 
-        rows, _ = load_splits(DataConfig(families=families, train_per_family=8))
+        rows, _ = load_splits(DataConfig(families=families, train_per_family=8), preference=True)  # + "rejected"
         path = tmp_path / f"site{i}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         sites.append(str(path))
@@ -70,6 +70,13 @@ def test_two_sites_with_tls_and_node_auth(tiny_model_dir, tmp_path):
         run_id = deploy.submit(work, diloco_config)
         status = deploy.wait_run(work, run_id, timeout=600)
         assert status == "finished:completed", deploy.flwr(work, "log", str(run_id), "fedllm", "--show").stdout[-3000:]
+        # DPO on the same files: each site's pairs are its rows' response (chosen) and rejected answers
+        dpo_config = run_config.replace('server.run-name="deployed"', 'server.run-name="dpo"') + (
+            ' train.method="dpo" data.prompt-field="instruction" data.chosen-field="response"'
+            ' compression.up="int8"')
+        run_id = deploy.submit(work, dpo_config)
+        status = deploy.wait_run(work, run_id, timeout=600)
+        assert status == "finished:completed", deploy.flwr(work, "log", str(run_id), "fedllm", "--show").stdout[-3000:]
     assert all(p.poll() is not None for p in procs.procs.values())  # everything stopped
     run = tmp_path / "runs" / "deployed"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -105,3 +112,10 @@ def test_two_sites_with_tls_and_node_auth(tiny_model_dir, tmp_path):
     # tau = 1: a fragment synced in round t is merged before round t + 2's steps
     assert [sorted({c["diloco-merged"] for c in r["clients"].values()}) for r in rows[1:]] == [[0], [0], [1], [1]]
     assert (diloco / "model" / "config.json").is_file()
+
+    dpo = tmp_path / "runs" / "dpo"
+    rows = [json.loads(line) for line in (dpo / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2] and rows[2]["reward-margin"] > 0
+    for r in rows[1:]:
+        assert r["clients-ok"] == 2 and r["dropped"] == []
+        assert sorted(c["num-examples"] for c in r["clients"].values()) == [8, 16]
