@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rows import kept, peak_rss_mb, rss_mb, run_rows, save
+
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).with_suffix(".json")
@@ -122,18 +124,6 @@ def client_round(spec: dict[str, Any]) -> None:
                       "seconds-per-step": round(seconds / steps, 3)}))
 
 
-def rss_mb(field: str = "VmRSS:") -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM; getrusage would carry a large parent's peak into the child)."""
-    return rss_mb("VmHWM:")
-
-
 def table(results: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], str]:
     lines = [f"{'row':20} {'peak RSS MB':>11} {'above imports':>13} {'s/step':>7} {'upload KB':>10} "
              f"{'adapter params':>14} {'eval loss':>9} {'EM':>6}"]
@@ -179,26 +169,18 @@ def main() -> None:
         return client_round(json.loads(opts.client_round))
     logging.basicConfig(level=logging.WARNING)
     setup = {"rounds": opts.rounds, "steps": opts.steps, "clients": opts.clients, "common": COMMON}
-    done: dict[str, Any] = {}
-    if opts.out.exists() and not opts.fresh:
-        old = json.loads(opts.out.read_text())
-        done = old.get("runs", {}) if old.get("setup") == setup else {}
+    done = kept(opts.out, setup, opts.fresh)
     wanted = [n for n in opts.only.split(",") if n] or list(ROWS)
     unknown = [n for n in wanted if n not in ROWS]
     if unknown:
         sys.exit(f"--only: unknown rows {', '.join(unknown)} (rows: {', '.join(ROWS)})")
     with tempfile.TemporaryDirectory(prefix="fedllm-peft-") as tmp:
-        for name in wanted:
-            if name in done:
-                continue
-            print(f"== {name}", flush=True)
-            done[name] = one_run(name, opts.clients, opts.rounds, opts.steps, Path(tmp))
-            print(json.dumps(done[name]), flush=True)
-            opts.out.write_text(json.dumps({"setup": setup, "runs": done}, indent=1) + "\n")
+        run_rows(wanted, done, lambda name: one_run(name, opts.clients, opts.rounds, opts.steps, Path(tmp)),
+                 opts.out, setup)
     results = {n: done[n] for n in ROWS if n in done}
     goals, text = table(results)
     print(text)
-    opts.out.write_text(json.dumps({"setup": setup, "runs": done, "goals": goals, "table": text}, indent=1) + "\n")
+    save(opts.out, setup, done, goals=goals, table=text)
 
 
 if __name__ == "__main__":

@@ -28,13 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from rows import kept, peak_rss_mb, run_rows, save
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).with_suffix(".json")
@@ -114,15 +115,6 @@ def client_rounds(over: dict[str, Any]) -> None:
     print(peak_rss_mb())
 
 
-def peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM). Not getrusage's ru_maxrss: Linux carries the parent's
-    peak into a child across fork and exec, so a child of a large process reads the parent's."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def largest_share(fragments: int) -> float:
     """The largest of the P fragments' share of SmolLM2's parameters (by `engine.fragments`): what
     one streaming round moves at most, against a plain DiLoCo round."""
@@ -182,10 +174,7 @@ def main() -> None:
         return client_rounds(json.loads(opts.client_rounds))
     logging.basicConfig(level=logging.WARNING)
     setup = {"steps": opts.steps, "inner-steps": opts.inner_steps, "clients": opts.clients, "common": COMMON}
-    done: dict[str, Any] = {}
-    if opts.out.exists() and not opts.fresh:
-        old = json.loads(opts.out.read_text())
-        done = old.get("runs", {}) if old.get("setup") == setup else {}
+    done = kept(opts.out, setup, opts.fresh)
     wanted = [n for n in opts.only.split(",") if n] or list(rows(opts.inner_steps))
     if opts.rss_only:
         for name in wanted:
@@ -193,17 +182,12 @@ def main() -> None:
                 done[name]["client-peak-rss-mb"] = client_rss(rows(opts.inner_steps)[name])
                 print(name, done[name]["client-peak-rss-mb"], flush=True)
     with tempfile.TemporaryDirectory(prefix="fedllm-diloco-") as tmp:
-        for name in wanted:
-            if name in done:
-                continue
-            print(f"== {name}", flush=True)
-            done[name] = one_run(name, opts.clients, opts.steps, rows(opts.inner_steps)[name], Path(tmp))
-            print(json.dumps(done[name]), flush=True)
-            opts.out.write_text(json.dumps({"setup": setup, "runs": done}, indent=1) + "\n")
+        run_rows(wanted, done, lambda name: one_run(name, opts.clients, opts.steps, rows(opts.inner_steps)[name],
+                                                    Path(tmp)), opts.out, setup)
     results = {n: done[n] for n in rows(opts.inner_steps) if n in done}
     goals, text = table(results, 4)
     print(text)
-    opts.out.write_text(json.dumps({"setup": setup, "runs": done, "goals": goals, "table": text}, indent=1) + "\n")
+    save(opts.out, setup, done, goals=goals, table=text)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ Each finished row is kept in the JSON, so an interrupted bench continues where i
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).with_suffix(".json")
 sys.path.insert(0, str(ROOT / "examples" / "simulation"))
+from rows import kept, run_rows, save  # noqa: E402
 from run_demo import COMMON as DEMO_COMMON, PRESETS  # noqa: E402  (the demo's SFT settings)
 
 DPO = {"train.method": "dpo", "dpo.beta": 0.1, "train.lr": 5e-4, "train.batch-size": 4, "lora.rank": 8,
@@ -130,32 +130,26 @@ def main() -> None:
     opts = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     setup = {"rounds": opts.rounds, "steps": opts.steps, "clients": opts.clients, "dpo": DPO}
-    done: dict[str, Any] = {}
-    if opts.out.exists() and not opts.fresh:
-        old = json.loads(opts.out.read_text())
-        done = old.get("runs", {}) if old.get("setup") == setup else {}
+    done = kept(opts.out, setup, opts.fresh)
     names = list(rows(opts.clients, opts.rounds, opts.steps, ""))
     wanted = [n for n in opts.only.split(",") if n] or names
+    unknown = [n for n in wanted if n not in names]
+    if unknown:
+        sys.exit(f"--only: unknown rows {', '.join(unknown)} (rows: {', '.join(names)})")
     with tempfile.TemporaryDirectory(prefix="fedllm-dpo-") as tmp:
         workdir = opts.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         needs_sft = any(n.endswith("-sft") and n not in done for n in wanted)
-        if needs_sft and not Path(done.get("sft", {}).get("adapter", "/nonexistent")).is_dir():
-            print("== sft (the demo's settings)", flush=True)
-            done["sft"] = sft_run(workdir)
-            print(json.dumps(done["sft"]), flush=True)
+        adapter = done.get("sft", {}).get("adapter")
+        if needs_sft and not (adapter and Path(adapter).is_dir()):  # (again: its folder was temporary)
+            done.pop("sft", None)
+            run_rows(["sft"], done, lambda _: sft_run(workdir), opts.out, setup)
         plan = rows(opts.clients, opts.rounds, opts.steps, done.get("sft", {}).get("adapter", ""))
-        for name in wanted:
-            if name in done:
-                continue
-            print(f"== {name}", flush=True)
-            done[name] = one_run(name, plan[name], workdir)
-            print(json.dumps(done[name]), flush=True)
-            opts.out.write_text(json.dumps({"setup": setup, "runs": done}, indent=1) + "\n")
+        run_rows(wanted, done, lambda name: one_run(name, plan[name], workdir), opts.out, setup)
     results = {n: done[n] for n in ["sft", *names] if n in done}
     goals, text = table(results)
     print(text)
-    opts.out.write_text(json.dumps({"setup": setup, "runs": done, "goals": goals, "table": text}, indent=1) + "\n")
+    save(opts.out, setup, done, goals=goals, table=text)
 
 
 if __name__ == "__main__":

@@ -280,7 +280,7 @@ class DiLoCoConfig:
 
 
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down",
-              "sigmoid_norm")
+              "sigmoid_norm", "sft")
 
 
 @dataclass
@@ -288,7 +288,9 @@ class DpoConfig:
     beta: float = _help("beta: the strength of the pull toward the reference model (the implicit reward is beta x "
                         "the log-ratio to it).", 0.1, check="> 0")
     loss_type: str = _help("TRL's DPO loss: sigmoid (DPO), hinge, ipo, robust, bco_pair, sppo_hard, nca_pair, "
-                           "apo_zero, apo_down or sigmoid_norm.", "sigmoid")
+                           "apo_zero, apo_down or sigmoid_norm; or several, comma separated, summed with "
+                           "dpo.loss-weights (e.g. sigmoid,sft: DPO plus the chosen answers' NLL, as RPO).", "sigmoid")
+    loss_weights: str = _help("Weights of the dpo.loss-type terms, comma separated; '' weighs each 1.", "")
     label_smoothing: float = _help("The assumed share of flipped preference labels (robust loss), in [0, 0.5).", 0.0,
                                    check="[0, 0.5)")
     reference: str = _help("The reference model of each round's local DPO: global (the frozen base plus the round's "
@@ -296,10 +298,31 @@ class DpoConfig:
 
     def __post_init__(self) -> None:
         _positive("dpo.beta", self.beta)
-        _choice("dpo.loss-type", self.loss_type, DPO_LOSSES)
+        for name in self.losses():
+            _choice("dpo.loss-type", name, DPO_LOSSES)
+        self.weights()
         _choice("dpo.reference", self.reference, ("global", "base"))
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"dpo.label-smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+
+    def losses(self) -> list[str]:
+        names = [n.strip() for n in self.loss_type.split(",") if n.strip()]
+        if not names:
+            raise ConfigError("dpo.loss-type: empty; name at least one loss (sigmoid is DPO)")
+        return names
+
+    def weights(self) -> list[float]:
+        """dpo.loss-weights as numbers, one per loss (all 1 when empty)."""
+        if not self.loss_weights.strip():
+            return [1.0] * len(self.losses())
+        try:
+            values = [float(w) for w in self.loss_weights.split(",")]
+        except ValueError:
+            raise ConfigError(f"dpo.loss-weights: not numbers: {self.loss_weights!r}") from None
+        if len(values) != len(self.losses()) or not all(math.isfinite(v) and v >= 0 for v in values):
+            raise ConfigError(f"dpo.loss-weights: give {len(self.losses())} finite weights >= 0 (one per "
+                              f"dpo.loss-type term), got {self.loss_weights!r}")
+        return values
 
 
 @dataclass

@@ -24,11 +24,12 @@ def _rows(path):
 
 
 # --- the loss -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "sigmoid,sft"])
 def test_trl_dpo_loss_matches_the_formula_on_a_hand_built_pair(loss_type, tiny_model_dir, tmp_path):
     """TRL's loss of one (prompt, chosen, rejected) pair, the policy moved away from the reference
-    adapter, equals the paper's formula computed here from plain logits: sigmoid DPO
-    -log sigmoid(beta ((pc - rc) - (pr - rr))), IPO ((pc - rc) / |c| - (pr - rr) / |r| - 1 / (2 beta))^2."""
+    adapter, equals the papers' formulas computed here from plain logits: sigmoid DPO
+    -log sigmoid(beta ((pc - rc) - (pr - rr))), IPO ((pc - rc) / |c| - (pr - rr) / |r| - 1 / (2 beta))^2,
+    and DPO plus half the chosen answer's mean token NLL (dpo.loss-type=sigmoid,sft, weights 1,0.5)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -40,9 +41,10 @@ def test_trl_dpo_loss_matches_the_formula_on_a_hand_built_pair(loss_type, tiny_m
     pair = {"prompt": "<|im_start|>user\nIs the number even or odd?\n7<|im_end|>\n<|im_start|>assistant\n",
             "chosen": "odd", "rejected": "even"}
     beta = 0.3
+    dpo = Config.from_flat({"dpo.loss-type": loss_type, "dpo.loss-weights": "1,0.5" if "," in loss_type else ""}).dpo
     with dpo_engine.patched(net):
-        args = DPOConfig(output_dir=str(tmp_path), beta=beta, loss_type=[loss_type], use_cpu=True, bf16=False,
-                         report_to="none", gradient_checkpointing=False, disable_tqdm=True)
+        args = DPOConfig(output_dir=str(tmp_path), beta=beta, loss_type=dpo.losses(), loss_weights=dpo.weights(),
+                         use_cpu=True, bf16=False, report_to="none", gradient_checkpointing=False, disable_tqdm=True)
         trainer = DPOTrainer(model=net, args=args, train_dataset=Dataset.from_list([pair]), processing_class=tok)
         assert "ref" in net.peft_config  # TRL's copy of the adapter it was handed: the reference
         lora.set_adapter_state(net, {k: 0.2 * torch.randn(v.shape, generator=gen) for k, v in shapes.items()})
@@ -58,11 +60,15 @@ def test_trl_dpo_loss_matches_the_formula_on_a_hand_built_pair(loss_type, tiny_m
                 return (token * mask).sum(1)  # (2,): chosen, rejected
 
             policy, reference = logps("default"), logps("ref")
+            chosen_nll = -float(policy[0]) / float(mask[0].sum())
             net.set_adapter("default")
     (pc, pr), (rc, rr) = policy.tolist(), reference.tolist()
     assert abs(pc - rc) > 1e-3  # the policy differs from the reference: the loss is not at its log 2 point
+    dpo_loss = -torch.nn.functional.logsigmoid(torch.tensor(beta * ((pc - rc) - (pr - rr)))).item()
     if loss_type == "sigmoid":
-        expected = -torch.nn.functional.logsigmoid(torch.tensor(beta * ((pc - rc) - (pr - rr)))).item()
+        expected = dpo_loss
+    elif loss_type == "sigmoid,sft":
+        expected = dpo_loss + 0.5 * chosen_nll
     else:
         nc, nr = mask.sum(1).tolist()
         expected = ((pc - rc) / nc - (pr - rr) / nr - 1 / (2 * beta)) ** 2
@@ -318,8 +324,10 @@ def test_combinations_dpo_cannot_take_are_one_line_errors(over, key):
     assert str(err.value).startswith(key) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("key, value", [("dpo.loss-type", "kto"), ("dpo.reference", "sft"), ("dpo.beta", 0.0),
+@pytest.mark.parametrize("key, value", [("dpo.loss-type", "kto"), ("dpo.loss-type", "sigmoid,kto"),
+                                        ("dpo.loss-type", " , "), ("dpo.loss-weights", "1"),
+                                        ("dpo.loss-weights", "1,x"), ("dpo.reference", "sft"), ("dpo.beta", 0.0),
                                         ("dpo.label-smoothing", 0.5)])
 def test_bad_dpo_settings_name_their_key(key, value):
     with pytest.raises(ConfigError, match=re.escape(key)):
-        Config.from_flat({key: value})
+        Config.from_flat({"dpo.loss-type": "sigmoid,sft", key: value})

@@ -56,7 +56,7 @@ def train(model: Any, tokenizer: Any, rows: list[dict[str, str]], cfg: TrainConf
             output_dir=scratch, max_steps=cfg.local_steps, per_device_train_batch_size=cfg.batch_size,
             gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
             max_grad_norm=cfg.max_grad_norm, lr_scheduler_type="constant", warmup_steps=0,
-            beta=dpo.beta, loss_type=[dpo.loss_type], label_smoothing=dpo.label_smoothing,
+            beta=dpo.beta, loss_type=dpo.losses(), loss_weights=dpo.weights(), label_smoothing=dpo.label_smoothing,
             max_length=max_length,  # TRL leaves out a pair whose prompt alone fills it
             seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(),
             bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16",  # TRL's defaults: bf16 and checkpointing
