@@ -11,7 +11,9 @@ built-in example with a plausible wrong answer as the rejected one), partitioned
 - central-base / central-sft: one client holding every pair, `--rounds` rounds of `--clients` x
   `--steps` DPO steps;
 - fed-base / fed-sft: `--clients` clients, `--rounds` rounds of `--steps` DPO steps each, FedAvg
-  (the same pairs and the same number of optimizer steps of the same batch size as central).
+  (the same pairs and the same number of optimizer steps of the same batch size as central);
+- central-sft-rpo / fed-sft-rpo: the *-sft rows with dpo.loss-type=sigmoid,sft (DPO plus the
+  chosen answers' token NLL, RPO: Pang et al., 2024), which keeps the chosen answers likely.
 DPO: TRL's sigmoid loss, beta 0.1, lr 5e-4, batch 4, reference = the round's global adapter.
 Runs go through `fedllm.server_app.run` on an in-process grid. Columns (held-out split, after the
 last round, round 0 in parentheses where it differs): reward accuracy and margin (implicit rewards
@@ -47,11 +49,14 @@ def rows(clients: int, rounds: int, steps: int, sft_adapter: str) -> dict[str, d
     central = {**DPO, "server.num-rounds": rounds, "train.local-steps": clients * steps}
     fed = {**DPO, "server.num-rounds": rounds, "train.local-steps": steps}
     sft = {"server.init-from": sft_adapter}
+    rpo = {"dpo.loss-type": "sigmoid,sft"}  # DPO plus the chosen answers' NLL (RPO, Pang et al., 2024)
     return {
         "central-base": {"clients": 1, **central},
         "fed-base": {"clients": clients, **fed},
         "central-sft": {"clients": 1, **central, **sft},
         "fed-sft": {"clients": clients, **fed, **sft},
+        "central-sft-rpo": {"clients": 1, **central, **sft, **rpo},
+        "fed-sft-rpo": {"clients": clients, **fed, **sft, **rpo},
     }
 
 
@@ -93,19 +98,19 @@ def sft_run(workdir: Path) -> dict[str, Any]:
 
 
 def table(results: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], str]:
-    lines = [f"{'row':13} {'reward acc':>16} {'margin':>8} {'pref acc':>14} {'exact match':>14} "
+    lines = [f"{'row':15} {'reward acc':>16} {'margin':>8} {'pref acc':>14} {'exact match':>14} "
              f"{'eval loss':>16} {'MB':>7} {'seconds':>8}"]
     for name, r in results.items():
         if name == "sft":
-            lines.append(f"{name:13} {'':>16} {'':>8} {'':>14} {r['exact-match']:>14.3f} {r['eval-loss']:>16.4f} "
+            lines.append(f"{name:15} {'':>16} {'':>8} {'':>14} {r['exact-match']:>14.3f} {r['eval-loss']:>16.4f} "
                          f"{r['bytes'] / 1e6:>7.1f} {r['seconds']:>8.1f}")
             continue
-        lines.append(f"{name:13} {r['reward-accuracy']:>6.3f} ({r['reward-accuracy-start']:.3f}) "
+        lines.append(f"{name:15} {r['reward-accuracy']:>6.3f} ({r['reward-accuracy-start']:.3f}) "
                      f"{r['reward-margin']:>8.3f} {r['preference-accuracy']:>6.3f} ({r['preference-accuracy-start']:.3f})"
                      f" {r['exact-match']:>6.3f} ({r['exact-match-start']:.3f}) {r['eval-loss']:>7.4f} "
                      f"({r['eval-loss-start']:.4f}) {r['bytes'] / 1e6:>7.1f} {r['seconds']:>8.1f}")
     goals: dict[str, Any] = {}
-    for start in ("base", "sft"):
+    for start in ("base", "sft", "sft-rpo"):
         fed, central = results.get(f"fed-{start}"), results.get(f"central-{start}")
         if fed is None or central is None:
             continue

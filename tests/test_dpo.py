@@ -100,6 +100,8 @@ def test_a_round_is_repeatable_leaves_the_cached_model_as_it_was_and_the_referen
     assert any(not torch.equal(a[k], start[k]) for k in a)
     assert list(net.peft_config) == ["default"] and "forward" not in net.get_base_model().__dict__
     assert not net.training
+    with pytest.raises(DataError, match="data.max-length=8"):  # TRL would leave out every pair
+        dpo_engine.train(net, tok, rows, cfg.train, cfg.dpo, 8, 5)
 
 
 # --- data -----------------------------------------------------------------------------------------

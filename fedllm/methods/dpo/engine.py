@@ -29,6 +29,7 @@ from typing import Any, Iterator
 import torch
 
 from fedllm.config import DpoConfig, TrainConfig
+from fedllm.errors import DataError
 from fedllm.methods.lora import engine as lora
 
 REF = "ref"  # the name TRL gives the reference adapter
@@ -45,6 +46,9 @@ def train(model: Any, tokenizer: Any, rows: list[dict[str, str]], cfg: TrainConf
     from trl import DPOTrainer
 
     datasets.disable_progress_bars()  # TRL's tokenizing map would draw one bar per round
+    if not any(len(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]) < max_length for r in rows):
+        raise DataError(f"data.max-length={max_length}: every preference pair's prompt fills it, so TRL leaves "
+                        "out every pair; raise data.max-length")
     logs: dict[str, float] = {}
 
     class Keep(TrainerCallback):
