@@ -78,7 +78,8 @@ def test_trl_dpo_loss_matches_the_formula_on_a_hand_built_pair(loss_type, tiny_m
 
 def test_a_round_is_repeatable_leaves_the_cached_model_as_it_was_and_the_reference_matters(tiny_model_dir):
     """The same seed gives the same adapter bit for bit (also after other rounds: TRL's patches are
-    undone, no wrapper piles up); dpo.reference=base trains against another model than global."""
+    undone, no wrapper piles up), and the same with activation checkpointing; dpo.reference=base
+    trains against another model than global."""
     from fedllm.data import pair_text
 
     cfg = Config.from_flat({"model.name": str(tiny_model_dir), "lora.dropout": 0.0, "train.local-steps": 3,
@@ -88,14 +89,16 @@ def test_a_round_is_repeatable_leaves_the_cached_model_as_it_was_and_the_referen
     gen = torch.Generator().manual_seed(1)
     start = {k: 0.3 * torch.randn(v.shape, generator=gen) for k, v in lora.adapter_state(net).items()}
 
-    def one(reference, seed=5):
+    def one(reference, seed=5, checkpointing=False):
         lora.set_adapter_state(net, start)
-        stats = dpo_engine.train(net, tok, rows, cfg.train, cfg.replace(dpo__reference=reference).dpo, 128, seed)
+        train = cfg.replace(train__gradient_checkpointing=checkpointing).train
+        stats = dpo_engine.train(net, tok, rows, train, cfg.replace(dpo__reference=reference).dpo, 128, seed)
         assert stats["steps"] == 3 and 0 < stats["train-loss"] < 5
         return lora.adapter_state(net)
 
-    a, b, c = one("global"), one("global"), one("base")
+    a, b, c, d = one("global"), one("global"), one("base"), one("global", checkpointing=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.allclose(a[k], d[k], atol=1e-6) for k in a)  # train.gradient-checkpointing: the same step
     assert any(not torch.equal(a[k], c[k]) for k in a)
     assert any(not torch.equal(a[k], start[k]) for k in a)
     assert list(net.peft_config) == ["default"] and "forward" not in net.get_base_model().__dict__

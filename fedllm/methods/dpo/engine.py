@@ -64,7 +64,8 @@ def train(model: Any, tokenizer: Any, rows: list[dict[str, str]], cfg: TrainConf
             max_length=max_length,  # TRL leaves out a pair whose prompt alone fills it
             seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(),
             bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16",  # TRL's defaults: bf16 and checkpointing
-            gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
             report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True, log_level="error",
             dataloader_num_workers=0, precompute_ref_log_probs=False, disable_dropout=True,
         )
