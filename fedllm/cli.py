@@ -126,6 +126,8 @@ def prepare(overrides: dict[str, Any], num_clients: int, cpus_per_client: float,
                      "server.run-dir": str(resume.parent), "server.run-name": resume.name}
     overrides = dict(overrides)
     overrides.setdefault("server.run-name", time.strftime("%Y%m%d-%H%M%S"))
+    if overrides.get("server.init-from"):  # saved in the run's config: absolute, whatever the cwd later
+        overrides["server.init-from"] = str(Path(str(overrides["server.init-from"])).expanduser().resolve())
     cfg = Config.from_flat(overrides)
     if num_clients < 1 or not 0 < cpus_per_client <= (os.cpu_count() or 1) * 64:
         raise FedLLMError(f"--num-clients must be >= 1 and --cpus-per-client in (0, {(os.cpu_count() or 1) * 64}]; "

@@ -291,7 +291,8 @@ class DpoConfig:
                            "apo_zero, apo_down or sigmoid_norm; or several, comma separated, summed with "
                            "dpo.loss-weights (e.g. sigmoid,sft: DPO plus the chosen answers' NLL, as RPO).", "sigmoid")
     loss_weights: str = _help("Weights of the dpo.loss-type terms, comma separated; '' weighs each 1.", "")
-    label_smoothing: float = _help("The assumed share of flipped preference labels (robust loss), in [0, 0.5).", 0.0,
+    label_smoothing: float = _help("The assumed share of flipped preference labels, in [0, 0.5); TRL uses it in the "
+                                   "robust loss only.", 0.0,
                                    check="[0, 0.5)")
     reference: str = _help("The reference model of each round's local DPO: global (the frozen base plus the round's "
                            "global adapter, as it arrived) or base (the base alone, adapters off).", "global")
@@ -319,9 +320,10 @@ class DpoConfig:
             values = [float(w) for w in self.loss_weights.split(",")]
         except ValueError:
             raise ConfigError(f"dpo.loss-weights: not numbers: {self.loss_weights!r}") from None
-        if len(values) != len(self.losses()) or not all(math.isfinite(v) and v >= 0 for v in values):
-            raise ConfigError(f"dpo.loss-weights: give {len(self.losses())} finite weights >= 0 (one per "
-                              f"dpo.loss-type term), got {self.loss_weights!r}")
+        if (len(values) != len(self.losses()) or not all(math.isfinite(v) and v >= 0 for v in values)
+                or not any(values)):
+            raise ConfigError(f"dpo.loss-weights: give {len(self.losses())} finite weights >= 0, not all 0 (one "
+                              f"per dpo.loss-type term), got {self.loss_weights!r}")
         return values
 
 

@@ -49,7 +49,9 @@ def eval_loss(model: Any, tokenizer: Any, examples: list[dict[str, str]], cfg: D
 def pair_logps(model: Any, tokenizer: Any, pairs: list[dict[str, str]], cfg: DataConfig,
                batch_size: int = 16) -> torch.Tensor:
     """(N, 2): log pi(chosen | prompt) and log pi(rejected | prompt) of each preference pair, summed
-    over the answer's tokens and its eos (as `encode` builds them, the same tokens DPO scores)."""
+    over the answer's tokens and its eos (as `encode` builds them: the tokens TRL's DPO scores, for a
+    tokenizer that adds no special tokens of its own, as SmolLM2's; one that adds a BOS gets it once
+    more in TRL's sequences)."""
     rejected = [{**p, "response": p["rejected"]} for p in pairs]
     losses = example_losses(model, tokenizer, pairs + rejected, cfg, batch_size)
     sums = torch.tensor([-s for s, _ in losses], dtype=torch.float64)

@@ -298,7 +298,8 @@ def evaluate_run(run_dir: Path, tasks: list[str], include_path: list[Path] = (),
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise FedLLMError(f"{out}: not a folder of this run (a link or a file); remove it")
     ckpt = checkpoint.read(run_dir / checkpoint.FILE)
-    cfg = Config.from_flat(checkpoint.saved_config(ckpt))
+    # the adapter comes from the checkpoint: server.init-from's folder may be gone by now
+    cfg = Config.from_flat(checkpoint.saved_config(ckpt)).replace(server__init_from="")
     _, held_out = data_splits(cfg)
     with tempfile.TemporaryDirectory(prefix="fedllm-tasks-") as tmp:
         folder = write_tasks(Path(tmp), held_out, cfg.data, cfg.server.max_new_tokens)

@@ -215,6 +215,12 @@ def resolve(cfg: Config) -> tuple[Any, Chain]:
     if cfg.server.init_from and not meta.get("init_from", False):
         raise ConfigError(f"server.init-from: train.method={entry.name} does not start from a saved adapter; "
                           "lora and dpo do")
+    if cfg.server.init_from and cfg.lora.auto_modules():
+        raise ConfigError("server.init-from: the adapter fixes its modules; set lora.target-modules to its "
+                          "target_modules instead of auto")
+    if cfg.server.init_from and cfg.lora.peft == "p-tuning":
+        raise ConfigError("server.init-from: a saved P-tuning adapter holds the prompt its encoder computed, not "
+                          "the encoder that trains; start P-tuning fresh")
     scorer = SCORERS.get(cfg.ledger.scorer)
     if cfg.ledger.enabled and scorer.meta.get("needs_utility") and not meta.get("utility", False):
         plain = ", ".join(s.name for s in SCORERS.entries() if not s.meta.get("needs_utility"))

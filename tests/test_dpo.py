@@ -94,6 +94,7 @@ def test_a_round_is_repeatable_leaves_the_cached_model_as_it_was_and_the_referen
         train = cfg.replace(train__gradient_checkpointing=checkpointing).train
         stats = dpo_engine.train(net, tok, rows, train, cfg.replace(dpo__reference=reference).dpo, 128, seed)
         assert stats["steps"] == 3 and 0 < stats["train-loss"] < 5
+        assert 0 < stats["train-reward-accuracy"] <= 1 and stats["train-reward-margin"] != 0  # TRL's own figures
         return lora.adapter_state(net)
 
     a, b, c, d = one("global"), one("global"), one("base"), one("global", checkpointing=True)
@@ -102,6 +103,7 @@ def test_a_round_is_repeatable_leaves_the_cached_model_as_it_was_and_the_referen
     assert any(not torch.equal(a[k], c[k]) for k in a)
     assert any(not torch.equal(a[k], start[k]) for k in a)
     assert list(net.peft_config) == ["default"] and "forward" not in net.get_base_model().__dict__
+    assert getattr(net.get_base_model(), "_require_grads_hook", None) is None  # checkpointing's hook removed
     assert not net.training
     with pytest.raises(DataError, match="data.max-length=8"):  # TRL would leave out every pair
         dpo_engine.train(net, tok, rows, cfg.train, cfg.dpo, 8, 5)
@@ -247,6 +249,17 @@ def test_sft_then_dpo_from_the_sft_adapter(tiny_model_dir, tmp_path):
     a, b = load_file(sft / "adapter" / "adapter_model.safetensors"), load_file(aligned / "adapter" /
                                                                                "adapter_model.safetensors")
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    # the checkpoint holds the start: a rebuild does not need the SFT folder any more
+    from fedllm import checkpoint
+    from strategies import build as build_strategy
+
+    (sft / "adapter").rename(tmp_path / "moved")
+    saved = checkpoint.read(aligned / checkpoint.FILE)
+    again = build_strategy(Config.from_flat(checkpoint.saved_config(saved)).replace(server__init_from="",
+                                                                                     server__evaluate=False))
+    again.load_state_dict(saved["strategy"])
+    assert torch.equal(again.method.initial[sorted(a)[0]], a[sorted(a)[0]])
+    (tmp_path / "moved").rename(sft / "adapter")
     from strategies import build
 
     for over, key in (({"lora.rank": 4}, "lora.rank"), ({"lora.alpha": 8.0}, "lora.alpha"),
@@ -336,3 +349,32 @@ def test_combinations_dpo_cannot_take_are_one_line_errors(over, key):
 def test_bad_dpo_settings_name_their_key(key, value):
     with pytest.raises(ConfigError, match=re.escape(key)):
         Config.from_flat({"dpo.loss-type": "sigmoid,sft", key: value})
+
+
+@pytest.mark.parametrize("config, weights, says", [
+    ({"use_rslora": True}, None, "use_rslora"),
+    ({"alpha_pattern": {"q_proj": 32}}, None, "alpha_pattern"),
+    ({"use_dora": "false"}, None, "use_dora"),
+    ({"r": True}, None, "lora.rank"),
+    ({"target_modules": 5}, None, "target_modules=5"),
+    ({}, torch.float8_e4m3fn, "float8"),
+    ({}, torch.int64, "int64"),
+    ({}, "nan", "non-finite"),
+])
+def test_a_bad_init_adapter_is_one_line_naming_what_differs(config, weights, says, tmp_path):
+    """server.init-from's folder, as an attacker or a wrong run would leave it: every case is a
+    ConfigError naming server.init-from and the setting, never a traceback."""
+    from safetensors.torch import save_file
+
+    like = {"m.q_proj.lora_A.weight": torch.zeros(8, 4), "m.q_proj.lora_B.weight": torch.zeros(4, 8)}
+    tensors = {k: v.clone() for k, v in like.items()}
+    if weights == "nan":
+        tensors["m.q_proj.lora_B.weight"][0, 0] = float("nan")
+    elif weights is not None:
+        tensors = {k: v.to(weights) for k, v in tensors.items()}
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    base = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**base, **config}))
+    with pytest.raises(ConfigError) as err:
+        lora.read_adapter(tmp_path, like, Config().lora)
+    assert str(err.value).startswith("server.init-from") and says in str(err.value) and "\n" not in str(err.value)

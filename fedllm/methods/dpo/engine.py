@@ -46,14 +46,14 @@ def train(model: Any, tokenizer: Any, rows: list[dict[str, str]], cfg: TrainConf
     from trl import DPOTrainer
 
     datasets.disable_progress_bars()  # TRL's tokenizing map would draw one bar per round
-    if not any(len(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]) < max_length for r in rows):
+    if not any(len(tokenizer(text=r["prompt"])["input_ids"]) < max_length for r in rows):  # as TRL counts
         raise DataError(f"data.max-length={max_length}: every preference pair's prompt fills it, so TRL leaves "
                         "out every pair; raise data.max-length")
-    logs: dict[str, float] = {}
+    kept: dict[str, float] = {}
 
     class Keep(TrainerCallback):
-        def on_log(self, args: Any, state: Any, control: Any, logs_: dict | None = None, **kw: Any) -> None:
-            logs.update(logs_ or {})
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+            kept.update(logs or {})  # the last log: TRL's averages over the round
 
     with tempfile.TemporaryDirectory(prefix="fedllm-dpo-") as scratch, patched(model):
         args = TrlConfig(
@@ -79,20 +79,26 @@ def train(model: Any, tokenizer: Any, rows: list[dict[str, str]], cfg: TrainConf
         "train-loss": float(result.training_loss),
         "steps": float(cfg.local_steps),
         "examples-seen": float(cfg.local_steps * cfg.grad_accum * cfg.batch_size),
-        "train-reward-accuracy": float(logs.get("rewards/accuracies", 0.0)),
-        "train-reward-margin": float(logs.get("rewards/margins", 0.0)),
+        "train-reward-accuracy": float(kept.get("rewards/accuracies", 0.0)),
+        "train-reward-margin": float(kept.get("rewards/margins", 0.0)),
     }
 
 
 @contextlib.contextmanager
 def patched(model: Any) -> Iterator[None]:
     """Undo what a DPOTrainer leaves on the model: the "ref" adapter, the fused-LM-head forward it
-    sets on the base model's instance, activation checkpointing, training mode."""
+    sets on the base model's instance, activation checkpointing and its input-gradient hook, the
+    dropout it turns off, training mode."""
     base = model.get_base_model()
     saved = base.__dict__.get("forward")
+    dropout = {m: m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
     try:
         yield
     finally:
+        for module, p in dropout.items():
+            module.p = p
+        if getattr(base, "_require_grads_hook", None) is not None:  # TRL's enable_input_require_grads
+            base.disable_input_require_grads()
         if saved is None:
             base.__dict__.pop("forward", None)
         else:

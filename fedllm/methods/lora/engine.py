@@ -148,8 +148,9 @@ def read_adapter(folder: Path, like: State, lora_cfg: LoraConfig, key: str = "se
     try:
         saved = json.loads(config_file.read_text(encoding="utf-8"))
         state = load_file(str(weights))
-    except (ValueError, OSError, SafetensorError) as err:
-        raise ConfigError(f"{key}: cannot read {folder}: {str(err).splitlines()[0][:200]}") from None
+    except (ValueError, OSError, RecursionError, SafetensorError) as err:
+        why = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{key}: cannot read {folder}: {why}") from None
     if not isinstance(saved, dict):
         raise ConfigError(f"{key}: {config_file} is not a JSON object")
     kind = peft_config(lora_cfg).peft_type.value
@@ -158,13 +159,16 @@ def read_adapter(folder: Path, like: State, lora_cfg: LoraConfig, key: str = "se
         targets = saved.get("target_modules")
         checks += [("r", saved.get("r"), lora_cfg.rank, "lora.rank"),
                    ("lora_alpha", saved.get("lora_alpha"), lora_cfg.alpha, "lora.alpha"),
-                   ("use_dora", bool(saved.get("use_dora")), lora_cfg.peft == "dora", "lora.peft"),
-                   ("target_modules", sorted([targets] if isinstance(targets, str) else targets or []),
-                    sorted(lora_cfg.modules()), "lora.target-modules")]
+                   ("use_dora", saved.get("use_dora", False), lora_cfg.peft == "dora", "lora.peft"),
+                   ("target_modules", _names(targets), sorted(lora_cfg.modules()), "lora.target-modules"),
+                   # scalings fedllm does not use: rsLoRA, per-module ranks or alphas
+                   ("use_rslora", saved.get("use_rslora", False), False, "fedllm trains without rsLoRA"),
+                   ("rank_pattern", saved.get("rank_pattern") or {}, {}, "fedllm gives every module lora.rank"),
+                   ("alpha_pattern", saved.get("alpha_pattern") or {}, {}, "fedllm gives every module lora.alpha")]
     for name, have, value, setting in checks:
-        if have != value:
-            raise ConfigError(f"{key}: the adapter in {folder} has {name}={have!r}, this run {value!r} ({setting}); "
-                              "set it to the adapter's")
+        if have != value or isinstance(have, bool) != isinstance(value, bool):  # True == 1 in Python
+            raise ConfigError(f"{key}: the adapter in {folder} has {name}={repr(have)[:120]}, this run "
+                              f"{value!r} ({setting}); set it to the adapter's")
     if set(state) != set(like):
         missing, extra = sorted(set(like) - set(state)), sorted(set(state) - set(like))
         raise ConfigError(f"{key}: {weights} does not fit the configured adapter: missing {missing[:2]}, "
@@ -173,9 +177,21 @@ def read_adapter(folder: Path, like: State, lora_cfg: LoraConfig, key: str = "se
         if tensor.shape != like[name].shape:
             raise ConfigError(f"{key}: {weights}: {name} has shape {tuple(tensor.shape)}, the configured adapter "
                               f"{tuple(like[name].shape)}")
+        if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise ConfigError(f"{key}: {weights}: {name} is {tensor.dtype}, not a float32/16 or bfloat16 tensor")
         if not torch.isfinite(tensor).all():
             raise ConfigError(f"{key}: {weights}: {name} holds non-finite values")
     return {k: state[k].to(like[k].dtype) for k in like}
+
+
+def _names(value: Any) -> Any:
+    """adapter_config.json's target_modules as a sorted list of names (a string is one name); any
+    other JSON value as it is, so that it compares unequal and is shown in the error."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return sorted(value)
+    return value
 
 
 def lora_layers(model: Any) -> list[tuple[str, Any]]:

@@ -215,17 +215,12 @@ PROMPT_TYPES = ("prefix", "prompt", "p-tuning")
 
 def check_lora_config(cfg: Config) -> None:
     """lora.client-ranks at most lora.rank (a client trains the leading rows of the global factors);
-    no server.merge for the prompt types; server.init-from with modules fixed in advance.
+    no server.merge for the prompt types.
 
     Raises:
-        ConfigError: naming lora.client-ranks, server.merge or server.init-from.
+        ConfigError: naming lora.client-ranks or server.merge.
     """
-    if cfg.server.init_from and cfg.lora.auto_modules():
-        raise ConfigError("server.init-from: the adapter fixes its modules; set lora.target-modules to its "
-                          "target_modules instead of auto")
-    if cfg.server.init_from and cfg.lora.peft == "p-tuning":
-        raise ConfigError("server.init-from: a saved P-tuning adapter holds the prompt its encoder computed, not "
-                          "the encoder that trains; start P-tuning fresh")
+
     if cfg.server.merge and cfg.lora.peft in PROMPT_TYPES:
         raise ConfigError(f"server.merge: lora.peft={cfg.lora.peft} adds virtual tokens, not weights: there is "
                           "nothing to merge into the base (save the adapter only)")
