@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "simulate":
             overrides = parse_overrides(args.set)
             if args.init_adapter is not None:
-                overrides["server.init-from"] = str(args.init_adapter.expanduser().resolve())
+                overrides["server.init-from"] = str(args.init_adapter)  # prepare() makes it absolute
             run_dir = simulate(overrides, args.num_clients, args.cpus_per_client, args.resume, args.engine,
                                args.ray_address)
             print(f"run directory: {run_dir}")

@@ -78,16 +78,18 @@ def test_trl_dpo_loss_matches_the_formula_on_a_hand_built_pair(loss_type, tiny_m
 
 def test_a_round_is_repeatable_leaves_the_cached_model_as_it_was_and_the_reference_matters(tiny_model_dir):
     """The same seed gives the same adapter bit for bit (also after other rounds: TRL's patches are
-    undone, no wrapper piles up), and the same with activation checkpointing; dpo.reference=base
-    trains against another model than global."""
+    undone, no wrapper piles up, the LoRA dropout rates come back), and the same with activation
+    checkpointing; dpo.reference=base trains against another model than global."""
     from fedllm.data import pair_text
 
-    cfg = Config.from_flat({"model.name": str(tiny_model_dir), "lora.dropout": 0.0, "train.local-steps": 3,
+    cfg = Config.from_flat({"model.name": str(tiny_model_dir), "lora.dropout": 0.1, "train.local-steps": 3,
                             "train.lr": 0.01, "data.families": "parity,arithmetic", "data.train-per-family": 8})
     net, tok = lora.lora_model(cfg.model, cfg.lora, 0)
     rows = [pair_text(tok, e) for e in load_splits(cfg.data, preference=True)[0]]
     gen = torch.Generator().manual_seed(1)
     start = {k: 0.3 * torch.randn(v.shape, generator=gen) for k, v in lora.adapter_state(net).items()}
+    rates = [m.p for m in net.modules() if isinstance(m, torch.nn.Dropout)]
+    assert rates and set(rates) == {0.1}
 
     def one(reference, seed=5, checkpointing=False):
         lora.set_adapter_state(net, start)
@@ -104,6 +106,7 @@ def test_a_round_is_repeatable_leaves_the_cached_model_as_it_was_and_the_referen
     assert any(not torch.equal(a[k], start[k]) for k in a)
     assert list(net.peft_config) == ["default"] and "forward" not in net.get_base_model().__dict__
     assert getattr(net.get_base_model(), "_require_grads_hook", None) is None  # checkpointing's hook removed
+    assert [m.p for m in net.modules() if isinstance(m, torch.nn.Dropout)] == rates  # TRL's dropout-off undone
     assert not net.training
     with pytest.raises(DataError, match="data.max-length=8"):  # TRL would leave out every pair
         dpo_engine.train(net, tok, rows, cfg.train, cfg.dpo, 8, 5)

@@ -35,15 +35,15 @@ def load_splits(cfg: DataConfig, preference: bool = False) -> tuple[list[Example
     train = load_source(cfg.source, cfg, preference)
     if cfg.eval_source:
         held_out = load_source(cfg.eval_source, cfg, preference)
-        seen = {_key(e) for e in held_out}
-        kept = [e for e in train if _key(e) not in seen]
+        seen = {example_key(e) for e in held_out}
+        kept = [e for e in train if example_key(e) not in seen]
         if len(kept) < len(train):
             log.warning("data: %d training examples also in %s left out of training", len(train) - len(kept),
                         cfg.eval_source)
         if not kept:
             raise DataError(f"data.source: every example of {cfg.source} is also in data.eval-source")
         return kept, held_out
-    unique = list({_key(e): e for e in train}.values())  # exact duplicates would land on both sides
+    unique = list({example_key(e): e for e in train}.values())  # exact duplicates would land on both sides
     if len(unique) < len(train):
         log.warning("data: %d exact duplicate examples of %s removed", len(train) - len(unique), cfg.source)
     shuffled = list(unique)
@@ -62,7 +62,8 @@ def _builtin(families: tuple[str, ...], train_per_family: int, eval_per_family: 
     return builtin_splits(list(families), train_per_family, eval_per_family, seed)
 
 
-def _key(example: Example) -> tuple[str, ...]:
+def example_key(example: Example) -> tuple[str, ...]:
+    """What makes an example (or a pair) itself: instruction, input, response and rejected answer."""
     return example["instruction"], example.get("input", ""), example["response"], example.get("rejected", "")
 
 
@@ -71,6 +72,7 @@ __all__ = [
     "IGNORE",
     "collate",
     "encode",
+    "example_key",
     "load_splits",
     "pair_text",
     "partition",

@@ -12,8 +12,9 @@ the base plus the LoRA adapter that travels; the reference is frozen:
 
 TRL 1.16 keeps its losses inside `DPOTrainer._compute_loss` (there is no loss function to call
 alone), so the trainer runs the round: `max_steps` = train.local-steps, a constant learning rate,
-its seeded sampler. It patches the base model's forward with a fused LM head and adds the "ref"
-adapter; both are undone after the round, so the cached model is the same one every round
+its seeded sampler. What it changes on the model (the "ref" adapter, a fused LM head on the base
+model's forward, dropout off, checkpointing's input hook) is undone after the round (`patched`),
+so the cached model, which a LoRA run in the same process may share, is the same one every round
 (and does not grow a wrapper per round).
 
     stats = train(model, tokenizer, rows, cfg.train, cfg.dpo, cfg.data.max_length, seed)

@@ -16,21 +16,20 @@ from typing import Any
 import torch
 
 from fedllm.config import Config
+from fedllm.data import example_key
 from fedllm.evaluate import pair_logps, preference_metrics
-from fedllm.methods.dpo.client import dpo_config
 from fedllm.methods.lora import engine as lora
 from fedllm.methods.lora.server import LoraServer
 from fedllm.protocol import State
 
 
 def pairs_digest(pairs: list[dict[str, str]]) -> str:
-    fields = [[p["instruction"], p.get("input", ""), p["response"], p["rejected"]] for p in pairs]
-    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([example_key(p) for p in pairs]).encode()).hexdigest()
 
 
 class DpoServer(LoraServer):
     def __init__(self, cfg: Config, state: State | None = None) -> None:
-        super().__init__(dpo_config(cfg), state)
+        super().__init__(cfg, state)
         self.initial = self.state  # the run's starting adapter: the reference of the held-out rewards
         self.reference: torch.Tensor | None = None  # (pairs, 2) log-likelihoods under it
         self.reference_of = ""  # pairs_digest of the pairs they are of

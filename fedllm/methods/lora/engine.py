@@ -29,7 +29,7 @@ import torch
 from fedllm.config import LoraConfig, ModelConfig, TrainConfig
 from fedllm.data.templates import batches
 from fedllm.errors import ConfigError
-from fedllm.model import MODEL_CACHE, empty_model, load_base_model
+from fedllm.model import MODEL_CACHE, empty_model, first_line, load_base_model
 
 State = dict[str, torch.Tensor]
 
@@ -149,8 +149,7 @@ def read_adapter(folder: Path, like: State, lora_cfg: LoraConfig, key: str = "se
         saved = json.loads(config_file.read_text(encoding="utf-8"))
         state = load_file(str(weights))
     except (ValueError, OSError, RecursionError, SafetensorError) as err:
-        why = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{key}: cannot read {folder}: {why}") from None
+        raise ConfigError(f"{key}: cannot read {folder}: {first_line(err)[:200]}") from None
     if not isinstance(saved, dict):
         raise ConfigError(f"{key}: {config_file} is not a JSON object")
     kind = peft_config(lora_cfg).peft_type.value
