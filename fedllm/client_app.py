@@ -18,6 +18,8 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from fedllm.secagg.client import secagg_mod
+
 
 def dp_clipping(msg: Message, context: Context, call_next: Any) -> Message:
     """Flower's client-side fixed clipping, for messages that ask for it (dp.clipping-norm > 0)."""
@@ -26,7 +28,7 @@ def dp_clipping(msg: Message, context: Context, call_next: Any) -> Message:
     return call_next(msg, context)
 
 
-app = ClientApp(mods=[dp_clipping])
+app = ClientApp(mods=[secagg_mod, dp_clipping])  # secagg masks what the DP mod has clipped
 
 
 @app.train()

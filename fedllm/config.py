@@ -475,6 +475,29 @@ class DPConfig:
     sampled_clients: int = _help("Clients sampled per round, for the noise scale; 0 uses server.min-clients.", 0, check=">= 0")
 
 
+@dataclass
+class SecAggConfig:
+    enabled: bool = _help("Secure aggregation (SecAgg+): the server sees only the sum of the sampled clients' "
+                          "masked uploads, never one client's update.", False)
+    threshold: float = _help("Share holders (a node's neighbours and the node) whose shares rebuild a node's "
+                             "secrets: a fraction in (0.5, 1] of them, or a count >= 2. A round survives dropouts "
+                             "after key sharing while every node keeps this many holders.", 0.67, check="> 0.5")
+    neighbours: int = _help("k of the k-regular graph each node shares masks and keys with (SecAgg+, rounded up "
+                            "to even); 0 = every sampled node (SecAgg).", 0, check=">= 0")
+    clip_range: float = _help("Every uploaded value is clipped to [-clip-range, clip-range] before fixed-point "
+                              "quantization (clients report how many they clipped); 0 takes the method's range "
+                              "(4 for adapters and outer gradients, 1024 for zo's per-seed sums).", 0.0, check=">= 0")
+    bits: int = _help("Masked sums are taken modulo 2^bits (uint32 on the wire up to 32, else uint64); each "
+                      "value gets 2^bits / sampled clients levels.", 32, check="[20, 62]")
+    max_weight: int = _help("Example counts weigh as min(count, max-weight) / max-weight, summed securely "
+                            "beside the update.", 1024, check=">= 1")
+
+    def __post_init__(self) -> None:
+        t = self.threshold
+        if not (0.5 < t <= 1 or (t >= 2 and float(t).is_integer())):
+            raise ConfigError(f"secagg.threshold: must be a fraction in (0.5, 1] or a whole count >= 2, got {t}")
+
+
 PENALTY_FLAGS = ("free-rider", "noise", "opposed", "oversized", "duplicate", "replay", "stale", "outlier", "invalid")
 
 
@@ -601,6 +624,7 @@ class Config:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     dp: DPConfig = field(default_factory=DPConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
 

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from dataclasses import dataclass, field
 
-import torch
+from typing import TYPE_CHECKING, Any, Iterator
+
 from flwr.app import Message, RecordDict
 
 from fedllm.errors import PayloadError
 
-State = dict[str, torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+
+State = dict[str, "torch.Tensor"]  # torch is imported where tensors are touched: client_app's mods import none
 
 CONFIG, METRICS, LEDGER = "config", "metrics", "ledger"
 ARRAYS = "arrays"  # LoRA: the global adapter down, the local adapter up (no upload codec)
@@ -25,6 +30,7 @@ UPDATE = "update"  # LoRA with compression.up: the encoded delta
 DOWN = "down"  # LoRA with compression.down: the version and the encoded global deltas a node lacks
 FROZEN = "frozen"  # exact-lora: the frozen global delta's factors
 ZO = "zo"  # zo: the accumulators' sync bytes down, the encoded scalars up
+ZO_SUMS = "zo-sums"  # zo with secagg.enabled: the dense (K,) per-seed sums up, as float32 arrays
 DILOCO = "diloco"  # diloco: the round's fragment, versions and (compression.down) encoded steps down
 PEFT = "peft"  # lora with lora.target-modules=auto: the modules the server chose for the run, down
 SCORES = "scores"  # a query's reply (before round 1): per-module importance scores, up
@@ -68,6 +74,8 @@ def weighted_mean(states: list[State], weights: list[float]) -> State:
 
 def update_norm(delta: State) -> float:
     """L2 norm of an update over all its tensors."""
+    import torch  # noqa: F401  (the tensors' methods)
+
     return math.sqrt(sum(float(t.double().pow(2).sum()) for t in delta.values()))
 
 
@@ -130,6 +138,8 @@ def check_like(tensors: State, reference: State, check_dtype: bool = True) -> No
     Raises:
         PayloadError: naming the first tensor that differs.
     """
+    import torch
+
     if set(tensors) != set(reference):
         raise PayloadError(f"tensor names differ from the global state ({len(tensors)} vs {len(reference)})")
     for k, t in tensors.items():
@@ -138,6 +148,23 @@ def check_like(tensors: State, reference: State, check_dtype: bool = True) -> No
             raise PayloadError(f"{k}: got {t.dtype}{list(t.shape)}, expected {ref.dtype}{list(ref.shape)}")
         if not torch.isfinite(t).all():
             raise PayloadError(f"{k}: non-finite values")
+
+
+def receive(grid: Any, messages: list[Message], timeout: float | None, interval: float = 0.1) -> Iterator[Message]:
+    """Push `messages` and yield each reply as it arrives (polling every `interval` seconds while
+    none is waiting), until every message is answered or `timeout` seconds have passed."""
+    waiting = set(grid.push_messages(messages))
+    end = None if timeout is None else time.monotonic() + timeout
+    while waiting:
+        got = False
+        for reply in grid.pull_messages(list(waiting)):
+            waiting.discard(reply.metadata.reply_to_message_id)
+            got = True
+            yield reply
+        if not waiting or (end is not None and time.monotonic() >= end):
+            return
+        if not got:
+            time.sleep(interval)
 
 
 def payload_bytes(content: RecordDict) -> int:

@@ -33,7 +33,8 @@ from fedllm.errors import FedLLMError
 from fedllm.evaluate import em_subset, evaluate
 from fedllm.harness import parse_tasks, run_tasks, task_manager, write_tasks
 from fedllm.methods import data_splits
-from fedllm.protocol import CONFIG, RoundResult, payload_bytes, short_reason
+from fedllm.protocol import CONFIG, RoundResult, payload_bytes, receive, short_reason
+from fedllm.secagg.server import secure_round
 from fedllm.report import MetricsLog, format_summary, make_run_dir, render_report, summary, write_atomically, write_config
 from fedllm.tracking import Trackers
 from strategies import FedLLMStrategy, build
@@ -189,23 +190,6 @@ ERROR_FILE = "error.txt"  # why a run stopped, for the CLI to print
 SERVER_FAILED: list[str] = []
 
 
-def receive(grid: Grid, messages: list[Message], timeout: float | None, interval: float = 0.1) -> Iterator[Message]:
-    """Push `messages` and yield each reply as it arrives (polling every `interval` seconds while
-    none is waiting), until every message is answered or `timeout` seconds have passed."""
-    waiting = set(grid.push_messages(messages))
-    end = None if timeout is None else time.monotonic() + timeout
-    while waiting:
-        got = False
-        for reply in grid.pull_messages(list(waiting)):
-            waiting.discard(reply.metadata.reply_to_message_id)
-            got = True
-            yield reply
-        if not waiting or (end is not None and time.monotonic() >= end):
-            return
-        if not got:
-            time.sleep(interval)
-
-
 def prepare(strategy: FedLLMStrategy, grid: Grid, cfg: Config) -> dict[str, Any]:
     """The method's step before round 1 of a new run, if it has one (LoRA's module choice with
     lora.target-modules=auto): its queries go to the sampled nodes with the run config."""
@@ -240,6 +224,16 @@ def train_round(server_round: int, cfg: Config, strategy: FedLLMStrategy, run_co
     failures: list[str] = []
     reasons: list[str] = []  # why replies were dropped, over the attempts
     for attempt in range(cfg.server.round_retries + 1):
+        if cfg.secagg.enabled:  # the four-stage protocol around the train round
+            secure = secure_round(strategy, server_round, run_config, grid, cfg.server.round_timeout)
+            result = secure.result
+            if result.applied:
+                return secure.down, [], result, secure.missing, attempt + 1
+            failures.append(secure.failure)
+            reasons.extend(r for _, r in result.dropped)
+            log.warning("round %d, attempt %d: %s%s", server_round, attempt + 1, secure.failure,
+                        "; trying again" if attempt < cfg.server.round_retries else "")
+            continue
         messages = list(strategy.configure_train(server_round, ArrayRecord(), run_config, grid))
         down = {str(m.metadata.dst_node_id): payload_bytes(m.content) for m in messages}
         answered: set[int] = set()

@@ -232,6 +232,8 @@ def resolve(cfg: Config) -> tuple[Any, Chain]:
         why = (f"rule {chain.rule.name!r} needs every update at once" if chain.fold is None
                else "the ledger's scorers and flags need every update")
         raise ConfigError(f"server.aggregation: cannot stream ({why}); use auto or list")
+    if cfg.secagg.enabled:
+        secure_aggregation_fits(cfg, entry, chain)
     if chain.rule.name == "fedprox" and not meta.get("proximal", True):
         raise ConfigError(f"server.strategy: train.method={entry.name} adds no proximal term to its local loss; "
                           "use fedavg (or another rule) instead of fedprox")
@@ -239,6 +241,32 @@ def resolve(cfg: Config) -> tuple[Any, Chain]:
         raise ConfigError(f"server.strategy: train.method={entry.name} takes its own outer step (its config "
                           f"section); name an aggregation rule only, not {', '.join(o.name for o in chain.optimizers)}")
     return entry, chain
+
+
+def secure_aggregation_fits(cfg: Config, entry: Any, chain: Chain) -> None:
+    """What secagg.enabled cannot go with: anything that needs to see one client's update.
+
+    Raises:
+        ConfigError: naming the key, with the reason, in one line.
+    """
+    if not entry.meta.get("secagg", False):
+        raise ConfigError(f"secagg.enabled: train.method={entry.name}'s aggregate is not a weighted sum of its uploads "
+                          "(exact-lora stacks every client's factors); use lora")
+    if chain.fold is None:
+        raise ConfigError(f"secagg.enabled: rule {chain.rule.name!r} needs every client's update, which secure "
+                          "aggregation hides; use fedavg (optionally > fedadam, fedyogi, ...)")
+    if cfg.compression.up:
+        raise ConfigError("compression.up: masked uploads are uniform random integers, which no codec shrinks; "
+                          "leave it empty with secagg.enabled (compression.down still applies)")
+    if cfg.server.max_update_norm > 0:
+        raise ConfigError("server.max-update-norm: the server cannot measure one client's update under secagg; "
+                          "set it to 0 and bound updates on the clients with dp.clipping-norm")
+    if cfg.ledger.enabled:
+        raise ConfigError("ledger.enabled: the ledger scores and flags each client's update, which secure aggregation "
+                          "hides; turn one of them off")
+    if cfg.lora.auto_modules() and entry.meta.get("auto_modules", False):
+        raise ConfigError("lora.target-modules: auto sends each client's module scores before round 1 in the clear; "
+                          "name the modules with secagg.enabled")
 
 
 def build(cfg: Config, method: ServerHalf | None = None) -> FedLLMStrategy:

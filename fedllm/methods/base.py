@@ -32,7 +32,11 @@ to the row (dpo: the held-out rewards).
 
 More metadata: preference (its clients train on preference pairs: the data layer loads pairs,
 `fedllm.methods.data_splits`), init_from (server.init-from applies: the global adapter may start
-from a saved one), proximal (whether fedprox's proximal term reaches its local loss; default True).
+from a saved one), proximal (whether fedprox's proximal term reaches its local loss; default True),
+secagg (whether secagg.enabled applies: with it on, its client half uploads float arrays whose
+example-weighted mean its `decode` reads as the mean update, and its server half takes that mean
+through `decode` and `apply` as a streamed round does; fedllm.secagg), secagg_range (the
+clip range secagg.clip-range=0 takes: what its uploaded values span).
 """
 
 from __future__ import annotations

@@ -8,6 +8,6 @@ from fedllm.methods.diloco.client import DiLoCoClient
 from fedllm.methods.diloco.server import DiLoCoServer
 
 register_method("diloco", server=DiLoCoServer, client=DiLoCoClient, config=DiLoCoConfig, default_rule="fedavg",
-                compression=True, dp=False, utility=False, delta_kind="dense", server_optimizers=False)
+                compression=True, dp=False, utility=False, delta_kind="dense", server_optimizers=False, secagg=True, secagg_range=4.0)
 
 __all__ = ["DiLoCoClient", "DiLoCoServer"]

@@ -9,6 +9,6 @@ from fedllm.methods.dpo.server import DpoServer
 
 register_method("dpo", server=DpoServer, client=DpoClient, config=DpoConfig, default_rule="fedavg",
                 compression=True, dp=True, utility=False, delta_kind="dense", preference=True, init_from=True,
-                proximal=False)
+                proximal=False, secagg=True, secagg_range=4.0)
 
 __all__ = ["DpoClient", "DpoServer"]

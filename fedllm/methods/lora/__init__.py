@@ -8,6 +8,6 @@ from fedllm.methods.lora.server import LoraServer
 
 register_method("lora", server=LoraServer, client=LoraClient, config=LoraConfig, default_rule="fedavg",
                 compression=True, dp=True, utility=True, delta_kind="dense", quantize=True, peft=PEFT_TYPES,
-                auto_modules=True, init_from=True)
+                auto_modules=True, init_from=True, secagg=True, secagg_range=4.0)
 
 __all__ = ["LoraClient", "LoraServer"]

@@ -7,13 +7,14 @@ import time
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from fedllm.config import Config
 from fedllm.errors import PayloadError
 from fedllm.methods.base import Transform
 from fedllm.methods.zo import engine as zo
-from fedllm.protocol import ZO
+from fedllm.methods.zo.server import SUMS
+from fedllm.protocol import ZO, ZO_SUMS
 
 VALUES = "g"  # the one tensor an attack transform sees: the step scalars, in step order
 
@@ -47,4 +48,9 @@ class ZOClient:
         if transform is not None and pairs:
             values = transform({VALUES: torch.tensor([g for _, g in pairs], dtype=torch.float64)})[VALUES]
             pairs = list(zip([i for i, _ in pairs], values.tolist()))
+        if self.cfg.secagg.enabled:  # a sum of these over clients is the round's per-seed sums
+            dense = torch.zeros(self.cfg.zo.num_seeds, dtype=torch.float64)
+            for i, g in pairs:
+                dense[i] += g
+            return {ZO_SUMS: ArrayRecord({SUMS: dense.float()})}
         return {ZO: ConfigRecord({"up": zo.encode_upload(self.cfg.zo.num_seeds, pairs, self.cfg.zo.bits, self.seed)})}

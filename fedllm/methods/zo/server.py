@@ -21,7 +21,9 @@ from fedllm.methods.base import UtilityOf
 from fedllm.methods.downlink import Downlink
 from fedllm.methods.zo import engine as zo
 from fedllm.model import save_merged
-from fedllm.protocol import LEDGER, METRICS, ZO, State, Update, reply_metrics
+import torch
+
+from fedllm.protocol import LEDGER, METRICS, ZO, ZO_SUMS, State, Update, read_arrays, reply_metrics
 
 SUMS = "sums"  # the one tensor of a zo update: (K,) per-seed scalar sums
 
@@ -30,7 +32,7 @@ class ZOServer:
     """The accumulators; the server's engine follows them to evaluate, and gives the
     perturbation fingerprint every client must match."""
 
-    reply_records = frozenset({ZO, METRICS, LEDGER})
+    reply_records = frozenset({ZO, ZO_SUMS, METRICS, LEDGER})
 
     def __init__(self, cfg: Config, fingerprint: int | None = None) -> None:
         """`fingerprint`: aggregate for clients of this perturbation fingerprint without a
@@ -53,16 +55,24 @@ class ZOServer:
 
     def decode(self, msg: Message) -> Update:
         n, metrics = reply_metrics(msg)
-        record = msg.content.config_records.get(ZO)
-        up = record.get("up") if record is not None else None
-        if not isinstance(up, bytes):
-            raise PayloadError("reply lacks the zo 'up' payload")
+        if ZO_SUMS in msg.content.array_records:  # secagg.enabled: the dense sums (the mean of the clients')
+            sums, nbytes = read_arrays(msg, {SUMS: None}, ZO_SUMS)
+            if sums[SUMS].shape != (self.k,) or sums[SUMS].dtype != torch.float32 or not torch.isfinite(sums[SUMS]).all():
+                raise PayloadError(f"zo sums: expected finite float32[{self.k}], got {sums[SUMS].dtype}{list(sums[SUMS].shape)}")
+            up = None
+        else:
+            record = msg.content.config_records.get(ZO)
+            up = record.get("up") if record is not None else None
+            if not isinstance(up, bytes):
+                raise PayloadError("reply lacks the zo 'up' payload")
         if metrics.get("zo-fingerprint") != self.fingerprint:
             raise PayloadError("perturbation fingerprint differs from the server's "
                                "(torch version, device type, dtype or model)")
         if metrics.get("zo-version") != self.state.version:
             raise PayloadError(f"stale update: trained at version {metrics.get('zo-version')}, "
                                f"global is {self.state.version}")
+        if up is None:
+            return Update(msg.metadata.src_node_id, {SUMS: sums[SUMS]}, n, metrics, nbytes)
         return Update(msg.metadata.src_node_id, {SUMS: zo.decode(up, self.k)}, n, metrics, len(up))
 
     def largest_reply(self) -> int:
