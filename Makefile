@@ -46,6 +46,7 @@ bench-full: $(STAMP)
 	$(PY) bench/scale.py
 	$(PY) bench/adapters.py
 	$(PY) bench/dpo.py
+	$(PY) bench/secagg.py
 
 lock: $(STAMP)
 	head -3 requirements.lock > requirements.lock.new

@@ -129,6 +129,14 @@ def dpo(d: dict[str, Any]) -> list[Row]:
              lambda v: v >= -0.02)]
 
 
+def secagg(d: dict[str, Any]) -> list[Row]:
+    g = d["goals"]
+    return [("SecAgg, LoRA, 16 clients: extra upload / plain upload", g["lora-16 extra upload / plain upload (goal <= 2)"],
+             "<= 2", lambda v: v <= 2),
+            ("SecAgg, LoRA, 16 clients: server seconds per round",
+             g["lora-16 server seconds per secure round (goal <= 1)"], "<= 1", lambda v: v <= 1)]
+
+
 # script, short arguments, headline figures
 SUITE: list[tuple[str, list[str], Callable[[dict[str, Any]], list[Row]]]] = [
     ("simulation_overhead", ["--rounds", "1", "--steps", "5"], overhead),
@@ -145,6 +153,7 @@ SUITE: list[tuple[str, list[str], Callable[[dict[str, Any]], list[Row]]]] = [
     ("scale", [], scale),
     ("adapters", ["--rounds", "1", "--steps", "4", "--only", "fp32-lora,qlora,auto-modules", "--fresh"], peft),
     ("dpo", ["--rounds", "1", "--steps", "4", "--only", "central-base,fed-base", "--fresh"], dpo),
+    ("secagg", ["--clients", "16", "--rounds", "1", "--only", "lora-16-plain,lora-16-secagg", "--fresh"], secagg),
 ]
 
 

@@ -40,6 +40,7 @@ class LedgerSession:
             ConfigError: naming server.resume when the chain cannot continue from `cursor`.
         """
         self.lc = cfg.ledger
+        self.secagg = cfg.secagg.enabled  # updates hidden: the ledger records participation only
         self.dir = run_dir / "ledger"
         (self.dir / "evidence").mkdir(parents=True, exist_ok=True)
         self.w3 = ledger.connect(self.lc.chain)
@@ -121,10 +122,15 @@ class LedgerSession:
         the metrics row's "ledger"."""
         t0 = time.perf_counter()
         updates = list(result.updates)
-        vectors = (torch.stack([contribution.flatten(u.delta) for u in updates]) if updates
-                   else torch.zeros(0, 1, dtype=torch.float64))
         digests = [signers.get(u.node_id, (None, b""))[1] for u in updates]
-        flags = contribution.flag_updates(vectors, digests, self.history, self.rules)
+        hidden = self.secagg
+        if hidden:
+            vectors = torch.zeros(len(updates), 1, dtype=torch.float64)
+            flags: list[list[str]] = [[] for _ in updates]
+        else:
+            vectors = (torch.stack([contribution.flatten(u.delta) for u in updates]) if updates
+                       else torch.zeros(0, 1, dtype=torch.float64))
+            flags = contribution.flag_updates(vectors, digests, self.history, self.rules)
         broken = self.broken_commitments(server_round, signers)
         for i, u in enumerate(updates):
             if u.node_id in result.outliers:
@@ -134,7 +140,10 @@ class LedgerSession:
         honest = [i for i in range(len(updates)) if not flags[i]]
         scores = [0.0] * len(updates)
         mean = None  # the example-weighted mean of the unflagged updates
-        if honest:
+        if honest and hidden:  # every survivor's masked upload is in the sum: equal shares
+            for i in honest:
+                scores[i] = 1.0 / len(honest)
+        elif honest:
             weights = [updates[i].num_examples for i in honest]
             mean = sum(w * vectors[i] for w, i in zip(weights, honest)) / sum(weights)
             utility = (lambda s: utility_of([honest[j] for j in s])) if utility_of else None

@@ -228,7 +228,7 @@ def train_round(server_round: int, cfg: Config, strategy: FedLLMStrategy, run_co
             secure = secure_round(strategy, server_round, run_config, grid, cfg.server.round_timeout)
             result = secure.result
             if result.applied:
-                return secure.down, [], result, secure.missing, attempt + 1
+                return secure.down, secure.replies if keep_replies else [], result, secure.missing, attempt + 1
             failures.append(secure.failure)
             reasons.extend(r for _, r in result.dropped)
             log.warning("round %d, attempt %d: %s%s", server_round, attempt + 1, secure.failure,

@@ -261,9 +261,10 @@ def secure_aggregation_fits(cfg: Config, entry: Any, chain: Chain) -> None:
     if cfg.server.max_update_norm > 0:
         raise ConfigError("server.max-update-norm: the server cannot measure one client's update under secagg; "
                           "set it to 0 and bound updates on the clients with dp.clipping-norm")
-    if cfg.ledger.enabled:
-        raise ConfigError("ledger.enabled: the ledger scores and flags each client's update, which secure aggregation "
-                          "hides; turn one of them off")
+    if cfg.ledger.enabled and SCORERS.get(cfg.ledger.scorer).meta.get("needs_utility"):
+        raise ConfigError(f"ledger.scorer: {cfg.ledger.scorer} scores each client's update, which secure aggregation "
+                          "hides; with secagg.enabled the ledger records participation (equal shares) whatever the "
+                          "scorer: leave it cosine")
     if cfg.lora.auto_modules() and entry.meta.get("auto_modules", False):
         raise ConfigError("lora.target-modules: auto sends each client's module scores before round 1 in the clear; "
                           "name the modules with secagg.enabled")

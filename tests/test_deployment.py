@@ -77,6 +77,12 @@ def test_two_sites_with_tls_and_node_auth(tiny_model_dir, tmp_path):
         run_id = deploy.submit(work, dpo_config)
         status = deploy.wait_run(work, run_id, timeout=600)
         assert status == "finished:completed", deploy.flwr(work, "log", str(run_id), "fedllm", "--show").stdout[-3000:]
+        # SecAgg: four messages a round per site, the keys and shares kept in each SuperNode's context
+        secagg_config = run_config.replace('server.run-name="deployed"', 'server.run-name="secagg"') + (
+            ' secagg.enabled=true compression.down="int8"')
+        run_id = deploy.submit(work, secagg_config)
+        status = deploy.wait_run(work, run_id, timeout=600)
+        assert status == "finished:completed", deploy.flwr(work, "log", str(run_id), "fedllm", "--show").stdout[-3000:]
     assert all(p.poll() is not None for p in procs.procs.values())  # everything stopped
     run = tmp_path / "runs" / "deployed"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -119,3 +125,11 @@ def test_two_sites_with_tls_and_node_auth(tiny_model_dir, tmp_path):
     for r in rows[1:]:
         assert r["clients-ok"] == 2 and r["dropped"] == []
         assert sorted(c["num-examples"] for c in r["clients"].values()) == [8, 16]
+
+    secagg = tmp_path / "runs" / "secagg"
+    rows = [json.loads(line) for line in (secagg / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2] and rows[2]["eval-loss"] < rows[0]["eval-loss"]
+    for r in rows[1:]:
+        assert r["clients-ok"] == 2 and r["dropped"] == [] and r["secagg-clipped"] == 0
+        assert r["secagg-weight"] == pytest.approx(24, abs=1e-3)  # 16 + 8 examples, summed under the masks
+        assert all("num-examples" not in c for c in r["clients"].values())  # no site's count in the clear

@@ -27,6 +27,7 @@ from fedllm.secagg.server import secure_round
 from strategies import FedLLMStrategy, parse_chain, resolve
 
 SIZE = 3000
+ZEROS = 100
 
 
 class MeanHalf:
@@ -57,7 +58,9 @@ class MeanHalf:
 def upload(node: int) -> tuple[np.ndarray, int]:
     """Node `node`'s plaintext update and example count."""
     rng = np.random.default_rng(node)
-    return rng.uniform(-3, 3, SIZE).astype(np.float32), 3 + 5 * node
+    vec = rng.uniform(-3, 3, SIZE).astype(np.float32)
+    vec[:ZEROS] = 0  # zero at every node (a seed no zo client drew): must sum to exactly 0
+    return vec, 3 + 5 * node
 
 
 def make_app(crash: set[int] = frozenset()) -> ClientApp:
@@ -126,6 +129,7 @@ def test_unmasked_sum_is_the_plaintext_mean_within_the_quantization_bound(neighb
     bound = attempt.result.metrics["secagg-error-bound"]
     assert 0 < bound < (1e-5 if bits == 32 else 1e-9)
     assert err <= bound + np.finfo(np.float32).eps * np.abs(want).max()  # quantization, then the float32 result
+    assert not got[:ZEROS].any() and got[ZEROS:].all()
     assert attempt.result.metrics["secagg-weight"] == pytest.approx(sum(upload(i)[1] for i in range(1, n + 1)))
     assert not attempt.result.dropped and attempt.result.metrics["clients-ok"] == n
 
@@ -144,6 +148,7 @@ def test_the_server_sees_uniform_noise_uncorrelated_with_the_update():
     assert stats.chisquare(counts).pvalue > 1e-3
     # and no linear relation to the plaintext values it hides
     assert abs(np.corrcoef(y[1:], upload(2)[0])[0, 1]) < 0.08
+    assert len(np.unique(y[1:ZEROS + 1])) == ZEROS  # the values that are 0 everywhere are hidden too
     # the same plaintext is masked afresh each round
     grid2 = Tampering(5, make_app())
     assert run_round(grid2, strategy_for()).result.applied
@@ -260,7 +265,7 @@ def test_a_byte_payload_is_refused_rather_than_sent_unmasked():
     ({"server.strategy": "median"}, "secagg.enabled: rule 'median'"),
     ({"server.strategy": "trimmed-mean"}, "secagg.enabled: rule 'trimmed-mean'"),
     ({"server.strategy": "krum"}, "secagg.enabled: rule 'krum'"),
-    ({"ledger.enabled": True}, "ledger.enabled"),
+    ({"ledger.enabled": True, "ledger.scorer": "shapley"}, "ledger.scorer: shapley"),
     ({"compression.up": "int8"}, "compression.up"),
     ({"train.method": "exact-lora"}, "secagg.enabled: train.method=exact-lora"),
     ({"server.max-update-norm": 5.0}, "server.max-update-norm"),
@@ -378,3 +383,20 @@ def test_a_resume_mid_protocol_restarts_the_round_and_matches_the_whole_run(tiny
     cut = _rows(run(resumed, cfg.replace(server__resume=str(tmp_path / "cut"))))
     assert [r["round"] for r in cut] == [0, 1, 2, 3]
     assert [r["eval-loss"] for r in cut] == [r["eval-loss"] for r in whole]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_the_ledger_records_participation_of_signed_masked_uploads(tiny_model_dir, tmp_path):
+    """With secagg the ledger cannot score or flag an update: every survivor whose signed masked
+    upload entered the sum gets an equal share, and its signature binds it to that upload."""
+    from fedllm.server_app import run
+
+    cfg = tiny_run_config(tiny_model_dir, tmp_path, **{
+        "secagg.enabled": True, "ledger.enabled": True, "server.clients-per-round": 3, "server.min-clients": 3})
+    run_dir = run(LocalGrid(3), cfg)
+    for r in _rows(run_dir)[1:]:
+        book = json.loads((run_dir / "ledger" / f"round-{r['round']:04d}.json").read_text())
+        assert len(book["clients"]) == 3 and book["gas-record"] > 0
+        assert [c["score"] for c in book["clients"]] == pytest.approx([1 / 3] * 3)
+        assert len({c["reward"] for c in book["clients"]}) == 1 and all(c["flags"] == [] for c in book["clients"])
+        assert len({c["update-hash"] for c in book["clients"]}) == 3  # each signed its own masked vector

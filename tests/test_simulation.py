@@ -223,13 +223,17 @@ def test_exact_lora_with_two_ranks(tiny_model_dir, tmp_path):
         assert torch.allclose(adapted(ids).logits, merged(ids).logits, atol=1e-4)
 
 
-def test_dp_clipping_bounds_the_global_step(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("secagg", [False, True])
+def test_dp_clipping_bounds_the_global_step(tiny_model_dir, tmp_path, secagg):
+    """With secagg too: the SecAgg+ stages through Ray's node contexts, the clipping mod inside
+    the secagg mod."""
     from fedllm.config import LoraConfig, ModelConfig
     from fedllm.methods.lora.engine import adapter_state, build_lora_model
 
     run, rows = _simulate(tiny_model_dir, tmp_path, "dp", **{
-        "dp.clipping-norm": 0.05, "dp.noise-multiplier": 0.0})
-    assert all(r["clients-ok"] == 2 for r in rows[1:])
+        "dp.clipping-norm": 0.05, "dp.noise-multiplier": 0.0, "secagg.enabled": secagg})
+    assert all(r["clients-ok"] == 2 and r["dropped"] == [] for r in rows[1:])
+    assert all(("secagg-weight" in r) == secagg for r in rows[1:])
     start = adapter_state(build_lora_model(ModelConfig(name=str(tiny_model_dir)), LoraConfig(dropout=0.0))[0])
     end = load_file(run / "adapter" / "adapter_model.safetensors")
     moved = torch.sqrt(sum(((end[k] - start[k]) ** 2).sum() for k in start)).item()

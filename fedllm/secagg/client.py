@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -130,6 +131,7 @@ def _train(msg: Message, context: Context, call_next: Any, record: ConfigRecord)
     from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_separate
     from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
+    started = time.perf_counter()
     state = _held(context, record, "share")
     own, t, ids = context.node_id, int(state["threshold"]), list(state["ids"])
     peers = _ints(record, "peers")
@@ -159,7 +161,9 @@ def _train(msg: Message, context: Context, call_next: Any, record: ConfigRecord)
     state.update({"stage": "train", "src": got_src, "b-shares": got_b, "sk-shares": got_sk})
 
     del msg.content[core.SECAGG]  # the app (and the DP mod) see the plain train message
+    app_started = time.perf_counter()
     reply = call_next(msg, context)
+    app_seconds = time.perf_counter() - app_started
     if reply.has_error():
         return reply
     content = reply.content
@@ -181,11 +185,17 @@ def _train(msg: Message, context: Context, call_next: Any, record: ConfigRecord)
         y += core.pair_mask(own, j, sk_mask, bytes(pk_mask[j]), q.size, bits)
     y &= core.modulus_mask(bits)
     metrics["secagg-clipped"] = clipped
+    metrics["secagg-seconds"] = time.perf_counter() - started - app_seconds  # decrypting and masking
     out = RecordDict({
         METRICS: MetricRecord(metrics),
         core.SECAGG: ConfigRecord({"layout": core.layout_bytes(layout), "bad": bad}),
         core.MASKED: ArrayRecord({"y": Array(y.astype(core.wire_dtype(bits)))}),
     })
+    if LEDGER in content.config_records:  # the app signed its plain upload: sign what goes up instead
+        from fedllm.client_train import client_half, signed
+
+        cfg, pid, _ = client_half(msg.content, context)
+        out = signed(out, msg.content, context, cfg, pid)
     return Message(out, reply_to=msg)
 
 

@@ -54,8 +54,9 @@ def threshold(value: float, holders: int) -> int:
 
 def levels(bits: int, clients: int) -> int:
     """Quantization levels per value: the sum of `clients` values in [0, levels] stays below
-    2^bits."""
-    return ((1 << bits) - 1) // max(clients, 1)
+    2^bits. Even, so that 0 is exactly levels / 2: a value that is 0 at every client (a seed no
+    zo client drew) sums to exactly 0."""
+    return (((1 << bits) - 1) // max(clients, 1)) & ~1
 
 
 def wire_dtype(bits: int) -> Any:
@@ -69,15 +70,17 @@ def quantize(x: np.ndarray, weight: float, clip: float, n_levels: int, rng: np.r
     clipped = int(np.count_nonzero(np.abs(x) > clip))
     v = np.empty(x.size + 1, dtype=np.float64)
     v[0] = weight * n_levels
-    v[1:] = (np.clip(x, -clip, clip) * weight + clip) * (n_levels / (2 * clip))
-    q = np.floor(v + rng.random(v.size))
+    v[1:] = np.clip(x, -clip, clip) * (weight * n_levels / (2 * clip))  # centred: 0 stays 0
+    q = np.floor(v + rng.random(v.size)).astype(np.int64)
+    q[1:] += n_levels // 2  # the offset in integers (a float near 2^47 has no room for the rounding)
     return np.clip(q, 0, n_levels).astype(np.uint64), clipped
 
 
 def dequantize(total: np.ndarray, survivors: int, clip: float, n_levels: int) -> tuple[np.ndarray, float]:
-    """The inverse for a sum over `survivors` clients: (sum of weight x value, sum of weights)."""
-    total = total.astype(np.float64)
-    return total[1:] * (2 * clip / n_levels) - survivors * clip, float(total[0]) / n_levels
+    """The inverse for a sum over `survivors` clients: (sum of weight x value, sum of weights).
+    The offsets come off in integers, so a sum of zeros is exactly 0."""
+    centred = total[1:].astype(np.int64) - survivors * (n_levels // 2)
+    return centred * (2 * clip / n_levels), float(total[0]) / n_levels
 
 
 def stream(key: bytes, size: int, bits: int) -> np.ndarray:

@@ -33,7 +33,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 
 from fedllm.errors import ConfigError, PayloadError
-from fedllm.protocol import CONFIG, METRICS, RoundResult, Update, payload_bytes, receive, short_reason
+from fedllm.protocol import CONFIG, LEDGER, METRICS, RoundResult, Update, payload_bytes, receive, short_reason
 from fedllm.secagg import core
 from strategies import FedLLMStrategy
 from strategies.rules import Aggregate
@@ -53,6 +53,7 @@ class Attempt:
     up: dict[int, int] = field(default_factory=lambda: collections.defaultdict(int))
     result: RoundResult | None = None
     missing: list[int] = field(default_factory=list)
+    replies: list[Message] = field(default_factory=list)  # the masked replies summed (the ledger reads their signatures)
     failure: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -236,10 +237,11 @@ def secure_round(strategy: FedLLMStrategy, server_round: int, run_config: Config
     layouts: dict[int, bytes] = {}
     metrics_of: dict[int, dict[str, float]] = {}
     accused: dict[int, list[int]] = collections.defaultdict(list)
+    train_replies: dict[int, Message] = {}
     wire = core.wire_dtype(sa.bits)
     for n, msg in got.items():
         try:
-            rec = _record(msg, (METRICS, core.MASKED))
+            rec = _record(msg, (METRICS, core.MASKED, LEDGER))
             metrics = _metrics(msg, server_round)
             if payload_bytes(msg.content) > size_limit:
                 raise PayloadError(f"payload exceeds the limit of {size_limit} bytes (server.max-reply-bytes)")
@@ -268,6 +270,7 @@ def secure_round(strategy: FedLLMStrategy, server_round: int, run_config: Config
             r.drop(n, f"secagg train: {err}")
             continue
         vectors[n], layouts[n], metrics_of[n] = vec, layout_raw, metrics
+        train_replies[n] = msg
         for b in bad:
             if b in packets[n]:
                 accused[b].append(n)
@@ -342,6 +345,7 @@ def secure_round(strategy: FedLLMStrategy, server_round: int, run_config: Config
     agg = strategy.chain.finish(Aggregate(mean_update.delta))
     metrics.update(strategy.method.apply(agg.delta, updates, server_round))
     r.out.missing = sorted(r.missing)
+    r.out.replies = [train_replies[n] for n in survivors]
     r.out.result = RoundResult(server_round, tuple(updates), tuple(r.dropped.items()), (), metrics, applied=True)
     return r.out
 
