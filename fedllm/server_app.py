@@ -34,7 +34,7 @@ from fedllm.evaluate import em_subset, evaluate
 from fedllm.harness import parse_tasks, run_tasks, task_manager, write_tasks
 from fedllm.methods import data_splits
 from fedllm.protocol import CONFIG, RoundResult, payload_bytes, receive, short_reason
-from fedllm.secagg.server import secure_round
+from fedllm.secagg.server import check as check_secagg, secure_round
 from fedllm.report import MetricsLog, format_summary, make_run_dir, render_report, summary, write_atomically, write_config
 from fedllm.tracking import Trackers
 from strategies import FedLLMStrategy, build
@@ -54,6 +54,8 @@ def run(grid: Grid, cfg: Config) -> Path:
     """
     ckpt = checkpoint.load(Path(cfg.server.resume), cfg.to_flat()) if cfg.server.resume else None
     strategy = build(cfg)  # checks the config's combinations before anything is written
+    if cfg.secagg.enabled:  # threshold and bits against the round size, before any round
+        check_secagg(cfg, cfg.server.clients_per_round or cfg.server.min_clients)
     run_dir = Path(cfg.server.resume) if ckpt else make_run_dir(cfg)
     log.info("run directory: %s", run_dir)
     method = strategy.method

@@ -143,9 +143,12 @@ def test_the_server_sees_uniform_noise_uncorrelated_with_the_update():
     assert run_round(grid, strategy).result.applied
     y = grid.masked[2].astype(np.float64)
     assert y.size == SIZE + 1
-    # uniform over [0, 2^32): a chi-square test on 32 equal bins
-    counts = np.histogram(y, bins=32, range=(0, 2.0**32))[0]
-    assert stats.chisquare(counts).pvalue > 1e-3
+    # uniform over [0, 2^32): a chi-square test on 32 equal bins and a Kolmogorov-Smirnov test over
+    # every node's vector (the masks are fresh randomness: 1e-6 keeps false alarms out; an unmasked
+    # or half-masked vector scores ~0)
+    every = np.concatenate([v.astype(np.float64) for v in grid.masked.values()]) / 2.0**32
+    assert stats.chisquare(np.histogram(every, bins=32, range=(0, 1))[0]).pvalue > 1e-6
+    assert stats.kstest(every, "uniform").pvalue > 1e-6
     # and no linear relation to the plaintext values it hides
     assert abs(np.corrcoef(y[1:], upload(2)[0])[0, 1]) < 0.08
     assert len(np.unique(y[1:ZEROS + 1])) == ZEROS  # the values that are 0 everywhere are hidden too
@@ -171,7 +174,8 @@ def test_more_dropouts_than_n_minus_t_fail_the_round_with_the_reason():
     strategy = strategy_for(**{"secagg.threshold": 4})
     attempt = run_round(LocalGrid(6, app=make_app(crash={1, 2, 3})), strategy)
     assert not attempt.result.applied and strategy.method.aggregate is None
-    assert "3 shares of node 4's self mask came back, secagg threshold 4" in attempt.failure
+    assert "3 of 6 nodes left after sharing: node 4's secrets have 3 live share holders, secagg threshold 4" \
+        in attempt.failure
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -202,13 +206,38 @@ def _not_bytes(content: RecordDict) -> None:
     content.config_records[core.SECAGG]["ct"] = [1, 2]
 
 
+def _lying_shape(content: RecordDict) -> None:
+    """The Array's declared shape is right, its npy bytes hold one element (numpy would broadcast it)."""
+    import io
+
+    y = content.array_records[core.MASKED]["y"]
+    buf = io.BytesIO()
+    np.save(buf, np.array([123456], dtype=np.uint32), allow_pickle=False)
+    content[core.MASKED] = ArrayRecord({"y": Array(dtype=y.dtype, shape=y.shape, stype=y.stype, data=buf.getvalue())})
+
+
+def _deep_layout(content: RecordDict) -> None:
+    content.config_records[core.SECAGG]["layout"] = b"[" * 200000
+
+
+def _bad_key(content: RecordDict) -> None:
+    content.config_records[core.SECAGG]["pk-mask"] = b"-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n"
+
+
+def _forged_share(content: RecordDict) -> None:
+    rec = content.config_records[core.SECAGG]
+    rec["b-shares"] = [bytes(len(x)) for x in rec["b-shares"]]
+
+
 @pytest.mark.usefixtures("task_identity")
 @pytest.mark.parametrize("stage,change,reason", [
-    ("share", _garble_share, "did not decrypt"),
+    ("setup", _bad_key, "secagg setup: 'pk-mask' is not a P-384 public key in PEM"),
     ("share", _not_bytes, "secagg share: malformed share packets"),
     ("train", _truncate, "secagg train: masked vector is uint32[3996], expected uint32[3001]"),
+    ("train", _lying_shape, "secagg train: masked vector's data is uint32[1], not what it declares"),
+    ("train", _deep_layout, "secagg train: bad layout"),
 ])
-def test_a_client_with_malformed_shares_or_vector_is_dropped_and_the_round_finishes(stage, change, reason):
+def test_a_client_with_malformed_keys_shares_or_vector_is_dropped_and_the_round_finishes(stage, change, reason):
     n = 6
     strategy = strategy_for(**{"secagg.threshold": 4})
     grid = Tampering(n, make_app(), node=3, stage=stage, change=change)
@@ -217,6 +246,40 @@ def test_a_client_with_malformed_shares_or_vector_is_dropped_and_the_round_finis
     dropped = dict(attempt.result.dropped)
     assert list(dropped) == [3] and reason.split("[")[0] in dropped[3]
     assert_mean(strategy, attempt, [1, 2, 4, 5, 6])
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_an_undecryptable_share_drops_its_sender_and_the_node_that_says_so():
+    strategy = strategy_for(**{"secagg.threshold": 4})
+    attempt = run_round(Tampering(7, make_app(), node=3, stage="share", change=_garble_share), strategy)
+    assert attempt.result.applied, attempt.failure
+    dropped = dict(attempt.result.dropped)
+    accuser = next(n for n in dropped if n != 3)
+    assert sorted(dropped) == sorted([3, accuser]) and "did not decrypt" in dropped[3] and "says node 3" in dropped[accuser]
+    assert_mean(strategy, attempt, [n for n in range(1, 8) if n not in dropped])
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_share_other_than_the_committed_one_is_refused_at_unmasking():
+    strategy = strategy_for(**{"secagg.threshold": 4})
+    attempt = run_round(Tampering(6, make_app(), node=2, stage="unmask", change=_forged_share), strategy)
+    assert attempt.result.applied, attempt.failure
+    dropped = dict(attempt.result.dropped)
+    assert list(dropped) == [2] and "is not the one node" in dropped[2] and "its upload still is" in dropped[2]
+    assert_mean(strategy, attempt, list(range(1, 7)))  # node 2's upload is in the sum; its shares were not needed
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_survivors_split_into_groups_are_not_unmasked():
+    """SecAgg+ on a ring (k=2): two non-adjacent dropouts split it, and each part's masks cancel
+    within it; unmasking would hand the server each part's sum."""
+    n = 10
+    ring = core.graph(list(range(1, n + 1)), 2, 0 * 1_000_003 + 1)
+    far = next(j for j in range(2, n + 1) if j not in ring[1] and not set(ring[j]) & set(ring[1]))
+    strategy = strategy_for(**{"secagg.neighbours": 2, "secagg.threshold": 2})
+    attempt = run_round(LocalGrid(n, app=make_app(crash={1, far})), strategy)
+    assert not attempt.result.applied and strategy.method.aggregate is None
+    assert "fell apart into groups" in attempt.failure
 
 
 def _state(context: Context) -> ConfigRecord:
@@ -241,6 +304,8 @@ def test_the_client_mod_refuses_out_of_order_stages_and_double_unmasking():
 
     with pytest.raises(SecAggError, match="no key setup for round 1"):
         send("share", ids=[], **{"pk-enc": [], "pk-mask": []})
+    with pytest.raises(SecAggError, match="threshold 1 is not a majority of 2"):  # a server asking for t = 1
+        send("setup", threshold=1, bits=32, **{"clip-range": 4.0, "max-weight": 8, "levels": 1000}, neighbours=[2])
     send("setup", threshold=2, bits=32, **{"clip-range": 4.0, "max-weight": 8, "levels": 1000}, neighbours=[2])
     with pytest.raises(SecAggError, match="stage 'unmask' after 'setup'"):
         send("unmask", **{"b-of": [1], "sk-of": []})
@@ -248,8 +313,12 @@ def test_the_client_mod_refuses_out_of_order_stages_and_double_unmasking():
     with pytest.raises(SecAggError, match="both shares of one node"):
         send("unmask", **{"b-of": [2], "sk-of": [2]})
     _state(ctx)["stage"] = "train"
-    _state(ctx).update({"src": [1], "b-shares": [b"b"], "sk-shares": [b"s"]})
-    assert send("unmask", **{"b-of": [1], "sk-of": []}).content.config_records[core.SECAGG]["b-shares"] == [b"b"]
+    with pytest.raises(SecAggError, match="1 live share holders, fewer than the threshold 2"):
+        send("unmask", **{"b-of": [1], "sk-of": []})
+    _state(ctx)["stage"] = "train"
+    _state(ctx).update({"src": [1, 2], "b-shares": [b"b", b"c"], "sk-shares": [b"s", b"t"]})
+    assert send("unmask", **{"b-of": [1, 2], "sk-of": []}).content.config_records[core.SECAGG]["b-shares"] == [b"b", b"c"]
+    assert "seed" not in _state(ctx) and "b-shares" not in _state(ctx)  # wiped once answered
     with pytest.raises(SecAggError, match="after 'done'"):
         send("unmask", **{"b-of": [], "sk-of": [1]})
 

@@ -36,7 +36,8 @@ from a saved one), proximal (whether fedprox's proximal term reaches its local l
 secagg (whether secagg.enabled applies: with it on, its client half uploads float arrays whose
 example-weighted mean its `decode` reads as the mean update, and its server half takes that mean
 through `decode` and `apply` as a streamed round does; fedllm.secagg), secagg_range (the
-clip range secagg.clip-range=0 takes: what its uploaded values span).
+clip range secagg.clip-range=0 takes: what its uploaded values span), secagg_agree (metrics its
+`decode` checks, which every masked upload must report alike: zo's version, diloco's fragment).
 """
 
 from __future__ import annotations

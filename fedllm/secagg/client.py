@@ -90,6 +90,9 @@ def _setup(record: ConfigRecord, context: Context) -> ConfigRecord:
             raise SecAggError(f"secagg: {k} must be a positive integer, got {params[k]!r}")
     if not 20 <= params["bits"] <= 62 or not 0 < float(params["clip-range"]) < float("inf"):
         raise SecAggError("secagg: bits or clip-range out of range")
+    holders = len(set(record.get("neighbours", []))) + 1
+    if params["threshold"] < 2 or 2 * params["threshold"] <= holders:
+        raise SecAggError(f"secagg: threshold {params['threshold']} is not a majority of {holders} share holders")
     context.state[STATE] = ConfigRecord({
         **params, "stage": "setup", "neighbours": _ints(record, "neighbours"),
         "sk-enc": private_key_to_bytes(keys[0][0]), "sk-mask": private_key_to_bytes(keys[1][0])})
@@ -123,7 +126,10 @@ def _share(record: ConfigRecord, context: Context) -> ConfigRecord:
         cts.append(encrypt(key, share_keys_plaintext_concat(own, j, b_share, sk_share)))
     state.update({"stage": "share", "seed": seed, "ids": ids, "pk-enc": pk_enc, "pk-mask": pk_mask,
                   "src": [own], "b-shares": [b_shares[0]], "sk-shares": [sk_shares[0]]})
-    return ConfigRecord({"dst": ids, "ct": cts, "commit": core.digest(seed)})
+    # commitments to each holder's shares: the server checks what holders return against them
+    return ConfigRecord({"dst": ids, "ct": cts, "commit": core.digest(seed),
+                         "b-hashes": [hashlib.sha256(x).digest() for x in b_shares],
+                         "sk-hashes": [hashlib.sha256(x).digest() for x in sk_shares]})
 
 
 def _train(msg: Message, context: Context, call_next: Any, record: ConfigRecord) -> Message:
@@ -168,6 +174,8 @@ def _train(msg: Message, context: Context, call_next: Any, record: ConfigRecord)
         return reply
     content = reply.content
     x, layout = _flatten(content)
+    if not np.isfinite(x).all():
+        raise SecAggError("secagg: the update has non-finite values")
     metrics = dict(content.metric_records[METRICS])
     n = metrics.pop("num-examples", None)
     if not isinstance(n, (int, float)) or isinstance(n, bool) or not n > 0:
@@ -226,9 +234,13 @@ def _unmask(record: ConfigRecord, context: Context) -> ConfigRecord:
     b_of, sk_of = set(_ints(record, "b-of")), set(_ints(record, "sk-of"))
     if b_of & sk_of or own in sk_of:
         raise SecAggError("secagg: asked for both shares of one node (or for this live node's mask key)")
+    if len(b_of) < int(state["threshold"]):
+        raise SecAggError(f"secagg: {len(b_of)} live share holders, fewer than the threshold {state['threshold']}")
     state["stage"] = "done"  # one answer a round: a second request could name the other share of a node
     held = dict(zip(state["src"], zip(state["b-shares"], state["sk-shares"])))
     b_ids = sorted(b_of & held.keys())
     sk_ids = sorted(sk_of & held.keys())
+    for secret in ("sk-enc", "sk-mask", "seed", "b-shares", "sk-shares"):  # nothing of this round is needed again
+        state.pop(secret, None)
     return ConfigRecord({"b-ids": b_ids, "b-shares": [held[i][0] for i in b_ids],
                          "sk-ids": sk_ids, "sk-shares": [held[i][1] for i in sk_ids]})

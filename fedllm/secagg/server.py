@@ -21,7 +21,7 @@ anything, saying why.
 from __future__ import annotations
 
 import collections
-import itertools
+import hashlib
 import logging
 import math
 import time
@@ -33,6 +33,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 
 from fedllm.errors import ConfigError, PayloadError
+from fedllm.methods import METHODS
 from fedllm.protocol import CONFIG, LEDGER, METRICS, RoundResult, Update, payload_bytes, receive, short_reason
 from fedllm.secagg import core
 from strategies import FedLLMStrategy
@@ -60,8 +61,6 @@ class Attempt:
 
 def clip_range(cfg: Any) -> float:
     """secagg.clip-range, or for 0 the method's own range (its registry metadata)."""
-    from fedllm.methods import METHODS
-
     return float(cfg.secagg.clip_range or METHODS.get(cfg.train.method).meta.get("secagg_range", 4.0))
 
 
@@ -185,7 +184,7 @@ def secure_round(strategy: FedLLMStrategy, server_round: int, run_config: Config
     for n, msg in got.items():
         try:
             rec = _record(msg)
-            keys[n] = (_blob(rec, "pk-enc", MAX_KEY), _blob(rec, "pk-mask", MAX_KEY))
+            keys[n] = (_public_key(rec, "pk-enc"), _public_key(rec, "pk-mask"))
         except PayloadError as err:
             r.drop(n, f"secagg setup: {err}")
     live = _holders_ok(set(keys), neighbours, t)
@@ -200,6 +199,7 @@ def secure_round(strategy: FedLLMStrategy, server_round: int, run_config: Config
         "pk-enc": [keys[j][0] for j in ids], "pk-mask": [keys[j][1] for j in ids]})}) for n in sorted(live)})
     packets: dict[int, dict[int, bytes]] = collections.defaultdict(dict)  # dst -> src -> ciphertext
     commits: dict[int, bytes] = {}
+    share_commits: dict[int, dict[int, tuple[bytes, bytes]]] = {}  # dealer -> holder -> (sha256 b share, sk share)
     for n, msg in got.items():
         try:
             rec = _record(msg)
@@ -211,12 +211,16 @@ def secure_round(strategy: FedLLMStrategy, server_round: int, run_config: Config
                     isinstance(c, bytes) and 0 < len(c) <= MAX_PACKET and c[:1] == b"g" for c in cts):
                 raise PayloadError("malformed share packets (not one Fernet token per neighbour)")
             commit = _blob(rec, "commit", 32)
-            if len(commit) != 32:
-                raise PayloadError("the self-mask commitment is not 32 bytes")
+            holders = [n, *expected]
+            hashes = [rec.get("b-hashes"), rec.get("sk-hashes")]
+            if len(commit) != 32 or not all(isinstance(h, list) and len(h) == len(holders) and all(
+                    isinstance(x, bytes) and len(x) == 32 for x in h) for h in hashes):
+                raise PayloadError("the commitments are not 32-byte hashes, one per share holder")
         except PayloadError as err:
             r.drop(n, f"secagg share: {err}")
             continue
         commits[n] = commit
+        share_commits[n] = {h: (hb, hs) for h, hb, hs in zip(holders, *hashes)}
         for j, c in zip(expected, cts):
             packets[j][n] = c
     shared = _holders_ok(set(commits), neighbours, t)
@@ -242,13 +246,16 @@ def secure_round(strategy: FedLLMStrategy, server_round: int, run_config: Config
     for n, msg in got.items():
         try:
             rec = _record(msg, (METRICS, core.MASKED, LEDGER))
+            bad = rec.get("bad", [])
+            if not isinstance(bad, list) or not all(isinstance(b, int) and not isinstance(b, bool) for b in bad):
+                raise PayloadError("'bad' is not a list of node ids")
             metrics = _metrics(msg, server_round)
             if payload_bytes(msg.content) > size_limit:
                 raise PayloadError(f"payload exceeds the limit of {size_limit} bytes (server.max-reply-bytes)")
             layout_raw = rec.get("layout")
             try:
                 layout = core.parse_layout(layout_raw)
-            except (ValueError, UnicodeDecodeError) as err:
+            except (ValueError, UnicodeDecodeError, RecursionError) as err:
                 raise PayloadError(f"bad layout: {err}") from None
             arrays = msg.content.array_records.get(core.MASKED)
             if arrays is None or list(arrays) != ["y"]:
@@ -258,16 +265,20 @@ def secure_round(strategy: FedLLMStrategy, server_round: int, run_config: Config
                 raise PayloadError(f"masked vector is {y.dtype}{list(y.shape)}, expected {np.dtype(wire).name}"
                                    f"[{core.layout_size(layout) + 1}]")
             try:
-                vec = y.numpy().astype(np.uint64)
+                raw = y.numpy()
             except Exception as err:
                 raise PayloadError(f"cannot decode the masked vector: {err}") from None
+            if raw.dtype != np.dtype(wire) or raw.shape != (core.layout_size(layout) + 1,):
+                raise PayloadError(f"masked vector's data is {raw.dtype}{list(raw.shape)}, not what it declares")
+            vec = raw.astype(np.uint64)
             if int(vec.max(initial=0)) > (1 << sa.bits) - 1:
                 raise PayloadError(f"masked values exceed 2^{sa.bits}")
-            bad = rec.get("bad", [])
-            if not isinstance(bad, list) or not all(isinstance(b, int) for b in bad):
-                raise PayloadError("'bad' is not a list of node ids")
         except PayloadError as err:
             r.drop(n, f"secagg train: {err}")
+            continue
+        except Exception as err:  # a checking bug must not end the round: this node's reply is the problem
+            log.exception("round %d: secagg: reply of node %d could not be checked", server_round, n)
+            r.drop(n, f"secagg train: unexpected {type(err).__name__}: {err}")
             continue
         vectors[n], layouts[n], metrics_of[n] = vec, layout_raw, metrics
         train_replies[n] = msg
@@ -279,35 +290,52 @@ def secure_round(strategy: FedLLMStrategy, server_round: int, run_config: Config
         for n in [n for n in vectors if layouts[n] != common]:
             r.drop(n, "secagg train: its upload's arrays differ from the other nodes'")
             del vectors[n]
-    for b, by in accused.items():
-        if b in vectors:
-            del vectors[b]
-        r.drop(b, f"secagg train: its key shares to node(s) {', '.join(map(str, sorted(by)))} did not decrypt")
+    for b, by in accused.items():  # the server cannot tell who lies: both leave the round
+        for node, why in [(b, f"its key shares to node(s) {', '.join(map(str, sorted(by)))} did not decrypt")] + [
+                (a, f"it says node {b}'s key shares did not decrypt (accuser and accused both leave)") for a in by]:
+            vectors.pop(node, None)
+            r.drop(node, f"secagg train: {why}")
+    for key in METHODS.get(cfg.train.method).meta.get("secagg_agree", ()):  # what the method checks on the mean, checked per node
+        values = collections.Counter(metrics_of[n].get(key) for n in vectors)
+        if len(values) > 1:
+            value = values.most_common(1)[0][0]
+            for n in [n for n in vectors if metrics_of[n].get(key) != value]:
+                del vectors[n]
+                r.drop(n, f"secagg train: {key} {metrics_of[n].get(key)!r} differs from the other nodes' {value!r}")
     survivors = sorted(vectors)
     gone = sorted(shared - set(survivors))  # shared keys, then dropped: their pairwise masks must come off
     if len(survivors) < need:
         return fail(f"secagg: {len(survivors)} masked uploads survived, {need} needed", _row(metrics_of, survivors, r))
+    if not _connected(survivors, neighbours):
+        return fail("secagg: the survivors' graph fell apart into groups whose sums would unmask separately; not "
+                    "unmasking", _row(metrics_of, survivors, r))
 
-    # 4. unmask
+    # 4. unmask (only when every secret to rebuild keeps t live holders: else the attempt ends here)
     live4 = set(survivors)
+    for n in [*survivors, *(j for j in gone if set(neighbours[j]) & live4)]:
+        holders = len(set(neighbours[n]) & live4) + (n in live4)
+        if holders < t:
+            return fail(f"secagg: {len(live4)} of {len(shared)} nodes left after sharing: node {n}'s secrets have "
+                        f"{holders} live share holders, secagg threshold {t}", _row(metrics_of, survivors, r))
+    asked = {n: (sorted(({n} | set(packets[n])) & live4), sorted(set(packets[n]) & set(gone))) for n in survivors}
     got = r.exchange("unmask", {n: RecordDict({core.SECAGG: ConfigRecord({
-        "stage": "unmask", "round": server_round,
-        "b-of": sorted(({n} | set(packets[n])) & live4),
-        "sk-of": sorted(set(packets[n]) & set(gone))})}) for n in survivors})
+        "stage": "unmask", "round": server_round, "b-of": asked[n][0], "sk-of": asked[n][1]})}) for n in survivors})
     b_shares: dict[int, list[bytes]] = collections.defaultdict(list)
     sk_shares: dict[int, list[bytes]] = collections.defaultdict(list)
     for n, msg in got.items():
         try:
             rec = _record(msg)
-            for ids_key, shares_key, into, allowed in (("b-ids", "b-shares", b_shares, live4),
-                                                       ("sk-ids", "sk-shares", sk_shares, set(gone))):
+            for kind, (ids_key, shares_key, into, allowed) in enumerate((("b-ids", "b-shares", b_shares, asked[n][0]),
+                                                                         ("sk-ids", "sk-shares", sk_shares, asked[n][1]))):
                 ids, shares = rec.get(ids_key, []), rec.get(shares_key, [])
                 if (not isinstance(ids, list) or not isinstance(shares, list) or len(ids) != len(shares)
-                        or not all(isinstance(i, int) and i in allowed for i in ids)
+                        or len(set(ids)) != len(ids) or not all(isinstance(i, int) and i in allowed for i in ids)
                         or not all(isinstance(s, bytes) and 0 < len(s) <= MAX_PACKET for s in shares)):
-                    raise PayloadError(f"malformed {shares_key}")
-                for i, s in zip(ids, shares):
-                    into[i].append(s)
+                    raise PayloadError(f"malformed {shares_key} (only the shares asked for, once each)")
+                for i, share in zip(ids, shares):  # a share must be the one its dealer committed to for this holder
+                    if hashlib.sha256(share).digest() != share_commits[i][n][kind]:
+                        raise PayloadError(f"its share of node {i}'s secret is not the one node {i} committed to")
+                    into[i].append(share)
         except PayloadError as err:
             r.drop(n, f"secagg unmask: {err} (its shares are not used; its upload still is)")
     t0 = time.perf_counter()
@@ -337,7 +365,7 @@ def secure_round(strategy: FedLLMStrategy, server_round: int, run_config: Config
     updates = [Update(n, {}, 1.0, metrics_of[n], r.out.up[n]) for n in survivors]
     metrics = _row(metrics_of, survivors, r)
     metrics.update({"secagg-weight": weight * sa.max_weight, "secagg-threshold": t,
-                    "secagg-error-bound": len(survivors) * 2 * clip / n_levels / weight,
+                    "secagg-error-bound": 1.5 * len(survivors) * 2 * clip / n_levels / weight,  # values' and weight's rounding
                     "secagg-clipped": sum(metrics_of[n].get("secagg-clipped", 0.0) for n in survivors)})
     if metrics["secagg-clipped"]:
         log.warning("round %d: secagg: %d uploaded values were clipped to +-%g (secagg.clip-range)", server_round,
@@ -380,19 +408,49 @@ def _row(metrics_of: dict[int, dict[str, float]], survivors: list[int], r: _Roun
 
 
 def _rebuild(shares: list[bytes], t: int, verify: Any) -> bytes | None:
-    """The secret of `shares` that passes `verify`: all of them first, then subsets of t (a few
-    dozen at most, for a corrupted share or two)."""
+    """The secret of t of `shares` (each checked against its dealer's commitment) if it passes
+    `verify` (a dealer whose shares do not make its committed secret), else None."""
     from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 
-    tries = [shares] + [list(c) for c in itertools.islice(itertools.combinations(shares, t), 64)]
-    for subset in tries:
-        try:
-            secret = combine_shares(subset)
-        except Exception:  # shares of mixed lengths, a bad pad: not this subset
-            continue
-        if verify(secret):
-            return secret
-    return None
+    try:
+        secret = combine_shares(shares[:t])
+    except Exception:  # shares of mixed lengths, a bad pad
+        return None
+    return secret if verify(secret) else None
+
+
+def _connected(nodes: list[int], neighbours: dict[int, list[int]]) -> bool:
+    """Whether the graph's edges among `nodes` connect them all (else each group's masks cancel
+    within it, and unmasking would give each group's sum)."""
+    seen, todo = {nodes[0]}, [nodes[0]]
+    live = set(nodes)
+    while todo:
+        for j in neighbours[todo.pop()]:
+            if j in live and j not in seen:
+                seen.add(j)
+                todo.append(j)
+    return seen == live
+
+
+def _public_key(record: ConfigRecord, key: str) -> bytes:
+    """A P-384 public key in canonical PEM (what the clients' key agreement takes).
+
+    Raises:
+        PayloadError: for anything else.
+    """
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from flwr.supercore.primitives.asymmetric import bytes_to_public_key, public_key_to_bytes
+
+    raw = _blob(record, key, MAX_KEY)
+    try:
+        pk = bytes_to_public_key(raw)
+        ok = isinstance(pk, ec.EllipticCurvePublicKey) and isinstance(pk.curve, ec.SECP384R1) \
+            and public_key_to_bytes(pk) == raw
+    except Exception:  # not PEM, not a key
+        ok = False
+    if not ok:
+        raise PayloadError(f"{key!r} is not a P-384 public key in PEM")
+    return raw
 
 
 def _unmask(survivors: list[int], gone: list[int], vectors: dict[int, np.ndarray], b_shares: dict[int, list[bytes]],
@@ -412,7 +470,7 @@ def _unmask(survivors: list[int], gone: list[int], vectors: dict[int, np.ndarray
         shares = b_shares.get(n, [])
         if len(shares) < t:
             raise PayloadError(f"{len(shares)} shares of node {n}'s self mask came back, secagg threshold {t}")
-        seed = _rebuild(shares, t, lambda s, n=n: core.digest(s) == commits[n])
+        seed = _rebuild(shares, t, lambda s, n=n: len(s) == 32 and core.digest(s) == commits[n])
         if seed is None:
             raise PayloadError(f"node {n}'s self mask does not match its commitment from any {t} of its shares")
         total -= core.stream(seed, size, bits)

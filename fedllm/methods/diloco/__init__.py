@@ -8,6 +8,7 @@ from fedllm.methods.diloco.client import DiLoCoClient
 from fedllm.methods.diloco.server import DiLoCoServer
 
 register_method("diloco", server=DiLoCoServer, client=DiLoCoClient, config=DiLoCoConfig, default_rule="fedavg",
-                compression=True, dp=False, utility=False, delta_kind="dense", server_optimizers=False, secagg=True, secagg_range=4.0)
+                compression=True, dp=False, utility=False, delta_kind="dense", server_optimizers=False, secagg=True, secagg_range=4.0,
+                secagg_agree=("diloco-fragment",))
 
 __all__ = ["DiLoCoClient", "DiLoCoServer"]
