@@ -383,6 +383,7 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("task_identity")
 @pytest.mark.parametrize("method,over,tol", [
     ("lora", {}, 1e-5),
@@ -404,6 +405,7 @@ def test_a_secure_run_matches_the_plain_run(tiny_model_dir, tmp_path, method, ov
     assert plain[-1]["eval-loss"] != pytest.approx(plain[0]["eval-loss"], abs=1e-4)  # the runs did move
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("task_identity")
 def test_client_side_dp_clipping_composes_with_secagg(tiny_model_dir, tmp_path):
     """Flower's fixedclipping_mod clips inside the secagg mod: one round with no noise moves the
@@ -425,6 +427,7 @@ def test_client_side_dp_clipping_composes_with_secagg(tiny_model_dir, tmp_path):
     assert 0.005 < moved <= clip + 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("task_identity")
 def test_a_resume_mid_protocol_restarts_the_round_and_matches_the_whole_run(tiny_model_dir, tmp_path):
     from fedllm.server_app import run
@@ -454,6 +457,7 @@ def test_a_resume_mid_protocol_restarts_the_round_and_matches_the_whole_run(tiny
     assert [r["eval-loss"] for r in cut] == [r["eval-loss"] for r in whole]
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("task_identity")
 def test_the_ledger_records_participation_of_signed_masked_uploads(tiny_model_dir, tmp_path):
     """With secagg the ledger cannot score or flag an update: every survivor whose signed masked
