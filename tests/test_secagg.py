@@ -235,7 +235,7 @@ def _forged_share(content: RecordDict) -> None:
     ("share", _not_bytes, "secagg share: malformed share packets"),
     ("train", _truncate, "secagg train: masked vector is uint32[3996], expected uint32[3001]"),
     ("train", _lying_shape, "secagg train: masked vector's data is uint32[1], not what it declares"),
-    ("train", _deep_layout, "secagg train: bad layout"),
+    ("train", _deep_layout, "secagg train: bad layout: layout is nested deeper"),
 ])
 def test_a_client_with_malformed_keys_shares_or_vector_is_dropped_and_the_round_finishes(stage, change, reason):
     n = 6

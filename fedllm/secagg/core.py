@@ -131,6 +131,8 @@ def parse_layout(raw: Any, limit: int = 1 << 20) -> list[tuple[str, str, str, tu
     """A reply's layout (record, key, dtype, shape per array) checked; ValueError if malformed."""
     if not isinstance(raw, bytes) or len(raw) > limit:
         raise ValueError("layout is not bytes of a sane size")
+    if _depth(raw) > 3:  # [[record, key, dtype, [dims]]]: deeper nesting would only stress the parser's stack
+        raise ValueError("layout is nested deeper than [[..., [dims]]]")
     items = json.loads(raw.decode())
     out = []
     if not isinstance(items, list) or not items:
@@ -142,6 +144,28 @@ def parse_layout(raw: Any, limit: int = 1 << 20) -> list[tuple[str, str, str, tu
             raise ValueError(f"layout entry {str(item)[:80]} is not [record, key, float dtype, shape]")
         out.append((item[0], item[1], item[2], tuple(item[3])))
     return out
+
+
+def _depth(raw: bytes) -> int:
+    """The deepest bracket nesting of JSON text (strings skipped), counted without parsing it."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for c in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == 0x5C:  # backslash
+                escaped = True
+            elif c == 0x22:  # quote
+                in_string = False
+        elif c == 0x22:
+            in_string = True
+        elif c in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
 
 
 FLOATS = ("float16", "bfloat16", "float32", "float64")
