@@ -123,9 +123,7 @@ class LedgerSession:
         t0 = time.perf_counter()
         updates = list(result.updates)
         digests = [signers.get(u.node_id, (None, b""))[1] for u in updates]
-        hidden = self.secagg
-        if hidden:
-            vectors = torch.zeros(len(updates), 1, dtype=torch.float64)
+        if self.secagg:  # no update to score or flag
             flags: list[list[str]] = [[] for _ in updates]
         else:
             vectors = (torch.stack([contribution.flatten(u.delta) for u in updates]) if updates
@@ -140,7 +138,7 @@ class LedgerSession:
         honest = [i for i in range(len(updates)) if not flags[i]]
         scores = [0.0] * len(updates)
         mean = None  # the example-weighted mean of the unflagged updates
-        if honest and hidden:  # every survivor's masked upload is in the sum: equal shares
+        if honest and self.secagg:  # every survivor's masked upload is in the sum: equal shares
             for i in honest:
                 scores[i] = 1.0 / len(honest)
         elif honest:

@@ -74,8 +74,6 @@ def weighted_mean(states: list[State], weights: list[float]) -> State:
 
 def update_norm(delta: State) -> float:
     """L2 norm of an update over all its tensors."""
-    import torch  # noqa: F401  (the tensors' methods)
-
     return math.sqrt(sum(float(t.double().pow(2).sum()) for t in delta.values()))
 
 
@@ -94,13 +92,22 @@ def reply_metrics(msg: Message) -> tuple[float, dict[str, float]]:
     n = metrics.get("num-examples")
     if not isinstance(n, (int, float)) or isinstance(n, bool) or not math.isfinite(n) or not 0 < n <= MAX_EXAMPLES:
         raise PayloadError(f"num-examples must be a number in (0, {MAX_EXAMPLES}], got {n!r}")
+    return float(n), finite_metrics(metrics)
+
+
+def finite_metrics(metrics: Any) -> dict[str, float]:
+    """The numeric values of a metrics record as floats.
+
+    Raises:
+        PayloadError: for a non-finite value.
+    """
     out = {}
     for k, v in metrics.items():
         if isinstance(v, (int, float)):
             if not math.isfinite(v):
                 raise PayloadError(f"metric {k}: non-finite value {v}")
             out[k] = float(v)
-    return float(n), out
+    return out
 
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

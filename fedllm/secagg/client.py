@@ -90,11 +90,12 @@ def _setup(record: ConfigRecord, context: Context) -> ConfigRecord:
             raise SecAggError(f"secagg: {k} must be a positive integer, got {params[k]!r}")
     if not 20 <= params["bits"] <= 62 or not 0 < float(params["clip-range"]) < float("inf"):
         raise SecAggError("secagg: bits or clip-range out of range")
-    holders = len(set(record.get("neighbours", []))) + 1
+    neighbours = _ints(record, "neighbours")
+    holders = len(set(neighbours)) + 1
     if params["threshold"] < 2 or 2 * params["threshold"] <= holders:
         raise SecAggError(f"secagg: threshold {params['threshold']} is not a majority of {holders} share holders")
     context.state[STATE] = ConfigRecord({
-        **params, "stage": "setup", "neighbours": _ints(record, "neighbours"),
+        **params, "stage": "setup", "neighbours": neighbours,
         "sk-enc": private_key_to_bytes(keys[0][0]), "sk-mask": private_key_to_bytes(keys[1][0])})
     return ConfigRecord({"pk-enc": public_key_to_bytes(keys[0][1]), "pk-mask": public_key_to_bytes(keys[1][1])})
 
@@ -200,18 +201,17 @@ def _train(msg: Message, context: Context, call_next: Any, record: ConfigRecord)
         core.MASKED: ArrayRecord({"y": Array(y.astype(core.wire_dtype(bits)))}),
     })
     if LEDGER in content.config_records:  # the app signed its plain upload: sign what goes up instead
-        from fedllm.client_train import client_half, signed
+        from fedllm.client_train import config_from_request, node_partition, signed
 
-        cfg, pid, _ = client_half(msg.content, context)
-        out = signed(out, msg.content, context, cfg, pid)
+        out = signed(out, msg.content, context, config_from_request(msg.content), node_partition(context)[0])
     return Message(out, reply_to=msg)
 
 
 def _flatten(content: RecordDict) -> tuple[np.ndarray, list[tuple[str, str, str, list[int]]]]:
     """Every float array of the reply's array records (by record, then key), as one float64
     vector, and its layout. The upload must be arrays: a byte payload would go up unmasked."""
-    for name, rec in content.config_records.items():
-        if name not in (LEDGER,):
+    for name in content.config_records:
+        if name != LEDGER:
             raise SecAggError(f"secagg: the method's upload {name!r} is not arrays; secure aggregation sums float "
                               "arrays (leave compression.up empty)")
     parts, layout = [], []

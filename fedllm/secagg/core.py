@@ -23,14 +23,13 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 SECAGG = "secagg"  # the protocol's config record, both ways
 MASKED = "masked"  # a client's masked vector, up (array record holding one uint array "y")
-STAGES = ("setup", "share", "train", "unmask")
 
 
 def graph(nodes: list[int], k: int, seed: int) -> dict[int, list[int]]:
     """Each node's neighbours: a k-regular ring (Harary) graph over a random order of `nodes`
     (k rounded up to even; 0, or k >= len(nodes) - 1, connects every pair)."""
     n = len(nodes)
-    if k <= 0 or k >= n - 1:
+    if holders(n, k) == n:
         return {a: [b for b in nodes if b != a] for a in nodes}
     order = sorted(nodes)
     random.Random(seed).shuffle(order)
@@ -42,6 +41,11 @@ def graph(nodes: list[int], k: int, seed: int) -> dict[int, list[int]]:
             out[a].add(b)
             out[b].add(a)
     return {a: sorted(v) for a, v in out.items()}
+
+
+def holders(n: int, k: int) -> int:
+    """Share holders of each node (its neighbours and itself) in `graph` over n nodes."""
+    return n if k <= 0 or k >= n - 1 else min(n, 2 * ((k + 1) // 2) + 1)
 
 
 def threshold(value: float, holders: int) -> int:
@@ -63,7 +67,8 @@ def wire_dtype(bits: int) -> Any:
     return np.uint32 if bits <= 32 else np.uint64
 
 
-def quantize(x: np.ndarray, weight: float, clip: float, n_levels: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+def quantize(x: np.ndarray, weight: float, clip: float, n_levels: int,
+             rng: np.random.Generator) -> tuple[np.ndarray, int]:
     """[weight, weight x clip(x)] as integers in [0, n_levels] with stochastic (unbiased)
     rounding: the weight over [0, 1], the values over [-clip, clip]. Returns them (uint64) and
     how many values were clipped."""

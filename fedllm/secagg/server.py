@@ -34,7 +34,8 @@ from flwr.serverapp import Grid
 
 from fedllm.errors import ConfigError, PayloadError
 from fedllm.methods import METHODS
-from fedllm.protocol import CONFIG, LEDGER, METRICS, RoundResult, Update, payload_bytes, receive, short_reason
+from fedllm.protocol import (CONFIG, LEDGER, METRICS, RoundResult, Update, finite_metrics, payload_bytes, receive,
+                             short_reason)
 from fedllm.secagg import core
 from strategies import FedLLMStrategy
 from strategies.rules import Aggregate
@@ -54,7 +55,7 @@ class Attempt:
     up: dict[int, int] = field(default_factory=lambda: collections.defaultdict(int))
     result: RoundResult | None = None
     missing: list[int] = field(default_factory=list)
-    replies: list[Message] = field(default_factory=list)  # the masked replies summed (the ledger reads their signatures)
+    replies: list[Message] = field(default_factory=list)  # the masked replies summed (the ledger reads signatures)
     failure: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -71,7 +72,7 @@ def check(cfg: Any, sampled: int) -> tuple[int, int]:
         ConfigError: naming the secagg key that does not fit.
     """
     sa = cfg.secagg
-    holders = sampled if sa.neighbours <= 0 or sa.neighbours >= sampled - 1 else ((sa.neighbours + 1) // 2) * 2 + 1
+    holders = core.holders(sampled, sa.neighbours)
     t = core.threshold(sa.threshold, holders)
     if t > holders:
         raise ConfigError(f"secagg.threshold: {t} share holders needed, but each node has {holders} (secagg.neighbours "
@@ -88,8 +89,8 @@ def check(cfg: Any, sampled: int) -> tuple[int, int]:
 class _Round:
     """The bookkeeping of one attempt."""
 
-    def __init__(self, strategy: FedLLMStrategy, server_round: int, grid: Grid, timeout: float | None) -> None:
-        self.strategy, self.cfg, self.round, self.grid, self.timeout = strategy, strategy.cfg, server_round, grid, timeout
+    def __init__(self, server_round: int, grid: Grid, timeout: float | None) -> None:
+        self.round, self.grid, self.timeout = server_round, grid, timeout
         self.out = Attempt()
         self.dropped: dict[int, str] = {}
         self.missing: set[int] = set()
@@ -165,7 +166,7 @@ def secure_round(strategy: FedLLMStrategy, server_round: int, run_config: Config
     nodes = strategy.sample(grid)
     t, n_levels = check(cfg, len(nodes))
     neighbours = core.graph(nodes, sa.neighbours, cfg.train.seed * 1_000_003 + server_round)
-    r = _Round(strategy, server_round, grid, timeout)
+    r = _Round(server_round, grid, timeout)
     need = max(2, cfg.server.min_replies)
 
     def fail(why: str, metrics: dict[str, float] | None = None) -> Attempt:
@@ -231,14 +232,16 @@ def secure_round(strategy: FedLLMStrategy, server_round: int, run_config: Config
 
     # 3. train and mask
     config = ConfigRecord({**dict(run_config), **strategy.round_config(server_round)})
-    got = r.exchange("train", {n: RecordDict({CONFIG: config, **strategy.method.encode_down(n), core.SECAGG: ConfigRecord({
-        "stage": "train", "round": server_round, "peers": [j for j in neighbours[n] if j in shared],
-        "src": (src := sorted(j for j in packets[n] if j in shared)), "ct": [packets[n][j] for j in src]})})
+    got = r.exchange("train", {n: RecordDict({
+        CONFIG: config, **strategy.method.encode_down(n), core.SECAGG: ConfigRecord({
+            "stage": "train", "round": server_round, "peers": [j for j in neighbours[n] if j in shared],
+            "src": (src := sorted(j for j in packets[n] if j in shared)), "ct": [packets[n][j] for j in src]})})
         for n in sorted(shared)})
     # a masked value is an integer of up to 8 bytes, whatever the method's upload dtype
     size_limit = cfg.server.max_reply_bytes or 2 * strategy.method.largest_reply() + 65536
     vectors: dict[int, np.ndarray] = {}
-    layouts: dict[int, bytes] = {}
+    layouts: dict[int, bytes] = {}  # as sent (compared between nodes)
+    parsed: dict[int, list[tuple[str, str, str, tuple[int, ...]]]] = {}
     metrics_of: dict[int, dict[str, float]] = {}
     accused: dict[int, list[int]] = collections.defaultdict(list)
     train_replies: dict[int, Message] = {}
@@ -280,7 +283,7 @@ def secure_round(strategy: FedLLMStrategy, server_round: int, run_config: Config
             log.exception("round %d: secagg: reply of node %d could not be checked", server_round, n)
             r.drop(n, f"secagg train: unexpected {type(err).__name__}: {err}")
             continue
-        vectors[n], layouts[n], metrics_of[n] = vec, layout_raw, metrics
+        vectors[n], layouts[n], parsed[n], metrics_of[n] = vec, layout_raw, layout, metrics
         train_replies[n] = msg
         for b in bad:
             if b in packets[n]:
@@ -295,7 +298,7 @@ def secure_round(strategy: FedLLMStrategy, server_round: int, run_config: Config
                 (a, f"it says node {b}'s key shares did not decrypt (accuser and accused both leave)") for a in by]:
             vectors.pop(node, None)
             r.drop(node, f"secagg train: {why}")
-    for key in METHODS.get(cfg.train.method).meta.get("secagg_agree", ()):  # what the method checks on the mean, checked per node
+    for key in METHODS.get(cfg.train.method).meta.get("secagg_agree", ()):  # what decode checks, checked per node
         values = collections.Counter(metrics_of[n].get(key) for n in vectors)
         if len(values) > 1:
             value = values.most_common(1)[0][0]
@@ -325,8 +328,8 @@ def secure_round(strategy: FedLLMStrategy, server_round: int, run_config: Config
     for n, msg in got.items():
         try:
             rec = _record(msg)
-            for kind, (ids_key, shares_key, into, allowed) in enumerate((("b-ids", "b-shares", b_shares, asked[n][0]),
-                                                                         ("sk-ids", "sk-shares", sk_shares, asked[n][1]))):
+            stages = (("b-ids", "b-shares", b_shares, asked[n][0]), ("sk-ids", "sk-shares", sk_shares, asked[n][1]))
+            for kind, (ids_key, shares_key, into, allowed) in enumerate(stages):
                 ids, shares = rec.get(ids_key, []), rec.get(shares_key, [])
                 if (not isinstance(ids, list) or not isinstance(shares, list) or len(ids) != len(shares)
                         or len(set(ids)) != len(ids) or not all(isinstance(i, int) and i in allowed for i in ids)
@@ -348,7 +351,7 @@ def secure_round(strategy: FedLLMStrategy, server_round: int, run_config: Config
     if weight <= 0:
         return fail("secagg: the summed example weight is zero", _row(metrics_of, survivors, r))
     mean = sums / weight
-    layout = core.parse_layout(layouts[survivors[0]])
+    layout = parsed[survivors[0]]
     records: dict[str, dict[str, Any]] = collections.defaultdict(dict)
     offset = 0
     for name, key, dtype, shape in layout:
@@ -365,7 +368,8 @@ def secure_round(strategy: FedLLMStrategy, server_round: int, run_config: Config
     updates = [Update(n, {}, 1.0, metrics_of[n], r.out.up[n]) for n in survivors]
     metrics = _row(metrics_of, survivors, r)
     metrics.update({"secagg-weight": weight * sa.max_weight, "secagg-threshold": t,
-                    "secagg-error-bound": 1.5 * len(survivors) * 2 * clip / n_levels / weight,  # values' and weight's rounding
+                    # the values' rounding, and half as much again for the summed weight's
+                    "secagg-error-bound": 1.5 * len(survivors) * 2 * clip / n_levels / weight,
                     "secagg-clipped": sum(metrics_of[n].get("secagg-clipped", 0.0) for n in survivors)})
     if metrics["secagg-clipped"]:
         log.warning("round %d: secagg: %d uploaded values were clipped to +-%g (secagg.clip-range)", server_round,
@@ -382,12 +386,7 @@ def _metrics(msg: Message, server_round: int) -> dict[str, float]:
     """A masked reply's plain metrics, checked (it carries no example count: that is in the sum)."""
     if METRICS not in msg.content.metric_records:
         raise PayloadError(f"reply lacks the {METRICS!r} record")
-    out = {}
-    for k, v in msg.content.metric_records[METRICS].items():
-        if isinstance(v, (int, float)):
-            if not math.isfinite(v):
-                raise PayloadError(f"metric {k}: non-finite value {v}")
-            out[k] = float(v)
+    out = finite_metrics(msg.content.metric_records[METRICS])
     if out.get("server-round", server_round) != server_round:
         raise PayloadError(f"reply is for round {out.get('server-round')!r}, this is round {server_round}")
     return out

@@ -13,6 +13,7 @@ import contextlib
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
 from flwr.app import ConfigRecord, Message
 
 from fedllm.config import Config
@@ -21,9 +22,7 @@ from fedllm.methods.base import UtilityOf
 from fedllm.methods.downlink import Downlink
 from fedllm.methods.zo import engine as zo
 from fedllm.model import save_merged
-import torch
-
-from fedllm.protocol import LEDGER, METRICS, ZO, ZO_SUMS, State, Update, read_arrays, reply_metrics
+from fedllm.protocol import LEDGER, METRICS, ZO, ZO_SUMS, State, Update, check_like, read_arrays, reply_metrics
 
 SUMS = "sums"  # the one tensor of a zo update: (K,) per-seed scalar sums
 
@@ -56,24 +55,24 @@ class ZOServer:
     def decode(self, msg: Message) -> Update:
         n, metrics = reply_metrics(msg)
         if ZO_SUMS in msg.content.array_records:  # secagg.enabled: the dense sums (the mean of the clients')
-            sums, nbytes = read_arrays(msg, {SUMS: None}, ZO_SUMS)
-            if sums[SUMS].shape != (self.k,) or sums[SUMS].dtype != torch.float32 or not torch.isfinite(sums[SUMS]).all():
-                raise PayloadError(f"zo sums: expected finite float32[{self.k}], got {sums[SUMS].dtype}{list(sums[SUMS].shape)}")
-            up = None
+            reference = {SUMS: torch.zeros(self.k)}
+            sums, nbytes = read_arrays(msg, reference, ZO_SUMS)
+            check_like(sums, reference)
         else:
             record = msg.content.config_records.get(ZO)
             up = record.get("up") if record is not None else None
             if not isinstance(up, bytes):
                 raise PayloadError("reply lacks the zo 'up' payload")
+            sums = None
         if metrics.get("zo-fingerprint") != self.fingerprint:
             raise PayloadError("perturbation fingerprint differs from the server's "
                                "(torch version, device type, dtype or model)")
         if metrics.get("zo-version") != self.state.version:
             raise PayloadError(f"stale update: trained at version {metrics.get('zo-version')}, "
                                f"global is {self.state.version}")
-        if up is None:
-            return Update(msg.metadata.src_node_id, {SUMS: sums[SUMS]}, n, metrics, nbytes)
-        return Update(msg.metadata.src_node_id, {SUMS: zo.decode(up, self.k)}, n, metrics, len(up))
+        if sums is None:  # decoded once the cheap checks have passed
+            sums, nbytes = {SUMS: zo.decode(up, self.k)}, len(up)
+        return Update(msg.metadata.src_node_id, sums, n, metrics, nbytes)
 
     def largest_reply(self) -> int:
         return zo.max_upload_bytes(self.k)
