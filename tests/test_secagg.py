@@ -63,7 +63,8 @@ def upload(node: int) -> tuple[np.ndarray, int]:
     return vec, 3 + 5 * node
 
 
-def make_app(crash: set[int] = frozenset()) -> ClientApp:
+def make_app(crash: set[int] = frozenset(), extra: dict[int, dict] | None = None) -> ClientApp:
+    """The app under the real mod; `extra`: more metrics by node."""
     app = ClientApp(mods=[secagg_mod])
 
     @app.train()
@@ -71,7 +72,8 @@ def make_app(crash: set[int] = frozenset()) -> ClientApp:
         if context.node_id in crash:
             raise RuntimeError("this node dropped out")
         vec, n = upload(context.node_id)
-        return Message(RecordDict({METRICS: MetricRecord({"num-examples": n, "server-round": 1}),
+        metrics = {"num-examples": n, "server-round": 1, **(extra or {}).get(context.node_id, {})}
+        return Message(RecordDict({METRICS: MetricRecord(metrics),
                                    "arrays": ArrayRecord({"w": Array(vec)})}), reply_to=msg)
 
     return app
@@ -267,6 +269,17 @@ def test_a_share_other_than_the_committed_one_is_refused_at_unmasking():
     dropped = dict(attempt.result.dropped)
     assert list(dropped) == [2] and "is not the one node" in dropped[2] and "its upload still is" in dropped[2]
     assert_mean(strategy, attempt, list(range(1, 7)))  # node 2's upload is in the sum; its shares were not needed
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_node_whose_checked_metric_differs_is_dropped_before_the_sum():
+    """zo's decode checks the version on the mean: a stale node must leave before unmasking."""
+    extra = {n: {"zo-version": 7 if n == 3 else 1} for n in range(1, 7)}
+    strategy = strategy_for(**{"secagg.threshold": 4, "train.method": "zo"})
+    attempt = run_round(LocalGrid(6, app=make_app(extra=extra)), strategy)
+    assert attempt.result.applied, attempt.failure
+    assert attempt.result.dropped == ((3, "secagg train: zo-version 7.0 differs from the other nodes' 1.0"),)
+    assert_mean(strategy, attempt, [1, 2, 4, 5, 6])
 
 
 @pytest.mark.usefixtures("task_identity")

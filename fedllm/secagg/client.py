@@ -7,13 +7,15 @@ A message carrying the `secagg` config record is one stage of the server's proto
 
 1. setup: two fresh key pairs (one to encrypt shares, one to agree masks); the public keys go up.
 2. share: a random self-mask seed b; Shamir shares of b and of the mask private key, one per
-   neighbour (and one kept), each encrypted for its holder; the ciphertexts and a commitment to b
-   go up (the server routes ciphertexts it cannot read).
+   neighbour (and one kept), each encrypted for its holder; the ciphertexts, a commitment to b and
+   a hash of every share go up (the server routes ciphertexts it cannot read, and checks the
+   shares holders return against the hashes).
 3. train: the shares addressed to this node are decrypted and kept; the train message goes on to
    the app (the method trains as usual); its upload arrays (and example weight) are quantized,
    masked with PRG(b) and the pairwise masks of the live neighbours, and only that goes up.
 4. unmask: for each node the server says survived, this node's share of its b; for each node it
-   says dropped, this node's share of its mask key; never both for one node, and once a round.
+   says dropped, this node's share of its mask key; never both for one node, once a round, and
+   only with at least threshold live holders; then the round's keys and shares are wiped.
 
 The keys and shares live in context.state between stages; a setup message starts a round over.
 The mod imports no torch.

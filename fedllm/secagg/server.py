@@ -11,11 +11,13 @@ sums the masked vectors, removes the masks, and decodes the sum into the method'
 upload, which goes through the method's own `decode` (the same checks as any reply) and the
 rule chain's later stages (server optimizers, DP noise).
 
-A node that does not answer a stage, answers with an error or a malformed payload, or is
-accused by another node of sending shares that do not decrypt, is dropped with its reason; the
-round goes on while every live node keeps `threshold` share holders and at least
-max(2, server.min-replies) masked uploads survive, and otherwise returns without applying
-anything, saying why.
+A node that does not answer a stage, or answers with an error or a malformed payload, is
+dropped with its reason; so are both nodes when one says the other's shares do not decrypt,
+and a node whose metrics the method checks on the mean (zo's version) differ from the others'.
+A share returned at unmasking must be one the server asked for and match its dealer's hash.
+The round goes on while every secret keeps `threshold` live share holders, the survivors'
+graph stays connected and at least max(2, server.min-replies) masked uploads survive, and
+otherwise returns without applying anything, saying why.
 """
 
 from __future__ import annotations
