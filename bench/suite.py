@@ -38,7 +38,11 @@ def zo(d: dict[str, Any]) -> list[Row]:
             ("download per client per round, most clients (B)", max(w["down_bytes"] for w in wire), "<= 4096",
              lambda v: v <= 4096),
             ("Rademacher z vs torch.randn (x)", d["throughput"]["results"]["fedllm rademacher"]["speedup"], ">= 5",
-             lambda v: v >= 5)]
+             lambda v: v >= 5),
+            ("device-independent Gaussian z vs torch.randn (x)",
+             d["throughput"]["results"]["fedllm gaussian"]["vs_before"], ">= 1.0", lambda v: v >= 1.0),
+            ("device-independent Rademacher z vs SFC64 signs (x)",
+             d["throughput"]["results"]["fedllm rademacher"]["vs_before"], ">= 1.0", lambda v: v >= 1.0)]
 
 
 def compression(d: dict[str, Any]) -> list[Row]:

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import reply_to
@@ -10,6 +11,7 @@ from fedllm.config import Config
 from fedllm.data import encode, load_splits
 from fedllm.model import MODEL_CACHE
 from fedllm.methods.zo import engine as zo
+from fedllm.methods.zo import rng
 from strategies import build
 
 K = 64
@@ -43,20 +45,63 @@ def _rows(cfg, tok):
 
 # --- perturbations --------------------------------------------------------------------------
 
+def test_splitmix64_mixer_matches_its_published_outputs():
+    # SplitMix64 from state 0: the outputs in Vigna's reference (splitmix64.c) and Java's SplittableRandom
+    assert [rng.mix64(c * rng.GAMMA) for c in (1, 2, 3)] == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4,
+                                                               0x06C45D188009454F]
+    w = rng.words(0, 0, 3)  # the tensor code: the same words, read as uint64
+    assert [int(x) & (2**64 - 1) for x in w] == [rng.mix64(rng.key(0) + c * rng.GAMMA) for c in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("seed,offset,n", [(7, 0, 1), (7, 0, 100_003), (1_234_567, 13, 4097), (2**31 - 2, 65, 63),
+                                           (42, 1_000_000_007, 999)])
+def test_z_equals_the_numpy_reference(dist, seed, offset, n):
+    got = rng.draw(seed, offset, n, dist, torch.float64)
+    assert got.shape == (n,)
+    assert np.array_equal(got.numpy(), rng.reference(seed, offset, n, dist))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+def test_z_in_each_dtype_is_the_reference_cast(dist, dtype):
+    got = rng.draw(99, 5, 3000, dist, dtype)
+    assert got.dtype == dtype
+    assert torch.equal(got, torch.from_numpy(rng.reference(99, 5, 3000, dist)).to(dtype))
+
+
 @pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
 def test_z_is_reproducible_and_distributed(dist):
-    p = torch.empty(100_003)
-    a = zo.draw(p, zo.generator(7, dist), dist)
-    b = zo.draw(p, zo.generator(7, dist), dist)
-    c = zo.draw(p, zo.generator(8, dist), dist)
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    assert abs(float(a.mean())) < 0.02 and abs(float(a.std()) - 1) < 0.02
+    a = rng.draw(7, 0, 200_003, dist, torch.float64)
+    assert torch.equal(a, rng.draw(7, 0, 200_003, dist, torch.float64))
+    assert not torch.equal(a, rng.draw(8, 0, 200_003, dist, torch.float64))
+    assert abs(float(a.mean())) < 0.01 and abs(float(a.std()) - 1) < 0.01
     if dist == "rademacher":
         assert set(a.unique().tolist()) == {-1.0, 1.0}
-    gen = zo.generator(7, dist)  # one stream across tensors: the second tensor continues it
-    first, second = zo.draw(torch.empty(40), gen, dist), zo.draw(torch.empty(40), gen, dist)
-    assert torch.equal(first, zo.draw(torch.empty(40), zo.generator(7, dist), dist))
-    assert not torch.equal(second, first)
+    else:  # N(0, 1): kurtosis 3, a quarter of the mass beyond 1.15, 1% beyond 2.576, nothing beyond 4.4
+        assert abs(float((a ** 4).mean()) - 3) < 0.05
+        assert abs(float((a.abs() > 1.1503).double().mean()) - 0.25) < 0.005
+        assert abs(float((a.abs() > 2.5758).double().mean()) - 0.01) < 0.002
+        assert float(a.abs().max()) < 4.4
+        table = rng._gaussian_table()
+        assert torch.equal(table, -table.flip(0)) and abs(float(table.pow(2).mean()) - 1) < 1e-12  # mean 0, var 1
+    # one stream: any split into pieces gives the same elements
+    assert torch.equal(torch.cat([rng.draw(7, 0, 77, dist, torch.float64), rng.draw(7, 77, 200_003 - 77, dist,
+                                                                                   torch.float64)]), a)
+    lag = float((a[1:] * a[:-1]).mean())  # neighbours are uncorrelated
+    assert abs(lag) < 0.01
+
+
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+def test_perturb_is_the_stream_over_all_parameters(dist):
+    params = [torch.zeros(3, 5), torch.zeros(rng.CHUNK[dist] + 11), torch.zeros(7).as_strided((7,), (1,))]
+    zo.perturb_(params, 11, 0.5, dist)
+    flat = torch.cat([p.reshape(-1) for p in params]).double()
+    expected = 0.5 * torch.from_numpy(rng.reference(11, 0, flat.numel(), dist)).float().double()
+    assert torch.equal(flat, expected)
+    t = torch.zeros(4, 6).t()  # a non-contiguous parameter takes its elements in its own (row-major) order
+    zo.perturb_([t], 11, 1.0, dist)
+    assert torch.equal(t.reshape(-1).double(), torch.from_numpy(rng.reference(11, 0, 24, dist)).float().double())
 
 
 def test_seed_pool_is_fixed_and_distinct():

@@ -32,7 +32,7 @@ class ZOClient:
         down = request.config_records[ZO]
         if int(down["fingerprint"]) != self.engine.fingerprint:
             raise PayloadError("zo: this client's perturbations differ from the server's "
-                               "(torch version, device type, dtype and model must match)")
+                               "(fedllm version, dtype and model must match; the device does not matter)")
         self.seed, self.pairs = seed, []
         t0 = time.perf_counter()
         regenerated = self.engine.sync(zo.decode_down(bytes(down["down"]), self.engine.state))

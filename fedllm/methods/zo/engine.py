@@ -17,10 +17,10 @@ with Communication Cost under 18 Kilobytes" (FedKSeed, ICML 2024); Malladi et al
 Language Models with Just Forward Passes" (MeZO, 2023); Zelikman et al., "Just One Byte (per
 gradient)" (2023).
 
-What must match on every party for z to be identical: the parameter order and shapes, their
-dtype, the device type (CPU and CUDA generators differ), and the torch version (its RNG
-streams, for Gaussian z; Rademacher z come from numpy's SFC64, the same on every platform).
-`fingerprint()` hashes all of these; the server checks every client's.
+What must match on every party for z to be identical: the generator (fedllm.methods.zo.rng, a
+counter-based stream computed with integer ops, the same bits on CPUs and GPUs), the parameter
+order, shapes and dtype. `fingerprint()` hashes these; the server checks every client's. The
+device does not matter: a GPU client, a CPU client and a CPU server agree on every z.
 """
 
 from __future__ import annotations
@@ -40,43 +40,32 @@ from fedllm.compression.wire import pack_bits, unpack_bits
 from fedllm.config import Config, TrainConfig, ZOConfig
 from fedllm.data.templates import batches
 from fedllm.errors import ConfigError, PayloadError
+from fedllm.methods.zo import rng
 
 # --- perturbations -----------------------------------------------------------------------
-
-# Byte -> its 8 bits as +-1.0, so that one table lookup expands 8 random bits (256, 8).
-_SIGNS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).astype(np.float32) * 2 - 1
-
 
 def seed_pool(k: int, pool_seed: int) -> list[int]:
     """K distinct 31-bit seeds, the same on every party."""
     return random.Random(pool_seed).sample(range(1, 2**31 - 1), k)
 
 
-def generator(seed: int, dist: str, device: torch.device | str = "cpu") -> Any:
-    """The random stream of one seed: torch's for Gaussian z (parity with the papers), numpy's
-    SFC64 for Rademacher z (platform-independent, and it hands out bytes cheaply)."""
-    if dist == "gaussian":
-        return torch.Generator(device=device).manual_seed(seed)
-    return np.random.Generator(np.random.SFC64(seed))
-
-
-def draw(p: torch.Tensor, gen: Any, dist: str) -> torch.Tensor:
-    """z of p's shape from `gen`: N(0, 1), or Rademacher +-1 from random bytes, 8 signs a byte
-    expanded by one table lookup (several times faster than randn: see bench/zo.py)."""
-    if dist == "gaussian":
-        return torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device)
-    n = p.numel()
-    packed = np.frombuffer(gen.bytes((n + 7) // 8), dtype=np.uint8)
-    z = _SIGNS.take(packed, axis=0).reshape(-1)[:n]  # (n/8, 8) -> (n,)
-    return torch.from_numpy(z).view(p.shape).to(device=p.device, dtype=p.dtype)
-
-
 @torch.no_grad()
 def perturb_(params: list[torch.Tensor], seed: int, scale: float, dist: str) -> None:
-    """params += scale * z(seed), in place, one tensor's z at a time (no copy of the model)."""
-    gen = generator(seed, dist, params[0].device)
+    """params += scale * z(seed), in place. The parameters are one stream (fedllm.methods.zo.rng),
+    drawn CHUNK elements at a time on their own device: no parameter-sized buffer, and the same z
+    on every device."""
+    offset = 0
     for p in params:
-        p.add_(draw(p, gen, dist), alpha=scale)
+        flat = p.view(-1) if p.is_contiguous() else None
+        n = p.numel()
+        if flat is None:  # not seen on a model's parameters; kept correct, not fast
+            p.add_(rng.draw(seed, offset, n, dist, p.dtype, p.device).view(p.shape), alpha=scale)
+        else:
+            for start in range(0, n, rng.CHUNK[dist]):
+                size = min(rng.CHUNK[dist], n - start)
+                flat[start:start + size].add_(rng.draw(seed, offset + start, size, dist, p.dtype, p.device),
+                                              alpha=scale)
+        offset += n
 
 
 def trainable(model: Any, which: str) -> list[tuple[str, torch.Tensor]]:
@@ -92,13 +81,14 @@ def trainable(model: Any, which: str) -> list[tuple[str, torch.Tensor]]:
 
 
 def fingerprint(named: list[tuple[str, torch.Tensor]], cfg: ZOConfig) -> int:
-    """A 48-bit hash of parameter names, shapes, dtypes, device type and the first z values."""
-    h = hashlib.sha256()
+    """A 48-bit hash of the generator, parameter names, shapes and dtypes, and the first z values.
+    Not the device: z is the same on every one (fedllm.methods.zo.rng)."""
+    h = hashlib.sha256(f"{rng.NAME};".encode())
     for n, p in named:
-        h.update(f"{n}:{tuple(p.shape)}:{p.dtype}:{p.device.type};".encode())
-    probe = torch.empty(64, dtype=named[0][1].dtype, device=named[0][1].device)
-    gen = generator(seed_pool(1, cfg.pool_seed)[0], cfg.dist, probe.device)
-    h.update(draw(probe, gen, cfg.dist).cpu().float().numpy().tobytes())
+        h.update(f"{n}:{tuple(p.shape)}:{p.dtype};".encode())
+    first = named[0][1]
+    z = rng.draw(seed_pool(1, cfg.pool_seed)[0], 0, 64, cfg.dist, first.dtype, first.device)
+    h.update(z.cpu().double().numpy().tobytes())
     return int.from_bytes(h.digest()[:6], "big")
 
 

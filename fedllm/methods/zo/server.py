@@ -17,10 +17,11 @@ import torch
 from flwr.app import ConfigRecord, Message
 
 from fedllm.config import Config
-from fedllm.errors import PayloadError
+from fedllm.errors import ConfigError, PayloadError
 from fedllm.methods.base import UtilityOf
 from fedllm.methods.downlink import Downlink
 from fedllm.methods.zo import engine as zo
+from fedllm.methods.zo import rng
 from fedllm.model import save_merged
 from fedllm.protocol import LEDGER, METRICS, ZO, ZO_SUMS, State, Update, check_like, read_arrays, reply_metrics
 
@@ -66,7 +67,7 @@ class ZOServer:
             sums = None
         if metrics.get("zo-fingerprint") != self.fingerprint:
             raise PayloadError("perturbation fingerprint differs from the server's "
-                               "(torch version, device type, dtype or model)")
+                               "(fedllm version, dtype or model)")
         if metrics.get("zo-version") != self.state.version:
             raise PayloadError(f"stale update: trained at version {metrics.get('zo-version')}, "
                                f"global is {self.state.version}")
@@ -110,9 +111,16 @@ class ZOServer:
                 save_merged(net, self.tokenizer, run_dir / "merged")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"accumulators": self.state.to_bytes(), "downlink": self.downlink.state_dict()}
+        return {"accumulators": self.state.to_bytes(), "downlink": self.downlink.state_dict(), "generator": rng.NAME}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Raises:
+            ConfigError: the accumulators were learnt with another generator's z (a checkpoint of
+                fedllm before the device-independent one): replayed on these z they are noise."""
+        if state.get("generator") != rng.NAME:
+            raise ConfigError(f"server.resume: this zo checkpoint's perturbations came from the generator "
+                              f"{state.get('generator') or 'of an earlier fedllm (torch and numpy streams)'}, this fedllm "
+                              f"draws them with {rng.NAME}; its accumulators cannot be replayed: start a new run")
         self.state = zo.Accumulators.from_bytes(state["accumulators"], self.k)
         self.downlink.load_state_dict(state["downlink"])
 
