@@ -4,6 +4,7 @@
     fedllm simulate --resume runs/NAME         # continue a stopped run from its checkpoint
     fedllm simulate --engine inprocess         # no Ray: the clients one after another in one process
     fedllm simulate --ray-address 10.0.0.5:6379  # on a running Ray cluster
+    fedllm simulate --gpus-per-client 0.25     # four clients share each GPU (default: one GPU a client)
     fedllm prepare-model                       # convert the default GGUF once
     fedllm config                              # every config key, its default and help
     fedllm ledger runs/NAME                    # stakes, scores, rewards and penalties of a run
@@ -40,8 +41,9 @@ log = logging.getLogger("fedllm")
 ENGINES = ("ray", "inprocess")
 
 
-def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float, resume: Path | None = None,
-             engine: str = "ray", ray_address: str = "") -> Path:
+def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float | None = None,
+             resume: Path | None = None, engine: str = "ray", ray_address: str = "",
+             gpus_per_client: float | None = None) -> Path:
     """Run a simulation of `num_clients` virtual clients; with `resume`, continue that run
     directory from its checkpoint (its config.json, `overrides` on top).
 
@@ -50,6 +52,12 @@ def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float
     ClientApp driven through fedllm's in-process Grid (`fedllm.local_grid`): the clients run
     one after another in this process, without Ray's daemons, their states spilled to disk
     between their rounds.
+
+    Resources (Ray): each client's actor gets `cpus_per_client` CPUs and `gpus_per_client` GPUs
+    (a fraction shares one: 0.25 puts four clients on a GPU; Ray sets CUDA_VISIBLE_DEVICES per
+    actor, and model.device=auto trains on it). By default a client gets one GPU where the machine
+    has GPUs (none without), and the CPUs are split among the clients the GPUs run at once (all of
+    them, one client at a time, without GPUs). The in-process engine uses model.device.
 
     The config, the model and the data are checked here first, so a mistake fails fast with
     one line instead of inside a worker. A Ray simulation then runs in a child process of its
@@ -64,9 +72,14 @@ def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float
         raise FedLLMError(f"--engine: must be one of {', '.join(ENGINES)}, got {engine!r}")
     if ray_address and engine != "ray":
         raise FedLLMError("--ray-address: joins a Ray cluster, which only --engine ray uses")
-    overrides, run_dir = prepare(overrides, num_clients, cpus_per_client, resume)
-    job = {"overrides": overrides, "num_clients": num_clients, "cpus_per_client": cpus_per_client,
-           "run_dir": str(run_dir), "parent": os.getpid(), "engine": engine, "ray_address": ray_address}
+    if gpus_per_client is not None and engine != "ray":
+        raise FedLLMError("--gpus-per-client: shares GPUs among Ray's actors; the in-process engine trains on "
+                          "model.device (e.g. --set model.device=cuda:0)")
+    cpus, gpus, gpus_total = resources(cpus_per_client, gpus_per_client, ray_address)
+    overrides, run_dir = prepare(overrides, num_clients, cpus, resume, local_clients=not ray_address)
+    job = {"overrides": overrides, "num_clients": num_clients, "cpus_per_client": cpus, "gpus_per_client": gpus,
+           "gpus": gpus_total, "run_dir": str(run_dir), "parent": os.getpid(), "engine": engine,
+           "ray_address": ray_address}
     if engine == "inprocess":  # nothing to supervise: no Ray processes, and no second copy of the imports
         in_this_process(job, run_dir)
     else:
@@ -112,10 +125,34 @@ def resume_hint(run_dir: Path) -> str:
     return f"no round finished (run directory {run_dir})"
 
 
+def resources(cpus_per_client: float | None, gpus_per_client: float | None,
+              ray_address: str = "") -> tuple[float, float, int]:
+    """(CPUs a client, GPUs a client, GPUs of this machine) for a simulation (see `simulate`). A
+    cluster's GPUs are its own: a share is checked against them once the driver joins it.
+
+    Raises:
+        FedLLMError: naming --gpus-per-client for a share this machine cannot give.
+    """
+    from fedllm import devices
+
+    available = devices.visible_gpus()
+    if ray_address:
+        gpus = devices.gpu_share(gpus_per_client, 1 << 30) if gpus_per_client is not None else (
+            1.0 if available else 0.0)
+    else:
+        gpus = devices.gpu_share(gpus_per_client, available)
+    cores = float(os.cpu_count() or 1)
+    if cpus_per_client is None:  # split the cores among the clients that run at once
+        at_once = int(available // gpus) if gpus and available else 1
+        cpus_per_client = cores / max(at_once, 1)
+    return cpus_per_client, gpus, available
+
+
 def prepare(overrides: dict[str, Any], num_clients: int, cpus_per_client: float,
-            resume: Path | None) -> tuple[dict[str, Any], Path]:
+            resume: Path | None, local_clients: bool = True) -> tuple[dict[str, Any], Path]:
     """Every check that can run before Ray starts; returns the final overrides (with the run
-    name fixed) and the run directory."""
+    name fixed) and the run directory. `local_clients`: the clients run on this machine (not on
+    a Ray cluster's nodes), so their model.device is checked here too."""
     from fedllm.methods import data_splits
     from fedllm.model import check_available
     from fedllm.tracking import check_installed
@@ -143,6 +180,7 @@ def prepare(overrides: dict[str, Any], num_clients: int, cpus_per_client: float,
         preflight(cfg)
     train, _ = data_splits(cfg)
     check_partitions(train, cfg, num_clients)
+    check_devices(cfg, local_clients)
     check_available(cfg.model)  # converts a GGUF once, before workers start; a hub id fails fast
     if cfg.server.init_from and resume is None:  # the adapter fits the run's lora.* (before any round starts)
         from fedllm.methods.lora.engine import init_adapter_state, read_adapter
@@ -189,17 +227,38 @@ def run_engine(job: dict[str, Any], watch: bool = True) -> None:
         from fedllm.client_app import app as client_app
 
         init: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": False}
+        gpus = float(job.get("gpus_per_client", 0.0))
         if job.get("ray_address"):
             init["address"] = job["ray_address"]  # the cluster's own resources; this process is its driver
-        else:
-            init.update(num_cpus=os.cpu_count() or 1, include_dashboard=False)
-        backend = {"client_resources": {"num_cpus": job["cpus_per_client"], "num_gpus": 0.0}, "init_args": init}
+            check_cluster(init, gpus)
+        else:  # the machine's GPUs, as CUDA_VISIBLE_DEVICES (or the driver) shows them
+            init.update(num_cpus=os.cpu_count() or 1, num_gpus=int(job.get("gpus", 0)), include_dashboard=False)
+        backend = {"client_resources": {"num_cpus": job["cpus_per_client"], "num_gpus": gpus}, "init_args": init}
         run_simulation(make_app(job["overrides"]), client_app, num_supernodes=job["num_clients"],
                        backend_config=backend)
     if not written_since(run_dir / "summary.json", started):
         if written_since(run_dir / ERROR_FILE, started):
             raise FedLLMError((run_dir / ERROR_FILE).read_text().strip())
         raise FedLLMError(f"the simulation did not finish; see the log above (run directory {run_dir})")
+
+
+def check_cluster(init: dict[str, Any], gpus_per_client: float) -> None:
+    """A Ray cluster has a node with the GPUs a client asks for (else Ray would wait for one forever).
+
+    Raises:
+        FedLLMError: naming --gpus-per-client and the cluster's GPUs.
+    """
+    import ray
+
+    ray.init(**init)
+    try:
+        nodes = [n.get("Resources", {}).get("GPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    finally:
+        ray.shutdown()
+    largest = max(nodes, default=0.0)
+    if gpus_per_client > largest:
+        raise FedLLMError(f"--gpus-per-client: {gpus_per_client:g} GPUs a client, but the largest node of the Ray "
+                          f"cluster at {init['address']} has {largest:g}")
 
 
 def _watch(parent: int) -> None:
@@ -300,6 +359,27 @@ def check_partitions(train: list[dict[str, str]], cfg: Config, num_clients: int)
                               f"examples, data.partition={cfg.data.partition}); use fewer clients or more data")
 
 
+def check_devices(cfg: Config, local_clients: bool) -> None:
+    """server.device (the ServerApp runs in this process's engine) and, for clients on this machine,
+    model.device exist here; model.quantize has a bitsandbytes kernel on the clients' device; a
+    paged optimizer has a GPU. The clients' devices in Ray are the GPUs Ray gives them: checked as
+    this process sees the machine's GPUs.
+
+    Raises:
+        ConfigError: naming the key.
+    """
+    from fedllm import devices
+    from fedllm.methods.lora.engine import check_optimizer
+    from fedllm.model import check_quantization
+
+    devices.resolve(cfg.server.device, "server.device")
+    if local_clients:
+        device = devices.resolve(cfg.model.device, "model.device")
+        check_quantization(cfg.model, device)
+        check_optimizer(cfg.train, device)
+        devices.precision(cfg.train.precision, device)
+
+
 def check_tasks(cfg: Config) -> None:
     """server.eval-tasks known to lm-eval (fedllm's own tasks written to a scratch folder)."""
     import tempfile
@@ -354,8 +434,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run a federated simulation on this machine")
     sim.add_argument("--num-clients", type=int, default=4, help="virtual clients (SuperNodes)")
-    sim.add_argument("--cpus-per-client", type=float, default=float(os.cpu_count() or 1),
-                     help="Ray CPUs per client; the default runs one client at a time on all cores")
+    sim.add_argument("--cpus-per-client", type=float, default=None,
+                     help="Ray CPUs per client; by default the cores are split among the clients that run at once "
+                     "(one at a time without GPUs)")
+    sim.add_argument("--gpus-per-client", type=float, default=None, metavar="F",
+                     help="Ray GPUs per client: a fraction shares one (0.25: four clients a GPU) or a whole number; "
+                     "default 1 where the machine has GPUs, 0 without")
     sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="config override, e.g. lora.rank=16 (see `fedllm config`)")
     sim.add_argument("--engine", choices=ENGINES, default="ray",
@@ -403,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.init_adapter is not None:
                 overrides["server.init-from"] = str(args.init_adapter)  # prepare() makes it absolute
             run_dir = simulate(overrides, args.num_clients, args.cpus_per_client, args.resume, args.engine,
-                               args.ray_address)
+                               args.ray_address, args.gpus_per_client)
             print(f"run directory: {run_dir}")
         elif args.command == "prepare-model":
             from fedllm.model import resolve

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
 from fedllm.attacks import POISONING, crash, flip_labels, poisoned
-from fedllm.config import Config
+from fedllm.config import Config, check_device
 from fedllm.data import encode, load_source, load_splits, pair_text, partition
 from fedllm.errors import DataError, PayloadError
 from fedllm.methods import METHODS, uses_pairs
@@ -95,9 +96,30 @@ def keep_for_replay(context: Context, reply: RecordDict) -> None:
 
 def client_half(request: RecordDict, context: Context) -> tuple[Config, int, Any]:
     """The request's run config, this node's partition id, and the method's client half for them."""
-    cfg = config_from_request(request)
+    cfg = on_node_device(config_from_request(request), context)
     pid, _ = node_partition(context)
     return cfg, pid, METHODS.get(cfg.train.method).impl.client(cfg, context, pid)
+
+
+def given_gpu() -> int:
+    """The GPU this client's process was given (the first entry of CUDA_VISIBLE_DEVICES, as Ray sets
+    it for an actor with GPUs), -1 for none or one named by UUID: the metric `gpu` of each client."""
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    return int(first) if first.isdigit() else -1
+
+
+def on_node_device(cfg: Config, context: Context) -> Config:
+    """The run config with this SuperNode's node config `device` (auto, cpu, cuda, cuda:N) as
+    model.device, where it has one: a site decides where its client trains.
+
+    Raises:
+        ConfigError: naming the node config key, for a value that is not a device.
+    """
+    device = context.node_config.get("device")
+    if device is None or device == cfg.model.device:
+        return cfg
+    check_device(device, "node config device")
+    return cfg.replace(model__device=str(device).strip())
 
 
 def handle(request: RecordDict, context: Context, started: float | None = None) -> RecordDict:
@@ -122,6 +144,7 @@ def handle(request: RecordDict, context: Context, started: float | None = None) 
         "partition-id": pid,
         "server-round": server_round,
         "model-loads": MODEL_CACHE.loads,
+        "gpu": given_gpu(),
         **synced,
         "start-seconds": time.time() - started,
     }

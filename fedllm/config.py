@@ -22,6 +22,7 @@ from fedllm.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 QUANTIZE = ("none", "int8", "nf4", "fp4")
+OPTIMIZERS = ("adamw", "paged-adamw-8bit")
 PEFT_TYPES = ("lora", "dora", "ia3", "prefix", "prompt", "p-tuning")
 
 
@@ -88,9 +89,20 @@ class ModelConfig:
         "$FEDLLM_CACHE or ~/.cache/fedllm.",
         "",
     )
+    device: str = _help(
+        "Where a client's model trains: auto (the GPU its process was given, cuda:0 of those it sees, else the CPU), "
+        "cpu, cuda or cuda:N. A SuperNode's node config 'device' wins; the server uses server.device.", "auto")
+    device_map: str = _help(
+        "'' keeps a client's model whole on model.device; auto spreads it over every GPU its process sees "
+        "(accelerate's device_map='auto', layer by layer: the model-parallel split for a base too large for one GPU).",
+        "")
 
     def __post_init__(self) -> None:
         _choice("model.dtype", self.dtype, ("float32", "bfloat16"))
+        check_device(self.device, "model.device")
+        _choice("model.device-map", self.device_map, ("", "auto"))
+        if self.device_map == "auto" and self.device.strip() == "cpu":
+            raise ConfigError("model.device-map=auto: spreads a model over GPUs, and model.device is cpu")
         _choice("model.quantize", self.quantize, QUANTIZE)
         for q in self.client_quantize.split(","):
             if q.strip():
@@ -208,7 +220,10 @@ class TrainConfig:
     lr: float = _help("AdamW learning rate.", 1e-3, check="> 0")
     weight_decay: float = _help("AdamW weight decay.", 0.0, check=">= 0")
     max_grad_norm: float = _help("Gradient clipping norm; 0 turns it off.", 1.0, check=">= 0")
-    precision: str = _help("Mixed precision through accelerate: no, bf16 or fp16.", "no")
+    precision: str = _help("Mixed precision (torch.autocast): auto (bf16 on a GPU that has it, else none), no, bf16 or "
+                           "fp16 (GPU only).", "auto")
+    optimizer: str = _help("Local optimizer: adamw (torch's), or paged-adamw-8bit (bitsandbytes' paged 8-bit AdamW, "
+                           "QLoRA's: CUDA only; LoRA-family methods).", "adamw")
     gradient_checkpointing: bool = _help("Recompute activations in the backward pass (less memory, about a third "
                                          "more compute).", False)
     seed: int = _help("Seed for batch sampling and adapter initialisation.", 0, check=">= 0")
@@ -218,7 +233,8 @@ class TrainConfig:
         _positive("train.batch-size", self.batch_size)
         _positive("train.grad-accum", self.grad_accum)
         _positive("train.lr", self.lr)
-        _choice("train.precision", self.precision, ("no", "bf16", "fp16"))
+        _choice("train.precision", self.precision, ("auto", "no", "bf16", "fp16"))
+        _choice("train.optimizer", self.optimizer, OPTIMIZERS)
 
 
 @dataclass
@@ -379,11 +395,14 @@ class ServerConfig:
     aggregators: str = _help(
         "Processes that fold a streamed round: 1 (the server's own), N >= 2 (a tree of N shared-memory workers), or "
         "auto (one per 16 sampled clients, at most half the cores).", "1")
+    device: str = _help("Where the server evaluates, merges and scores: auto (a GPU where this process sees one, "
+                        "else the CPU), cpu, cuda or cuda:N.", "auto")
     node_state: int = _help("Nodes whose downlink version the server remembers (the most recently sampled); a node "
                             "beyond that is sent the full state next time.", 4096, check="> 0")
 
     def __post_init__(self) -> None:
         _positive("server.num-rounds", self.num_rounds)
+        check_device(self.device, "server.device")
         _choice("server.aggregation", self.aggregation, ("auto", "stream", "list"))
         self.aggregator_count(1)
         self.tracker_names()
@@ -714,6 +733,19 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
     if not isinstance(value, want) or (want is int and isinstance(value, bool)):
         raise ConfigError(f"{key}: expected {want.__name__}, got {value!r}")
     return value
+
+
+DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")  # model.device, server.device, a node config's device
+
+
+def check_device(spec: Any, key: str) -> None:
+    """A device's spelling: auto, cpu, cuda or cuda:N (fedllm.devices resolves it where it runs).
+
+    Raises:
+        ConfigError: naming `key`.
+    """
+    if not isinstance(spec, str) or not DEVICE.match(spec.strip()):
+        raise ConfigError(f"{key}: must be auto, cpu, cuda or cuda:N, got {spec!r}")
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -13,6 +13,7 @@ reuses it across rounds and across the virtual clients it hosts.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import logging
@@ -25,6 +26,7 @@ from typing import Any, Callable, Hashable
 
 import torch
 
+from fedllm import devices
 from fedllm.config import DEFAULT_MODEL, ModelConfig
 from fedllm.errors import ModelError
 
@@ -183,12 +185,15 @@ def publish(model: Any, tokenizer: Any, target: Path, marker: str) -> None:
 
 
 def load_base_model(cfg: ModelConfig, cached: bool = True) -> tuple[Any, Any]:
-    """Load (model, tokenizer) in eval mode; from the process cache unless `cached=False`.
+    """Load (model, tokenizer) in eval mode on model.device (spread over the GPUs with
+    model.device-map=auto); from the process cache unless `cached=False`. The cache keys a model by
+    its device: clients of one process on one device share one base.
 
     Raises:
         ModelError: the name resolves to nothing loadable, in one line.
+        ConfigError: model.device names a device this process does not have.
     """
-    key = ("base", cfg.name, cfg.dtype, cfg.quantize, str(cache_root(cfg)))
+    key = ("base", cfg.name, cfg.dtype, cfg.quantize, str(cache_root(cfg)), *placement(cfg))
     if cached:
         return MODEL_CACHE.get(key, lambda: _load(cfg))
     return _load(cfg)
@@ -212,18 +217,60 @@ def quantization(cfg: ModelConfig) -> Any:
                               bnb_4bit_compute_dtype=_DTYPES[cfg.dtype])
 
 
+def placement(cfg: ModelConfig) -> tuple[str, str]:
+    """(device, device map) a model of `cfg` is loaded with in this process: the resolved
+    model.device ("cpu", "cuda:0", ...) and model.device-map; part of every model cache key."""
+    return str(devices.resolve(cfg.device, "model.device")), cfg.device_map
+
+
+def check_quantization(cfg: ModelConfig, device: torch.device) -> None:
+    """model.quantize (and model.client-quantize) has a bitsandbytes kernel on `device`: a tiny
+    tensor quantized and dequantized there, before any engine starts.
+
+    Raises:
+        ModelError: naming model.quantize, bitsandbytes' version and the device.
+    """
+    kinds = {cfg.quantize, *(q.strip() for q in cfg.client_quantize.split(",") if q.strip())} - {"none"}
+    for kind in sorted(kinds):
+        quantization(dataclasses.replace(cfg, quantize=kind))  # names a missing bitsandbytes
+        import bitsandbytes
+        import bitsandbytes.functional as F
+
+        probe = torch.linspace(-1, 1, 128, device=device).reshape(2, 64)
+        try:
+            if kind == "int8":
+                codes, stats, _ = F.int8_vectorwise_quant(probe.half())
+                back = F.int8_vectorwise_dequant(codes, stats)
+            else:
+                codes, state = F.quantize_4bit(probe, quant_type=kind, compress_statistics=True)
+                back = F.dequantize_4bit(codes, state)
+            ok = bool(torch.isfinite(back.float()).all())
+        except Exception as err:  # bitsandbytes raises many kinds for a backend it lacks
+            raise ModelError(f"model.quantize={kind}: bitsandbytes {bitsandbytes.__version__} has no {kind} kernel "
+                             f"on {device}: {first_line(err)[:160]}") from None
+        if not ok:
+            raise ModelError(f"model.quantize={kind}: bitsandbytes {bitsandbytes.__version__} gave non-finite values "
+                             f"on {device}")
+
+
 def _load(cfg: ModelConfig) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device, device_map = placement(cfg)
     source = resolve(cfg)
     if cfg.quantize != "none":
         source = quantized_copy(cfg, source)
+    # SDPA attention (transformers' default where the model has it); weights straight onto the device,
+    # or layer by layer over the visible GPUs with model.device-map=auto
+    where: dict[str, Any] = {"device_map": "auto" if device_map == "auto" else {"": device}}
+    if device == "cpu" and not device_map:
+        where = {}  # as before: transformers' own CPU load (no accelerate dispatch hooks)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source))
-        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=_DTYPES[cfg.dtype])
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=_DTYPES[cfg.dtype], **where)
     except Exception as err:
-        where = "directory" if isinstance(source, Path) else "hub id (no network or unknown)"
-        raise ModelError(f"model.name: cannot load {cfg.name!r} as a {where}: {first_line(err)}") from err
+        where_ = "directory" if isinstance(source, Path) else "hub id (no network or unknown)"
+        raise ModelError(f"model.name: cannot load {cfg.name!r} as a {where_}: {first_line(err)}") from err
     model.eval()
     return model, with_pad(tokenizer)
 

@@ -203,6 +203,9 @@ def resolve(cfg: Config) -> tuple[Any, Chain]:
     if (cfg.model.quantize != "none" or cfg.model.client_quantize.strip()) and not meta.get("quantize", False):
         raise ConfigError(f"model.quantize: train.method={entry.name} changes or adds into the base weights, which "
                           "a quantized base cannot take; quantized bases train with train.method=lora")
+    if cfg.train.optimizer not in meta.get("optimizers", ("adamw",)):
+        raise ConfigError(f"train.optimizer: train.method={entry.name} takes {', '.join(meta.get('optimizers', ('adamw',)))}"
+                          f", not {cfg.train.optimizer}")
     if cfg.lora.policy != "none" and not meta.get("quantize", False):
         raise ConfigError(f"lora.policy: train.method={entry.name} takes no per-client quantization; set the "
                           "node config lora-rank per node instead, or use train.method=lora")
@@ -274,4 +277,12 @@ def build(cfg: Config, method: ServerHalf | None = None) -> FedLLMStrategy:
     """The strategy for a run: the method's server half (built here from train.method, loading
     what it needs, unless given) and the chain."""
     entry, chain = resolve(cfg)
-    return FedLLMStrategy(cfg, method if method is not None else entry.impl.server(cfg), chain)
+    return FedLLMStrategy(cfg, method if method is not None else entry.impl.server(server_side(cfg)), chain)
+
+
+def server_side(cfg: Config) -> Config:
+    """The config the method's server half is built with: its model on server.device, whole (the
+    clients' model.device and model.device-map are theirs; the run config they get is unchanged)."""
+    if cfg.model.device == cfg.server.device and not cfg.model.device_map:
+        return cfg
+    return cfg.replace(model__device=cfg.server.device, model__device_map="")

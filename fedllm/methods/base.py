@@ -21,6 +21,7 @@ Metadata a method registers with (read by the cross-checks in `strategies.resolv
 - dp: whether Flower's client-side clipping mod applies (it clips float32 arrays);
 - utility: whether `utility` gives the validation loss that scorers with needs_utility call;
 - quantize: whether model.quantize and lora.policy apply (clients train an adapter on a frozen base);
+- optimizers: the train.optimizer values it takes (default: adamw only);
 - peft: the lora.peft adapters it takes (default: lora only).
 
 Optional, before round 1 of a new run: a server half with `prepare(ask)` may query the sampled

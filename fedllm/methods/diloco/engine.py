@@ -20,6 +20,8 @@ fragment p is synced after the steps t H / P with t = p + k P, i.e. at steps p H
 
 from __future__ import annotations
 
+import dataclasses
+
 import re
 from typing import Any
 
@@ -27,7 +29,7 @@ import torch
 
 from fedllm.config import Config, TrainConfig
 from fedllm.errors import ConfigError
-from fedllm.model import MODEL_CACHE, cache_root, load_base_model
+from fedllm.model import MODEL_CACHE, cache_root, load_base_model, placement
 
 State = dict[str, torch.Tensor]
 # a transformer block's parameters: ...layers.N... (Llama, Mistral, Qwen), h.N (GPT-2), layer.N, blocks.N
@@ -138,7 +140,7 @@ def trainable_model(cfg: Config) -> tuple[Any, Any]:
         from fedllm.methods.lora import engine as lora
 
         return lora.lora_model(cfg.model, cfg.lora, cfg.train.seed)
-    key = ("diloco-full", cfg.model.name, cfg.model.dtype, str(cache_root(cfg.model)))
+    key = ("diloco-full", cfg.model.name, cfg.model.dtype, str(cache_root(cfg.model)), *placement(cfg.model))
     return MODEL_CACHE.get(key, lambda: load_base_model(cfg.model, cached=False))
 
 
@@ -173,7 +175,8 @@ def initial_state(cfg: Config) -> State:
         key: tuple = ("diloco-initial-lora", cfg.model.name, cfg.lora.rank, cfg.lora.target_modules, cfg.train.seed)
         return MODEL_CACHE.get(key, lambda: lora.init_adapter_state(cfg.model, cfg.lora, cfg.train.seed))
     key = ("diloco-initial", cfg.model.name, cfg.model.dtype, str(cache_root(cfg.model)))
-    return MODEL_CACHE.get(key, lambda: get_state(load_base_model(cfg.model, cached=False)[0], "full"))
+    host = dataclasses.replace(cfg.model, device="cpu", device_map="")  # read on the host: the state lives there
+    return MODEL_CACHE.get(key, lambda: get_state(load_base_model(host, cached=False)[0], "full"))
 
 
 # --- the inner optimizer's state, carried by the client from round to round -------------------

@@ -2,13 +2,13 @@
 preference pairs with TRL's DPOTrainer, training a LoRA adapter against a frozen reference (the
 round's global adapter, or the base); the server aggregates the adapters with any LoRA rule."""
 
-from fedllm.config import DpoConfig
+from fedllm.config import OPTIMIZERS, DpoConfig
 from fedllm.methods.base import register_method
 from fedllm.methods.dpo.client import DpoClient
 from fedllm.methods.dpo.server import DpoServer
 
 register_method("dpo", server=DpoServer, client=DpoClient, config=DpoConfig, default_rule="fedavg",
                 compression=True, dp=True, utility=False, delta_kind="dense", preference=True, init_from=True,
-                proximal=False, secagg=True, secagg_range=4.0)
+                optimizers=OPTIMIZERS, proximal=False, secagg=True, secagg_range=4.0)
 
 __all__ = ["DpoClient", "DpoServer"]

@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 import torch
 
+from fedllm import devices
 from fedllm.config import DpoConfig, TrainConfig
 from fedllm.errors import DataError
 from fedllm.methods.lora import engine as lora
@@ -56,15 +57,20 @@ def train(model: Any, tokenizer: Any, rows: list[dict[str, str]], cfg: TrainConf
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
             kept.update(logs or {})  # the last log: TRL's averages over the round
 
-    with tempfile.TemporaryDirectory(prefix="fedllm-dpo-") as scratch, patched(model):
+    device = devices.of(model)  # TRL's trainer places the model on its accelerator's device: the current GPU
+    mode = devices.precision(cfg.precision, device)
+    lora.check_optimizer(cfg, device)
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with tempfile.TemporaryDirectory(prefix="fedllm-dpo-") as scratch, patched(model), on_device:
         args = TrlConfig(
             output_dir=scratch, max_steps=cfg.local_steps, per_device_train_batch_size=cfg.batch_size,
             gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
             max_grad_norm=cfg.max_grad_norm, lr_scheduler_type="constant", warmup_steps=0,
             beta=dpo.beta, loss_type=dpo.losses(), loss_weights=dpo.weights(), label_smoothing=dpo.label_smoothing,
             max_length=max_length,  # TRL leaves out a pair whose prompt alone fills it
-            seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(),
-            bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16",  # TRL's defaults: bf16 and checkpointing
+            seed=seed, data_seed=seed, use_cpu=device.type == "cpu",
+            bf16=mode == "bf16", fp16=mode == "fp16",  # TRL's defaults: bf16 and checkpointing
+            optim="paged_adamw_8bit" if cfg.optimizer == "paged-adamw-8bit" else "adamw_torch",
             gradient_checkpointing=cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
             report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True, log_level="error",

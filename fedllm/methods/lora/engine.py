@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import math
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,7 +30,8 @@ import torch
 from fedllm.config import LoraConfig, ModelConfig, TrainConfig
 from fedllm.data.templates import batches
 from fedllm.errors import ConfigError
-from fedllm.model import MODEL_CACHE, empty_model, first_line, load_base_model
+from fedllm import devices
+from fedllm.model import MODEL_CACHE, empty_model, first_line, load_base_model, placement
 
 State = dict[str, torch.Tensor]
 
@@ -41,7 +43,7 @@ def lora_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, seed: int = 0) -> t
     into the module it wraps.
     """
     key = ("lora", model_cfg.name, model_cfg.dtype, model_cfg.quantize, lora_cfg.peft, lora_cfg.rank, lora_cfg.alpha,
-           lora_cfg.dropout, lora_cfg.target_modules, lora_cfg.virtual_tokens, seed)
+           lora_cfg.dropout, lora_cfg.target_modules, lora_cfg.virtual_tokens, seed, *placement(model_cfg))
 
     return MODEL_CACHE.get(key, lambda: build_lora_model(model_cfg, lora_cfg, seed))
 
@@ -67,8 +69,8 @@ def build_lora_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, seed: int = 0
     model = _wrap(base, lora_cfg)
     reset_adapter(model, seed)  # the same initial adapter on every party, and as init_adapter_state's
     model.fedllm_initial = adapter_state(model)  # what reset_adapter restores for the other PEFT types
-    if model_cfg.quantize == "none":
-        model.to(accelerator("no").device)
+    if model_cfg.quantize == "none" and not model_cfg.device_map:
+        model.to(placement(model_cfg)[0])  # the adapters PEFT made beside the base (prompt encoders too)
     model.eval()
     return model, tokenizer
 
@@ -248,14 +250,6 @@ def save_adapter(state: State, model_cfg: ModelConfig, lora_cfg: LoraConfig, pat
               metadata={"format": "pt"})
 
 
-@functools.lru_cache(maxsize=None)
-def accelerator(precision: str) -> Any:
-    """One accelerate.Accelerator per precision and process (it holds process-wide state)."""
-    from accelerate import Accelerator
-
-    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
-
-
 def _encoder(model: Any) -> Any:
     """P-tuning's prompt encoder, or None: its embedding and MLP are what train, while PEFT's state
     dict holds only their output (the prompt it computes), which cannot be trained further."""
@@ -319,13 +313,15 @@ def train(model: Any, rows: list[dict[str, list[int]]], cfg: TrainConfig, pad_id
     `optimizer`: step this one (over the trainable parameters, its state carried by the caller
     from round to round, as DiLoCo's inner AdamW) instead of a fresh AdamW.
     """
-    acc = accelerator(cfg.precision)
+    device = devices.of(model)
+    mode = devices.precision(cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=mode == "fp16")  # fp16 needs loss scaling; bf16 does not
     torch.manual_seed(seed)
     if cfg.gradient_checkpointing:
         checkpointing(model, True)
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
-    opt = optimizer or torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = optimizer or make_optimizer(params, cfg, device)
     stream = batches(rows, cfg.batch_size, pad_id, torch.Generator().manual_seed(seed))
     losses: list[float] = []
     model.train()
@@ -333,17 +329,19 @@ def train(model: Any, rows: list[dict[str, list[int]]], cfg: TrainConfig, pad_id
         for _ in range(cfg.local_steps):
             step_loss = 0.0
             for _ in range(cfg.grad_accum):
-                batch = {k: v.to(acc.device) for k, v in next(stream).items()}
-                with acc.autocast():
+                batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
+                with devices.autocast(device, mode):
                     loss = model(**batch).loss / cfg.grad_accum
                 if anchor is not None:
                     prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
                     loss = loss + proximal_mu / 2 * prox / cfg.grad_accum
-                acc.backward(loss)
+                scaler.scale(loss).backward()
                 step_loss += loss.item()
             if cfg.max_grad_norm > 0:
+                scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             opt.zero_grad(set_to_none=True)
             if math.isfinite(step_loss):
                 losses.append(step_loss)
@@ -356,6 +354,29 @@ def train(model: Any, rows: list[dict[str, list[int]]], cfg: TrainConfig, pad_id
         "steps": float(cfg.local_steps),
         "examples-seen": float(cfg.local_steps * cfg.grad_accum * cfg.batch_size),
     }
+
+
+def make_optimizer(params: list[torch.Tensor], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """A fresh local optimizer for train.optimizer: torch's AdamW, or bitsandbytes' paged 8-bit AdamW
+    (QLoRA's: moments in 8 bits, paged to host memory under pressure)."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    check_optimizer(cfg, device)
+    import bitsandbytes as bnb
+
+    return bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def check_optimizer(cfg: TrainConfig, device: torch.device) -> None:
+    """Raises:
+        ConfigError: paged-adamw-8bit for a model that is not on a GPU, or without bitsandbytes."""
+    if cfg.optimizer == "adamw":
+        return
+    if device.type != "cuda":
+        raise ConfigError(f"train.optimizer={cfg.optimizer}: bitsandbytes' paged optimizers need a CUDA device; "
+                          f"this model is on {device}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"train.optimizer={cfg.optimizer} needs bitsandbytes (pip install 'fedllm[quantize]')")
 
 
 def checkpointing(model: Any, on: bool) -> None:
@@ -436,7 +457,8 @@ def module_scores(model: Any, rows: list[dict[str, list[int]]], cfg: TrainConfig
     starts from). Adam's first step moves every weight by about lr x sign(g), so lr x sum |g| is the
     first-order loss decrease it buys; per adapter parameter (select_modules) that is mean |g|.
     Keyed by the base model's module name."""
-    acc = accelerator(cfg.precision)
+    device = devices.of(model)
+    mode = devices.precision(cfg.precision, device)
     reset_adapter(model, seed)
     stream = batches(rows, cfg.batch_size, pad_id, torch.Generator().manual_seed(seed))
     layers = lora_layers(model)
@@ -444,10 +466,10 @@ def module_scores(model: Any, rows: list[dict[str, list[int]]], cfg: TrainConfig
     model.train()
     try:
         for _ in range(n_batches):
-            batch = {k: v.to(acc.device) for k, v in next(stream).items()}
-            with acc.autocast():
+            batch = {k: v.to(device) for k, v in next(stream).items()}
+            with devices.autocast(device, mode):
                 loss = model(**batch).loss
-            acc.backward(loss)
+            loss.backward()
             for name, module in layers:
                 grad = module.lora_B["default"].weight.grad
                 totals[name] += float(grad.float().abs().sum()) if grad is not None else 0.0

@@ -25,6 +25,7 @@ device does not matter: a GPU client, a CPU client and a CPU server agree on eve
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import random
@@ -35,6 +36,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from fedllm import devices
 from fedllm.compression.codecs import symmetric_quantize
 from fedllm.compression.wire import pack_bits, unpack_bits
 from fedllm.config import Config, TrainConfig, ZOConfig
@@ -302,6 +304,7 @@ class ZOEngine:
         if not named:
             raise ConfigError(f"zo.params: the model has no {cfg.params!r} parameters to perturb")
         self.params = [p for _, p in named]
+        self.device = devices.of(model)
         for p in self.params:
             p.requires_grad_(False)
         self.pool = seed_pool(cfg.num_seeds, cfg.pool_seed)
@@ -339,7 +342,7 @@ class ZOEngine:
 
     @torch.no_grad()
     def loss(self, batch: dict[str, torch.Tensor]) -> float:
-        return float(self.model(**batch).loss)
+        return float(self.model(**{k: v.to(self.device, non_blocking=True) for k, v in batch.items()}).loss)
 
     @torch.no_grad()
     def step(self, batch: dict[str, torch.Tensor], k: int) -> tuple[float, float] | None:
@@ -395,19 +398,19 @@ def engine_for(cfg: Config) -> tuple[ZOEngine, Any]:
     on disk; zo.params=lora perturbs only the LoRA tensors of a PEFT model (initialised from
     train.seed), and a rebuild restores their initial values.
     """
-    from fedllm.model import MODEL_CACHE, load_base_model
+    from fedllm.model import MODEL_CACHE, load_base_model, placement
     from fedllm.methods.lora import engine as lora
 
     z = cfg.zo
     key = ("zo", cfg.model.name, cfg.model.dtype, z.params, z.num_seeds, z.pool_seed, z.dist, z.lr, z.eps,
-           cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.train.seed)
+           cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.train.seed, *placement(cfg.model))
 
     def build() -> tuple[ZOEngine, Any]:
         if z.params == "all":
             model, tokenizer = load_base_model(cfg.model, cached=False)
 
-            def reload() -> list[torch.Tensor]:
-                fresh, _ = load_base_model(cfg.model, cached=False)
+            def reload() -> list[torch.Tensor]:  # read on the host: no second model on the device
+                fresh, _ = load_base_model(dataclasses.replace(cfg.model, device="cpu", device_map=""), cached=False)
                 return [p for _, p in trainable(fresh, "all")]
         else:
             model, tokenizer = lora.build_lora_model(cfg.model, cfg.lora, cfg.train.seed)
