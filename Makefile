@@ -47,6 +47,7 @@ bench-full: $(STAMP)
 	$(PY) bench/adapters.py
 	$(PY) bench/dpo.py
 	$(PY) bench/secagg.py
+	$(PY) bench/gpu.py
 
 lock: $(STAMP)
 	head -3 requirements.lock > requirements.lock.new

@@ -200,7 +200,8 @@ def load_base_model(cfg: ModelConfig, cached: bool = True) -> tuple[Any, Any]:
 
 
 def quantization(cfg: ModelConfig) -> Any:
-    """transformers' BitsAndBytesConfig for model.quantize (None for none); 4-bit computes in model.dtype.
+    """transformers' BitsAndBytesConfig for model.quantize (None for none); 4-bit is QLoRA's: double
+    quantization (the block scales quantized too), computing in model.dtype (bfloat16 on a GPU).
 
     Raises:
         ModelError: bitsandbytes is not installed.
@@ -213,7 +214,7 @@ def quantization(cfg: ModelConfig) -> Any:
 
     if cfg.quantize == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quantize,
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quantize, bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=_DTYPES[cfg.dtype])
 
 
@@ -295,7 +296,7 @@ def quantized_copy(cfg: ModelConfig, source: Path | str) -> Path:
 
     files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(source).glob("*.safetensors")) \
         if isinstance(source, Path) else []
-    key = f"{source}:{files}:{cfg.quantize}:{cfg.dtype}:{transformers.__version__}:{bitsandbytes.__version__}"
+    key = f"{source}:{files}:{cfg.quantize}:dq:{cfg.dtype}:{transformers.__version__}:{bitsandbytes.__version__}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     target = cache_root(cfg) / f"{Path(str(source)).name}-{cfg.quantize}-{digest}"
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
@@ -303,8 +304,9 @@ def quantized_copy(cfg: ModelConfig, source: Path | str) -> Path:
     log.info("Quantizing %s to %s in %s (once)", cfg.name, cfg.quantize, target)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source))
-        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=_DTYPES[cfg.dtype],
-                                                     quantization_config=settings)
+        device = placement(cfg)[0]  # quantized where the model will run: on a GPU, by its kernels (fast)
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=_DTYPES[cfg.dtype], quantization_config=settings,
+                                                     **({"device_map": {"": device}} if device != "cpu" else {}))
     except Exception as err:
         raise ModelError(f"model.name: cannot load {cfg.name!r} in {cfg.quantize}: {first_line(err)}") from err
     try:

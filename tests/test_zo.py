@@ -361,3 +361,18 @@ def test_an_empty_upload_decodes_to_zeros(bits):
     (the packer used to refuse zero codes) as zeros."""
     up = zo.encode_upload(K, [], bits, 0)
     assert torch.equal(zo.decode(up, K), torch.zeros(K))
+
+
+def test_a_checkpoint_of_the_earlier_generator_is_refused_in_one_line():
+    from fedllm.errors import ConfigError
+    from fedllm.methods.zo import ZOServer
+
+    cfg = Config.from_flat({"train.method": "zo", "zo.num-seeds": K})
+    server = ZOServer(cfg, fingerprint=0)
+    state = server.state_dict()
+    assert state["generator"] == rng.NAME
+    ZOServer(cfg, fingerprint=0).load_state_dict(state)  # this generator's checkpoint resumes
+    old = {k: v for k, v in state.items() if k != "generator"}  # what fedllm wrote before rng
+    with pytest.raises(ConfigError, match=r"^server.resume: this zo checkpoint's perturbations came from the "
+                                          r"generator of an earlier fedllm .*start a new run$"):
+        ZOServer(cfg, fingerprint=0).load_state_dict(old)
