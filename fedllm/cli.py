@@ -126,9 +126,10 @@ def resume_hint(run_dir: Path) -> str:
 
 
 def resources(cpus_per_client: float | None, gpus_per_client: float | None,
-              ray_address: str = "") -> tuple[float, float, int]:
+              ray_address: str = "") -> tuple[float, float | None, int]:
     """(CPUs a client, GPUs a client, GPUs of this machine) for a simulation (see `simulate`). A
-    cluster's GPUs are its own: a share is checked against them once the driver joins it.
+    cluster's GPUs are its own: its share is checked (or, left out, chosen: None here) once the
+    driver has joined it (`check_cluster`).
 
     Raises:
         FedLLMError: naming --gpus-per-client for a share this machine cannot give.
@@ -137,13 +138,12 @@ def resources(cpus_per_client: float | None, gpus_per_client: float | None,
 
     available = devices.visible_gpus()
     if ray_address:
-        gpus = devices.gpu_share(gpus_per_client, 1 << 30) if gpus_per_client is not None else (
-            1.0 if available else 0.0)
+        gpus = None if gpus_per_client is None else devices.gpu_share(gpus_per_client, None)
     else:
         gpus = devices.gpu_share(gpus_per_client, available)
     cores = float(os.cpu_count() or 1)
     if cpus_per_client is None:  # split the cores among the clients that run at once
-        at_once = int(available // gpus) if gpus and available else 1
+        at_once = int(available // gpus) if gpus and available and not ray_address else 1
         cpus_per_client = cores / max(at_once, 1)
     return cpus_per_client, gpus, available
 
@@ -227,13 +227,14 @@ def run_engine(job: dict[str, Any], watch: bool = True) -> None:
         from fedllm.client_app import app as client_app
 
         init: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": False}
-        gpus = float(job.get("gpus_per_client", 0.0))
+        gpus = job.get("gpus_per_client")
         if job.get("ray_address"):
             init["address"] = job["ray_address"]  # the cluster's own resources; this process is its driver
-            check_cluster(init, gpus)
+            gpus = check_cluster(init, gpus)
         else:  # the machine's GPUs, as CUDA_VISIBLE_DEVICES (or the driver) shows them
             init.update(num_cpus=os.cpu_count() or 1, num_gpus=int(job.get("gpus", 0)), include_dashboard=False)
-        backend = {"client_resources": {"num_cpus": job["cpus_per_client"], "num_gpus": gpus}, "init_args": init}
+        backend = {"client_resources": {"num_cpus": job["cpus_per_client"], "num_gpus": float(gpus or 0.0)},
+                   "init_args": init}
         run_simulation(make_app(job["overrides"]), client_app, num_supernodes=job["num_clients"],
                        backend_config=backend)
     if not written_since(run_dir / "summary.json", started):
@@ -242,13 +243,16 @@ def run_engine(job: dict[str, Any], watch: bool = True) -> None:
         raise FedLLMError(f"the simulation did not finish; see the log above (run directory {run_dir})")
 
 
-def check_cluster(init: dict[str, Any], gpus_per_client: float) -> None:
-    """A Ray cluster has a node with the GPUs a client asks for (else Ray would wait for one forever).
+def check_cluster(init: dict[str, Any], gpus_per_client: float | None) -> float:
+    """A client's GPUs on a Ray cluster: one where its nodes have GPUs (none where they have none) by
+    default; a share no node can give is refused (else Ray would wait for one forever).
 
     Raises:
         FedLLMError: naming --gpus-per-client and the cluster's GPUs.
     """
     import ray
+
+    from fedllm import devices
 
     ray.init(**init)
     try:
@@ -256,9 +260,11 @@ def check_cluster(init: dict[str, Any], gpus_per_client: float) -> None:
     finally:
         ray.shutdown()
     largest = max(nodes, default=0.0)
-    if gpus_per_client > largest:
-        raise FedLLMError(f"--gpus-per-client: {gpus_per_client:g} GPUs a client, but the largest node of the Ray "
-                          f"cluster at {init['address']} has {largest:g}")
+    share = devices.gpu_share(gpus_per_client, None) if gpus_per_client is not None else float(largest >= 1)
+    if share > largest:
+        raise FedLLMError(f"--gpus-per-client: {share:g} GPUs a client, but the largest node of the Ray cluster at "
+                          f"{init['address']} has {largest:g}")
+    return share
 
 
 def _watch(parent: int) -> None:

@@ -61,10 +61,12 @@ def visible_gpus() -> int:
     return count
 
 
-def gpu_share(value: float | None, available: int, key: str = "--gpus-per-client") -> float:
+def gpu_share(value: float | None, available: int | None, key: str = "--gpus-per-client") -> float:
     """A client's GPUs in Ray: `value`, or by default one GPU each where there are GPUs (0 without).
 
     Ray takes a fraction of one GPU (0.25: four clients share it) or a whole number of them.
+    `available`: the GPUs there are (of a machine, or the largest node of a cluster); None checks
+    the value's form alone.
 
     Raises:
         ConfigError: naming `key`, for a negative, non-finite or non-whole value above 1, or more
@@ -76,7 +78,7 @@ def gpu_share(value: float | None, available: int, key: str = "--gpus-per-client
         raise ConfigError(f"{key}: must be a number >= 0, got {value}")
     if value > 1 and not float(value).is_integer():
         raise ConfigError(f"{key}: above 1 it must be a whole number of GPUs (Ray's rule), got {value}")
-    if value > available:
+    if available is not None and value > available:
         raise ConfigError(f"{key}: {value:g} GPUs a client, but {available} {'is' if available == 1 else 'are'} "
                           "visible here (CUDA_VISIBLE_DEVICES, or the driver)")
     return float(value)

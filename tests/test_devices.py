@@ -69,6 +69,9 @@ def test_gpu_share_defaults_and_checks():
             devices.gpu_share(bad, 2)
     with pytest.raises(ConfigError, match="but 0 are visible"):
         devices.gpu_share(0.5, 0)
+    assert devices.gpu_share(64, None) == 64.0  # a cluster's: the form only
+    with pytest.raises(ConfigError, match="whole number"):
+        devices.gpu_share(1.5, None)
 
 
 def test_precision_auto_is_bf16_on_a_gpu_with_it_and_none_on_the_cpu():
@@ -182,7 +185,8 @@ def test_default_cpus_are_split_among_the_clients_the_gpus_run(monkeypatch):
     assert resources(None, None) == (cores / 2, 1.0, 2)  # a GPU each: two at once
     assert resources(None, 0.5) == (cores / 4, 0.5, 2)  # four at once
     assert resources(1.0, 0.25) == (1.0, 0.25, 2)
-    assert resources(None, None, ray_address="127.0.0.1:1") == (cores / 2, 1.0, 2)
+    assert resources(None, None, ray_address="127.0.0.1:1") == (cores, None, 2)  # the cluster's GPUs decide
+    assert resources(None, 4, ray_address="127.0.0.1:1") == (cores, 4.0, 2)  # checked once joined
 
 
 # --- Ray's logical GPUs: each client is given its share -------------------------------------------

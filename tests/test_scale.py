@@ -195,14 +195,15 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_joining_a_local_ray_head(tiny_model_dir, tmp_path):
-    """`ray start --head` on 127.0.0.1, a simulation that joins it by address, then the head is
-    stopped and gone."""
+    """`ray start --head` on 127.0.0.1 with two logical GPUs, a simulation that joins it by address
+    (its clients get a GPU each by default, the cluster's), a share no node has refused in one line,
+    then the head is stopped and gone."""
     ray = Path(sys.executable).with_name("ray")
     port = _free_port()
     temp = tempfile.mkdtemp(prefix="fr-", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     start = subprocess.run([str(ray), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                            "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+                            "--num-cpus=2", "--num-gpus=2", "--include-dashboard=false", "--disable-usage-stats",
                             f"--temp-dir={temp}"], capture_output=True, text=True, env=env, timeout=300)
     try:
         assert start.returncode == 0, start.stderr[-2000:]
@@ -210,6 +211,12 @@ def test_joining_a_local_ray_head(tiny_model_dir, tmp_path):
                        *_sets(tiny_model_dir, tmp_path, "cluster", **{"server.num-rounds": 1}))
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert (tmp_path / "cluster" / "adapter").is_dir()
+        rows = [json.loads(line) for line in (tmp_path / "cluster" / "metrics.jsonl").read_text().splitlines()]
+        assert {c["gpu"] for c in rows[1]["clients"].values()} <= {0, 1}  # Ray gave each client a GPU
+        proc = _fedllm("simulate", "--ray-address", f"127.0.0.1:{port}", "--num-clients", "2", "--gpus-per-client", "3",
+                       *_sets(tiny_model_dir, tmp_path, "too-many"))
+        assert proc.returncode == 2 and "--gpus-per-client: 3 GPUs a client, but the largest node of the Ray cluster" in proc.stderr, \
+            proc.stderr[-2000:]
     finally:
         stop = subprocess.run([str(ray), "stop", "--force"], capture_output=True, text=True, env=env, timeout=300)
     assert stop.returncode == 0
