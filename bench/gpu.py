@@ -98,6 +98,8 @@ def flat_config(model_dir: Path, data: Path, work: Path, args: argparse.Namespac
         "server.run-dir": str(work), "server.run-name": method, "server.checkpoint": False,
     }
     flat.update(METHODS[method])
+    if method == "diloco":  # one fragment: a round runs diloco.inner-steps steps
+        flat["diloco.inner-steps"] = args.steps
     return flat
 
 
