@@ -55,7 +55,7 @@ def visible_gpus() -> int:
     count = 0
     for entry in env.split(","):
         entry = entry.strip()
-        if not entry or entry.startswith("-") or entry.lower() == "nodevfiles":
+        if not (entry.isdigit() or entry.startswith(("GPU-", "MIG-"))):  # an index or a UUID, as CUDA reads them
             break
         count += 1
     return count
@@ -75,7 +75,7 @@ def gpu_share(value: float | None, available: int | None, key: str = "--gpus-per
     if value is None:
         return 1.0 if available else 0.0
     if not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{key}: must be a number >= 0, got {value}")
+        raise ConfigError(f"{key}: must be a finite number >= 0, got {value}")
     if value > 1 and not float(value).is_integer():
         raise ConfigError(f"{key}: above 1 it must be a whole number of GPUs (Ray's rule), got {value}")
     if available is not None and value > available:

@@ -270,8 +270,8 @@ def _load(cfg: ModelConfig) -> tuple[Any, Any]:
         tokenizer = AutoTokenizer.from_pretrained(str(source))
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=_DTYPES[cfg.dtype], **where)
     except Exception as err:
-        where_ = "directory" if isinstance(source, Path) else "hub id (no network or unknown)"
-        raise ModelError(f"model.name: cannot load {cfg.name!r} as a {where_}: {first_line(err)}") from err
+        kind = "directory" if isinstance(source, Path) else "hub id (no network or unknown)"
+        raise ModelError(f"model.name: cannot load {cfg.name!r} as a {kind}: {first_line(err)}") from err
     model.eval()
     return model, with_pad(tokenizer)
 

@@ -46,7 +46,7 @@ def test_device_map_needs_gpus():
 
 
 @pytest.mark.parametrize("env, count", [("0,1", 2), ("3", 1), ("", 0), ("-1", 0), ("0,-1,2", 1), ("NoDevFiles", 0),
-                                        ("GPU-1a2b,GPU-3c4d", 2), (" 0 , 1 ", 2)])
+                                        ("GPU-1a2b,GPU-3c4d", 2), (" 0 , 1 ", 2), ("MIG-9f", 1), ("abc", 0), ("0,abc,1", 1)])
 def test_visible_gpus_counts_cuda_visible_devices_as_cuda_does(monkeypatch, env, count):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", env)
     assert devices.visible_gpus() == count
@@ -60,7 +60,8 @@ def test_visible_gpus_without_the_variable_is_the_drivers_count(monkeypatch):
 def test_gpu_share_defaults_and_checks():
     assert devices.gpu_share(None, 0) == 0.0 and devices.gpu_share(None, 4) == 1.0
     assert devices.gpu_share(0.25, 1) == 0.25 and devices.gpu_share(2, 2) == 2.0 and devices.gpu_share(0, 0) == 0.0
-    for bad, why in ((-1, "must be a number >= 0"), (math.nan, "must be a number >= 0"), (math.inf, ">= 0"),
+    for bad, why in ((-1, "must be a finite number >= 0"), (math.nan, "must be a finite number >= 0"),
+                     (math.inf, "finite number >= 0"),
                      (1.5, "whole number of GPUs"), (3, "but 2 are visible"), (0.5, None)):
         if why is None:
             assert devices.gpu_share(bad, 2) == 0.5
@@ -148,8 +149,8 @@ def test_a_paged_optimizer_needs_a_gpu_and_a_lora_method():
 # --- the command line: bad resources in one line, before any engine ------------------------------
 
 @pytest.mark.parametrize("args, message", [
-    (["--gpus-per-client", "-1"], "--gpus-per-client: must be a number >= 0, got -1.0"),
-    (["--gpus-per-client", "nan"], "--gpus-per-client: must be a number >= 0, got nan"),
+    (["--gpus-per-client", "-1"], "--gpus-per-client: must be a finite number >= 0, got -1.0"),
+    (["--gpus-per-client", "nan"], "--gpus-per-client: must be a finite number >= 0, got nan"),
     (["--gpus-per-client", "2.5"], "--gpus-per-client: above 1 it must be a whole number"),
     (["--gpus-per-client", "1"], "--gpus-per-client: 1 GPUs a client, but 0 are visible here"),
     (["--engine", "inprocess", "--gpus-per-client", "0.5"], "--gpus-per-client: shares GPUs among Ray's actors"),

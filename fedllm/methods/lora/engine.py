@@ -27,10 +27,10 @@ from typing import Any, Iterator
 
 import torch
 
+from fedllm import devices
 from fedllm.config import LoraConfig, ModelConfig, TrainConfig
 from fedllm.data.templates import batches
 from fedllm.errors import ConfigError
-from fedllm import devices
 from fedllm.model import MODEL_CACHE, empty_model, first_line, load_base_model, placement
 
 State = dict[str, torch.Tensor]
