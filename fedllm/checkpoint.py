@@ -37,7 +37,9 @@ FORMAT = 3  # 3: data only (safetensors + JSON); 2 and 1 were pickles
 KEY = "fedllm-checkpoint"  # the safetensors metadata entry holding the JSON
 # keys a resumed run may change: where it runs, how long, and what it evaluates and reports to
 MAY_DIFFER = frozenset({"server.resume", "server.num-rounds", "server.run-dir", "server.run-name",
-                        "server.eval-tasks", "server.eval-limit", "server.eval-include-path", "server.trackers"})
+                        "server.eval-tasks", "server.eval-limit", "server.eval-include-path", "server.trackers",
+                        # where a run trains, not what: a run started on the CPU may go on on a GPU
+                        "model.device", "model.device-map", "server.device"})
 
 
 def rng_state() -> dict[str, Any]:

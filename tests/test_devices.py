@@ -233,3 +233,13 @@ def test_eight_inprocess_clients_on_one_device_hold_one_base(tiny_model_dir, tmp
     assert len(models) == 1 and models[0][-2:] == ("cpu", "")  # keyed by its device
     assert MODEL_CACHE.loads == 1
     MODEL_CACHE.clear()
+
+
+def test_a_run_may_resume_on_another_device(tmp_path):
+    from fedllm import checkpoint
+
+    checkpoint.save(tmp_path, {"round": 1, "config": Config().to_flat()})
+    moved = Config.from_flat({"model.device": "cuda:1", "server.device": "cpu", "model.device-map": "auto"})
+    assert checkpoint.load(tmp_path, moved.to_flat())["round"] == 1
+    with pytest.raises(ConfigError, match="^server.resume: lora.rank is 16, the checkpointed run had 8"):
+        checkpoint.load(tmp_path, Config.from_flat({"lora.rank": 16}).to_flat())
