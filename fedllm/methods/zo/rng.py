@@ -99,12 +99,15 @@ def _gaussian_table() -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _table(dist: str, dtype: torch.dtype, device: str) -> torch.Tensor:
-    """The lookup table of `dist` on `device`. gaussian: (65536,) levels in `dtype`, cast on the CPU
-    and then moved, so the same values everywhere. rademacher: (256,) int64, each the 8 bytes of a
-    byte's bits as int8 +-1, high bit first (one 8-byte row a byte: a 1-D gather, then one cast)."""
-    if dist == "gaussian":
-        return _gaussian_table().to(dtype).to(device)
+def _levels(dtype: torch.dtype, device: str) -> torch.Tensor:
+    """The Gaussian table in `dtype` on `device`: cast on the CPU, then moved (the same values everywhere)."""
+    return _gaussian_table().to(dtype).to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _sign_rows(device: str) -> torch.Tensor:
+    """(256,) int64, each the 8 bytes of a byte's bits as int8 +-1, high bit first (one 8-byte row a byte:
+    a 1-D gather, then one cast)."""
     bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).astype(np.int8) * 2 - 1  # (256, 8)
     return torch.from_numpy(bits).view(torch.int64).view(-1).to(device)
 
@@ -118,8 +121,8 @@ def draw(seed: int, offset: int, n: int, dist: str, dtype: torch.dtype,
     w = words(seed, first, count, device)
     if dist == "gaussian":
         idx = w.view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF)  # (4 count,) in 0..65535
-        return _table(dist, dtype, str(torch.device(device))).index_select(0, idx)[skip:skip + n]
-    rows = _table(dist, torch.int64, str(torch.device(device))).index_select(0, w.view(torch.uint8).to(torch.int32))
+        return _levels(dtype, str(torch.device(device))).index_select(0, idx)[skip:skip + n]
+    rows = _sign_rows(str(torch.device(device))).index_select(0, w.view(torch.uint8).to(torch.int32))
     return rows.view(torch.int8)[skip:skip + n].to(dtype)  # (8 count,) rows -> (64 count,) signs
 
 
