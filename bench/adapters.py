@@ -106,7 +106,7 @@ def client_round(spec: dict[str, Any]) -> None:
 
     from fedllm.client_train import handle
     from fedllm.config import Config
-    from fedllm.methods.lora.server import LoraServer
+    from fedllm.methods.adapters.server import LoraServer
     from fedllm.protocol import CONFIG
 
     clients = spec.pop("clients")

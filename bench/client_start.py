@@ -37,7 +37,7 @@ t0 = time.perf_counter()
 import fedllm.client_train as ca
 from fedllm.config import Config
 from fedllm.model import packaged_gguf, resolve
-from fedllm.methods.lora import engine as lora
+from fedllm.methods.adapters import engine as lora
 t1 = time.perf_counter()
 mode = sys.argv[1]
 cfg = Config.from_flat({"train.local-steps": 1})
@@ -52,7 +52,7 @@ else:
     resolve(cfg.model)
     base, tok = load_base_model(cfg.model, cached=False)
 t2 = time.perf_counter()
-from fedllm.methods.lora.engine import _wrap
+from fedllm.methods.adapters.engine import _wrap
 import torch
 torch.manual_seed(0)
 model = _wrap(base, cfg.lora)
@@ -100,7 +100,7 @@ def warm_worker(repeats: int) -> dict:
     from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
     from fedllm.config import Config
-    from fedllm.methods.lora import engine as lora
+    from fedllm.methods.adapters import engine as lora
 
     cfg = Config.from_flat({"train.local-steps": 1})
     state = lora.init_adapter_state(cfg.model, cfg.lora, cfg.train.seed)

@@ -27,7 +27,7 @@ import torch
 from fedllm.config import Config
 from fedllm.model import load_base_model
 from fedllm.methods.zo import engine as zo
-from fedllm.methods.zo import ZOServer
+from fedllm.methods.zo.server import ZOServer
 from fedllm.protocol import Update
 from strategies import fedavg
 

@@ -185,7 +185,7 @@ def prepare(overrides: dict[str, Any], num_clients: int, cpus_per_client: float,
     check_devices(cfg, local_clients)
     check_available(cfg.model)  # converts a GGUF once, before workers start; a hub id fails fast
     if cfg.server.init_from and resume is None:  # the adapter fits the run's lora.* (before any round starts)
-        from fedllm.methods.lora.engine import init_adapter_state, read_adapter
+        from fedllm.methods.adapters.engine import init_adapter_state, read_adapter
 
         read_adapter(Path(cfg.server.init_from), init_adapter_state(cfg.model, cfg.lora, cfg.train.seed), cfg.lora)
     run_dir = Path(cfg.server.run_dir).expanduser() / cfg.server.run_name
@@ -377,7 +377,7 @@ def check_devices(cfg: Config, local_clients: bool) -> None:
         ConfigError: naming the key.
     """
     from fedllm import devices
-    from fedllm.methods.lora.engine import check_optimizer
+    from fedllm.methods.adapters.engine import check_optimizer
     from fedllm.model import check_quantization
 
     devices.resolve(cfg.server.device, "server.device")

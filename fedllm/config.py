@@ -12,6 +12,7 @@ typo never passes silently. Dashes and underscores in key names are interchangea
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import os
 import re
@@ -23,14 +24,16 @@ from fedllm.errors import ConfigError
 DEFAULT_MODEL = "smollm2-135m-instruct"
 QUANTIZE = ("none", "int8", "nf4", "fp4")
 OPTIMIZERS = ("adamw", "paged-adamw-8bit")
-PEFT_TYPES = ("lora", "dora", "ia3", "prefix", "prompt", "p-tuning")
 
 
-def _help(text: str, default: Any, check: str = "") -> Any:
+def option(text: str, default: Any, check: str = "") -> Any:
     """A field with its help line and, for a number, the values it takes: "> 0", ">= 0",
     an interval such as "[0, 1)", or "finite" (any finite number). Every number is refused
     when NaN or infinite, at parse time, with the key named."""
     return field(default=default, metadata={"help": text, "check": check})
+
+
+_help = option  # the name the core sections use
 
 
 def parse_check(check: str) -> tuple[float, float, bool, bool]:
@@ -153,62 +156,6 @@ class DataConfig:
 
 
 @dataclass
-class LoraConfig:
-    peft: str = _help(
-        "The PEFT adapter, through PEFT's own configs: lora, dora (weight-decomposed LoRA), ia3 (learned scaling "
-        "vectors on lora.target-modules), prefix (prefix tuning), prompt (prompt tuning) or p-tuning; all are "
-        "averaged tensor by tensor. exact-lora, zo and diloco take lora only.", "lora")
-    rank: int = _help("LoRA rank r.", 8, check="> 0")
-    alpha: float = _help("LoRA scaling alpha (the update is scaled by alpha / r).", 16.0, check="> 0")
-    dropout: float = _help("Dropout on the LoRA input.", 0.05, check="[0, 1)")
-    target_modules: str = _help(
-        "Comma-separated module names to adapt, or auto: clients score every linear module of the decoder layers on "
-        "a few batches of their data before round 1 and the server keeps the best within lora.module-budget.",
-        "q_proj,v_proj")
-    module_budget: float = _help("With lora.target-modules=auto: the share of the adapter parameters of all linear "
-                                 "modules to keep.", 0.5, check="(0, 1]")
-    calibration_batches: int = _help("With lora.target-modules=auto: batches each client scores modules on.", 4,
-                                     check="> 0")
-    virtual_tokens: int = _help("Virtual tokens of prefix, prompt and p-tuning adapters.", 8, check="> 0")
-    client_ranks: str = _help(
-        "Per-client ranks by partition id, e.g. '4,8,16' (cycled); '' gives every client lora.rank. With "
-        "train.method=lora a rank below lora.rank trains the first r rows of the global factors (the rest is sent "
-        "back unchanged); exact-lora aggregates any ranks exactly. A SuperNode's node config 'lora-rank' wins.", "")
-    policy: str = _help(
-        "none, or resources: each SuperNode's node config memory-mb (and compute, a relative speed, default 1) picks "
-        "its model.quantize and LoRA rank (README: Resource-aware clients).", "none")
-
-    def __post_init__(self) -> None:
-        _choice("lora.peft", self.peft, PEFT_TYPES)
-        _choice("lora.policy", self.policy, ("none", "resources"))
-        _positive("lora.rank", self.rank)
-        try:
-            ranks = [int(r) for r in self.client_ranks.split(",") if r.strip()]
-        except ValueError:
-            raise ConfigError(f"lora.client-ranks: expected comma-separated integers, got {self.client_ranks!r}") from None
-        if any(r <= 0 for r in ranks):
-            raise ConfigError(f"lora.client-ranks: ranks must be positive, got {self.client_ranks!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.dropout}")
-        if not self.modules():
-            raise ConfigError("lora.target-modules: name at least one module")
-        if self.auto_modules() and self.peft not in ("lora", "dora"):
-            raise ConfigError(f"lora.target-modules: auto scores LoRA modules; lora.peft={self.peft} names no modules "
-                              "to score (use lora or dora)")
-
-    def modules(self) -> list[str]:
-        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
-
-    def auto_modules(self) -> bool:
-        return self.target_modules.strip() == "auto"
-
-    def rank_of(self, partition_id: int) -> int:
-        """The LoRA rank of the client with this partition id."""
-        ranks = [int(r) for r in self.client_ranks.split(",") if r.strip()]
-        return ranks[partition_id % len(ranks)] if ranks else self.rank
-
-
-@dataclass
 class TrainConfig:
     method: str = _help("Training method from the registry: lora (PEFT adapters), exact-lora (LoRA with exact "
                         "stacked aggregation; client ranks may differ), zo (seed-based zeroth-order), diloco "
@@ -235,112 +182,6 @@ class TrainConfig:
         _positive("train.lr", self.lr)
         _choice("train.precision", self.precision, ("auto", "no", "bf16", "fp16"))
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
-
-
-@dataclass
-class ZOConfig:
-    num_seeds: int = _help("K: size of the seed pool fixed for the run.", 4096, check="[1, 65536]")
-    pool_seed: int = _help("Seed that draws the pool of K seeds.", 42, check=">= 0")
-    eps: float = _help("Perturbation scale of the two forward passes.", 1e-3, check="> 0")
-    lr: float = _help("Learning rate of theta -= lr * g * z.", 1e-5, check="> 0")
-    dist: str = _help("Perturbation distribution: gaussian or rademacher.", "gaussian")
-    params: str = _help("Perturbed parameters: all (full fine-tuning) or lora.", "all")
-    pro: bool = _help("FedKSeed-Pro: sample seeds by their history of scalar magnitudes.", False)
-    bits: int = _help("Bits per uploaded scalar (8, 4 or 2; 0 sends float32).", 8, check="[0, 8]")
-    rebuild_every: int = _help("Rebuild the model from base + accumulators every N syncs (0: never).", 0, check=">= 0")
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.num_seeds <= 65536:
-            raise ConfigError(f"zo.num-seeds: must be in 1..65536, got {self.num_seeds}")
-        _positive("zo.eps", self.eps)
-        _positive("zo.lr", self.lr)
-        _choice("zo.dist", self.dist, ("gaussian", "rademacher"))
-        _choice("zo.params", self.params, ("all", "lora"))
-        if self.bits not in (0, 2, 4, 8):
-            raise ConfigError(f"zo.bits: must be 0, 2, 4 or 8, got {self.bits}")
-
-
-@dataclass
-class DiLoCoConfig:
-    inner_steps: int = _help("H: inner AdamW steps between two syncs of a fragment; one round runs H / fragments "
-                             "of them (train.local-steps is not used).", 40, check="> 0")
-    fragments: int = _help("P: parameter fragments synced in turn, one per round (1: plain DiLoCo); at most the "
-                           "model's transformer blocks.", 4, check="> 0")
-    pattern: str = _help("Blocks of a fragment: strided (block i in fragment i mod P, every fragment spans the "
-                         "depth) or sequential (consecutive blocks).", "strided")
-    outer_lr: float = _help("Outer SGD learning rate on the averaged outer gradient.", 0.7, check="> 0")
-    momentum: float = _help("Outer SGD momentum.", 0.9, check="[0, 1)")
-    nesterov: bool = _help("Nesterov momentum for the outer step.", True)
-    alpha: float = _help("Merge on arrival: local <- alpha local + (1 - alpha) global (0 takes the global; the "
-                         "paper's overlapped setting uses 0.5).", 0.0, check="[0, 1]")
-    tau: int = _help("Rounds a fragment's global arrives late: 0 merges before the next round's steps, 1 after "
-                     "them (overlapped); below diloco.fragments.", 0, check=">= 0")
-    params: str = _help("What is trained and synced: full (every weight, the paper's setting) or lora (the LoRA "
-                        "adapter of [lora] on a frozen base).", "full")
-
-    def __post_init__(self) -> None:
-        _positive("diloco.inner-steps", self.inner_steps)
-        _positive("diloco.fragments", self.fragments)
-        _choice("diloco.pattern", self.pattern, ("strided", "sequential"))
-        _choice("diloco.params", self.params, ("full", "lora"))
-        if self.inner_steps % self.fragments:
-            raise ConfigError(f"diloco.inner-steps: H={self.inner_steps} is not divisible by diloco.fragments="
-                              f"{self.fragments} (a round runs H / P inner steps)")
-        if self.tau >= self.fragments:
-            raise ConfigError(f"diloco.tau: {self.tau} must be below diloco.fragments={self.fragments} (a fragment's "
-                              "global must arrive before its next sync)")
-
-    def round_steps(self) -> int:
-        """Inner steps in one round: H / P."""
-        return self.inner_steps // self.fragments
-
-
-DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down",
-              "sigmoid_norm", "sft")
-
-
-@dataclass
-class DpoConfig:
-    beta: float = _help("beta: the strength of the pull toward the reference model (the implicit reward is beta x "
-                        "the log-ratio to it).", 0.1, check="> 0")
-    loss_type: str = _help("TRL's DPO loss: sigmoid (DPO), hinge, ipo, robust, bco_pair, sppo_hard, nca_pair, "
-                           "apo_zero, apo_down or sigmoid_norm; or several, comma separated, summed with "
-                           "dpo.loss-weights (e.g. sigmoid,sft: DPO plus the chosen answers' NLL, as RPO).", "sigmoid")
-    loss_weights: str = _help("Weights of the dpo.loss-type terms, comma separated; '' weighs each 1.", "")
-    label_smoothing: float = _help("The assumed share of flipped preference labels, in [0, 0.5); TRL uses it in the "
-                                   "robust loss only.", 0.0,
-                                   check="[0, 0.5)")
-    reference: str = _help("The reference model of each round's local DPO: global (the frozen base plus the round's "
-                           "global adapter, as it arrived) or base (the base alone, adapters off).", "global")
-
-    def __post_init__(self) -> None:
-        _positive("dpo.beta", self.beta)
-        for name in self.losses():
-            _choice("dpo.loss-type", name, DPO_LOSSES)
-        self.weights()
-        _choice("dpo.reference", self.reference, ("global", "base"))
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"dpo.label-smoothing: must be in [0, 0.5), got {self.label_smoothing}")
-
-    def losses(self) -> list[str]:
-        names = [n.strip() for n in self.loss_type.split(",") if n.strip()]
-        if not names:
-            raise ConfigError("dpo.loss-type: empty; name at least one loss (sigmoid is DPO)")
-        return names
-
-    def weights(self) -> list[float]:
-        """dpo.loss-weights as numbers, one per loss (all 1 when empty)."""
-        if not self.loss_weights.strip():
-            return [1.0] * len(self.losses())
-        try:
-            values = [float(w) for w in self.loss_weights.split(",")]
-        except ValueError:
-            raise ConfigError(f"dpo.loss-weights: not numbers: {self.loss_weights!r}") from None
-        if (len(values) != len(self.losses()) or not all(math.isfinite(v) and v >= 0 for v in values)
-                or not any(values)):
-            raise ConfigError(f"dpo.loss-weights: give {len(self.losses())} finite weights >= 0, not all 0 (one "
-                              f"per dpo.loss-type term), got {self.loss_weights!r}")
-        return values
 
 
 @dataclass
@@ -630,22 +471,79 @@ class AttackConfig:
         return out
 
 
-@dataclass
+CORE = ("model", "data", "train", "server", "compression", "strategy", "dp", "secagg", "ledger", "attack")
+_SECTIONS: dict[str, type] = {}  # a method's own sections, by name, in registration order
+_BUILTIN = "fedllm.methods"  # registers the built-in methods' sections when first imported
+
+
+def register_section(name: str, section_type: type) -> type:
+    """Add a config section (a dataclass of `option` fields) that a method owns, e.g. [zo]; its
+    keys are `name.key`. A method's config.py calls this; sections come after [train].
+
+    Raises:
+        ValueError: for a name taken by another section.
+    """
+    taken = _SECTIONS.get(name)
+    if name in CORE or (taken is not None and taken.__qualname__ != section_type.__qualname__):
+        raise ValueError(f"config section [{name}] is taken")
+    _SECTIONS[name] = section_type
+    return section_type
+
+
+def section_types() -> dict[str, type]:
+    """Every section's dataclass, in key order: the core ones and the registered methods' (the
+    built-in methods' import light: their config modules, not their engines)."""
+    importlib.import_module(_BUILTIN)
+    core = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "server": ServerConfig,
+            "compression": CompressionConfig, "strategy": StrategyConfig, "dp": DPConfig, "secagg": SecAggConfig,
+            "ledger": LedgerConfig, "attack": AttackConfig}
+    head = {k: core[k] for k in ("model", "data", "train")}
+    return {**head, **_SECTIONS, **{k: v for k, v in core.items() if k not in head}}
+
+
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    zo: ZOConfig = field(default_factory=ZOConfig)
-    diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
-    dpo: DpoConfig = field(default_factory=DpoConfig)
-    server: ServerConfig = field(default_factory=ServerConfig)
-    compression: CompressionConfig = field(default_factory=CompressionConfig)
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
-    dp: DPConfig = field(default_factory=DPConfig)
-    secagg: SecAggConfig = field(default_factory=SecAggConfig)
-    ledger: LedgerConfig = field(default_factory=LedgerConfig)
-    attack: AttackConfig = field(default_factory=AttackConfig)
+    """The run's config: one typed section per `[name]` (cfg.model, cfg.train, cfg.server, ...,
+    and each method's own, e.g. cfg.zo). Build it with `from_flat`; sections not given take
+    their defaults."""
+
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    server: ServerConfig
+    compression: CompressionConfig
+    strategy: StrategyConfig
+    dp: DPConfig
+    secagg: SecAggConfig
+    ledger: LedgerConfig
+    attack: AttackConfig
+
+    def __init__(self, **sections: Any) -> None:
+        types = section_types()
+        unknown = set(sections) - set(types)
+        if unknown:
+            raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
+        object.__setattr__(self, "_sections", {n: sections[n] if n in sections else t() for n, t in types.items()})
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["_sections"][name]
+        except KeyError:
+            raise AttributeError(f"Config has no section {name!r}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in self._sections:
+            raise AttributeError(f"Config has no section {name!r}")
+        self._sections[name] = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Config) and self._sections == other._sections
+
+    def __repr__(self) -> str:
+        return f"Config({', '.join(f'{n}={v!r}' for n, v in self._sections.items())})"
+
+    def sections(self) -> dict[str, Any]:
+        """{name: section} in key order."""
+        return dict(self._sections)
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any] | None = None) -> "Config":
@@ -654,10 +552,11 @@ class Config:
         Raises:
             ConfigError: naming the first unknown, mistyped or out-of-range key.
         """
-        sections: dict[str, dict[str, Any]] = {f.name: {} for f in dataclasses.fields(cls)}
+        types = section_types()
+        sections: dict[str, dict[str, Any]] = {name: {} for name in types}
         for key, value in (flat or {}).items():
             section, _, name = key.partition(".")
-            section_type = _section_types().get(section)
+            section_type = types.get(section)
             if section_type is None or not name:
                 raise ConfigError(f"{key}: unknown config key (sections: {', '.join(sections)})")
             fields = {f.name: f for f in dataclasses.fields(section_type)}
@@ -665,7 +564,7 @@ class Config:
             if attr not in fields:
                 raise ConfigError(f"{key}: unknown config key in [{section}]")
             sections[section][attr] = _coerce(key, value, fields[attr].type)
-        built = {name: _section_types()[name](**kw) for name, kw in sections.items()}
+        built = {name: types[name](**kw) for name, kw in sections.items()}
         for name, section_obj in built.items():
             check_numbers(name, section_obj)
         return cls(**built)
@@ -673,10 +572,9 @@ class Config:
     def to_flat(self) -> dict[str, Any]:
         """The inverse of `from_flat`, with dashed key names as in pyproject.toml."""
         flat: dict[str, Any] = {}
-        for section in dataclasses.fields(self):
-            for f in dataclasses.fields(getattr(self, section.name)):
-                key = f"{section.name}.{f.name.replace('_', '-')}"
-                flat[key] = getattr(getattr(self, section.name), f.name)
+        for name, section in self._sections.items():
+            for f in dataclasses.fields(section):
+                flat[f"{name}.{f.name.replace('_', '-')}"] = getattr(section, f.name)
         return flat
 
     def replace(self, **overrides: Any) -> "Config":
@@ -697,18 +595,20 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def options() -> dict[str, dataclasses.Field]:
+    """Every config key's field (its metadata holds "help" and "check"), in key order."""
+    return {f"{name}.{f.name.replace('_', '-')}": f
+            for name, section_type in section_types().items() for f in dataclasses.fields(section_type)}
+
+
 def help_table() -> list[tuple[str, str, Any]]:
     """(key, help, default) for every config key, for `fedllm config`."""
     rows = []
-    for name, section_type in _section_types().items():
+    for name, section_type in section_types().items():
         for f in dataclasses.fields(section_type):
             default = f.default if f.default is not dataclasses.MISSING else None
             rows.append((f"{name}.{f.name.replace('_', '-')}", f.metadata["help"], default))
     return rows
-
-
-def _section_types() -> dict[str, type]:
-    return {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
 
 
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
@@ -748,11 +648,16 @@ def check_device(spec: Any, key: str) -> None:
         raise ConfigError(f"{key}: must be auto, cpu, cuda or cuda:N, got {spec!r}")
 
 
-def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+def choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    """Refuse a value that is not among `choices`, naming `key`."""
     if value not in choices:
         raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
 
 
-def _positive(key: str, value: float) -> None:
+def positive(key: str, value: float) -> None:
+    """Refuse a value that is not > 0, naming `key`."""
     if value <= 0:
         raise ConfigError(f"{key}: must be positive, got {value}")
+
+
+_choice, _positive = choice, positive  # the names the core sections use

@@ -99,3 +99,19 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def load(obj: Any, key: str) -> Any:
+    """`obj` itself, or the object a "module:object" string names, imported now (how a method's
+    halves and rules are registered without importing their engines).
+
+    Raises:
+        ConfigError: naming `key` when the import fails.
+    """
+    if not isinstance(obj, str):
+        return obj
+    module_name, _, attr = obj.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"{key}: cannot import {obj!r}: {err}") from err

@@ -24,8 +24,9 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from fedllm.config import Config
 from fedllm.contribution import SCORERS
 from fedllm.errors import ConfigError, PayloadError
-from fedllm.methods import METHODS, ServerHalf
+from fedllm.methods import METHODS, ServerHalf, spec_of
 from fedllm.protocol import CONFIG, RoundResult, Update, screen, update_norm
+from fedllm.registry import load
 from strategies.chain import Chain, parse_chain
 from strategies.fold import MEAN, Running
 from strategies.rules import Aggregate
@@ -187,60 +188,47 @@ def resolve(cfg: Config) -> tuple[Any, Chain]:
         ConfigError: naming the key that does not fit.
     """
     entry = METHODS.get(cfg.train.method)
-    meta = entry.meta
+    spec = spec_of(cfg)
     if cfg.server.strategy.strip() in METHODS:
         raise ConfigError(f"server.strategy: {cfg.server.strategy!r} is a method: set train.method="
                           f"{cfg.server.strategy.strip()} (server.strategy picks the aggregation rule)")
-    if not meta.get("compression", True) and (cfg.compression.up or cfg.compression.down):
+    if not spec.compression and (cfg.compression.up or cfg.compression.down):
         raise ConfigError(f"compression.up/down: train.method={entry.name} does not take codecs (its uploads "
                           "are not dense float tensors); leave them empty")
-    if not meta.get("dp", True) and cfg.dp.clipping_norm > 0:
+    if not spec.dp and cfg.dp.clipping_norm > 0:
         raise ConfigError(f"dp.clipping-norm: differential privacy needs float32 arrays on the wire (Flower's "
                           f"clipping mod), which train.method={entry.name} does not send")
     if cfg.dp.clipping_norm > 0 and (cfg.compression.up or cfg.compression.down):
         raise ConfigError("dp.clipping-norm: differential privacy needs uploads without compression "
                           "(Flower's clipping mod works on the float32 arrays)")
-    if (cfg.model.quantize != "none" or cfg.model.client_quantize.strip()) and not meta.get("quantize", False):
+    if (cfg.model.quantize != "none" or cfg.model.client_quantize.strip()) and not spec.quantize:
         raise ConfigError(f"model.quantize: train.method={entry.name} changes or adds into the base weights, which "
                           "a quantized base cannot take; quantized bases train with train.method=lora")
-    if cfg.train.optimizer not in meta.get("optimizers", ("adamw",)):
-        raise ConfigError(f"train.optimizer: train.method={entry.name} takes {', '.join(meta.get('optimizers', ('adamw',)))}"
+    if cfg.train.optimizer not in spec.optimizers:
+        raise ConfigError(f"train.optimizer: train.method={entry.name} takes {', '.join(spec.optimizers)}"
                           f", not {cfg.train.optimizer}")
-    if cfg.lora.policy != "none" and not meta.get("quantize", False):
-        raise ConfigError(f"lora.policy: train.method={entry.name} takes no per-client quantization; set the "
-                          "node config lora-rank per node instead, or use train.method=lora")
-    if cfg.lora.peft not in meta.get("peft", ("lora",)):
-        raise ConfigError(f"lora.peft: train.method={entry.name} takes {', '.join(meta.get('peft', ('lora',)))}, not "
-                          f"{cfg.lora.peft} (use train.method=lora)")
-    if cfg.lora.auto_modules() and not meta.get("auto_modules", False):
-        raise ConfigError(f"lora.target-modules: auto needs a method that asks its clients before round 1 "
-                          f"(train.method=lora), not {entry.name}")
-    if cfg.server.init_from and not meta.get("init_from", False):
+    if cfg.server.init_from and not spec.init_from:
         raise ConfigError(f"server.init-from: train.method={entry.name} does not start from a saved adapter; "
                           "lora and dpo do")
-    if cfg.server.init_from and cfg.lora.auto_modules():
-        raise ConfigError("server.init-from: the adapter fixes its modules; set lora.target-modules to its "
-                          "target_modules instead of auto")
-    if cfg.server.init_from and cfg.lora.peft == "p-tuning":
-        raise ConfigError("server.init-from: a saved P-tuning adapter holds the prompt its encoder computed, not "
-                          "the encoder that trains; start P-tuning fresh")
     scorer = SCORERS.get(cfg.ledger.scorer)
-    if cfg.ledger.enabled and scorer.meta.get("needs_utility") and not meta.get("utility", False):
+    if cfg.ledger.enabled and scorer.meta.get("needs_utility") and not spec.utility:
         plain = ", ".join(s.name for s in SCORERS.entries() if not s.meta.get("needs_utility"))
         raise ConfigError(f"ledger.scorer: {scorer.name} needs a validation loss per subset of updates, which "
                           f"train.method={entry.name} does not give; use {plain}")
-    chain = parse_chain(cfg.server.strategy, cfg, meta.get("delta_kind", "dense"), meta.get("default_rule", "fedavg"),
-                        dict(meta.get("rules", ())))
+    if spec.check is not None:
+        spec.check(cfg, spec)
+    chain = parse_chain(cfg.server.strategy, cfg, spec.delta_kind, spec.default_rule,
+                        {name: load(rule, "server.strategy") for name, rule in spec.rules})
     if cfg.server.aggregation == "stream" and (chain.fold is None or cfg.ledger.enabled):
         why = (f"rule {chain.rule.name!r} needs every update at once" if chain.fold is None
                else "the ledger's scorers and flags need every update")
         raise ConfigError(f"server.aggregation: cannot stream ({why}); use auto or list")
     if cfg.secagg.enabled:
         secure_aggregation_fits(cfg, entry, chain)
-    if chain.rule.name == "fedprox" and not meta.get("proximal", True):
+    if chain.rule.name == "fedprox" and not spec.proximal:
         raise ConfigError(f"server.strategy: train.method={entry.name} adds no proximal term to its local loss; "
                           "use fedavg (or another rule) instead of fedprox")
-    if chain.optimizers and not meta.get("server_optimizers", True):
+    if chain.optimizers and not spec.server_optimizers:
         raise ConfigError(f"server.strategy: train.method={entry.name} takes its own outer step (its config "
                           f"section); name an aggregation rule only, not {', '.join(o.name for o in chain.optimizers)}")
     return entry, chain
@@ -252,7 +240,7 @@ def secure_aggregation_fits(cfg: Config, entry: Any, chain: Chain) -> None:
     Raises:
         ConfigError: naming the key, with the reason, in one line.
     """
-    if not entry.meta.get("secagg", False):
+    if not spec_of(cfg).secagg:
         raise ConfigError(f"secagg.enabled: train.method={entry.name}'s aggregate is not a weighted sum of its uploads "
                           "(exact-lora stacks every client's factors); use lora")
     if chain.fold is None:
@@ -268,9 +256,6 @@ def secure_aggregation_fits(cfg: Config, entry: Any, chain: Chain) -> None:
         raise ConfigError(f"ledger.scorer: {cfg.ledger.scorer} scores each client's update, which secure aggregation "
                           "hides; with secagg.enabled the ledger records participation (equal shares) whatever the "
                           "scorer: leave it cosine")
-    if cfg.lora.auto_modules() and entry.meta.get("auto_modules", False):
-        raise ConfigError("lora.target-modules: auto sends each client's module scores before round 1 in the clear; "
-                          "name the modules with secagg.enabled")
 
 
 def build(cfg: Config, method: ServerHalf | None = None) -> FedLLMStrategy:

@@ -13,7 +13,7 @@ from fedllm import ledger
 from fedllm.accounting import LedgerSession
 from fedllm.config import Config
 from fedllm.merkle import Leaf, verify
-from fedllm.methods.lora import LoraServer
+from fedllm.methods.adapters.server import LoraServer
 from fedllm.protocol import RoundResult
 from strategies import build
 

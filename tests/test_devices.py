@@ -135,7 +135,7 @@ def test_bitsandbytes_without_a_kernel_for_the_device_is_one_line():
 
 
 def test_a_paged_optimizer_needs_a_gpu_and_a_lora_method():
-    from fedllm.methods.lora.engine import check_optimizer
+    from fedllm.methods.adapters.engine import check_optimizer
     from strategies import resolve
 
     cfg = Config.from_flat({"train.optimizer": "paged-adamw-8bit"})

@@ -19,7 +19,7 @@ from fedllm.errors import ConfigError
 from fedllm.local_grid import LocalGrid
 from fedllm.methods.diloco import engine
 from fedllm.methods.diloco.client import LOCAL, DiLoCoClient
-from fedllm.methods.lora import engine as lora
+from fedllm.methods.adapters import engine as lora
 from fedllm.protocol import ARRAYS, CONFIG
 from strategies import build
 

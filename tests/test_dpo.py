@@ -16,7 +16,7 @@ from fedllm.config import Config, DataConfig
 from fedllm.data import FAMILIES, load_splits
 from fedllm.errors import ConfigError, DataError
 from fedllm.methods.dpo import engine as dpo_engine
-from fedllm.methods.lora import engine as lora
+from fedllm.methods.adapters import engine as lora
 
 
 def _rows(path):

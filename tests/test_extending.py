@@ -22,7 +22,7 @@ from fedllm.contribution import SCORERS, register_scorer
 from fedllm.errors import PayloadError
 from fedllm.local_grid import LocalGrid
 from fedllm.methods import METHODS, register_method
-from fedllm.methods.lora import LoraServer
+from fedllm.methods.adapters.server import LoraServer
 from fedllm.protocol import ARRAYS, LEDGER, METRICS, Update, check_like, read_arrays, reply_metrics
 from strategies import OPTIMIZERS, RULES, ServerOpt, build
 

@@ -2,11 +2,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from fedllm.config import DataConfig, LoraConfig, TrainConfig
+from fedllm.config import DataConfig, TrainConfig
+from fedllm.methods.adapters.config import LoraConfig
 from fedllm.data import builtin, encode
 from fedllm.evaluate import eval_loss
 from fedllm.model import MODEL_CACHE
-from fedllm.methods.lora import engine as lora
+from fedllm.methods.adapters import engine as lora
 
 
 def _rows(tok, n=16):

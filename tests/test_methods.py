@@ -80,7 +80,7 @@ def test_an_attack_hook_rewrites_the_update_before_encoding(name, tiny_model_dir
     assert honest and honest.keys() == flipped.keys()  # a list round keeps each update's tensors
     if name == "exact-lora":  # the upload is the adapter itself: compare the changes from its fresh start
         from fedllm.client_train import round_seed
-        from fedllm.methods.lora import engine as lora
+        from fedllm.methods.adapters import engine as lora
 
         rank2 = base.replace(lora__rank=2)  # partition 0's rank
         net, _ = lora.lora_model(rank2.model, rank2.lora, rank2.train.seed)

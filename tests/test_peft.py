@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from conftest import tiny_run_config
-from fedllm.config import Config, LoraConfig, ModelConfig, TrainConfig
+from fedllm.config import Config, ModelConfig, TrainConfig
+from fedllm.methods.adapters.config import LoraConfig
 from fedllm.data import encode, load_splits
 from fedllm.errors import ConfigError
-from fedllm.methods.lora import engine as lora
-from fedllm.methods.lora import resources
+from fedllm.methods.adapters import engine as lora
+from fedllm.methods.adapters import resources
 
 pytest.importorskip("bitsandbytes")
 
@@ -317,7 +318,7 @@ def test_a_bad_module_score_reply_is_dropped_and_the_rest_decide(tiny_model_dir)
 
     from conftest import reply_to
     from fedllm.errors import PayloadError
-    from fedllm.methods.lora.server import LoraServer
+    from fedllm.methods.adapters.server import LoraServer
     from fedllm.protocol import METRICS, SCORES
 
     cfg = Config.from_flat({"model.name": str(tiny_model_dir), "lora.target-modules": "auto", "server.evaluate": False})

@@ -27,9 +27,9 @@ from fedllm.config import Config
 from fedllm.errors import ConfigError
 from fedllm.local_grid import LocalGrid
 from fedllm.methods.zo import engine as zo
-from fedllm.methods.lora import LoraServer
-from fedllm.methods.lora.client import shifted
-from fedllm.methods.zo import ZOServer
+from fedllm.methods.adapters.server import LoraServer
+from fedllm.methods.adapters.client import shifted
+from fedllm.methods.zo.server import ZOServer
 from strategies import build
 
 # --- the malformed-reply matrix -------------------------------------------------------------
@@ -396,7 +396,7 @@ def test_attack_clients_send_what_they_claim(tiny_model_dir, tmp_path):
     def request(c, rnd, state):
         return RecordDict({"config": ConfigRecord({**c.to_flat(), "server-round": rnd}), "arrays": ArrayRecord(state)})
 
-    from fedllm.methods.lora import engine as lora
+    from fedllm.methods.adapters import engine as lora
 
     glob = lora.init_adapter_state(cfg.model, cfg.lora, cfg.train.seed)
     r1 = {pid: handle(request(cfg, 1, glob), contexts[pid]) for pid in range(4)}

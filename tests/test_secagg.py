@@ -425,7 +425,7 @@ def test_client_side_dp_clipping_composes_with_secagg(tiny_model_dir, tmp_path):
     global adapter by the mean of clipped updates, at most the clipping norm."""
     from safetensors.torch import load_file
 
-    from fedllm.methods.lora import engine as lora
+    from fedllm.methods.adapters import engine as lora
     from fedllm.server_app import run
 
     clip = 0.02

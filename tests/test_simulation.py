@@ -227,8 +227,9 @@ def test_exact_lora_with_two_ranks(tiny_model_dir, tmp_path):
 def test_dp_clipping_bounds_the_global_step(tiny_model_dir, tmp_path, secagg):
     """With secagg too: the SecAgg+ stages through Ray's node contexts, the clipping mod inside
     the secagg mod."""
-    from fedllm.config import LoraConfig, ModelConfig
-    from fedllm.methods.lora.engine import adapter_state, build_lora_model
+    from fedllm.config import ModelConfig
+    from fedllm.methods.adapters.config import LoraConfig
+    from fedllm.methods.adapters.engine import adapter_state, build_lora_model
 
     run, rows = _simulate(tiny_model_dir, tmp_path, "dp", **{
         "dp.clipping-norm": 0.05, "dp.noise-multiplier": 0.0, "secagg.enabled": secagg})

@@ -7,7 +7,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 
 from fedllm import ConfigError
 from fedllm.config import Config
-from fedllm.methods.lora import LoraServer
+from fedllm.methods.adapters.server import LoraServer
 from strategies import OPTIMIZERS, RULES, FedLLMStrategy, build, weighted_mean
 
 
@@ -133,7 +133,7 @@ def test_chain_errors_name_the_stage(spec, message):
 
 
 # --- the strategy family -------------------------------------------------------------------
-from fedllm.methods.exact_lora import ExactLoraServer, compact, stack_factors  # noqa: E402
+from fedllm.methods.exact_lora.server import ExactLoraServer, compact, stack_factors  # noqa: E402
 from strategies import (adaptive_step, coordinate_median, fedavg, krum_scores, momentum_step,  # noqa: E402
                         multi_krum, norm_bounded_mean, trimmed_mean)
 

@@ -10,8 +10,8 @@ from fedllm.client_app import dp_clipping
 from fedllm.compression import decode, encode, parse
 from fedllm.config import Config
 from fedllm.errors import PayloadError
-from fedllm.methods.lora import LoraServer
-from fedllm.methods.lora.client import receive_global, send_compressed
+from fedllm.methods.adapters.server import LoraServer
+from fedllm.methods.adapters.client import receive_global, send_compressed
 from strategies import build
 
 pytestmark = pytest.mark.usefixtures("task_identity")

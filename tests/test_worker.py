@@ -61,7 +61,7 @@ def running_worker(tmp_path, monkeypatch):
 
 def test_a_round_through_the_worker_survives_a_wrong_key_and_garbage(running_worker, tiny_model_dir, tmp_path):
     from fedllm.client_train import handle
-    from fedllm.methods.lora import engine as lora
+    from fedllm.methods.adapters import engine as lora
 
     address, proc = running_worker
     cfg = tiny_run_config(tiny_model_dir, tmp_path)

@@ -365,7 +365,7 @@ def test_an_empty_upload_decodes_to_zeros(bits):
 
 def test_a_checkpoint_of_the_earlier_generator_is_refused_in_one_line():
     from fedllm.errors import ConfigError
-    from fedllm.methods.zo import ZOServer
+    from fedllm.methods.zo.server import ZOServer
 
     cfg = Config.from_flat({"train.method": "zo", "zo.num-seeds": K})
     server = ZOServer(cfg, fingerprint=0)

@@ -1,7 +1,7 @@
 """The Method interface: a training method owns its whole protocol, in two typed halves.
 
-    register_method("lora", server=LoraServer, client=LoraClient, config=LoraConfig, default_rule="fedavg",
-                    compression=True, dp=True, utility=True, delta_kind="dense")
+    register_method("zo", server="fedllm.methods.zo.server:ZOServer", client="fedllm.methods.zo.client:ZOClient",
+                    spec=MethodSpec(compression=False, dp=False, delta_kind="sums", check=my_checks))
 
 The server half holds the global state: it encodes what each node needs to reach it (through
 the shared `Downlink` bookkeeping), decodes and validates an upload into an `Update`, applies
@@ -10,19 +10,11 @@ checkpoints its state by name. The client half syncs to the global state, trains
 its upload. Nothing outside a method's folder names it; the round loop, the rules, the ledger
 and the report see only these Protocols and `Update` / `RoundResult` values.
 
-Metadata a method registers with (read by the cross-checks in `strategies.resolve`):
-- default_rule: the rule server.strategy='' picks;
-- delta_kind: what its updates are ("dense" named tensors of fixed shapes, "sums" per-seed
-  scalars, "factors" LoRA factors of any rank), matched against a rule's `accepts`;
-- rules: rules of its own, (name, function) pairs (exact-lora's stack);
-- server_optimizers: whether server.strategy may chain server optimizers (fedadam, ...) after
-  the rule (default True; diloco takes its own outer step);
-- compression: whether compression.up/down apply (its uploads are named tensors);
-- dp: whether Flower's client-side clipping mod applies (it clips float32 arrays);
-- utility: whether `utility` gives the validation loss that scorers with needs_utility call;
-- quantize: whether model.quantize and lora.policy apply (clients train an adapter on a frozen base);
-- optimizers: the train.optimizer values it takes (default: adamw only);
-- peft: the lora.peft adapters it takes (default: lora only).
+What a method is, besides its halves, is a typed `MethodSpec` (the cross-checks in
+`strategies.resolve` and the round read its fields); its config section lives in its folder
+(`methods/<m>/config.py`, `fedllm.config.register_section`), and `spec.check(cfg, spec)` holds the
+cross-checks only it knows. The halves may be given as "module:object" strings, imported on first
+use: registering a method (and reading the config) imports no torch.
 
 Optional, before round 1 of a new run: a server half with `prepare(ask)` may query the sampled
 clients (`ask(records)` sends them a query message with the run config and yields the replies); a
@@ -30,32 +22,26 @@ client half answers with `answer(request, rows_of, seed)` (LoRA's module scoring
 
 Optional at every evaluation: a server half with `evaluate(model, held_out)` adds its own figures
 to the row (dpo: the held-out rewards).
-
-More metadata: preference (its clients train on preference pairs: the data layer loads pairs,
-`fedllm.methods.data_splits`), init_from (server.init-from applies: the global adapter may start
-from a saved one), proximal (whether fedprox's proximal term reaches its local loss; default True),
-secagg (whether secagg.enabled applies: with it on, its client half uploads float arrays whose
-example-weighted mean its `decode` reads as the mean update, and its server half takes that mean
-through `decode` and `apply` as a streamed round does; fedllm.secagg), secagg_range (the
-clip range secagg.clip-range=0 takes: what its uploaded values span), secagg_agree (metrics its
-`decode` checks, which every masked upload must report alike: zo's version, diloco's fragment).
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
-
-from flwr.app import Context, Message, RecordDict
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 from fedllm.config import Config
-from fedllm.protocol import State, Update
-from fedllm.registry import Registry
+from fedllm.registry import Registry, load
 
-Ask = Callable[[dict[str, Any]], Iterator[Message]]  # records -> the replies of a query to the sampled nodes
+if TYPE_CHECKING:
+    from flwr.app import Context, Message, RecordDict
+
+    from fedllm.protocol import State, Update
+
+Ask = Callable[[dict[str, Any]], Iterator["Message"]]  # records -> the replies of a query to the sampled nodes
 UtilityOf = Callable[[list[int]], float]  # indices of accepted updates -> minus a validation loss
-Transform = Callable[[State], State]  # what an attack hook does to an update before it is encoded
+Transform = Callable[["State"], "State"]  # what an attack hook does to an update before it is encoded
 
 
 class ServerHalf(Protocol):
@@ -112,20 +98,86 @@ class ClientHalf(Protocol):
 
 
 ServerFactory = Callable[[Config], ServerHalf]
-ClientFactory = Callable[[Config, Context, int], ClientHalf]
+ClientFactory = Callable[[Config, "Context", int], ClientHalf]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method works with; `strategies.resolve` and the round read these fields.
+
+    default_rule: the rule server.strategy='' picks. delta_kind: what its updates are ("dense"
+    named tensors of fixed shapes, "sums" per-seed scalars, "factors" LoRA factors of any rank),
+    matched against a rule's `accepts`. rules: rules of its own, (name, function or
+    "module:function") pairs (exact-lora's stack). server_optimizers: whether server.strategy
+    may chain server optimizers (fedadam, ...) after the rule (diloco takes its own outer step).
+    compression: whether compression.up/down apply (its uploads are named tensors). dp: whether
+    Flower's client-side clipping mod applies (it clips float32 arrays). utility: whether
+    `utility` gives the validation loss the scorers with needs_utility call. quantize: whether
+    model.quantize and lora.policy apply (clients train an adapter on a frozen base). optimizers:
+    the train.optimizer values it takes. peft: the lora.peft adapters it takes. auto_modules:
+    whether lora.target-modules=auto applies (its server half scores modules in `prepare`).
+    init_from: whether server.init-from applies (the global adapter may start from a saved one).
+    preference: its clients train on preference pairs (the data layer loads pairs). proximal:
+    whether fedprox's proximal term reaches its local loss. secagg: whether secagg.enabled applies
+    (its client half uploads float arrays whose example-weighted mean its `decode` reads as the
+    mean update). secagg_range: the clip range secagg.clip-range=0 takes. secagg_agree: metrics
+    its `decode` checks, which every masked upload must report alike (zo's version). check: the
+    cross-checks only this method knows, `check(cfg, spec)` raising ConfigError (run by resolve).
+    """
+
+    default_rule: str = "fedavg"
+    delta_kind: str = "dense"
+    rules: tuple[tuple[str, Any], ...] = ()
+    server_optimizers: bool = True
+    compression: bool = True
+    dp: bool = True
+    utility: bool = False
+    quantize: bool = False
+    optimizers: tuple[str, ...] = ("adamw",)
+    peft: tuple[str, ...] = ("lora",)
+    auto_modules: bool = False
+    init_from: bool = False
+    preference: bool = False
+    proximal: bool = True
+    secagg: bool = False
+    secagg_range: float = 4.0
+    secagg_agree: tuple[str, ...] = ()
+    check: Callable[[Config, "MethodSpec"], None] | None = None
 
 
 class MethodImpl:
-    """What register_method stores: the two half factories."""
+    """What register_method stores: the two half factories (imported on first use when given as
+    "module:object") and the spec."""
 
-    def __init__(self, server: ServerFactory, client: ClientFactory) -> None:
-        self.server, self.client = server, client
+    def __init__(self, server: ServerFactory | str, client: ClientFactory | str, spec: MethodSpec) -> None:
+        self._server, self._client, self.spec = server, client, spec
+
+    def server(self, cfg: Config) -> ServerHalf:
+        return load(self._server, "train.method")(cfg)
+
+    def client(self, cfg: Config, context: "Context", partition_id: int) -> ClientHalf:
+        return load(self._client, "train.method")(cfg, context, partition_id)
 
 
 METHODS: Registry[MethodImpl] = Registry("method", "train.method")
 
 
-def register_method(name: str, *, server: ServerFactory, client: ClientFactory, config: type | None = None,
-                    **meta: Any) -> MethodImpl:
-    """Add a method under `name` (what train.method selects)."""
-    return METHODS.register(name, MethodImpl(server, client), config=config, **meta)
+def register_method(name: str, *, server: ServerFactory | str, client: ClientFactory | str,
+                    spec: MethodSpec | None = None, **fields_: Any) -> MethodImpl:
+    """Add a method under `name` (what train.method selects); `spec`, or its fields as keywords.
+
+    Raises:
+        ValueError: for a keyword that is not a MethodSpec field.
+    """
+    unknown = set(fields_) - {f.name for f in fields(MethodSpec)}
+    if unknown:
+        raise ValueError(f"method {name!r}: {', '.join(sorted(unknown))} not MethodSpec fields")
+    if spec is None:
+        spec = MethodSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields_.items()})
+    return METHODS.register(name, MethodImpl(server, client, spec))
+
+
+def spec_of(cfg: Config) -> MethodSpec:
+    """The spec of train.method (a registered name, or a user's MethodImpl by module:object)."""
+    impl = METHODS.get(cfg.train.method).impl
+    return impl.spec if isinstance(impl, MethodImpl) else MethodSpec()

@@ -35,7 +35,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 
 from fedllm.errors import ConfigError, PayloadError
-from fedllm.methods import METHODS
+from fedllm.methods import spec_of
 from fedllm.protocol import (CONFIG, LEDGER, METRICS, RoundResult, Update, finite_metrics, payload_bytes, receive,
                              short_reason)
 from fedllm.secagg import core
@@ -64,7 +64,7 @@ class Attempt:
 
 def clip_range(cfg: Any) -> float:
     """secagg.clip-range, or for 0 the method's own range (its registry metadata)."""
-    return float(cfg.secagg.clip_range or METHODS.get(cfg.train.method).meta.get("secagg_range", 4.0))
+    return float(cfg.secagg.clip_range or spec_of(cfg).secagg_range)
 
 
 def check(cfg: Any, sampled: int) -> tuple[int, int]:
@@ -300,7 +300,7 @@ def secure_round(strategy: FedLLMStrategy, server_round: int, run_config: Config
                 (a, f"it says node {b}'s key shares did not decrypt (accuser and accused both leave)") for a in by]:
             vectors.pop(node, None)
             r.drop(node, f"secagg train: {why}")
-    for key in METHODS.get(cfg.train.method).meta.get("secagg_agree", ()):  # what decode checks, checked per node
+    for key in spec_of(cfg).secagg_agree:  # what decode checks, checked per node
         values = collections.Counter(metrics_of[n].get(key) for n in vectors)
         if len(values) > 1:
             value = values.most_common(1)[0][0]

@@ -23,7 +23,7 @@ from fedllm.config import Config
 from fedllm.errors import PayloadError
 from fedllm.methods.base import Transform
 from fedllm.methods.diloco import engine
-from fedllm.methods.lora.client import send_compressed
+from fedllm.methods.adapters.client import send_compressed
 from fedllm.protocol import ARRAYS, CONFIG, DILOCO, UPDATE, State, check_like
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ class DiLoCoClient:
         return len(due)
 
     def train(self, rows: list[dict[str, list[int]]], seed: int) -> dict[str, float]:
-        from fedllm.methods.lora import engine as lora
+        from fedllm.methods.adapters import engine as lora
 
         engine.set_state(self.net, self.dc.params, self.local)
         opt = engine.make_optimizer(self.net, self.cfg.train, self.adam)

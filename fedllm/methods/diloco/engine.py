@@ -137,7 +137,7 @@ def trainable_model(cfg: Config) -> tuple[Any, Any]:
     """(model, tokenizer), once per process: the base model itself (params=full) or the LoRA
     model of [lora] (params=lora). Every user loads the state it needs before using it."""
     if cfg.diloco.params == "lora":
-        from fedllm.methods.lora import engine as lora
+        from fedllm.methods.adapters import engine as lora
 
         return lora.lora_model(cfg.model, cfg.lora, cfg.train.seed)
     key = ("diloco-full", cfg.model.name, cfg.model.dtype, str(cache_root(cfg.model)), *placement(cfg.model))
@@ -148,7 +148,7 @@ def get_state(net: Any, params: str) -> State:
     """A detached CPU copy of the trained tensors: every parameter (full; tied weights once)
     or the LoRA adapter (PEFT state-dict names)."""
     if params == "lora":
-        from fedllm.methods.lora import engine as lora
+        from fedllm.methods.adapters import engine as lora
 
         return lora.adapter_state(net)
     return {n: p.detach().to("cpu", copy=True) for n, p in net.named_parameters()}
@@ -157,7 +157,7 @@ def get_state(net: Any, params: str) -> State:
 def set_state(net: Any, params: str, state: State) -> None:
     """Load `state` (every trained tensor) into `net` in place."""
     if params == "lora":
-        from fedllm.methods.lora import engine as lora
+        from fedllm.methods.adapters import engine as lora
 
         lora.set_adapter_state(net, state)
         return
@@ -170,7 +170,7 @@ def initial_state(cfg: Config) -> State:
     """The state every party starts from, without a message: the base weights (full) or the
     seeded fresh adapter (lora). Computed once per process."""
     if cfg.diloco.params == "lora":
-        from fedllm.methods.lora import engine as lora
+        from fedllm.methods.adapters import engine as lora
 
         key: tuple = ("diloco-initial-lora", cfg.model.name, cfg.lora.rank, cfg.lora.target_modules, cfg.train.seed)
         return MODEL_CACHE.get(key, lambda: lora.init_adapter_state(cfg.model, cfg.lora, cfg.train.seed))

@@ -150,7 +150,7 @@ class DiLoCoServer:
         return None
 
     def digest(self) -> bytes:
-        from fedllm.methods.lora.server import state_digest
+        from fedllm.methods.adapters.server import state_digest
 
         return state_digest(self.state)
 
@@ -161,7 +161,7 @@ class DiLoCoServer:
             with self.model() as net:
                 save_merged(net, self.tokenizer, run_dir / "model")
             return
-        from fedllm.methods.lora import engine as lora
+        from fedllm.methods.adapters import engine as lora
 
         lora.save_adapter(self.state, self.cfg.model, self.cfg.lora, run_dir / "adapter")
         if self.cfg.server.merge:

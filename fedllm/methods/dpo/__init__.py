@@ -2,13 +2,11 @@
 preference pairs with TRL's DPOTrainer, training a LoRA adapter against a frozen reference (the
 round's global adapter, or the base); the server aggregates the adapters with any LoRA rule."""
 
-from fedllm.config import OPTIMIZERS, DpoConfig
-from fedllm.methods.base import register_method
-from fedllm.methods.dpo.client import DpoClient
-from fedllm.methods.dpo.server import DpoServer
+from fedllm.config import OPTIMIZERS
+from fedllm.methods.adapters.config import check_adapter
+from fedllm.methods.base import MethodSpec, register_method
+from fedllm.methods.dpo import config  # noqa: F401  (the [dpo] section)
 
-register_method("dpo", server=DpoServer, client=DpoClient, config=DpoConfig, default_rule="fedavg",
-                compression=True, dp=True, utility=False, delta_kind="dense", preference=True, init_from=True,
-                optimizers=OPTIMIZERS, proximal=False, secagg=True, secagg_range=4.0)
-
-__all__ = ["DpoClient", "DpoServer"]
+register_method("dpo", server="fedllm.methods.dpo.server:DpoServer", client="fedllm.methods.dpo.client:DpoClient",
+                spec=MethodSpec(default_rule="fedavg", preference=True, init_from=True, optimizers=OPTIMIZERS,
+                                proximal=False, secagg=True, check=check_adapter))

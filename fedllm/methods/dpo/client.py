@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from fedllm.methods.dpo import engine as dpo
-from fedllm.methods.lora.client import LoraClient
+from fedllm.methods.adapters.client import LoraClient
 
 
 class DpoClient(LoraClient):

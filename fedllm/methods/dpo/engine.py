@@ -30,9 +30,10 @@ from typing import Any, Iterator
 import torch
 
 from fedllm import devices
-from fedllm.config import DpoConfig, TrainConfig
+from fedllm.config import TrainConfig
+from fedllm.methods.dpo.config import DpoConfig
 from fedllm.errors import DataError
-from fedllm.methods.lora import engine as lora
+from fedllm.methods.adapters import engine as lora
 
 REF = "ref"  # the name TRL gives the reference adapter
 logging.getLogger("trl").setLevel(logging.ERROR)

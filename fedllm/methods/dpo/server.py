@@ -18,8 +18,8 @@ import torch
 from fedllm.config import Config
 from fedllm.data import example_key
 from fedllm.evaluate import pair_logps, preference_metrics
-from fedllm.methods.lora import engine as lora
-from fedllm.methods.lora.server import LoraServer
+from fedllm.methods.adapters import engine as lora
+from fedllm.methods.adapters.server import LoraServer
 from fedllm.protocol import State
 
 

@@ -1,12 +1,11 @@
 """exact-lora: FLoRA-style stacking of clients' LoRA factors (ranks may differ per client)."""
 
-from fedllm.config import OPTIMIZERS, LoraConfig
-from fedllm.methods.base import register_method
-from fedllm.methods.exact_lora.client import ExactLoraClient
-from fedllm.methods.exact_lora.server import ExactLoraServer, compact, pad_ranks, stack, stack_factors
+from fedllm.config import OPTIMIZERS
+from fedllm.methods.adapters.config import check_adapter
+from fedllm.methods.base import MethodSpec, register_method
 
-register_method("exact-lora", server=ExactLoraServer, client=ExactLoraClient, config=LoraConfig,
-                default_rule="stack", compression=False, dp=False, utility=False, delta_kind="factors",
-                optimizers=OPTIMIZERS, rules=(("stack", stack),))
-
-__all__ = ["ExactLoraClient", "ExactLoraServer", "compact", "pad_ranks", "stack", "stack_factors"]
+register_method("exact-lora", server="fedllm.methods.exact_lora.server:ExactLoraServer",
+                client="fedllm.methods.exact_lora.client:ExactLoraClient",
+                spec=MethodSpec(default_rule="stack", compression=False, dp=False, delta_kind="factors",
+                                optimizers=OPTIMIZERS, rules=(("stack", "fedllm.methods.exact_lora.server:stack"),),
+                                check=check_adapter))

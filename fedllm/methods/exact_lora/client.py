@@ -10,8 +10,8 @@ from flwr.app import ArrayRecord, Context, RecordDict
 from fedllm.config import Config
 from fedllm.errors import ConfigError, PayloadError
 from fedllm.methods.base import Transform
-from fedllm.methods.lora import engine as lora
-from fedllm.methods.lora.client import client_rank, shifted
+from fedllm.methods.adapters import engine as lora
+from fedllm.methods.adapters.client import client_rank, shifted
 from fedllm.protocol import ARRAYS, FROZEN, State
 
 

@@ -30,8 +30,8 @@ from flwr.app import ArrayRecord, Message
 from fedllm.config import Config
 from fedllm.errors import PayloadError
 from fedllm.methods.base import UtilityOf
-from fedllm.methods.lora import engine as lora
-from fedllm.methods.lora.server import state_digest
+from fedllm.methods.adapters import engine as lora
+from fedllm.methods.adapters.server import state_digest
 from fedllm.model import save_merged
 from fedllm.protocol import ARRAYS, FROZEN, LEDGER, METRICS, State, Update, read_arrays, reply_metrics
 

@@ -39,7 +39,8 @@ import torch
 from fedllm import devices
 from fedllm.compression.codecs import symmetric_quantize
 from fedllm.compression.wire import pack_bits, unpack_bits
-from fedllm.config import Config, TrainConfig, ZOConfig
+from fedllm.config import Config, TrainConfig
+from fedllm.methods.zo.config import ZOConfig
 from fedllm.data.templates import batches
 from fedllm.errors import ConfigError, PayloadError
 from fedllm.methods.zo import rng
@@ -399,7 +400,7 @@ def engine_for(cfg: Config) -> tuple[ZOEngine, Any]:
     train.seed), and a rebuild restores their initial values.
     """
     from fedllm.model import MODEL_CACHE, load_base_model, placement
-    from fedllm.methods.lora import engine as lora
+    from fedllm.methods.adapters import engine as lora
 
     z = cfg.zo
     key = ("zo", cfg.model.name, cfg.model.dtype, z.params, z.num_seeds, z.pool_seed, z.dist, z.lr, z.eps,

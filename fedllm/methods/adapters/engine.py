@@ -28,7 +28,8 @@ from typing import Any, Iterator
 import torch
 
 from fedllm import devices
-from fedllm.config import LoraConfig, ModelConfig, TrainConfig
+from fedllm.config import ModelConfig, TrainConfig
+from fedllm.methods.adapters.config import LoraConfig
 from fedllm.data.templates import batches
 from fedllm.errors import ConfigError
 from fedllm.model import MODEL_CACHE, empty_model, first_line, load_base_model, placement

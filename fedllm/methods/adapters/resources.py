@@ -25,7 +25,7 @@ from fedllm.config import QUANTIZE, Config, ModelConfig
 
 DTYPES = ("float32", "bfloat16")
 from fedllm.errors import ConfigError
-from fedllm.methods.lora import engine as lora
+from fedllm.methods.adapters import engine as lora
 
 RUNTIME_MB = 600.0
 BYTES = {"none": None, "int8": 1.0, "nf4": 0.5, "fp4": 0.5}  # per linear weight (None: model.dtype's)

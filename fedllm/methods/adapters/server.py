@@ -16,7 +16,7 @@ from fedllm.contribution import SCORERS
 from fedllm.evaluate import eval_loss
 from fedllm.methods.base import Ask, UtilityOf
 from fedllm.methods.downlink import Downlink
-from fedllm.methods.lora import engine as lora
+from fedllm.methods.adapters import engine as lora
 from fedllm.model import load_tokenizer, save_merged
 from fedllm.errors import ConfigError, PayloadError
 from fedllm.protocol import (ARRAYS, DOWN, LEDGER, METRICS, PEFT, SCORES, UPDATE, State, Update, check_like,

@@ -18,8 +18,8 @@ from fedllm.compression import Feedback, compress, decode, parse
 from fedllm.config import Config
 from fedllm.errors import ConfigError, PayloadError
 from fedllm.methods.base import Transform
-from fedllm.methods.lora import engine as lora
-from fedllm.methods.lora.resources import base_bits, client_config
+from fedllm.methods.adapters import engine as lora
+from fedllm.methods.adapters.resources import base_bits, client_config
 from fedllm.protocol import ARRAYS, CONFIG, DOWN, METRICS, PEFT, SCORES, UPDATE, State
 
 GLOBAL, GLOBAL_VERSION, RESIDUAL = "global", "fedllm-global", "ef-residual"  # context.state names
@@ -27,7 +27,7 @@ Rows = Callable[[Any], tuple[list[dict[str, list[int]]], int]]  # tokenizer -> (
 
 
 def client_rank(cfg: Config, context: Context, partition_id: int) -> Config:
-    """The config with this node's rank and quantization (fedllm.methods.lora.resources)."""
+    """The config with this node's rank and quantization (fedllm.methods.adapters.resources)."""
     return client_config(cfg, context.node_config, partition_id)
 
 
