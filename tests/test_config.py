@@ -1,4 +1,6 @@
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -182,3 +184,19 @@ def test_preflight_refuses_too_many_clients_and_a_model_without_weights(tmp_path
     with pytest.raises(ModelError, match="not in the local cache and HF_HUB_OFFLINE is set"):
         check_available(ModelConfig(name="someone/some-model"))
     check_available(ModelConfig(name=str(tiny_model_dir)))
+
+
+HEAVY = ("torch", "transformers", "flwr_datasets", "datasets", "seaborn", "peft", "ray", "trl")
+
+
+@pytest.mark.parametrize("argv", [["config"], ["simulate", "--set", "lora.rank=0"],
+                                  ["simulate", "--set", "zo.bits=3", "--set", "train.method=zo"],
+                                  ["simulate", "--set", "no.such-key=1"]])
+def test_a_config_answer_imports_nothing_heavy(argv):
+    """`fedllm config` and every config error answer before torch, transformers, flwr-datasets or Ray
+    is imported (what took several seconds, 29 on a busy machine), measured with -X importtime."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "fedllm", *argv], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == (0 if argv == ["config"] else 2), out.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert len(imported) > 20 and not imported & set(HEAVY), sorted(imported & set(HEAVY))
