@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-zo test test-fast bench bench-full lock clean
+.PHONY: demo demo-zo test test-fast bench bench-full docs lock clean
 
 $(STAMP): requirements.lock pyproject.toml contracts/package-lock.json
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/suite.py
+	$(PY) bench/readme.py
 
 bench-full: $(STAMP)
 	$(PY) bench/simulation_overhead.py
@@ -48,6 +49,12 @@ bench-full: $(STAMP)
 	$(PY) bench/dpo.py
 	$(PY) bench/secagg.py
 	$(PY) bench/gpu.py
+	$(PY) bench/readme.py
+
+# the documentation site (mkdocs.yml), into build/site; --strict fails on any warning (a broken link,
+# a page missing from the nav); docs/hooks.py generates the configuration reference from the code
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict
 
 lock: $(STAMP)
 	head -3 requirements.lock > requirements.lock.new
