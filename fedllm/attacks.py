@@ -15,19 +15,44 @@ Data poisoning:
 - label-flip: trains on its own prompts with the responses shuffled among them.
 A fault:
 - crash: raises mid-round, after loading the model (a dropout, for tests).
+
+Each kind is one `Attack` of hooks in the ATTACKS registry; a new kind is one registration
+(`ATTACKS.register("my-kind", Attack(update=...))`), in a module server.plugins names.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
-import torch
+from fedllm.registry import Registry
 
-State = dict[str, torch.Tensor]
+if TYPE_CHECKING:  # torch is imported where an attack runs, so that config checks stay light
+    import torch
+
+class Attack(NamedTuple):
+    """What a dishonest client of one kind does differently from an honest one; each hook is
+    optional, and client_train.handle calls them in this order. `cfg` is the run's Config.
+
+    start(pid, server_round): before anything (crash raises here).
+    partition(cfg, pid) -> the partition it trains as (duplicate: attack.victim).
+    data(examples, seed) -> the examples it trains on (label-flip).
+    train: False skips local training (zero: a free rider).
+    replay: sends its previous round's reply again (after training honestly in its first).
+    update(delta, seed, cfg) -> what it sends instead of its honest update (model poisoning).
+    """
+
+    start: Callable[[int, int], None] | None = None
+    partition: Callable[[Any, int], int] | None = None
+    data: Callable[[list[dict[str, Any]], int], list[dict[str, Any]]] | None = None
+    train: bool = True
+    replay: bool = False
+    update: Callable[["dict[str, torch.Tensor]", int, Any], "dict[str, torch.Tensor]"] | None = None
 
 
-POISONING = ("zero", "noise", "sign-flip", "scale")  # the kinds that rewrite an honest update
+ATTACKS: Registry[Attack] = Registry("attack", "attack.clients")
+"""attack.clients kinds; a user's own joins with `ATTACKS.register("my-kind", Attack(...))` in a
+module named by server.plugins."""
 
 
 class Crash(RuntimeError):
@@ -38,9 +63,12 @@ def crash(pid: int, server_round: int) -> None:
     raise Crash(f"attack.clients: partition {pid} crashes in round {server_round} (a test fault)")
 
 
-def poisoned(kind: str, delta: State, seed: int, noise_scale: float = 1.0, scale: float = 10.0) -> State:
+def poisoned(kind: str, delta: dict[str, torch.Tensor], seed: int, noise_scale: float = 1.0,
+             scale: float = 10.0) -> dict[str, torch.Tensor]:
     """The update a model-poisoning attacker of `kind` sends instead of its honest `delta`;
     any other kind returns `delta` itself."""
+    import torch
+
     if kind == "zero":
         return {k: torch.zeros_like(t) for k, t in delta.items()}
     if kind == "sign-flip":
@@ -71,3 +99,18 @@ def flip_labels(examples: list[dict[str, Any]], seed: int) -> list[dict[str, Any
     for i, j in zip(order, shift):
         out[i]["response"] = examples[j]["response"]
     return out
+
+
+def _poisoning(kind: str) -> Callable[[dict[str, torch.Tensor], int, Any], dict[str, torch.Tensor]]:
+    return lambda delta, seed, cfg: poisoned(kind, delta, seed, cfg.attack.noise_scale, cfg.attack.scale)
+
+
+ATTACKS.register("zero", Attack(train=False, update=_poisoning("zero")))
+ATTACKS.register("noise", Attack(update=_poisoning("noise")))
+ATTACKS.register("sign-flip", Attack(update=_poisoning("sign-flip")))
+ATTACKS.register("scale", Attack(update=_poisoning("scale")))
+ATTACKS.register("replay", Attack(replay=True))
+ATTACKS.register("duplicate", Attack(partition=lambda cfg, pid: cfg.attack.victim))
+ATTACKS.register("label-flip", Attack(data=flip_labels))
+ATTACKS.register("crash", Attack(start=crash))
+POISONING = tuple(e.name for e in ATTACKS.entries() if e.impl.update is not None)  # rewrite an honest update

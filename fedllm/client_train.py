@@ -19,7 +19,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
-from fedllm.attacks import POISONING, crash, flip_labels, poisoned
+from fedllm.attacks import ATTACKS, Attack
 from fedllm.config import Config, check_device
 from fedllm.data import encode, load_source, load_splits, pair_text, partition
 from fedllm.errors import DataError, PayloadError
@@ -40,11 +40,12 @@ def config_from_request(request: RecordDict) -> Config:
 
 @functools.lru_cache(maxsize=8)
 def client_rows(cfg_items: tuple, tokenizer: Any, partition_id: int, num_partitions: int, site_data: str = "",
-                flip_seed: int | None = None) -> tuple[list, int]:
+                attack: str = "", attack_seed: int = 0) -> tuple[list, int]:
     """Encoded training rows (cached per process) and the example count: the file `site_data`
     (a site's own data, named in its node config as data-path), else one partition of data.source.
-    With `flip_seed` the responses are shuffled among the examples (the label-flip attack; pairs
-    swap chosen and rejected). A method that trains on pairs (dpo) gets their texts (`pair_text`)."""
+    With `attack` (an attack.clients kind with a `data` hook) the examples are what it makes of
+    them, seeded by `attack_seed` (label-flip shuffles the responses; pairs swap chosen and
+    rejected). A method that trains on pairs (dpo) gets their texts (`pair_text`)."""
     cfg = Config.from_flat(dict(cfg_items))
     pairs = uses_pairs(cfg)
     if site_data:
@@ -52,8 +53,8 @@ def client_rows(cfg_items: tuple, tokenizer: Any, partition_id: int, num_partiti
     else:
         train, _ = load_splits(cfg.data, pairs)
         mine = partition(train, cfg.data, num_partitions, partition_id)
-    if flip_seed is not None:
-        mine = flip_labels(mine, flip_seed)
+    if attack:
+        mine = ATTACKS.get(attack).impl.data(mine, attack_seed)
     if pairs:
         return [pair_text(tokenizer, e, cfg.data.system_prompt) for e in mine], len(mine)
     rows = [encode(tokenizer, e, cfg.data.max_length, cfg.data.system_prompt) for e in mine]
@@ -66,12 +67,15 @@ def node_partition(context: Context) -> tuple[int, int]:
 
 
 def node_rows(cfg: Config, context: Context, tokenizer: Any, as_partition: int | None = None,
-              flip: bool = False) -> tuple[list, int]:
-    """This node's rows; `as_partition` trains on another partition's (the duplicate attack)."""
+              attack: str | None = None) -> tuple[list, int]:
+    """This node's rows; `as_partition` trains on another partition's (the duplicate attack);
+    `attack` rewrites the examples where that kind has a `data` hook (label-flip)."""
     pid, n = node_partition(context)
     pid = pid if as_partition is None else as_partition
+    data_attack = attack if attack and ATTACKS.get(attack).impl.data is not None else ""
     return client_rows(tuple(sorted(cfg.to_flat().items())), tokenizer, pid, n,
-                       str(context.node_config.get("data-path", "")), cfg.train.seed + pid if flip else None)
+                       str(context.node_config.get("data-path", "")), data_attack,
+                       cfg.train.seed + pid if data_attack else 0)
 
 
 def round_seed(cfg: Config, server_round: int, pid: int) -> int:
@@ -130,12 +134,13 @@ def handle(request: RecordDict, context: Context, started: float | None = None) 
     cfg, pid, half = client_half(request, context)
     server_round = int(request.config_records[CONFIG].get("server-round", 0))
     attack = cfg.attack.kinds().get(pid)
-    if attack == "crash":
-        crash(pid, server_round)
-    as_pid = cfg.attack.victim if attack == "duplicate" else pid
+    hooks = ATTACKS.get(attack).impl if attack else Attack()  # an honest client: no hooks
+    if hooks.start is not None:
+        hooks.start(pid, server_round)
+    as_pid = hooks.partition(cfg, pid) if hooks.partition is not None else pid
     seed = round_seed(cfg, server_round, as_pid)
     synced = half.sync(request, seed)
-    rows, num_examples = node_rows(cfg, context, half.tokenizer, as_pid, flip=attack == "label-flip")
+    rows, num_examples = node_rows(cfg, context, half.tokenizer, as_pid, attack)
     if not rows:
         raise DataError(f"partition {as_pid} of {node_partition(context)[1]} has no training examples "
                         "(more clients than examples?)")
@@ -148,13 +153,13 @@ def handle(request: RecordDict, context: Context, started: float | None = None) 
         **synced,
         "start-seconds": time.time() - started,
     }
-    if attack == "replay" and (again := replayed(context, {**metrics, "train-loss": 0.0, "steps": 0})):
+    if hooks.replay and (again := replayed(context, {**metrics, "train-loss": 0.0, "steps": 0})):
         return signed(again, request, context, cfg, pid)
-    stats = {"train-loss": 0.0, "steps": 0} if attack == "zero" else half.train(rows, seed)  # a free rider does no work
+    stats = half.train(rows, seed) if hooks.train else {"train-loss": 0.0, "steps": 0}  # a free rider does no work
     metrics.update(stats)
     log.info("client %d round %d: loss %.4f", pid, server_round, stats["train-loss"])
-    reply = RecordDict({**half.upload(poisoning(cfg, attack, seed)), METRICS: MetricRecord(metrics)})
-    if attack == "replay":
+    reply = RecordDict({**half.upload(poisoning(cfg, hooks, seed)), METRICS: MetricRecord(metrics)})
+    if hooks.replay:
         keep_for_replay(context, reply)
     return signed(reply, request, context, cfg, pid)
 
@@ -168,11 +173,11 @@ def answer(request: RecordDict, context: Context) -> RecordDict:
     return RecordDict(records)
 
 
-def poisoning(cfg: Config, attack: str | None, seed: int) -> Transform | None:
+def poisoning(cfg: Config, hooks: Attack, seed: int) -> Transform | None:
     """What a model-poisoning attacker does to its update before encoding it (None: honest)."""
-    if attack not in POISONING:
+    if hooks.update is None:
         return None
-    return lambda delta: poisoned(attack, delta, seed, cfg.attack.noise_scale, cfg.attack.scale)
+    return lambda delta: hooks.update(delta, seed, cfg)
 
 
 def signed(content: RecordDict, request: RecordDict, context: Context, cfg: Config, pid: int) -> RecordDict:

@@ -188,8 +188,10 @@ class TrainConfig:
 class ServerConfig:
     num_rounds: int = _help("Federated rounds.", 3, check="> 0")
     strategy: str = _help(
-        "Rule chain: an aggregation rule then server optimizers, e.g. 'fedavg', 'median > fedadam', 'fedadam', or a "
-        "rule function 'module:function'; '' picks the method's default rule (fedavg; exact-lora: stack).", "")
+        "Rule chain: an aggregation rule then server optimizers, each with optional literal arguments, e.g. 'fedavg', "
+        "'trimmed-mean(fraction=0.2) > fedadam(lr=0.01)', 'krum(f=2)', 'fedprox(mu=0.1)', 'fedadam', or a rule "
+        "function 'module:function(arg=1)' (called with updates, cfg and its arguments as keywords); '' picks the "
+        "method's default rule (fedavg; exact-lora: stack).", "")
     fraction_train: float = _help("Share of connected clients sampled each round.", 1.0, check="(0, 1]")
     clients_per_round: int = _help("Clients sampled each round; 0: server.fraction-train of the connected clients.",
                                    0, check=">= 0")
@@ -219,7 +221,11 @@ class ServerConfig:
     eval_include_path: str = _help("Folders of your own lm-eval task YAML, comma separated.", "")
     trackers: str = _help("Experiment trackers through accelerate, comma separated: tensorboard, mlflow, wandb, aim. "
                           "Offline, inside the run directory: tensorboard/ (event files), mlruns/ (MLflow: mlflow.db, SQLite), "
-                          "wandb/ (offline mode: `wandb sync` uploads it), .aim (`aim up` shows it).", "")
+                          "wandb/ (offline mode: `wandb sync` uploads it), .aim (`aim up` shows it); or one a "
+                          "server.plugins module registers (fedllm.tracking.TRACKERS).", "")
+    plugins: str = _help("Your own modules, comma separated (e.g. 'my_pkg.codecs, my_pkg.rules'), imported when the "
+                         "config is built, on the server and on every client, before any key names what they register "
+                         "(codecs, rules, server optimizers, metrics, trackers, attacks).", "")
     run_dir: str = _help("Parent folder of run directories.", "runs")
     run_name: str = _help("Run directory name; '' picks a timestamp.", "")
     merge: bool = _help("Also save the adapter merged into a full model.", False)
@@ -242,6 +248,11 @@ class ServerConfig:
                             "beyond that is sent the full state next time.", 4096, check="> 0")
 
     def __post_init__(self) -> None:
+        # first: the sections built after [server] (compression, attack, ...) check names against
+        # registries that these modules may add to
+        from fedllm.plugins import import_plugins
+
+        import_plugins(self.plugins)
         _positive("server.num-rounds", self.num_rounds)
         check_device(self.device, "server.device")
         _choice("server.aggregation", self.aggregation, ("auto", "stream", "list"))
@@ -269,14 +280,9 @@ class ServerConfig:
         return int(value)
 
     def tracker_names(self) -> list[str]:
-        """server.trackers as a list, checked."""
-        names = [t.strip() for t in self.trackers.split(",") if t.strip()]
-        for name in names:
-            _choice("server.trackers", name, TRACKERS)
-        return names
-
-
-TRACKERS = ("tensorboard", "mlflow", "wandb", "aim")
+        """server.trackers as a list (fedllm.tracking.check_installed checks the names against its
+        registry, which lives above this module)."""
+        return [t.strip() for t in self.trackers.split(",") if t.strip()]
 
 
 @dataclass
@@ -304,17 +310,29 @@ class CompressionConfig:
 
 @dataclass
 class StrategyConfig:
-    proximal_mu: float = _help("FedProx: weight mu of the proximal term (mu / 2) ||w - w_global||^2.", 0.01, check=">= 0")
-    server_lr: float = _help("Server learning rate of fedavgm/fedadam/fedyogi/fedadagrad; 0 picks 1.0 for "
-                             "fedavgm and 1e-3 for the adaptive ones.", 0.0, check=">= 0")
-    momentum: float = _help("FedAvgM server momentum.", 0.9, check="[0, 1)")
-    beta1: float = _help("FedAdam/FedYogi first-moment decay.", 0.9, check="[0, 1)")
-    beta2: float = _help("FedAdam/FedYogi second-moment decay.", 0.99, check="[0, 1)")
-    tau: float = _help("FedAdam/FedYogi/FedAdagrad adaptivity (added to the root of the second moment).", 1e-3, check="> 0")
-    trim_fraction: float = _help("Trimmed mean: share of clients cut from each end, per coordinate.", 0.2, check="[0, 0.5)")
-    byzantine: int = _help("Krum/Multi-Krum: number f of Byzantine clients tolerated.", 1, check=">= 0")
-    multikrum_keep: int = _help("Multi-Krum: updates averaged; 0 keeps n - f.", 0, check=">= 0")
-    max_norm: float = _help("Norm-bounded averaging: each update is scaled down to this L2 norm.", 1.0, check="> 0")
+    """Defaults of the built-in rules' and optimizers' parameters. Deprecated (for one release)
+    but exact_max_rank: give them as stage arguments in server.strategy, e.g.
+    'trimmed-mean(fraction=0.2) > fedadam(lr=0.01)'; a key set away from its default logs the new
+    spelling once (strategies.chain.deprecation)."""
+
+    proximal_mu: float = _help("Deprecated: fedprox(mu=...). FedProx: weight mu of the proximal term "
+                               "(mu / 2) ||w - w_global||^2.", 0.01, check=">= 0")
+    server_lr: float = _help("Deprecated: fedadam(lr=...), fedavgm(lr=...), ... Server learning rate of "
+                             "fedavgm/fedadam/fedyogi/fedadagrad; 0 picks 1.0 for fedavgm and 1e-3 for the adaptive "
+                             "ones.", 0.0, check=">= 0")
+    momentum: float = _help("Deprecated: fedavgm(momentum=...). FedAvgM server momentum.", 0.9, check="[0, 1)")
+    beta1: float = _help("Deprecated: fedadam(beta1=...). FedAdam/FedYogi first-moment decay.", 0.9, check="[0, 1)")
+    beta2: float = _help("Deprecated: fedadam(beta2=...). FedAdam/FedYogi second-moment decay.", 0.99, check="[0, 1)")
+    tau: float = _help("Deprecated: fedadam(tau=...). FedAdam/FedYogi/FedAdagrad adaptivity (added to the root of "
+                       "the second moment).", 1e-3, check="> 0")
+    trim_fraction: float = _help("Deprecated: trimmed-mean(fraction=...). Trimmed mean: share of clients cut from "
+                                 "each end, per coordinate.", 0.2, check="[0, 0.5)")
+    byzantine: int = _help("Deprecated: krum(f=...), multikrum(f=...). Krum/Multi-Krum: number f of Byzantine "
+                           "clients tolerated.", 1, check=">= 0")
+    multikrum_keep: int = _help("Deprecated: multikrum(keep=...). Multi-Krum: updates averaged; 0 keeps n - f.", 0,
+                                check=">= 0")
+    max_norm: float = _help("Deprecated: norm-bounded(max_norm=...). Norm-bounded averaging: each update is scaled "
+                            "down to this L2 norm.", 1.0, check="> 0")
     exact_max_rank: int = _help("exact-lora: cap on the rank of the frozen global delta (0: exact, no cap).", 0, check=">= 0")
 
     def __post_init__(self) -> None:
@@ -437,7 +455,11 @@ class LedgerConfig:
         return out
 
 
-ATTACKS = ("zero", "noise", "sign-flip", "scale", "replay", "duplicate", "label-flip", "crash")
+def attack_kinds() -> tuple[str, ...]:
+    """The attack.clients kinds: fedllm.attacks' registry (a light module), with server.plugins'."""
+    from fedllm.attacks import ATTACKS
+
+    return tuple(ATTACKS.names())
 
 
 @dataclass
@@ -464,9 +486,9 @@ class AttackConfig:
         out: dict[int, str] = {}
         for item in filter(None, (x.strip() for x in self.clients.split(","))):
             pid, eq, kind = item.partition("=")
-            if not eq or not pid.strip().isdigit() or kind.strip() not in ATTACKS:
+            if not eq or not pid.strip().isdigit() or kind.strip() not in attack_kinds():
                 raise ConfigError(f"attack.clients: {item!r} is not partition=kind with a kind among "
-                                  f"{', '.join(ATTACKS)}")
+                                  f"{', '.join(attack_kinds())}")
             out[int(pid)] = kind.strip()
         return out
 
@@ -552,6 +574,11 @@ class Config:
         Raises:
             ConfigError: naming the first unknown, mistyped or out-of-range key.
         """
+        plugins = {k.replace("_", "-"): v for k, v in (flat or {}).items()}.get("server.plugins")
+        if isinstance(plugins, str) and plugins.strip():  # a user's method registers its sections there
+            from fedllm.plugins import import_plugins
+
+            import_plugins(plugins)
         types = section_types()
         sections: dict[str, dict[str, Any]] = {name: {} for name in types}
         for key, value in (flat or {}).items():

@@ -1,23 +1,24 @@
-"""Server-side evaluation: loss on response tokens, exact match and Rouge-L from greedy
-generation, overall and per task family (or per label).
+"""Server-side evaluation: loss on response tokens, and every registered metric
+(fedllm.metrics: exact match, Rouge-L, a plug-in's own) of greedy generation, overall and per
+task family (or per label).
 
     metrics = evaluate(model, tokenizer, held_out, data_cfg, batch_size=16, em_examples=16)
     metrics["eval-loss"], metrics["exact-match"], metrics["rouge-l"]
     metrics["families"]["arithmetic"]  # {"eval-loss", "tokens", "exact-match", "rouge-l", "generated"}
 
 The overall figures are the per-family ones weighted by their counts: eval loss by response
-tokens, exact match and Rouge-L by generated examples.
+tokens, the metrics by generated examples.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 
 from fedllm.config import DataConfig
 from fedllm.data.templates import IGNORE, collate, cut_prompt, encode, prompt_text
+from fedllm.metrics import METRICS, normalize, rouge_l  # noqa: F401  (normalize, rouge_l: this module's API before)
 
 
 @torch.no_grad()
@@ -68,23 +69,6 @@ def preference_metrics(policy: torch.Tensor, reference: torch.Tensor, beta: floa
     margin = rewards[:, 0] - rewards[:, 1]
     return {"reward-accuracy": float((margin > 0).double().mean()), "reward-margin": float(margin.mean()),
             "preference-accuracy": float((policy[:, 0] > policy[:, 1]).double().mean())}
-
-
-def normalize(text: str) -> str:
-    return " ".join(text.strip().lower().rstrip(".").split())
-
-
-@functools.cache
-def _rouge() -> Any:
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(["rougeL"])
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    """Rouge-L F-measure (longest common subsequence of words; rouge-score's tokenizer:
-    lower case, letters and digits only)."""
-    return float(_rouge().score(reference, prediction)["rougeL"].fmeasure)
 
 
 @torch.no_grad()
@@ -141,7 +125,7 @@ def em_subset(examples: list[dict[str, str]], n: int) -> list[dict[str, str]]:
 
 def evaluate(model: Any, tokenizer: Any, examples: list[dict[str, str]], cfg: DataConfig,
              batch_size: int = 16, em_examples: int = 16, max_new_tokens: int = 16) -> dict[str, Any]:
-    """Eval loss over `examples`; exact match and Rouge-L over `em_subset(examples, em_examples)`;
+    """Eval loss over `examples`; every registered metric over `em_subset(examples, em_examples)`;
     the same per family under "families" when the examples carry more than one label."""
     was_training = model.training
     model.eval()
@@ -151,26 +135,25 @@ def evaluate(model: Any, tokenizer: Any, examples: list[dict[str, str]], cfg: Da
         answers = generate_answers(model, tokenizer, picked, cfg, max_new_tokens, batch_size) if picked else []
     finally:
         model.train(was_training)
+    metrics = METRICS.entries()
     families: dict[str, dict[str, Any]] = {}
     for e, (loss, tokens) in zip(examples, losses):
-        f = families.setdefault(family_of(e), {"loss-sum": 0.0, "tokens": 0, "generated": 0, "em": 0, "rouge": 0.0})
+        f = families.setdefault(family_of(e), {"loss-sum": 0.0, "tokens": 0, "generated": 0,
+                                               "sums": {m.name: 0.0 for m in metrics}})
         f["loss-sum"] += loss
         f["tokens"] += tokens
     for e, answer in zip(picked, answers):
         f = families[family_of(e)]
         f["generated"] += 1
-        f["em"] += normalize(answer) == normalize(e["response"])
-        f["rouge"] += rouge_l(answer, e["response"])
+        for m in metrics:
+            f["sums"][m.name] += float(m.impl(answer, e["response"]))
     tokens = sum(f["tokens"] for f in families.values())
-    out: dict[str, Any] = {
-        "eval-loss": sum(f["loss-sum"] for f in families.values()) / max(tokens, 1),
-        "exact-match": sum(f["em"] for f in families.values()) / len(picked) if picked else 0.0,
-        "rouge-l": sum(f["rouge"] for f in families.values()) / len(picked) if picked else 0.0,
-    }
+    out: dict[str, Any] = {"eval-loss": sum(f["loss-sum"] for f in families.values()) / max(tokens, 1)}
+    for m in metrics:
+        out[m.name] = sum(f["sums"][m.name] for f in families.values()) / len(picked) if picked else 0.0
     if len(families) > 1:
         out["families"] = {name: {
             "eval-loss": f["loss-sum"] / max(f["tokens"], 1), "tokens": f["tokens"],
-            "exact-match": f["em"] / f["generated"] if f["generated"] else None,
-            "rouge-l": f["rouge"] / f["generated"] if f["generated"] else None,
+            **{m.name: f["sums"][m.name] / f["generated"] if f["generated"] else None for m in metrics},
             "generated": f["generated"]} for name, f in sorted(families.items())}
     return out

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.config import Config
+from fedllm.metrics import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,18 @@ def read_config(run_dir: Path) -> dict[str, Any]:
     """RUN_DIR/config.json as a flat dict ({} when the run has none)."""
     path = Path(run_dir) / "config.json"
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def load_run_plugins(config: dict[str, Any]) -> None:
+    """Import the run's server.plugins (their metrics join the report), when this process can:
+    a report of a run whose plug-ins are not installed here shows the built-in metrics only."""
+    from fedllm.errors import ConfigError
+    from fedllm.plugins import import_plugins
+
+    try:
+        import_plugins(str(config.get("server.plugins", "")))
+    except ConfigError as err:
+        log.warning("%s (the report shows the metrics registered without it)", err)
 
 
 class MetricsLog:
@@ -104,10 +117,8 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "rounds": len(trained),
         "eval-loss-before": first.get("eval-loss"),
         "eval-loss-after": last.get("eval-loss"),
-        "exact-match-before": first.get("exact-match"),
-        "exact-match-after": last.get("exact-match"),
-        "rouge-l-before": first.get("rouge-l"),
-        "rouge-l-after": last.get("rouge-l"),
+        **{f"{m.name}-{when}": row.get(m.name) for m in METRICS.entries()
+           for when, row in (("before", first), ("after", last))},
         "bytes-up-total": up,
         "bytes-down-total": down,
         "bytes-total": up + down,
@@ -117,7 +128,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if key in last:
             out[f"{key}-before"], out[f"{key}-after"] = first.get(key), last.get(key)
     if last.get("families"):
-        out["families-after"] = {name: {k: f.get(k) for k in ("eval-loss", "exact-match", "rouge-l")}
+        out["families-after"] = {name: {k: f.get(k) for k in ("eval-loss", *METRICS.names())}
                                  for name, f in last["families"].items()}
     if tasks:
         from fedllm.harness import headline
@@ -140,12 +151,17 @@ def _num(v: Any, digits: int) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def metric_lines(s: dict[str, Any], digits: int) -> list[tuple[str, str]]:
+    """(label, 'before -> after') of every registered evaluation metric (fedllm.metrics)."""
+    return [(m.meta.get("label", m.name), f"{_num(s.get(m.name + '-before'), digits)} -> "
+             f"{_num(s.get(m.name + '-after'), digits)}") for m in METRICS.entries()]
+
+
 def format_summary(s: dict[str, Any]) -> str:
     lines = [
         f"rounds             {s['rounds']}",
         f"eval loss          {_num(s['eval-loss-before'], 4)} -> {_num(s['eval-loss-after'], 4)}",
-        f"exact match        {_num(s['exact-match-before'], 3)} -> {_num(s['exact-match-after'], 3)}",
-        f"Rouge-L            {_num(s.get('rouge-l-before'), 3)} -> {_num(s.get('rouge-l-after'), 3)}",
+        *(f"{label:18} {value}" for label, value in metric_lines(s, 3)),
     ]
     lines += [f"{label:18} {value}" for label, value in preference_lines(s)]
     for task, value in s.get("lm-eval-after", {}).items():
@@ -249,8 +265,7 @@ def _series(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "eval-rounds": [r["round"] for r in rows if "eval-loss" in r],
         "eval-loss": [r["eval-loss"] for r in rows if "eval-loss" in r],
-        "exact-match": [r.get("exact-match") for r in rows if "eval-loss" in r],
-        "rouge-l": [r.get("rouge-l") for r in rows if "eval-loss" in r],
+        **{m.name: [r.get(m.name) for r in rows if "eval-loss" in r] for m in METRICS.entries()},
         **{key: [r.get(key) for r in rows if "eval-loss" in r] for key in PREFERENCE},
         "rounds": [r["round"] for r in trained],
         "bytes-up": up, "bytes-down": down,
@@ -311,8 +326,8 @@ def _run_plots(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     series = {name: _series(rows) for name, rows in runs.items()}
     panels = [
         ("eval loss per round", "eval-rounds", ["eval-loss"], "eval loss (response tokens)"),
-        ("exact match per round", "eval-rounds", ["exact-match"], "exact match"),
-        ("Rouge-L per round", "eval-rounds", ["rouge-l"], "Rouge-L F"),
+        *((f"{m.meta.get('label', m.name)} per round", "eval-rounds", [m.name], m.meta.get("axis", m.meta.get(
+            "label", m.name))) for m in METRICS.entries()),
         ("bytes up and down per round", "rounds", ["bytes-up", "bytes-down"], "bytes (all clients)"),
         ("cumulative bytes on the wire", "rounds", ["bytes-up-cumulative", "bytes-down-cumulative"], "bytes"),
         ("round time", "rounds", ["round-seconds"], "seconds"),
@@ -339,7 +354,7 @@ def _run_plots(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 
 def _family_plots(rows: list[dict[str, Any]]) -> list[str]:
-    """Eval loss, exact match and Rouge-L per task family over the rounds (non-IID training shows
+    """Eval loss and every registered metric per task family over the rounds (non-IID training shows
     here: a family held by one client moves with that client's weight in the aggregate), and the
     lm-eval tasks' headline figures."""
     plt = _pyplot()
@@ -347,7 +362,7 @@ def _family_plots(rows: list[dict[str, Any]]) -> list[str]:
     out = []
     if evaluated:
         names = sorted({f for r in evaluated for f in r["families"]})
-        for key, label in (("eval-loss", "eval loss"), ("exact-match", "exact match"), ("rouge-l", "Rouge-L")):
+        for key, label in (("eval-loss", "eval loss"), *((m.name, m.meta.get("label", m.name)) for m in METRICS.entries())):
             fig, ax = plt.subplots(figsize=(6, 3.4))
             for name in names:
                 ys = [r["families"].get(name, {}).get(key) for r in evaluated]
@@ -375,9 +390,11 @@ def _family_table(s: dict[str, Any]) -> str:
     fams = s.get("families-after") or {}
     if not fams:
         return ""
-    head = "<tr><th>family</th><th>eval loss</th><th>exact match</th><th>Rouge-L</th></tr>"
-    cells = "".join(f"<tr><td>{_esc(n)}</td><td>{_num(f.get('eval-loss'), 4)}</td><td>{_num(f.get('exact-match'), 3)}"
-                    f"</td><td>{_num(f.get('rouge-l'), 3)}</td></tr>" for n, f in fams.items())
+    metrics = METRICS.entries()
+    head = ("<tr><th>family</th><th>eval loss</th>"
+            + "".join(f"<th>{_esc(m.meta.get('label', m.name))}</th>" for m in metrics) + "</tr>")
+    cells = "".join(f"<tr><td>{_esc(n)}</td><td>{_num(f.get('eval-loss'), 4)}</td>"
+                    + "".join(f"<td>{_num(f.get(m.name), 3)}</td>" for m in metrics) + "</tr>" for n, f in fams.items())
     return "<h2>Per family, after the last round</h2><table>" + head + cells + "</table>"
 
 
@@ -426,12 +443,12 @@ def render_report(run_dir: Path) -> Path:
     """
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
-    s = summary(rows)
     config = read_config(run_dir)
+    load_run_plugins(config)
+    s = summary(rows)
     figures = [("rounds", s["rounds"]),
                ("eval loss", f"{_num(s['eval-loss-before'], 4)} -> {_num(s['eval-loss-after'], 4)}"),
-               ("exact match", f"{_num(s['exact-match-before'], 4)} -> {_num(s['exact-match-after'], 4)}"),
-               ("Rouge-L", f"{_num(s.get('rouge-l-before'), 4)} -> {_num(s.get('rouge-l-after'), 4)}"),
+               *metric_lines(s, 4),
                *preference_lines(s),
                *((f"lm-eval {task}", f"{_num(s['lm-eval-before'].get(task), 4)} -> {_num(v, 4)}")
                  for task, v in s.get("lm-eval-after", {}).items()),
@@ -461,13 +478,14 @@ def render_compare(run_dirs: list[Path], out: Path) -> Path:
     keys = sorted({k for c in configs.values() for k in c})
     differ = [k for k in keys if len({json.dumps(c.get(k)) for c in configs.values()}) > 1
               and k not in ("server.run-name", "server.run-dir", "server.resume")]
-    head = "<tr><th>run</th><th>eval loss</th><th>exact match</th><th>Rouge-L</th><th>bytes up</th><th>bytes down</th>" \
-           "<th>bytes total</th><th>seconds</th>" \
+    metrics = METRICS.entries()
+    head = "<tr><th>run</th><th>eval loss</th>" + "".join(f"<th>{_esc(m.meta.get('label', m.name))}</th>" for m in metrics) \
+           + "<th>bytes up</th><th>bytes down</th><th>bytes total</th><th>seconds</th>" \
            + "".join(f"<th>{_esc(k)}</th>" for k in differ) + "</tr>"
     lines = []
     for name, rows in runs.items():
         s = summary(rows)
-        cells = [_num(s["eval-loss-after"], 4), _num(s["exact-match-after"], 3), _num(s["rouge-l-after"], 3),
+        cells = [_num(s["eval-loss-after"], 4), *(_num(s.get(f"{m.name}-after"), 3) for m in metrics),
                  human_bytes(s["bytes-up-total"]), human_bytes(s["bytes-down-total"]), human_bytes(s["bytes-total"]),
                  f"{s['seconds']:.1f}"] + [configs[name].get(k) for k in differ]
         lines.append(f"<tr><td>{_esc(name)}</td>" + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>")

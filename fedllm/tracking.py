@@ -12,6 +12,12 @@ per-family figures, lm-eval figures, bytes per round and cumulative, times); the
 in as hyperparameters; the report as an artifact where the tracker keeps files (MLflow, wandb).
 A resumed run continues the same tracker runs (their ids are kept in RUN_DIR/trackers.json).
 A tracker that fails is turned off with a warning: it never stops a run.
+
+Each tracker is one entry of TRACKERS: a factory `make(run_dir, previous_id) -> Tracker` (the
+accelerate GeneralTracker shape: start, store_init_configuration, log, finish), with metadata
+`package` (checked before the run), `run_id(tracker)` (kept to resume the same tracker run) and
+`save(tracker, report, summary)` (what it keeps at the end). A user's own is one registration
+in a module server.plugins names.
 """
 
 from __future__ import annotations
@@ -22,27 +28,43 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping, Protocol
 
 from fedllm.config import Config
 from fedllm.errors import ConfigError
+from fedllm.registry import Registry
 
 log = logging.getLogger(__name__)
 
-PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "aim": "aim"}
 IDS = "trackers.json"
 
 
+class Tracker(Protocol):
+    """What Trackers calls on a started tracker (accelerate's GeneralTracker has these)."""
+
+    def start(self) -> None: ...
+
+    def store_init_configuration(self, values: dict[str, Any]) -> None: ...
+
+    def log(self, values: dict[str, float], step: int | None = None) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+TRACKERS: Registry[Callable[[Path, "str | None"], Tracker]] = Registry("tracker", "server.trackers")
+
+
 def check_installed(cfg: Config) -> list[str]:
-    """server.trackers, each one's package importable.
+    """server.trackers, each registered (built-in or from server.plugins) and its package importable.
 
     Raises:
-        ConfigError: naming the first tracker whose package is missing.
+        ConfigError: naming the first tracker that is unknown or whose package is missing.
     """
     names = cfg.server.tracker_names()
     for name in names:
-        if importlib.util.find_spec(PACKAGES[name]) is None:
-            raise ConfigError(f"server.trackers: {name} needs the {PACKAGES[name]} package "
+        package = TRACKERS.get(name).meta.get("package")
+        if package and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"server.trackers: {name} needs the {package} package "
                               "(pip install 'fedllm[trackers]')")
     return names
 
@@ -113,35 +135,13 @@ class Trackers:
                 log.warning("server.trackers: %s not started (%s: %s)", name, type(err).__name__, err)
         ids_file.write_text(json.dumps({k: v for k, v in ids.items() if v is not None}, indent=2) + "\n")
 
-    def _make(self, name: str, previous: str | None) -> Any:
-        from accelerate import tracking
-
-        run_name = self.run_dir.name
-        if name == "tensorboard":
-            return tracking.TensorBoardTracker(run_name, self.run_dir / "tensorboard")
-        if name == "mlflow":
-            import mlflow
-
-            (self.run_dir / "mlruns").mkdir(exist_ok=True)
-            mlflow.set_tracking_uri(tracking_uri(self.run_dir))
-            return tracking.MLflowTracker(experiment_name="fedllm", run_id=previous, run_name=run_name,
-                                          logging_dir=(self.run_dir / "mlruns" / "artifacts").as_uri())
-        if name == "wandb":
-            os.environ.setdefault("WANDB_SILENT", "true")
-            return tracking.WandBTracker("fedllm", name=run_name, dir=str(self.run_dir), mode="offline",
-                                         id=previous, resume="allow" if previous else None)
-        return tracking.AimTracker(run_name, str(self.run_dir), system_tracking_interval=None,
-                                   **({"run_hash": previous} if previous else {}))
+    def _make(self, name: str, previous: str | None) -> Tracker:
+        return TRACKERS.get(name).impl(self.run_dir, previous)
 
     @staticmethod
-    def _id(name: str, tracker: Any) -> str | None:
-        if name == "mlflow":
-            return tracker.active_run.info.run_id
-        if name == "wandb":
-            return tracker.run.id
-        if name == "aim":
-            return tracker.writer.hash
-        return None
+    def _id(name: str, tracker: Tracker) -> str | None:
+        run_id = TRACKERS.get(name).meta.get("run_id")
+        return run_id(tracker) if run_id else None
 
     def log(self, row: dict[str, Any]) -> None:
         values = scalars(row, self.totals)
@@ -155,14 +155,63 @@ class Trackers:
     def finish(self, report: Path | None = None, summary: dict[str, Any] | None = None) -> None:
         for name, tracker in self.active.items():
             try:
-                if summary and name == "tensorboard":
-                    tracker.writer.add_text("summary", "    " + json.dumps(summary, indent=2).replace("\n", "\n    "))
-                if report is not None and report.exists():
-                    if name == "mlflow":
-                        tracker.log_artifact(str(report))
-                    elif name == "wandb":
-                        tracker.run.save(str(report), base_path=str(report.parent), policy="now")
+                save = TRACKERS.get(name).meta.get("save")
+                if save:
+                    save(tracker, report if report is not None and report.exists() else None, summary)
                 tracker.finish()
             except Exception as err:
                 log.warning("server.trackers: %s did not finish cleanly (%s: %s)", name, type(err).__name__, err)
         self.active = {}
+
+
+# --- the built-in trackers, through accelerate -----------------------------------------------
+def _tensorboard(run_dir: Path, previous: str | None) -> Tracker:
+    from accelerate import tracking
+
+    return tracking.TensorBoardTracker(run_dir.name, run_dir / "tensorboard")
+
+
+def _tensorboard_save(tracker: Any, report: Path | None, summary: Mapping[str, Any] | None) -> None:
+    if summary:
+        tracker.writer.add_text("summary", "    " + json.dumps(summary, indent=2).replace("\n", "\n    "))
+
+
+def _mlflow(run_dir: Path, previous: str | None) -> Tracker:
+    import mlflow
+    from accelerate import tracking
+
+    (run_dir / "mlruns").mkdir(exist_ok=True)
+    mlflow.set_tracking_uri(tracking_uri(run_dir))
+    return tracking.MLflowTracker(experiment_name="fedllm", run_id=previous, run_name=run_dir.name,
+                                  logging_dir=(run_dir / "mlruns" / "artifacts").as_uri())
+
+
+def _mlflow_save(tracker: Any, report: Path | None, summary: Mapping[str, Any] | None) -> None:
+    if report is not None:
+        tracker.log_artifact(str(report))
+
+
+def _wandb(run_dir: Path, previous: str | None) -> Tracker:
+    from accelerate import tracking
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return tracking.WandBTracker("fedllm", name=run_dir.name, dir=str(run_dir), mode="offline",
+                                 id=previous, resume="allow" if previous else None)
+
+
+def _wandb_save(tracker: Any, report: Path | None, summary: Mapping[str, Any] | None) -> None:
+    if report is not None:
+        tracker.run.save(str(report), base_path=str(report.parent), policy="now")
+
+
+def _aim(run_dir: Path, previous: str | None) -> Tracker:
+    from accelerate import tracking
+
+    return tracking.AimTracker(run_dir.name, str(run_dir), system_tracking_interval=None,
+                               **({"run_hash": previous} if previous else {}))
+
+
+TRACKERS.register("tensorboard", _tensorboard, package="tensorboard", save=_tensorboard_save)
+TRACKERS.register("mlflow", _mlflow, package="mlflow", run_id=lambda t: t.active_run.info.run_id, save=_mlflow_save)
+TRACKERS.register("wandb", _wandb, package="wandb", run_id=lambda t: t.run.id, save=_wandb_save)
+TRACKERS.register("aim", _aim, package="aim", run_id=lambda t: t.writer.hash)

@@ -2,7 +2,8 @@
 and the one Flower Strategy adapter. server.strategy picks a chain by name:
 
     "fedavg"  "median"  "median > fedadam"  "fedadam" (= the method's default rule > fedadam)
-    "my_pkg.rules:loss_weighted"             (a user's rule function, by module:function)
+    "trimmed-mean(fraction=0.2) > fedadam(lr=0.01, beta1=0.9)"   (stage arguments: literals)
+    "my_pkg.rules:loss_weighted(temperature=2)"   (a user's rule: called (updates, cfg, temperature=2))
 
 Rules: fedavg, fedprox, fedkseed, median, trimmed-mean, krum, multikrum, norm-bounded (and
 the methods' own, e.g. exact-lora's stack). Optimizers: fedavgm, fedadam, fedyogi, fedadagrad.

@@ -3,7 +3,10 @@
 
     opt = OPTIMIZERS.get("fedadam").impl
     state = opt.init(delta, cfg)
-    step, state = opt.update(delta, state, cfg)
+    step, state = opt.update(delta, state, cfg, lr=0.01)     # the stage's arguments: fedadam(lr=0.01)
+
+An optimizer's parameters are keyword arguments of `update` after (delta, state, cfg), given as
+its stage's arguments in server.strategy; the built-ins default each to its strategy.* key.
 
 The aggregate delta is a pseudo-gradient (its negative); the server keeps moments across
 rounds and takes its own step. Reddi et al., "Adaptive Federated Optimization", ICLR 2021,
@@ -29,7 +32,7 @@ from fedllm.registry import Registry
 
 
 class ServerOpt(NamedTuple):
-    """init(delta, cfg) -> state; update(delta, state, cfg) -> (step, state)."""
+    """init(delta, cfg) -> state; update(delta, state, cfg, **args) -> (step, state)."""
 
     init: Callable[[State, Config], Any]
     update: Callable[[State, Any, Config], tuple[State, Any]]
@@ -76,22 +79,31 @@ def _float(d: State) -> State:
     return {k: t.float() for k, t in d.items()}
 
 
-def fedavgm() -> ServerOpt:
-    """FedAvg with server momentum (strategy.momentum, strategy.server-lr, default 1.0)."""
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
-    def update(d: State, m: State | None, cfg: Config) -> tuple[State, State]:
-        return momentum_step(_float(d), m, cfg.strategy.momentum, cfg.strategy.server_lr or 1.0)
+
+def fedavgm() -> ServerOpt:
+    """FedAvg with server momentum: fedavgm(lr=1.0, momentum=0.9) (defaults strategy.server-lr
+    or 1.0, strategy.momentum)."""
+
+    def update(d: State, m: State | None, cfg: Config, lr: float | None = None,
+               momentum: float | None = None) -> tuple[State, State]:
+        return momentum_step(_float(d), m, _or(momentum, cfg.strategy.momentum), _or(lr, cfg.strategy.server_lr or 1.0))
 
     return ServerOpt(lambda d, cfg: None, update)
 
 
 def adaptive(rule: str) -> ServerOpt:
-    """Adam, Yogi or Adagrad on the server (strategy.server-lr (default 1e-3), beta1, beta2, tau)."""
+    """Adam, Yogi or Adagrad on the server: fedadam(lr=1e-3, beta1=0.9, beta2=0.99, tau=1e-3)
+    (defaults strategy.server-lr or 1e-3, strategy.beta1, beta2, tau)."""
 
-    def update(d: State, moments: dict[str, State] | None, cfg: Config) -> tuple[State, dict[str, State]]:
+    def update(d: State, moments: dict[str, State] | None, cfg: Config, lr: float | None = None,
+               beta1: float | None = None, beta2: float | None = None,
+               tau: float | None = None) -> tuple[State, dict[str, State]]:
         s = cfg.strategy
-        step, new = adaptive_step(_float(d), Moments(**moments) if moments else None, rule, s.server_lr or 1e-3,
-                                  s.beta1, s.beta2, s.tau)
+        step, new = adaptive_step(_float(d), Moments(**moments) if moments else None, rule, _or(lr, s.server_lr or 1e-3),
+                                  _or(beta1, s.beta1), _or(beta2, s.beta2), _or(tau, s.tau))
         return step, new._asdict()  # plain data, as a checkpoint stores it
 
     return ServerOpt(lambda d, cfg: None, update)

@@ -1,8 +1,11 @@
 """Aggregation rules: pure functions from a round's accepted updates to the aggregate delta.
 
-    def rule(updates: list[Update], cfg: Config) -> State | Aggregate
+    def rule(updates: list[Update], cfg: Config, **args) -> State | Aggregate
 
-A rule that leaves clients out or cuts them down names them in `Aggregate.outliers` (the
+A rule's parameters are keyword arguments after (updates, cfg), given as the stage's arguments
+in server.strategy (`trimmed-mean(fraction=0.2)`, `krum(f=2)`, `my_pkg.rules:clipped(c=1)`);
+the built-ins default each to its strategy.* key (deprecated: one release). A rule that leaves
+clients out or cuts them down names them in `Aggregate.outliers` (the
 ledger flags them). Register with `RULES.register(name, fn, accepts={...}, streams=...)`:
 `accepts` names the update kinds it works on (a method's `delta_kind`: "dense" LoRA deltas,
 "sums" zo per-seed sums, "factors" exact-lora adapters); `streams` says the rule is a sum
@@ -12,7 +15,7 @@ the round's list).
 
 - FedAvg: McMahan et al., 2017, https://arxiv.org/abs/1602.05629. On LoRA it averages the A
   and B factors separately, which is not the average of the products B @ A (see exact-lora).
-- FedProx: FedAvg here, plus (mu / 2) ||w - w_global||^2 on the client (strategy.proximal-mu,
+- FedProx: FedAvg here, plus (mu / 2) ||w - w_global||^2 on the client (fedprox(mu=...),
   sent as "proximal-mu"); Li et al., MLSys 2020, https://arxiv.org/abs/1812.06127.
 - Coordinate median, trimmed mean: Yin et al., ICML 2018, https://arxiv.org/abs/1803.01498.
 - Krum, Multi-Krum: Blanchard et al., NeurIPS 2017, https://arxiv.org/abs/1703.02757. A
@@ -22,7 +25,8 @@ the round's list).
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import inspect
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -108,15 +112,23 @@ def fedavg(updates: list[Update], cfg: Config) -> State:
     return fold_all(MEAN, [u.delta for u in updates], [u.num_examples for u in updates])
 
 
-def _robust(combine: Callable[[torch.Tensor, torch.Tensor, Config], tuple[torch.Tensor, list[int]]]) -> Rule:
-    """A rule from a function of the (n, D) matrix and the (n,) example weights."""
+def fedprox(updates: list[Update], cfg: Config, mu: float | None = None) -> State:
+    """FedAvg on the server; `mu` (default strategy.proximal-mu) goes to the clients each round."""
+    return fedavg(updates, cfg)
 
-    def rule(updates: list[Update], cfg: Config) -> Aggregate:
+
+def _robust(combine: Callable[..., tuple[torch.Tensor, list[int]]]) -> Rule:
+    """A rule from a function of the (n, D) matrix, the (n,) example weights, the config and the
+    rule's keyword parameters (which the rule's signature shows, for the chain's checks)."""
+
+    def rule(updates: list[Update], cfg: Config, **params: Any) -> Aggregate:
         x = stack([u.delta for u in updates])
         w = torch.tensor([u.num_examples for u in updates], dtype=torch.float32)
-        vector, flagged = combine(x, w, cfg)
+        vector, flagged = combine(x, w, cfg, **params)
         return Aggregate(unstack(vector, updates[0].delta), tuple(updates[i].node_id for i in flagged))
 
+    head = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ("updates", "cfg")]
+    rule.__signature__ = inspect.Signature(head + list(inspect.signature(combine).parameters.values())[3:])
     rule.__doc__ = combine.__doc__
     return rule
 
@@ -125,42 +137,51 @@ def _left_out(n: int, kept: list[int]) -> list[int]:
     return [i for i in range(n) if i not in kept]
 
 
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
 def _median(x, w, cfg):
     """Coordinate-wise median (unweighted)."""
     return coordinate_median(x), []
 
 
-def _trimmed(x, w, cfg):
-    """Coordinate-wise mean after cutting strategy.trim-fraction of clients from each end."""
-    return trimmed_mean(x, cfg.strategy.trim_fraction), []
+def _trimmed(x, w, cfg, fraction: float | None = None):
+    """Coordinate-wise mean after cutting `fraction` (default strategy.trim-fraction) of clients from each end."""
+    fraction = _or(fraction, cfg.strategy.trim_fraction)
+    if not 0.0 <= fraction < 0.5:
+        raise ValueError(f"trimmed-mean: fraction must be in [0, 0.5), got {fraction}")
+    return trimmed_mean(x, fraction), []
 
 
-def _krum(x, w, cfg):
-    """The single update closest to its n - f - 2 neighbours (f = strategy.byzantine)."""
-    mean, kept = multi_krum(x, w, cfg.strategy.byzantine, 1)
+def _krum(x, w, cfg, f: int | None = None):
+    """The single update closest to its n - f - 2 neighbours (f default strategy.byzantine)."""
+    mean, kept = multi_krum(x, w, _or(f, cfg.strategy.byzantine), 1)
     return mean, _left_out(len(x), kept)
 
 
-def _multikrum(x, w, cfg):
-    """Example-weighted mean of the strategy.multikrum-keep best Krum scores (0: n - f)."""
-    f = cfg.strategy.byzantine
-    keep = cfg.strategy.multikrum_keep or max(len(x) - f, 1)
+def _multikrum(x, w, cfg, f: int | None = None, keep: int | None = None):
+    """Example-weighted mean of the `keep` best Krum scores (default strategy.multikrum-keep; 0: n - f;
+    f default strategy.byzantine)."""
+    f = _or(f, cfg.strategy.byzantine)
+    keep = _or(keep, cfg.strategy.multikrum_keep) or max(len(x) - f, 1)
     mean, kept = multi_krum(x, w, f, min(keep, len(x)))
     return mean, _left_out(len(x), kept)
 
 
-def _norm_bounded(x, w, cfg):
-    """Example-weighted mean of updates scaled down to L2 norm <= strategy.max-norm."""
-    return norm_bounded_mean(x, w, cfg.strategy.max_norm)
+def _norm_bounded(x, w, cfg, max_norm: float | None = None):
+    """Example-weighted mean of updates scaled down to L2 norm <= `max_norm` (default strategy.max-norm)."""
+    return norm_bounded_mean(x, w, _or(max_norm, cfg.strategy.max_norm))
 
 
-def proximal_mu(cfg: Config) -> dict[str, float]:
-    return {"proximal-mu": cfg.strategy.proximal_mu}
+def proximal_mu(cfg: Config, mu: float | None = None) -> dict[str, float]:
+    """FedProx's per-round value for the clients: its stage's `mu`, else strategy.proximal-mu."""
+    return {"proximal-mu": _or(mu, cfg.strategy.proximal_mu)}
 
 
 RULES.register("fedavg", fedavg, accepts=DENSE, streams=True, fold=MEAN)
 RULES.register("fedkseed", fedavg, accepts=frozenset({"sums"}), streams=True, fold=MEAN)  # FedKSeed's name for it
-RULES.register("fedprox", fedavg, accepts=frozenset({"dense"}), streams=True, fold=MEAN, round_config=proximal_mu)
+RULES.register("fedprox", fedprox, accepts=frozenset({"dense"}), streams=True, fold=MEAN, round_config=proximal_mu)
 for _name, _combine in (("median", _median), ("trimmed-mean", _trimmed), ("krum", _krum),
                         ("multikrum", _multikrum), ("norm-bounded", _norm_bounded)):
     # not for zo's sums: clients draw their own seeds, so a coordinate-wise statistic of sparse sums is ~0

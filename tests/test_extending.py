@@ -5,6 +5,7 @@ server loop, strategy adapter, codec chain or ledger."""
 from __future__ import annotations
 
 import contextlib
+import re
 import json
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,7 +21,7 @@ from fedllm.compression.codecs import Codec
 from fedllm.config import Config
 from fedllm.contribution import SCORERS, register_scorer
 from fedllm.errors import PayloadError
-from fedllm.local_grid import LocalGrid
+from fedllm.server.grid import LocalGrid
 from fedllm.methods import METHODS, register_method
 from fedllm.methods.adapters.server import LoraServer
 from fedllm.protocol import ARRAYS, LEDGER, METRICS, Update, check_like, read_arrays, reply_metrics
@@ -139,7 +140,7 @@ class IdentityClient:
 
 
 def test_a_new_method_runs_through_the_server_loop(tiny_model_dir, tmp_path):
-    from fedllm.server_app import run
+    from fedllm.server.loop import run
 
     cfg = tiny_run_config(tiny_model_dir, tmp_path, **{"train.method": "identity", "server.evaluate": False,
                                                        "server.strategy": "median"})
@@ -172,7 +173,7 @@ def _registered():
 
 
 def test_a_new_scorer_shares_the_reward_evenly(tiny_model_dir, tmp_path):
-    from fedllm.server_app import run
+    from fedllm.server.loop import run
 
     cfg = tiny_run_config(tiny_model_dir, tmp_path, **{"ledger.enabled": True, "ledger.scorer": "uniform",
                                                        "ledger.noise-z": 0.0, "server.evaluate": False,
@@ -181,3 +182,179 @@ def test_a_new_scorer_shares_the_reward_evenly(tiny_model_dir, tmp_path):
     row = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1]
     rewards = row["ledger"]["rewards"]
     assert len(rewards) == 3 and max(rewards.values()) - min(rewards.values()) <= 1  # wei of rounding
+
+
+# --- plug-ins from a user's own module (server.plugins) ----------------------------------------
+# Each is written to a real module in a temporary folder on sys.path and named by config only:
+# the test never imports it; building the config does (server.plugins), on the server and on
+# every client, and the real code path runs it.
+USER_RULES = '''
+import torch
+
+def scaled_mean(updates, cfg, factor=1.0, *, shift=0.0):
+    """The plain mean of the deltas, times `factor`, plus `shift` (arguments from server.strategy)."""
+    mean = {k: sum(u.delta[k] for u in updates) / len(updates) for k in updates[0].delta}
+    return {k: factor * t + shift for k, t in mean.items()}
+'''
+
+USER_PLUGINS = '''
+import json
+
+import numpy as np
+
+from fedllm.attacks import ATTACKS, Attack
+from fedllm.compression import register_codec
+from fedllm.compression.codecs import Codec
+from fedllm.metrics import METRICS
+from fedllm.tracking import TRACKERS
+
+ENCODED, ATTACKED = [], []
+
+
+def half():
+    """A codec: float16 values."""
+    def encode(frame, rng):
+        ENCODED.append(len(frame["v"]))
+        return {**frame, "v": frame["v"].astype(np.float16)}
+    return Codec("half()", encode, lambda frame: {**frame, "v": frame["v"].astype(np.float32)})
+
+
+class JsonlTracker:
+    """A tracker: each round's scalars as a JSON line in the run directory."""
+    def __init__(self, run_dir, previous):
+        self.path = run_dir / "plugin-tracker.jsonl"
+    def start(self):
+        self.path.write_text("")
+    def store_init_configuration(self, values):
+        self._write({"config": values.get("server.plugins")})
+    def log(self, values, step=None):
+        self._write({"step": step, **values})
+    def finish(self):
+        self._write({"finished": True})
+    def _write(self, row):
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\\n")
+
+
+def double_flip(delta, seed, cfg):
+    """An attack: minus twice the honest update."""
+    ATTACKED.append(seed)
+    return {k: -2 * t for k, t in delta.items()}
+
+
+register_codec("half", half)
+METRICS.register("answer-chars", lambda prediction, reference: float(len(prediction)), label="answer chars")
+TRACKERS.register("jsonl", JsonlTracker)
+ATTACKS.register("double-flip", Attack(update=double_flip))
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """Writes a module into tmp_path/plugins, puts it on sys.path; removes it and what it
+    registered afterwards."""
+    import sys
+
+    from fedllm.attacks import ATTACKS
+    from fedllm.metrics import METRICS
+    from fedllm.tracking import TRACKERS
+
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    monkeypatch.syspath_prepend(str(folder))
+    names = []
+
+    def write(name: str, text: str) -> str:
+        (folder / f"{name}.py").write_text(text)
+        names.append(name)
+        return name
+
+    yield write
+    for name in names:
+        sys.modules.pop(name, None)
+    for registry, name in ((CODECS, "half"), (METRICS, "answer-chars"), (TRACKERS, "jsonl"), (ATTACKS, "double-flip")):
+        registry.remove(name)
+
+
+def test_a_user_rule_with_arguments_by_module_function(user_module):
+    module = user_module("fedllm_test_user_rules", USER_RULES)
+    cfg = Config.from_flat({"server.strategy": f"{module}:scaled_mean(2, shift=0.5) > fedavgm(lr=1.0, momentum=0.0)"})
+    s = build(cfg, LoraServer(cfg, GLOBAL))
+    result = s.round(1, [_reply(1, {"a": torch.tensor([3.0, 1.0]), "b": torch.tensor([[0.0]])}),
+                         _reply(2, {"a": torch.tensor([2.0, 1.5]), "b": torch.tensor([[0.0]])})])
+    # mean delta (1.5, -0.75), 0; x 2 + 0.5 = (3.5, -1.0), 0.5; fedavgm with lr 1, momentum 0 keeps it
+    assert result.applied and torch.equal(s.method.state["a"], torch.tensor([4.5, 1.0]))
+    assert torch.equal(s.method.state["b"], torch.tensor([[0.5]]))
+    assert s.chain.name == f"{module}:scaled_mean(2, shift=0.5) > fedavgm(lr=1.0, momentum=0.0)"
+    assert list(s.state_dict()["chain"]["optimizers"]) == ["0:fedavgm"]  # keyed by registered name, as before
+    from fedllm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(f"server.strategy: stage '{module}:scaled_mean(scale=2)': unknown "
+                                                    f"argument 'scale'; {module}:scaled_mean takes factor, shift")):
+        build(Config.from_flat({"server.strategy": f"{module}:scaled_mean(scale=2)"}), LoraServer(Config(), GLOBAL))
+
+
+@pytest.fixture
+def plugin_run(tiny_model_dir, tmp_path, user_module):
+    """One tiny in-process run (LocalGrid) whose codec, metric, tracker and attack all come from
+    a user's module named by server.plugins only."""
+    import sys
+
+    from fedllm.server.loop import run
+
+    module = user_module("fedllm_test_user_plugins", USER_PLUGINS)
+    assert module not in sys.modules
+    cfg = tiny_run_config(tiny_model_dir, tmp_path, **{
+        "server.plugins": module, "compression.up": "half > zstd", "server.trackers": "jsonl",
+        "attack.clients": "1=double-flip", "server.num-rounds": 1})
+    run_dir = run(LocalGrid(3), cfg)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return sys.modules[module], run_dir, rows
+
+
+def test_plugins_codec_metric_tracker_and_attack_run_in_process(plugin_run):
+    from fedllm.report import format_summary, summary
+
+    plugins, run_dir, rows = plugin_run
+    assert len(plugins.ENCODED) == 3 and rows[1]["clients-ok"] == 3  # each client's upload went through `half`
+    assert len(plugins.ATTACKED) == 1  # partition 1 poisoned its update, the others are honest
+    # the metric: in every evaluated row, overall and per family, and in the summary
+    assert all(isinstance(r["answer-chars"], float) and r["answer-chars"] >= 0 for r in rows)
+    assert all("answer-chars" in f for f in rows[-1]["families"].values())
+    s = summary(rows)
+    assert s["answer-chars-after"] == rows[-1]["answer-chars"] and "answer chars" in format_summary(s)
+    assert "answer chars" in (run_dir / "report.html").read_text()
+    # the tracker: the config, one line per round with the scalars (the new metric too), then finished
+    lines = [json.loads(line) for line in (run_dir / "plugin-tracker.jsonl").read_text().splitlines()]
+    assert lines[0] == {"config": "fedllm_test_user_plugins"} and lines[-1] == {"finished": True}
+    assert [x["step"] for x in lines[1:-1]] == [0, 1] and "answer-chars" in lines[-2]
+
+
+def test_plugins_lm_eval_task_scores_a_plugin_metric(user_module, tmp_path):
+    """fedllm_builtin's scoring module (what lm_eval imports alone) imports the plug-in's module."""
+    import importlib.util
+
+    from fedllm.config import DataConfig
+    from fedllm.harness import write_tasks
+    from fedllm.plugins import import_plugins
+
+    import_plugins(user_module("fedllm_test_user_plugins", USER_PLUGINS))
+    folder = write_tasks(tmp_path / "tasks", [{"instruction": "q", "input": "", "response": "yes", "family": "x"}],
+                         DataConfig())
+    assert "metric: answer_chars" in (folder / "fedllm_builtin.yaml").read_text()
+    spec = importlib.util.spec_from_file_location("fedllm_builtin_utils", folder / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    assert utils.process_results({"response": "yes"}, ["yes"]) == {"answer_chars": 3.0, "exact_match": 1.0,
+                                                                   "rouge_l": 1.0}
+
+
+def test_a_plugin_that_does_not_import_is_a_one_line_config_error(user_module):
+    from fedllm.errors import ConfigError
+
+    broken = user_module("fedllm_test_broken_plugin", "raise RuntimeError('no GPU here')\n")
+    with pytest.raises(ConfigError) as err:
+        Config.from_flat({"server.plugins": f"json, {broken}"})
+    assert str(err.value) == f"server.plugins: cannot import '{broken}': RuntimeError: no GPU here"
+    with pytest.raises(ConfigError, match="server.plugins: cannot import 'no_such_module_xyz': ModuleNotFoundError"):
+        Config.from_flat({"server.plugins": "no_such_module_xyz"})

@@ -22,15 +22,14 @@ Stated error bounds, per value (what tests/test_compression.py checks):
 
 from __future__ import annotations
 
-import ast
 import re
-import warnings
 from typing import Callable, NamedTuple
 
 import numpy as np
 
 from fedllm.compression.wire import Frame, pack, pack_bits, unpack, unpack_bits, varint_decode, varint_encode
 from fedllm.errors import ConfigError, PayloadError
+from fedllm.plugins import check_arguments, parse_stages
 from fedllm.registry import Registry
 
 MAX_DECOMPRESSED = 1 << 30  # refuse zstd frames that claim to expand beyond 1 GiB
@@ -298,29 +297,35 @@ PRESETS = {
 }
 
 
-def parse(spec: str) -> Codec:
-    """A codec from a preset name or a chain such as "topk(0.01) > quantize(4, block=64) > zstd".
+def parse(spec: str, key: str = "") -> Codec:
+    """A codec from a preset name or a chain such as "topk(0.01) > quantize(4, block=64) > zstd"
+    (fedllm.plugins' grammar: a stage is a registered codec or a user's `module:factory`, with
+    positional and keyword literal arguments, e.g. "my_pkg.codecs:sign(scale=2) > zstd").
 
     Raises:
-        ConfigError: naming the stage that is unknown or has bad arguments.
+        ConfigError: naming `key` (when given) and the stage that is unknown or has bad arguments.
     """
-    text = PRESETS.get(spec.strip(), spec)
+    text, prefix = PRESETS.get(spec.strip(), spec), f"{key}: " if key else ""
     stages = []
-    for part in filter(None, (p.strip() for p in re.split(r"-?>", text))):
+    for stage in parse_stages(text, key, "codec"):
+        if ":" not in stage.name and stage.name not in CODECS:
+            raise ConfigError(f"{prefix}codec stage {stage.text!r}: unknown codec; registered: {', '.join(CODECS.names())}")
         try:
-            with warnings.catch_warnings():  # "1e9bits" and the like: refused below, not warned about
-                warnings.simplefilter("ignore", SyntaxWarning)
-                node = ast.parse(part if "(" in part else part + "()", mode="eval").body
-            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
-                raise ValueError("expected name(args)")
-            args = [ast.literal_eval(a) for a in node.args]
-            kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
-        except (SyntaxError, ValueError) as err:
-            raise ConfigError(f"codec stage {part!r}: {err}") from None
-        if node.func.id not in CODECS:
-            raise ConfigError(f"codec stage {part!r}: unknown codec; registered: {', '.join(CODECS.names())}")
+            factory = CODECS.get(stage.name).impl
+        except ConfigError as err:  # a module:factory that does not import
+            raise ConfigError(f"{prefix}codec stage {stage.text!r}: {str(err).partition(': ')[2]}") from None
+        if isinstance(factory, Codec) and not (stage.args or stage.kwargs):
+            stages.append(factory)  # module:object naming a codec itself
+            continue
+        if not callable(factory):
+            raise ConfigError(f"{prefix}codec stage {stage.text!r}: not a codec factory (got {type(factory).__name__})")
+        check_arguments(factory, 0, stage, key, "codec")
         try:
-            stages.append(CODECS.get(node.func.id).impl(*args, **kwargs))
+            codec = factory(*stage.args, **stage.kwargs)
         except TypeError as err:
-            raise ConfigError(f"codec stage {part!r}: {err}") from None
+            raise ConfigError(f"{prefix}codec stage {stage.text!r}: {err}") from None
+        if not isinstance(codec, Codec):
+            raise ConfigError(f"{prefix}codec stage {stage.text!r}: {stage.name} made a {type(codec).__name__}, "
+                              "not a Codec(name, encode, decode)")
+        stages.append(codec)
     return chain(*stages)
