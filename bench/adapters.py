@@ -11,7 +11,7 @@ adapt every linear module of the decoder (q, k, v, o, gate, up, down; r = 8), th
 - half-layers: every module of every other layer (also half the parameters, chosen without data);
 - dora (same modules), ia3 (k, v, down), prefix, prompt, p-tuning (8 virtual tokens, lr 1e-2: prompt
   methods need a larger step; every other row lr 1e-3).
-Runs go through `fedllm.server_app.run` on an in-process grid. The server evaluates on the float32
+Runs go through `fedllm.server.loop.run` on an in-process grid. The server evaluates on the float32
 base (model.quantize is the clients'). Columns: a client's peak RSS and its part above the imports
 (partition 0's first round in a process of its own, as a SuperNode's ClientApp runs it; for mixed
 that client is the 4-bit one), seconds per local step in that process, upload bytes per client per
@@ -63,9 +63,9 @@ ROWS: dict[str, dict[str, Any]] = {
 
 def one_run(name: str, clients: int, rounds: int, steps: int, workdir: Path) -> dict[str, Any]:
     from fedllm.config import Config
-    from fedllm.local_grid import LocalGrid
+    from fedllm.server.grid import LocalGrid
     from fedllm.report import read_metrics, summary
-    from fedllm.server_app import run
+    from fedllm.server.loop import run
 
     over = {**COMMON, **ROWS[name], "server.num-rounds": rounds, "train.local-steps": steps}
     cfg = Config.from_flat({**over, "server.run-dir": str(workdir), "server.run-name": name})

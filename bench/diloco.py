@@ -12,7 +12,7 @@ clients keeping their AdamW states from round to round:
 - streaming-overlap: P = 4, tau = 1, alpha = 0.5 (the fragment's global merged one round late);
 - streaming-4bit: P = 4, tau = 0, outer gradients and outer steps as quantize(4) (4-bit codes,
   a float scale per 64 values) both ways, with error feedback.
-Runs go through `fedllm.server_app.run` on an in-process grid (the ServerApp and client code of a
+Runs go through `fedllm.server.loop.run` on an in-process grid (the ServerApp and client code of a
 simulation, without Ray; each node's state waits on disk between its rounds, so that the 4
 clients' full-model states do not all sit in memory). Columns: eval loss and exact match after (held-out split), total bytes
 up and down, the most bytes on the wire in one round (up + down, all clients), wall time, and
@@ -61,9 +61,9 @@ def rows(inner: int) -> dict[str, dict[str, Any]]:
 
 def one_run(name: str, clients: int, steps: int, over: dict[str, Any], workdir: Path) -> dict[str, Any]:
     from fedllm.config import Config
-    from fedllm.local_grid import LocalGrid
+    from fedllm.server.grid import LocalGrid
     from fedllm.report import read_metrics, summary
-    from fedllm.server_app import run
+    from fedllm.server.loop import run
 
     per_round = over["diloco.inner-steps"] // over["diloco.fragments"]
     cfg = Config.from_flat({**COMMON, **over, "server.num-rounds": steps // per_round,

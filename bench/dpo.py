@@ -15,7 +15,7 @@ built-in example with a plausible wrong answer as the rejected one), partitioned
 - central-sft-rpo / fed-sft-rpo: the *-sft rows with dpo.loss-type=sigmoid,sft (DPO plus the
   chosen answers' token NLL, RPO: Pang et al., 2024), which keeps the chosen answers likely.
 DPO: TRL's sigmoid loss, beta 0.1, lr 5e-4, batch 4, reference = the round's global adapter.
-Runs go through `fedllm.server_app.run` on an in-process grid. Columns (held-out split, after the
+Runs go through `fedllm.server.loop.run` on an in-process grid. Columns (held-out split, after the
 last round, round 0 in parentheses where it differs): reward accuracy and margin (implicit rewards
 against the run's starting model), preference accuracy (the policy's own likelihoods), exact match,
 eval loss, total bytes up and down, wall time.
@@ -62,9 +62,9 @@ def rows(clients: int, rounds: int, steps: int, sft_adapter: str) -> dict[str, d
 
 def one_run(name: str, over: dict[str, Any], workdir: Path) -> dict[str, Any]:
     from fedllm.config import Config
-    from fedllm.local_grid import LocalGrid
+    from fedllm.server.grid import LocalGrid
     from fedllm.report import read_metrics, summary
-    from fedllm.server_app import run
+    from fedllm.server.loop import run
 
     over = dict(over)
     clients = over.pop("clients")
@@ -84,9 +84,9 @@ def one_run(name: str, over: dict[str, Any], workdir: Path) -> dict[str, Any]:
 def sft_run(workdir: Path) -> dict[str, Any]:
     """The demo's SFT run, in process; its adapter folder is what the *-sft rows start from."""
     from fedllm.config import Config
-    from fedllm.local_grid import LocalGrid
+    from fedllm.server.grid import LocalGrid
     from fedllm.report import read_metrics, summary
-    from fedllm.server_app import run
+    from fedllm.server.loop import run
 
     cfg = Config.from_flat({**DEMO_COMMON, **PRESETS["lora"], "server.min-clients": 1, "server.eval-every": 0,
                             "server.run-dir": str(workdir), "server.run-name": "sft"})

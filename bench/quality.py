@@ -10,7 +10,7 @@ go (one AdamW state, the same learning rate). Rows: centralized LoRA; FedAvg, Fe
 and exact-lora with IID, Dirichlet (alpha 0.3) and by-task partitions; FedKSeed (zo, by task),
 also with ten times the local steps (ten times the samples: outside the same-samples rule, said so).
 Seeds vary the generated data, the partition and the training seed. Runs go through
-`fedllm.server_app.run` on an in-process grid (the same ServerApp and client code as a
+`fedllm.server.loop.run` on an in-process grid (the same ServerApp and client code as a
 simulation, without Ray: this measures learning, not system overhead).
 
 Per row: the eval-loss gain (before - after, held-out split) as a fraction of the centralized
@@ -74,9 +74,9 @@ def rows(clients: int, rounds: int, steps: int) -> dict[str, tuple[int, dict[str
 
 def one_run(name: str, clients: int, over: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
     from fedllm.config import Config
-    from fedllm.local_grid import LocalGrid
+    from fedllm.server.grid import LocalGrid
     from fedllm.report import read_metrics, summary
-    from fedllm.server_app import run
+    from fedllm.server.loop import run
 
     cfg = Config.from_flat({**COMMON, **over, "data.seed": seed, "train.seed": seed, "server.run-dir": str(workdir),
                             "server.run-name": f"{name.replace(' ', '-')}-seed{seed}"})

@@ -5,9 +5,9 @@ the attackers.
 
 10 clients (SmolLM2-135M-Instruct, LoRA), of which partitions 7, 8 and 9 attack with one kind
 per run (zero, noise, sign-flip, scale, replay, duplicate, label-flip; see fedllm/attacks.py),
-plus a clean run. Every run goes through fedllm's server (`fedllm.server_app.run`: reply
+plus a clean run. Every run goes through fedllm's server (`fedllm.server.loop.run`: reply
 validation, the strategy, server-side evaluation, the ledger on the in-process chain for the
-flags) with the clients in this process (`fedllm.local_grid.LocalGrid`). A client's reply
+flags) with the clients in this process (`fedllm.server.grid.LocalGrid`). A client's reply
 depends only on its request, so replies are reused across runs whose request is the same
 (all of round 1). Reported per attack and strategy: the final eval loss relative to the clean
 FedAvg run (goal: some robust strategy within 5% for every attack); per attack: precision and
@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedllm.config import Config  # noqa: E402
-from fedllm.local_grid import LocalGrid  # noqa: E402
+from fedllm.server.grid import LocalGrid  # noqa: E402
 
 OUT = Path(__file__).with_suffix(".json")
 CLIENTS, ATTACKERS = 10, (7, 8, 9)
@@ -67,7 +67,7 @@ class MemoGrid(LocalGrid):
 
 
 def run_one(base: dict, attack: str, strategy: str, run_dir: Path) -> dict:
-    from fedllm.server_app import run
+    from fedllm.server.loop import run
 
     flat = {**base, "server.strategy": strategy, "server.run-dir": str(run_dir),
             "server.run-name": f"{attack}-{strategy}",

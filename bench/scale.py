@@ -4,7 +4,7 @@ clients, 8 sampled per round, 3 rounds of a tiny random Llama (SmolLM2's tokeniz
 
     python bench/scale.py [--registered 10 100 1000] [--per-round 8] [--rounds 3] [--out FILE]
 
-Each row runs in a child process of its own (`fedllm.server_app.run` over a LocalGrid of that
+Each row runs in a child process of its own (`fedllm.server.loop.run` over a LocalGrid of that
 many nodes; the clients train in the same process, one after another). Every client holds 4
 examples (the built-in data grows with the clients, so that a client's work is the same in
 every row). Columns: the mean round seconds (metrics.jsonl's round-seconds), the server's share
@@ -47,8 +47,8 @@ def tiny_model(folder: Path) -> Path:
 
 def child(registered: int, per_round: int, rounds: int, model: str, work: str) -> dict:
     from fedllm.config import Config
-    from fedllm.local_grid import LocalGrid
-    from fedllm.server_app import run
+    from fedllm.server.grid import LocalGrid
+    from fedllm.server.loop import run
 
     cfg = Config.from_flat({
         "model.name": model, "server.run-dir": work, "server.run-name": f"n{registered}",

@@ -7,7 +7,7 @@ float32 adapter up) and zo (FedKSeed, K=4096 seeds; plain: its encoded per-seed 
 few bytes; secagg: the dense K sums), each with `--clients` clients, every client sampled every
 round, one local step of batch 2 per round (the protocol's cost does not depend on the steps).
 secagg rows: the default keys (SecAgg: every node a neighbour, threshold 0.67, 32 bits).
-Runs go through `fedllm.server_app.run` on an in-process grid, so a client's seconds are
+Runs go through `fedllm.server.loop.run` on an in-process grid, so a client's seconds are
 measured around its ClientApp call, and the server's as the round's wall time less its
 clients'. Columns, per round: bytes one client sends and receives (the payloads: arrays and
 byte values, for secagg all four stages), a client's seconds outside training (secagg: its
@@ -44,10 +44,10 @@ def row_names(clients: list[int]) -> list[str]:
 
 def one_run(name: str, rounds: int, workdir: Path) -> dict[str, Any]:
     from fedllm.config import Config
-    from fedllm.local_grid import LocalGrid
+    from fedllm.server.grid import LocalGrid
     from fedllm.protocol import payload_bytes
     from fedllm.secagg import core
-    from fedllm.server_app import run
+    from fedllm.server.loop import run
 
     method, n, mode = name.split("-")
     n = int(n)

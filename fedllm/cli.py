@@ -49,7 +49,7 @@ def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float
 
     Engines: "ray", Flower's simulation (a local Ray instance, or the cluster at `ray_address`,
     e.g. "127.0.0.1:6379" of a `ray start --head`); "inprocess", the same ServerApp and
-    ClientApp driven through fedllm's in-process Grid (`fedllm.local_grid`): the clients run
+    ClientApp driven through fedllm's in-process Grid (`fedllm.server.grid`): the clients run
     one after another in this process, without Ray's daemons, their states spilled to disk
     between their rounds.
 
@@ -121,7 +121,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 def resume_hint(run_dir: Path) -> str:
-    from fedllm import checkpoint
+    from fedllm.server import checkpoint
 
     if (run_dir / checkpoint.FILE).exists():
         done = checkpoint.read(run_dir / checkpoint.FILE)["round"]
@@ -195,7 +195,7 @@ def prepare(overrides: dict[str, Any], num_clients: int, cpus_per_client: float,
     if resume is None and (run_dir / "metrics.jsonl").exists():
         raise FedLLMError(f"server.run-name: {run_dir} holds a run already; pick another name")
     if resume is not None:
-        from fedllm import checkpoint
+        from fedllm.server import checkpoint
 
         checkpoint.load(resume, cfg.to_flat())  # fails here, before Ray starts
     return overrides, run_dir
@@ -208,7 +208,8 @@ def run_engine(job: dict[str, Any], watch: bool = True) -> None:
     Raises:
         FedLLMError: with error.txt's reason, or when the run wrote no summary.
     """
-    from fedllm.server_app import ERROR_FILE, make_app
+    from fedllm.server.app import make_app
+    from fedllm.server.round import ERROR_FILE
 
     run_dir = Path(job["run_dir"])
     if watch:
@@ -219,7 +220,7 @@ def run_engine(job: dict[str, Any], watch: bool = True) -> None:
 
         from flwr.app import Context, RecordDict
 
-        from fedllm.local_grid import LocalGrid
+        from fedllm.server.grid import LocalGrid
 
         with tempfile.TemporaryDirectory(prefix="fedllm-nodes-") as spill:
             grid = LocalGrid(job["num_clients"], spill=Path(spill))
@@ -276,9 +277,9 @@ def _watch(parent: int) -> None:
     `fedllm simulate` (pid `parent`) dies, even by SIGKILL, rather than run on orphaned: the
     kernel's parent-death signal on Linux, turned into a kill of the group, with a polling
     thread as the fallback elsewhere. The same thread ends the group once the ServerApp has
-    failed (fedllm.server_app fills SERVER_FAILED with why), after printing the reason: Flower's
+    failed (fedllm.server.app fills SERVER_FAILED with why), after printing the reason: Flower's
     engine would wait on."""
-    from fedllm.server_app import SERVER_FAILED
+    from fedllm.server.app import SERVER_FAILED
 
     signal.signal(signal.SIGTERM, lambda signum, frame: os.killpg(0, signal.SIGKILL))  # the whole group
     with contextlib.suppress(Exception):
@@ -396,7 +397,7 @@ def check_tasks(cfg: Config) -> None:
 
     from fedllm.harness import parse_tasks
     from fedllm.methods import data_splits
-    from fedllm.server_app import eval_tasks
+    from fedllm.server.evaluator import eval_tasks
 
     if parse_tasks(cfg.server.eval_tasks):
         with tempfile.TemporaryDirectory() as tmp:
@@ -519,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
             print(render_report(args.run_dir) if args.command == "report" else render_compare(dirs, args.out))
         elif args.command == "eval":
             from fedllm.harness import parse_tasks
-            from fedllm.server_app import evaluate_run
+            from fedllm.server.evaluator import evaluate_run
 
             tasks = parse_tasks(args.tasks)
             if not tasks or args.limit < 0 or args.batch_size < 1:

@@ -8,7 +8,7 @@ fedllm ships two task definitions built from a run's held-out split, written as 
 `--include_path` YAML with local `data_files` (so they run offline):
 - `fedllm_builtin`: generative; greedy answer to the same chat prompt fedllm's own evaluation
   uses (the tokenizer's chat template, data.system-prompt as the system message), scored by
-  fedllm's exact match (the same normalization) and Rouge-L;
+  fedllm's metrics (fedllm.metrics: exact match with the same normalization, Rouge-L, a plug-in's own);
 - `fedllm_builtin_mc`: multiple choice; the reference answer among up to three wrong answers
   of the same family (other held-out examples' answers), scored by log-likelihood (acc, acc_norm).
 Every other lm-eval task (mmlu, gsm8k, ...) works when its data is reachable or in the
@@ -24,9 +24,10 @@ import random
 from pathlib import Path
 from typing import Any
 
-from fedllm.checkpoint import rng_state, set_rng_state
+from fedllm.rng import rng_state, set_rng_state
 from fedllm.config import DataConfig
 from fedllm.errors import ConfigError, FedLLMError
+from fedllm.metrics import METRICS, lm_eval_name
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +52,7 @@ generation_kwargs:
   max_gen_toks: {max_new_tokens}
 process_results: !function utils.process_results
 metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-  - metric: rouge_l
-    aggregation: mean
-    higher_is_better: true
-metadata:
+{metric_list}metadata:
   version: 1.0
 """
 
@@ -86,16 +81,25 @@ metadata:
 """
 
 _UTILS = '''\
-"""Scoring of the fedllm_builtin task: fedllm's own exact match and Rouge-L."""
+"""Scoring of the fedllm_builtin task: fedllm's own metrics (fedllm.metrics: exact match,
+Rouge-L, and those of the modules below, which register their own)."""
 
-from fedllm.evaluate import normalize, rouge_l
+import importlib
+
+from fedllm.metrics import lm_eval_name, scores
+
+for module in {modules!r}:
+    importlib.import_module(module)
 
 
 def process_results(doc, results):
-    answer = results[0]
-    return {"exact_match": float(normalize(answer) == normalize(doc["response"])),
-            "rouge_l": rouge_l(answer, doc["response"])}
+    return {{lm_eval_name(name): value for name, value in scores(results[0], doc["response"]).items()}}
 '''
+_METRIC = """\
+  - metric: {name}
+    aggregation: mean
+    higher_is_better: true
+"""
 
 
 def user_text(example: dict[str, str], tokenizer: Any = None, cfg: DataConfig | None = None) -> str:
@@ -142,10 +146,14 @@ def write_tasks(folder: Path, examples: list[dict[str, str]], cfg: DataConfig, m
     gen_data.write_text("".join(json.dumps({"prompt": user_text(e, tokenizer, cfg), "response": e["response"],
                                             "family": e.get("family", "all")}) + "\n" for e in examples))
     mc_data.write_text("".join(json.dumps(r) + "\n" for r in choices_of(examples, cfg.seed, tokenizer, cfg)))
+    metric_list = "".join(_METRIC.format(name=lm_eval_name(e.name)) for e in METRICS.entries())
     (folder / "fedllm_builtin.yaml").write_text(_GENERATIVE.format(data=json.dumps(str(gen_data)),
-                                                                   max_new_tokens=max_new_tokens))
+                                                                   max_new_tokens=max_new_tokens,
+                                                                   metric_list=metric_list))
     (folder / "fedllm_builtin_mc.yaml").write_text(_CHOICE.format(data=json.dumps(str(mc_data))))
-    (folder / "utils.py").write_text(_UTILS)
+    # the lm_eval command imports this file alone: it imports the modules a plug-in metric came from
+    modules = sorted({e.impl.__module__ for e in METRICS.entries()} - {"fedllm.metrics", "__main__"})
+    (folder / "utils.py").write_text(_UTILS.format(modules=modules))
     return folder
 
 

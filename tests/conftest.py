@@ -118,7 +118,7 @@ def reply_to(node: int, content):
 
 def tiny_run_config(tiny_model_dir, tmp_path, **over):
     """The config of a short in-process run of the tiny model (2 rounds of 2 steps, 2 families),
-    with `over` on top: for tests that drive `fedllm.server_app.run` through a LocalGrid."""
+    with `over` on top: for tests that drive `fedllm.server.loop.run` through a LocalGrid."""
     from fedllm.config import Config
 
     flat = {"model.name": str(tiny_model_dir), "server.run-dir": str(tmp_path), "server.run-name": "run",

@@ -217,9 +217,9 @@ def test_eight_inprocess_clients_on_one_device_hold_one_base(tiny_model_dir, tmp
     """The in-process engine's 8 clients and its server, all on model.device, train and evaluate one
     cached PEFT model: one base in memory, not nine."""
     from conftest import tiny_run_config
-    from fedllm.local_grid import LocalGrid
+    from fedllm.server.grid import LocalGrid
     from fedllm.model import MODEL_CACHE
-    from fedllm.server_app import run
+    from fedllm.server.loop import run
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     MODEL_CACHE.clear()
@@ -236,7 +236,7 @@ def test_eight_inprocess_clients_on_one_device_hold_one_base(tiny_model_dir, tmp
 
 
 def test_a_run_may_resume_on_another_device(tmp_path):
-    from fedllm import checkpoint
+    from fedllm.server import checkpoint
 
     checkpoint.save(tmp_path, {"round": 1, "config": Config().to_flat()})
     moved = Config.from_flat({"model.device": "cuda:1", "server.device": "cpu", "model.device-map": "auto"})

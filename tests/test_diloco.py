@@ -12,11 +12,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from conftest import reply_to, tiny_run_config
-from fedllm import checkpoint
+from fedllm.server import checkpoint
 from fedllm.client_train import client_rows, handle, round_seed
 from fedllm.compression import encode, parse
 from fedllm.errors import ConfigError
-from fedllm.local_grid import LocalGrid
+from fedllm.server.grid import LocalGrid
 from fedllm.methods.diloco import engine
 from fedllm.methods.diloco.client import LOCAL, DiLoCoClient
 from fedllm.methods.adapters import engine as lora
@@ -265,7 +265,7 @@ def test_resume_is_bit_identical_outer_momentum_included(tiny_model_dir, tmp_pat
     """A server that stops after round 2 and resumes from its checkpoint, its nodes keeping their
     state, ends where an uninterrupted run ends, bit for bit; nodes that lost their state (a new
     simulation) are resynced from the checkpoint's global model and the run finishes."""
-    from fedllm.server_app import run
+    from fedllm.server.loop import run
 
     over = {"server.checkpoint": True, "server.num-rounds": 4, "diloco.tau": 1, "diloco.alpha": 0.5,
             "compression.down": "quantize(4)"}
@@ -374,7 +374,7 @@ def test_a_malformed_request_is_refused_by_the_client(tiny_model_dir, tmp_path):
     {"diloco.params": "lora", "diloco.fragments": 1, "diloco.inner-steps": 2, "train.lr": 1e-2},
 ], ids=["full", "overlapped-4bit", "lora"])
 def test_a_tiny_run_lowers_the_eval_loss_and_moves_one_fragment_a_round(over, tiny_model_dir, tmp_path):
-    from fedllm.server_app import run
+    from fedllm.server.loop import run
 
     cfg = _cfg(tiny_model_dir, tmp_path, **{"server.evaluate": True, "server.num-rounds": 6, "train.lr": 2e-3,
                                             "server.eval-every": 0, **over})

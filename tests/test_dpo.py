@@ -218,8 +218,8 @@ def test_federated_dpo_raises_held_out_reward_accuracy(tiny_model_dir, tmp_path)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from fedllm.local_grid import LocalGrid
-    from fedllm.server_app import run
+    from fedllm.server.grid import LocalGrid
+    from fedllm.server.loop import run
 
     cfg = tiny_run_config(tiny_model_dir, tmp_path, **{
         "train.method": "dpo", "server.num-rounds": 3, "train.local-steps": 8, "train.lr": 5e-3,
@@ -241,8 +241,8 @@ def test_sft_then_dpo_from_the_sft_adapter(tiny_model_dir, tmp_path):
     without one, and methods that cannot start from one are refused naming the key."""
     from safetensors.torch import load_file
 
-    from fedllm.local_grid import LocalGrid
-    from fedllm.server_app import run
+    from fedllm.server.grid import LocalGrid
+    from fedllm.server.loop import run
 
     sft = run(LocalGrid(2), tiny_run_config(tiny_model_dir, tmp_path, **{"server.run-name": "sft"}))
     cfg = tiny_run_config(tiny_model_dir, tmp_path, **{"server.run-name": "dpo", "train.method": "dpo",
@@ -253,7 +253,7 @@ def test_sft_then_dpo_from_the_sft_adapter(tiny_model_dir, tmp_path):
                                                                                "adapter_model.safetensors")
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
     # the checkpoint holds the start: a rebuild does not need the SFT folder any more
-    from fedllm import checkpoint
+    from fedllm.server import checkpoint
     from strategies import build as build_strategy
 
     (sft / "adapter").rename(tmp_path / "moved")
@@ -280,8 +280,8 @@ def test_dpo_composes_with_codecs_the_ledger_and_resume(tiny_model_dir, tmp_path
     resume for a third round gives the uninterrupted run's held-out rewards (the reference
     log-likelihoods come back from the checkpoint)."""
     pytest.importorskip("web3")
-    from fedllm.local_grid import LocalGrid
-    from fedllm.server_app import run
+    from fedllm.server.grid import LocalGrid
+    from fedllm.server.loop import run
 
     over = {"train.method": "dpo", "compression.up": "int8", "compression.down": "int8", "server.min-replies": 2}
     booked = run(LocalGrid(2), tiny_run_config(tiny_model_dir, tmp_path, **over, **{"ledger.enabled": True,
@@ -299,8 +299,8 @@ def test_dpo_composes_with_codecs_the_ledger_and_resume(tiny_model_dir, tmp_path
 
 def test_sites_train_dpo_on_their_own_preference_files(tiny_model_dir, tmp_path):
     """A deployment's sites name their own pair files in the node config (data-path), as for SFT."""
-    from fedllm.local_grid import LocalGrid
-    from fedllm.server_app import run
+    from fedllm.server.grid import LocalGrid
+    from fedllm.server.loop import run
 
     grid = LocalGrid(2)
     for node, n in ((1, 5), (2, 7)):
@@ -317,8 +317,8 @@ def test_client_side_dp_clipping_bounds_a_dpo_round(tiny_model_dir, tmp_path):
     noise move the global adapter at most twice the clipping norm."""
     from safetensors.torch import load_file
 
-    from fedllm.local_grid import LocalGrid
-    from fedllm.server_app import run
+    from fedllm.server.grid import LocalGrid
+    from fedllm.server.loop import run
 
     cfg = tiny_run_config(tiny_model_dir, tmp_path, **{"train.method": "dpo", "train.lr": 0.05,
                                                        "dp.clipping-norm": 0.02, "dp.noise-multiplier": 0.0})

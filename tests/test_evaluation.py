@@ -11,7 +11,7 @@ import torch
 
 from conftest import tiny_run_config
 from fedllm.config import DataConfig
-from fedllm.local_grid import LocalGrid
+from fedllm.server.grid import LocalGrid
 
 
 def _tiny(tiny_model_dir):
@@ -126,7 +126,7 @@ def test_lm_eval_on_smollm2_agrees_with_fedllms_exact_match(tmp_path):
 @pytest.fixture(scope="module")
 def tracked_run(tiny_model_dir, tmp_path_factory):
     """A 2-round tiny run with lm-eval tasks and all four trackers on."""
-    from fedllm.server_app import run
+    from fedllm.server.loop import run
 
     cfg = tiny_run_config(tiny_model_dir, tmp_path_factory.mktemp("tracked"), **{
         "server.eval-tasks": "fedllm_builtin,fedllm_builtin_mc", "server.exact-match-examples": 4,
@@ -235,8 +235,11 @@ def test_bad_tracker_and_task_settings_are_one_line_errors(tiny_model_dir, tmp_p
     from fedllm.config import Config
     from fedllm.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="server.trackers: must be one of tensorboard, mlflow, wandb, aim"):
-        Config.from_flat({"server.trackers": "tensorboard,comet"})
+    from fedllm.tracking import check_installed
+
+    with pytest.raises(ConfigError, match="server.trackers: unknown tracker 'comet'; registered: aim, mlflow, "
+                                          "tensorboard, wandb"):
+        check_installed(Config.from_flat({"server.trackers": "tensorboard,comet"}))  # what preflight runs
     argv = ["simulate", "--num-clients", "2", "--set", f"model.name={tiny_model_dir}", "--set",
             f"server.run-dir={tmp_path}", "--set", "server.eval-tasks=fedllm_builtin,nosuch_task"]
     assert main(argv) == 2
@@ -310,7 +313,7 @@ def test_lm_eval_leaves_the_global_generators_as_it_found_them(tiny_model_dir, t
 def test_nothing_planted_in_a_run_directory_is_read_as_a_task(tracked_run, tmp_path):
     """A task YAML left in RUN_DIR/lm-eval (say, by whoever could write there) under the name of
     fedllm's own task, with a scoring function of its own, is never loaded."""
-    from fedllm.server_app import evaluate_run
+    from fedllm.server.evaluator import evaluate_run
 
     planted = tracked_run / "lm-eval" / "tasks" / "a"
     planted.mkdir(parents=True)
@@ -327,13 +330,14 @@ def test_nothing_planted_in_a_run_directory_is_read_as_a_task(tracked_run, tmp_p
 def test_a_checkpoint_from_before_a_key_existed_still_resumes(tmp_path):
     """Config keys added later (server.trackers, ...) compare as their defaults; evaluation and
     tracker keys may change on resume."""
-    from fedllm import checkpoint
+    from fedllm import rng
+    from fedllm.server import checkpoint
     from fedllm.config import Config
     from fedllm.errors import ConfigError
 
     flat = Config().to_flat()
     old = {k: v for k, v in flat.items() if not k.startswith(("server.eval-tasks", "server.trackers"))}
-    checkpoint.save(tmp_path, {"round": 1, "config": old, "strategy": {}, "rng": checkpoint.rng_state(),
+    checkpoint.save(tmp_path, {"round": 1, "config": old, "strategy": {}, "rng": rng.rng_state(),
                                "ledger": None, "metrics": []})
     assert checkpoint.load(tmp_path, flat)["round"] == 1
     assert checkpoint.load(tmp_path, {**flat, "server.trackers": "tensorboard"})["round"] == 1

@@ -205,8 +205,8 @@ def test_module_choice_before_round_one_fixes_the_adapter_for_the_run(tiny_model
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from fedllm.local_grid import LocalGrid
-    from fedllm.server_app import run
+    from fedllm.server.grid import LocalGrid
+    from fedllm.server.loop import run
 
     cfg = tiny_run_config(tiny_model_dir, tmp_path, **{"lora.target-modules": "auto", "lora.module-budget": 0.3,
                                                        "lora.calibration-batches": 2})
@@ -231,8 +231,8 @@ def test_each_peft_adapter_round_trips_and_runs_two_rounds(peft, tiny_model_dir,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from fedllm.local_grid import LocalGrid
-    from fedllm.server_app import run
+    from fedllm.server.grid import LocalGrid
+    from fedllm.server.loop import run
     from strategies import build
 
     modules = "k_proj,v_proj,down_proj" if peft == "ia3" else "q_proj,v_proj"
@@ -246,7 +246,7 @@ def test_each_peft_adapter_round_trips_and_runs_two_rounds(peft, tiny_model_dir,
     assert loaded.peft_config["default"].peft_type.value == {"dora": "LORA", "p-tuning": "P_TUNING"}.get(
         peft, peft.upper().replace("PREFIX", "PREFIX_TUNING").replace("PROMPT", "PROMPT_TUNING"))
     strategy = build(cfg)
-    from fedllm import checkpoint
+    from fedllm.server import checkpoint
 
     strategy.load_state_dict(checkpoint.read(run_dir / checkpoint.FILE)["strategy"])
     ids = torch.tensor([[1, 5, 9, 12]])
@@ -263,8 +263,8 @@ def test_a_mixed_federation_aggregates_into_one_adapter(tiny_model_dir, tmp_path
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from fedllm.local_grid import LocalGrid
-    from fedllm.server_app import run
+    from fedllm.server.grid import LocalGrid
+    from fedllm.server.loop import run
 
     grid = LocalGrid(4)
     for node, extra in {1: {"quantize": "int8"}, 2: {"quantize": "nf4"}, 3: {"dtype": "bfloat16"},
@@ -303,8 +303,8 @@ def test_bad_combinations_are_one_line_errors(tiny_model_dir, tmp_path, over, me
 
 
 def test_a_client_above_the_global_rank_is_dropped_with_the_reason(tiny_model_dir, tmp_path):
-    from fedllm.local_grid import LocalGrid
-    from fedllm.server_app import run
+    from fedllm.server.grid import LocalGrid
+    from fedllm.server.loop import run
 
     grid = LocalGrid(2)
     grid.context(2).node_config["lora-rank"] = 64
@@ -351,8 +351,8 @@ def test_quantized_and_lower_rank_clients_compose_with_codecs_the_ledger_and_res
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from fedllm.local_grid import LocalGrid
-    from fedllm.server_app import run
+    from fedllm.server.grid import LocalGrid
+    from fedllm.server.loop import run
 
     def grid():
         g = LocalGrid(3)

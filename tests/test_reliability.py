@@ -20,12 +20,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from safetensors.torch import load_file
 
 from conftest import reply_to, tiny_run_config
-from fedllm import checkpoint
+from fedllm import rng
+from fedllm.server import checkpoint
 from fedllm.attacks import flip_labels, poisoned
 from fedllm.compression import PRESETS, encode, parse
 from fedllm.config import Config
 from fedllm.errors import ConfigError
-from fedllm.local_grid import LocalGrid
+from fedllm.server.grid import LocalGrid
 from fedllm.methods.zo import engine as zo
 from fedllm.methods.adapters.server import LoraServer
 from fedllm.methods.adapters.client import shifted
@@ -252,7 +253,7 @@ def test_the_matrix_is_large_enough():
 
 @pytest.mark.usefixtures("task_identity")
 def test_missing_and_failing_clients_are_counted_and_the_round_completes(tiny_model_dir, tmp_path):
-    from fedllm.server_app import run
+    from fedllm.server.loop import run
 
     cfg = tiny_run_config(tiny_model_dir, tmp_path, **{"server.round-timeout": 1.0, "attack.clients": "2=crash"})
     run_dir = run(LocalGrid(3, silent={2}), cfg)  # node 2 never answers, node 3 (partition 2) raises
@@ -266,7 +267,8 @@ def test_missing_and_failing_clients_are_counted_and_the_round_completes(tiny_mo
 
 @pytest.mark.usefixtures("task_identity")
 def test_too_few_replies_retry_then_stop_with_the_checkpoint(tiny_model_dir, tmp_path):
-    from fedllm.server_app import RoundFailed, run
+    from fedllm.server.loop import run
+    from fedllm.server.round import RoundFailed
 
     grid = LocalGrid(2)
     cfg = tiny_run_config(tiny_model_dir, tmp_path, **{"server.num-rounds": 1})
@@ -284,7 +286,7 @@ def test_too_few_replies_retry_then_stop_with_the_checkpoint(tiny_model_dir, tmp
 
 @pytest.mark.usefixtures("task_identity")
 def test_resume_in_process_reaches_the_same_state_and_refuses_another_config(tiny_model_dir, tmp_path):
-    from fedllm.server_app import run
+    from fedllm.server.loop import run
 
     over = {"server.strategy": "fedadam", "strategy.server-lr": 0.01, "compression.down": "int8",
             "server.num-rounds": 3}
@@ -325,7 +327,7 @@ def test_checkpoint_is_data_only_and_round_trips_every_value(tmp_path):
              "moments": {"m": {"w": torch.ones(2, dtype=torch.float64)}}, "none": None, "nan": math.nan,
              "tuple": (1, "a", (2.5, None)), "big": 10**30, "$d": "a key that looks like a tag"}
     random.seed(3)
-    rng = checkpoint.rng_state()
+    rng = rng.rng_state()
     checkpoint.save(tmp_path, {"round": 1, "config": flat, "strategy": state, "rng": rng, "metrics": [{"round": 0}]})
     back = checkpoint.load(tmp_path, flat)
     got = back["strategy"]
@@ -333,7 +335,7 @@ def test_checkpoint_is_data_only_and_round_trips_every_value(tmp_path):
     assert got["history"] == state["history"] and got["moments"]["m"]["w"].dtype == torch.float64
     assert got["none"] is None and math.isnan(got["nan"]) and got["tuple"] == (1, "a", (2.5, None))
     assert got["big"] == 10**30 and got["$d"] == state["$d"]
-    checkpoint.set_rng_state(back["rng"])
+    rng.set_rng_state(back["rng"])
     assert random.random() == (random.seed(3), random.random())[1]
     assert np.array_equal(back["rng"]["numpy"][1], rng["numpy"][1])
     with pytest.raises(TypeError, match="cannot store object at .strategy.bad"):
@@ -505,7 +507,7 @@ def test_zo_resume_in_process_reaches_the_accumulators_up_to_the_perturbation_dr
     """A resumed zo client rebuilds its weights from the accumulators in one move, an
     uninterrupted one round by round: the float32 paths differ (DESIGN: in-place perturbation
     is not exact), so the scalars agree to about 1e-5, not bit for bit as LoRA's weights do."""
-    from fedllm.server_app import run
+    from fedllm.server.loop import run
 
     over = {"train.method": "zo", "zo.num-seeds": 64, "train.local-steps": 3, "train.lr": 1e-4,
             "server.num-rounds": 3}

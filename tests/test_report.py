@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from conftest import tiny_run_config
-from fedllm.local_grid import LocalGrid
+from fedllm.server.grid import LocalGrid
 from fedllm.report import REPORT
 
 
@@ -52,7 +52,7 @@ def _load(chromium: str, page) -> dict[str, str]:
 
 
 def _small_run(tiny_model_dir, tmp_path, name, **over):
-    from fedllm.server_app import run
+    from fedllm.server.loop import run
 
     return run(LocalGrid(3), tiny_run_config(tiny_model_dir, tmp_path, **{"server.run-name": name, **over}))
 

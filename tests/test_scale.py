@@ -141,8 +141,8 @@ def test_the_downlink_table_is_bounded_and_forgets_the_oldest_node():
 def test_a_thousand_registered_clients_with_four_per_round(tiny_model_dir, tmp_path):
     """2 tiny rounds of 4 sampled clients out of 1000: contexts and downlink entries only for the
     sampled ones, partitions computed once."""
-    from fedllm.local_grid import LocalGrid
-    from fedllm.server_app import run
+    from fedllm.server.grid import LocalGrid
+    from fedllm.server.loop import run
 
     cfg = tiny_run_config(tiny_model_dir, tmp_path, **{
         "server.clients-per-round": 4, "data.partition": "iid", "data.train-per-family": 520,

@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 from conftest import tiny_run_config
 from fedllm.config import Config
 from fedllm.errors import ConfigError
-from fedllm.local_grid import LocalGrid
+from fedllm.server.grid import LocalGrid
 from fedllm.protocol import METRICS, Update, reply_metrics
 from fedllm.secagg import core
 from fedllm.secagg.client import STATE, SecAggError, secagg_mod
@@ -182,7 +182,7 @@ def test_more_dropouts_than_n_minus_t_fail_the_round_with_the_reason():
 
 @pytest.mark.usefixtures("task_identity")
 def test_round_failed_names_the_secagg_reason(tmp_path):
-    from fedllm.server_app import RoundFailed, train_round
+    from fedllm.server.round import RoundFailed, train_round
 
     strategy = strategy_for(**{"secagg.threshold": 4, "server.round-retries": 1})
     with pytest.raises(RoundFailed) as err:
@@ -405,7 +405,7 @@ def _rows(run_dir: Path) -> list[dict]:
     ("zo", {"zo.bits": 0}, 1e-3),
 ])
 def test_a_secure_run_matches_the_plain_run(tiny_model_dir, tmp_path, method, over, tol):
-    from fedllm.server_app import run
+    from fedllm.server.loop import run
 
     base = {"train.method": method, "server.clients-per-round": 4, "server.min-clients": 4, **over}
     plain = _rows(run(LocalGrid(4), tiny_run_config(tiny_model_dir, tmp_path, **{**base, "server.run-name": "plain"})))
@@ -426,7 +426,7 @@ def test_client_side_dp_clipping_composes_with_secagg(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
     from fedllm.methods.adapters import engine as lora
-    from fedllm.server_app import run
+    from fedllm.server.loop import run
 
     clip = 0.02
     cfg = tiny_run_config(tiny_model_dir, tmp_path, **{
@@ -443,7 +443,7 @@ def test_client_side_dp_clipping_composes_with_secagg(tiny_model_dir, tmp_path):
 @pytest.mark.slow
 @pytest.mark.usefixtures("task_identity")
 def test_a_resume_mid_protocol_restarts_the_round_and_matches_the_whole_run(tiny_model_dir, tmp_path):
-    from fedllm.server_app import run
+    from fedllm.server.loop import run
 
     over = {"secagg.enabled": True, "server.num-rounds": 3, "server.clients-per-round": 3, "server.min-clients": 3}
     whole = _rows(run(LocalGrid(3), tiny_run_config(tiny_model_dir, tmp_path, **{**over, "server.run-name": "whole"})))
@@ -475,7 +475,7 @@ def test_a_resume_mid_protocol_restarts_the_round_and_matches_the_whole_run(tiny
 def test_the_ledger_records_participation_of_signed_masked_uploads(tiny_model_dir, tmp_path):
     """With secagg the ledger cannot score or flag an update: every survivor whose signed masked
     upload entered the sum gets an equal share, and its signature binds it to that upload."""
-    from fedllm.server_app import run
+    from fedllm.server.loop import run
 
     cfg = tiny_run_config(tiny_model_dir, tmp_path, **{
         "secagg.enabled": True, "ledger.enabled": True, "server.clients-per-round": 3, "server.min-clients": 3})

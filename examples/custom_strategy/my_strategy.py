@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from fedllm.server_app import make_app
+from fedllm.server.app import make_app
 from strategies import RULES, Update, weighted_mean
 
 TEMPERATURE = 1.0

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +39,6 @@ MAY_DIFFER = frozenset({"server.resume", "server.num-rounds", "server.run-dir", 
                         "server.eval-tasks", "server.eval-limit", "server.eval-include-path", "server.trackers",
                         # where a run trains, not what: a run started on the CPU may go on on a GPU
                         "model.device", "model.device-map", "server.device"})
-
-
-def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np.random.set_state(tuple(state["numpy"]))
-    torch.set_rng_state(state["torch"])
 
 
 def to_data(obj: Any, tensors: dict[str, torch.Tensor], where: str = "") -> Any:

@@ -2,7 +2,7 @@
 another, when the server pulls their replies (`fedllm simulate --engine inprocess`, the
 benchmarks, the tests). No Ray and no SuperLink: for one-device users and for debugging.
 
-    from fedllm.local_grid import LocalGrid
+    from fedllm.server.grid import LocalGrid
     run_dir = run(LocalGrid(10), cfg)            # 10 nodes, partitions 0..9
 
 Messages wait in the grid when pushed; `pull_messages` runs each waiting client lazily, so the
