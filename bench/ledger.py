@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedllm import ledger
-from fedllm.accounting import LedgerSession
+from fedllm.ledger import chain as ledger
+from fedllm.ledger.session import LedgerSession
 from fedllm.config import Config
 from fedllm.protocol import RoundResult, Update
 

@@ -4,7 +4,7 @@ the attackers.
     python bench/robustness.py [--quick] [--rounds 2] [--steps 2] [--attacks A,B] [--strategies S,T] [--out FILE]
 
 10 clients (SmolLM2-135M-Instruct, LoRA), of which partitions 7, 8 and 9 attack with one kind
-per run (zero, noise, sign-flip, scale, replay, duplicate, label-flip; see fedllm/attacks.py),
+per run (zero, noise, sign-flip, scale, replay, duplicate, label-flip; see fedllm/client/attacks.py),
 plus a clean run. Every run goes through fedllm's server (`fedllm.server.loop.run`: reply
 validation, the strategy, server-side evaluation, the ledger on the in-process chain for the
 flags) with the clients in this process (`fedllm.server.grid.LocalGrid`). A client's reply

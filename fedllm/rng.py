@@ -1,6 +1,6 @@
 """The process's global generators (Python's, NumPy's and torch's) as data: a checkpoint saves
 them (fedllm.server.checkpoint), and lm-eval runs between a save and a restore so that the run's
-own sampling and noise do not notice it (fedllm.harness)."""
+own sampling and noise do not notice it (fedllm.evaluation.harness)."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedllm.config import Config
-from fedllm.contribution import SCORERS
+from fedllm.ledger.scoring import SCORERS
 from fedllm.errors import ConfigError, PayloadError
 from fedllm.methods import METHODS, ServerHalf, spec_of
 from fedllm.protocol import CONFIG, RoundResult, Update, screen, update_norm

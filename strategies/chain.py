@@ -21,13 +21,14 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
-from fedllm.config import Config
+from fedllm.config import Config, within
 from fedllm.errors import ConfigError
 from fedllm.plugins import Stage, check_arguments, parse_stages
 from fedllm.protocol import Update
@@ -147,6 +148,29 @@ def deprecation(cfg: Config, stages: list[Stage]) -> str:
     return line + (f" ({', '.join(unused)} where that stage is in the chain)" if unused else "")
 
 
+def check_values(checks: Mapping[str, str] | None, fn: Any, leading: int, stage: Stage) -> None:
+    """A stage's numeric arguments within the ranges its registration declares (`checks`: {name:
+    "> 0", "[0, 0.5)", ...; "int >= 0" for a whole number}), so a bad value fails with the config,
+    not in a round.
+
+    Raises:
+        ConfigError: naming server.strategy, the stage and the argument.
+    """
+    if not checks:
+        return
+    bound = inspect.signature(fn).bind_partial(*([None] * leading), *stage.args, **stage.kwargs).arguments
+    for name, check in checks.items():
+        if name not in bound:
+            continue
+        value, whole = bound[name], check.startswith("int ")
+        rng = check.removeprefix("int ")
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or (whole and not float(value).is_integer()) or not within(float(value), rng)):
+            where = rng if rng[0] in "<>" else "in " + rng
+            raise ConfigError(f"server.strategy: stage {stage.text or stage.name!r}: {name} must be "
+                              f"{'a whole number ' if whole else ''}{where}, got {value!r}")
+
+
 def parse_chain(spec: str, cfg: Config, kind: str, default_rule: str,
                 method_rules: Mapping[str, Rule] | None = None) -> Chain:
     """The chain for server.strategy `spec`, checked against the method's update kind; logs
@@ -171,6 +195,7 @@ def parse_chain(spec: str, cfg: Config, kind: str, default_rule: str,
         raise ConfigError(f"server.strategy: {head.name!r} is not a rule: a rule is a function (updates, cfg) -> delta "
                           f"(got {got.strip()})")
     check_arguments(rule.impl, 2, head, "server.strategy")
+    check_values(rule.meta.get("checks"), rule.impl, 2, head)
     accepts = rule.meta.get("accepts")
     if accepts is not None and kind not in accepts:
         raise ConfigError(f"server.strategy: rule {head.name!r} does not aggregate {kind!r} updates "
@@ -184,6 +209,7 @@ def parse_chain(spec: str, cfg: Config, kind: str, default_rule: str,
             raise ConfigError(f"server.strategy: optimizer {part.name!r} does not apply to {kind!r} updates "
                               f"(train.method={cfg.train.method})")
         check_arguments(opt.impl.update, 3, part, "server.strategy")
+        check_values(opt.meta.get("checks"), opt.impl.update, 3, part)
         optimizers.append(opt)
     warning = deprecation(cfg, stages)
     if warning:

@@ -109,7 +109,8 @@ def adaptive(rule: str) -> ServerOpt:
     return ServerOpt(lambda d, cfg: None, update)
 
 
-OPTIMIZERS.register("fedavgm", fedavgm(), accepts=frozenset({"dense"}))
-OPTIMIZERS.register("fedadam", adaptive("adam"), accepts=frozenset({"dense"}))
-OPTIMIZERS.register("fedyogi", adaptive("yogi"), accepts=frozenset({"dense"}))
-OPTIMIZERS.register("fedadagrad", adaptive("adagrad"), accepts=frozenset({"dense"}))
+ADAPTIVE_CHECKS = {"lr": "> 0", "beta1": "[0, 1)", "beta2": "[0, 1)", "tau": "> 0"}  # checked with the config
+OPTIMIZERS.register("fedavgm", fedavgm(), accepts=frozenset({"dense"}), checks={"lr": "> 0", "momentum": "[0, 1)"})
+OPTIMIZERS.register("fedadam", adaptive("adam"), accepts=frozenset({"dense"}), checks=ADAPTIVE_CHECKS)
+OPTIMIZERS.register("fedyogi", adaptive("yogi"), accepts=frozenset({"dense"}), checks=ADAPTIVE_CHECKS)
+OPTIMIZERS.register("fedadagrad", adaptive("adagrad"), accepts=frozenset({"dense"}), checks=ADAPTIVE_CHECKS)

@@ -181,8 +181,11 @@ def proximal_mu(cfg: Config, mu: float | None = None) -> dict[str, float]:
 
 RULES.register("fedavg", fedavg, accepts=DENSE, streams=True, fold=MEAN)
 RULES.register("fedkseed", fedavg, accepts=frozenset({"sums"}), streams=True, fold=MEAN)  # FedKSeed's name for it
-RULES.register("fedprox", fedprox, accepts=frozenset({"dense"}), streams=True, fold=MEAN, round_config=proximal_mu)
-for _name, _combine in (("median", _median), ("trimmed-mean", _trimmed), ("krum", _krum),
-                        ("multikrum", _multikrum), ("norm-bounded", _norm_bounded)):
+RULES.register("fedprox", fedprox, accepts=frozenset({"dense"}), streams=True, fold=MEAN, round_config=proximal_mu,
+               checks={"mu": ">= 0"})
+for _name, _combine, _checks in (("median", _median, {}), ("trimmed-mean", _trimmed, {"fraction": "[0, 0.5)"}),
+                                 ("krum", _krum, {"f": "int >= 0"}),
+                                 ("multikrum", _multikrum, {"f": "int >= 0", "keep": "int >= 0"}),
+                                 ("norm-bounded", _norm_bounded, {"max_norm": "> 0"})):
     # not for zo's sums: clients draw their own seeds, so a coordinate-wise statistic of sparse sums is ~0
-    RULES.register(_name, _robust(_combine), accepts=frozenset({"dense"}), streams=False)
+    RULES.register(_name, _robust(_combine), accepts=frozenset({"dense"}), streams=False, checks=_checks)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedllm import ledger
-from fedllm.accounting import LedgerSession
+from fedllm.ledger import chain as ledger
+from fedllm.ledger.session import LedgerSession
 from fedllm.config import Config
-from fedllm.merkle import Leaf, verify
+from fedllm.ledger.merkle import Leaf, verify
 from fedllm.methods.adapters.server import LoraServer
 from fedllm.protocol import RoundResult
 from strategies import build

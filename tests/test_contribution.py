@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fedllm.contribution import (SCORERS, FlagRules, History, ShapleyOptions, cosine_scores, flag_updates,
+from fedllm.ledger.scoring import (SCORERS, FlagRules, History, ShapleyOptions, cosine_scores, flag_updates,
                                  gtg_shapley, leave_one_out, register_scorer, reward_shares)
 
 
@@ -127,7 +127,7 @@ def test_reward_shares_multiply_before_divide_and_keep_dust():
 
 @pytest.mark.parametrize("n", [2, 3, 5, 6, 9])
 def test_cosine_with_the_others_median_matches_a_brute_force(n):
-    from fedllm.contribution import cosine_with_others_median
+    from fedllm.ledger.scoring import cosine_with_others_median
 
     gen = torch.Generator().manual_seed(n)
     units = torch.randn(n + 1, 40, generator=gen, dtype=torch.float64)

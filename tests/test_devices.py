@@ -104,7 +104,7 @@ def test_the_model_cache_keys_models_by_device(tiny_model_dir):
 def test_a_node_config_device_becomes_the_clients_model_device():
     from flwr.app import Context, RecordDict
 
-    from fedllm.client_train import on_node_device
+    from fedllm.client.round import on_node_device
 
     cfg = Config()
     ctx = Context(run_id=1, node_id=1, node_config={"device": "cuda:1"}, state=RecordDict(), run_config={})
@@ -177,7 +177,7 @@ def test_bad_resources_are_one_line_and_exit_2(tiny_model_dir, tmp_path, capsys,
 
 
 def test_default_cpus_are_split_among_the_clients_the_gpus_run(monkeypatch):
-    from fedllm.cli import resources
+    from fedllm.preflight import resources
 
     cores = float(os.cpu_count() or 1)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")

@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 
 from conftest import reply_to, tiny_run_config
 from fedllm.server import checkpoint
-from fedllm.client_train import client_rows, handle, round_seed
+from fedllm.client.round import client_rows, handle, round_seed
 from fedllm.compression import encode, parse
 from fedllm.errors import ConfigError
 from fedllm.server.grid import LocalGrid

@@ -203,7 +203,7 @@ def test_init_adapter_flag_checks_the_folder_before_any_round(tiny_model_dir, tm
 
 
 def test_label_flipping_a_preference_client_swaps_chosen_and_rejected():
-    from fedllm.attacks import flip_labels
+    from fedllm.client.attacks import flip_labels
 
     pairs = load_splits(DataConfig(families="parity", train_per_family=6), preference=True)[0]
     flipped = flip_labels(pairs, seed=0)

@@ -22,7 +22,7 @@ def _tiny(tiny_model_dir):
 
 
 def test_rouge_l_matches_the_longest_common_subsequence_by_hand():
-    from fedllm.evaluate import rouge_l
+    from fedllm.evaluation.held_out import rouge_l
 
     # LCS("the cat on the mat", "the cat sat on the mat") = 5 words: P = 5/5, R = 5/6
     p, r = 1.0, 5 / 6
@@ -34,7 +34,7 @@ def test_rouge_l_matches_the_longest_common_subsequence_by_hand():
 
 def test_per_family_figures_sum_to_the_overall_ones(tiny_model_dir):
     from fedllm.data import load_splits
-    from fedllm.evaluate import em_subset, eval_loss, evaluate, exact_match, generate_answers, rouge_l
+    from fedllm.evaluation.held_out import em_subset, eval_loss, evaluate, exact_match, generate_answers, rouge_l
 
     model, tok = _tiny(tiny_model_dir)
     cfg = DataConfig(families="parity,arithmetic,sorting", eval_per_family=3, max_length=64)
@@ -68,8 +68,8 @@ def test_local_lm_eval_tasks_generate_what_fedllm_generates(tiny_model_dir, tmp_
     """The same prompts reach the model through lm-eval as through fedllm: greedy answers agree
     example by example, and so do exact match and Rouge-L."""
     from fedllm.data import load_splits
-    from fedllm.evaluate import generate_answers, normalize, rouge_l
-    from fedllm.harness import choices_of, run_tasks, write_tasks
+    from fedllm.evaluation.held_out import generate_answers, normalize, rouge_l
+    from fedllm.evaluation.harness import choices_of, run_tasks, write_tasks
 
     model, tok = _tiny(tiny_model_dir)
     cfg = DataConfig(families="parity,arithmetic,reverse", eval_per_family=4, max_length=64)
@@ -105,8 +105,8 @@ def test_lm_eval_on_smollm2_agrees_with_fedllms_exact_match(tmp_path):
 
     from fedllm.config import ModelConfig
     from fedllm.data import load_splits
-    from fedllm.evaluate import generate_answers, normalize
-    from fedllm.harness import run_tasks, write_tasks
+    from fedllm.evaluation.held_out import generate_answers, normalize
+    from fedllm.evaluation.harness import run_tasks, write_tasks
     from fedllm.model import resolve
 
     path = resolve(ModelConfig())
@@ -139,8 +139,8 @@ def test_trackers_are_written_and_read_back(tracked_run):
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from fedllm.report import read_metrics
-    from fedllm.tracking import tracking_uri
+    from fedllm.reporting.report import read_metrics
+    from fedllm.reporting.tracking import tracking_uri
 
     rows = read_metrics(tracked_run)
     want = [(r["round"], r["eval-loss"]) for r in rows]
@@ -180,7 +180,7 @@ def test_trackers_are_written_and_read_back(tracked_run):
 
 @pytest.mark.slow
 def test_lm_eval_figures_go_into_metrics_summary_and_report(tracked_run):
-    from fedllm.report import read_metrics
+    from fedllm.reporting.report import read_metrics
 
     rows = read_metrics(tracked_run)
     assert all(set(r["lm-eval"]) == {"fedllm_builtin", "fedllm_builtin_mc"} for r in rows)
@@ -197,7 +197,7 @@ def test_lm_eval_figures_go_into_metrics_summary_and_report(tracked_run):
 @pytest.mark.slow
 def test_fedllm_eval_rebuilds_the_result_and_names_bad_input(tracked_run, tmp_path, capsys):
     from fedllm.cli import main
-    from fedllm.report import read_metrics
+    from fedllm.reporting.report import read_metrics
 
     assert main(["eval", str(tracked_run), "--tasks", "fedllm_builtin", "--batch-size", "1"]) == 0
     saved = json.loads((tracked_run / "lm-eval" / "results.json").read_text())
@@ -235,7 +235,7 @@ def test_bad_tracker_and_task_settings_are_one_line_errors(tiny_model_dir, tmp_p
     from fedllm.config import Config
     from fedllm.errors import ConfigError
 
-    from fedllm.tracking import check_installed
+    from fedllm.reporting.tracking import check_installed
 
     with pytest.raises(ConfigError, match="server.trackers: unknown tracker 'comet'; registered: aim, mlflow, "
                                           "tensorboard, wandb"):
@@ -253,7 +253,7 @@ def test_a_resumed_run_continues_its_tracker_runs(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from fedllm.config import Config
-    from fedllm.tracking import Trackers, tracking_uri
+    from fedllm.reporting.tracking import Trackers, tracking_uri
 
     cfg = Config.from_flat({"server.trackers": "mlflow"})
     rows = [{"round": 0, "eval-loss": 2.0}, {"round": 1, "eval-loss": 1.5, "bytes-up": {"1": 10, "2": 20}}]
@@ -297,7 +297,7 @@ def test_lm_eval_leaves_the_global_generators_as_it_found_them(tiny_model_dir, t
     import numpy as np
 
     from fedllm.data import load_splits
-    from fedllm.harness import run_tasks, write_tasks
+    from fedllm.evaluation.harness import run_tasks, write_tasks
 
     model, tok = _tiny(tiny_model_dir)
     cfg = DataConfig(families="parity", eval_per_family=2, max_length=64)

@@ -1,5 +1,6 @@
-"""Extending fedllm touches one place each: a rule, a server optimizer, a codec, a method and
-a contribution scorer are each added here, in this file alone, and run through fedllm's own
+"""Extending fedllm touches one place each: a rule, a server optimizer, a codec, a method (with its
+own config section, from its own folder), a contribution scorer, a tracker, a metric and an attack
+are each added here, in this file alone, and run through fedllm's own
 server loop, strategy adapter, codec chain or ledger."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import re
 import json
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,8 +21,8 @@ from conftest import reply_to, tiny_run_config
 from fedllm.compression import CODECS, decode, encode, parse, register_codec
 from fedllm.compression.codecs import Codec
 from fedllm.config import Config
-from fedllm.contribution import SCORERS, register_scorer
-from fedllm.errors import PayloadError
+from fedllm.ledger.scoring import SCORERS, register_scorer
+from fedllm.errors import ConfigError, PayloadError
 from fedllm.server.grid import LocalGrid
 from fedllm.methods import METHODS, register_method
 from fedllm.methods.adapters.server import LoraServer
@@ -199,14 +201,15 @@ def scaled_mean(updates, cfg, factor=1.0, *, shift=0.0):
 
 USER_PLUGINS = '''
 import json
+import sys
 
 import numpy as np
 
-from fedllm.attacks import ATTACKS, Attack
+from fedllm.client.attacks import ATTACKS, Attack
 from fedllm.compression import register_codec
 from fedllm.compression.codecs import Codec
-from fedllm.metrics import METRICS
-from fedllm.tracking import TRACKERS
+from fedllm.evaluation.metrics import METRICS
+from fedllm.reporting.tracking import TRACKERS
 
 ENCODED, ATTACKED = [], []
 
@@ -255,9 +258,9 @@ def user_module(tmp_path, monkeypatch):
     registered afterwards."""
     import sys
 
-    from fedllm.attacks import ATTACKS
-    from fedllm.metrics import METRICS
-    from fedllm.tracking import TRACKERS
+    from fedllm.client.attacks import ATTACKS
+    from fedllm.evaluation.metrics import METRICS
+    from fedllm.reporting.tracking import TRACKERS
 
     folder = tmp_path / "plugins"
     folder.mkdir()
@@ -313,7 +316,7 @@ def plugin_run(tiny_model_dir, tmp_path, user_module):
 
 
 def test_plugins_codec_metric_tracker_and_attack_run_in_process(plugin_run):
-    from fedllm.report import format_summary, summary
+    from fedllm.reporting.report import format_summary, summary
 
     plugins, run_dir, rows = plugin_run
     assert len(plugins.ENCODED) == 3 and rows[1]["clients-ok"] == 3  # each client's upload went through `half`
@@ -335,7 +338,7 @@ def test_plugins_lm_eval_task_scores_a_plugin_metric(user_module, tmp_path):
     import importlib.util
 
     from fedllm.config import DataConfig
-    from fedllm.harness import write_tasks
+    from fedllm.evaluation.harness import write_tasks
     from fedllm.plugins import import_plugins
 
     import_plugins(user_module("fedllm_test_user_plugins", USER_PLUGINS))
@@ -358,3 +361,139 @@ def test_a_plugin_that_does_not_import_is_a_one_line_config_error(user_module):
     assert str(err.value) == f"server.plugins: cannot import '{broken}': RuntimeError: no GPU here"
     with pytest.raises(ConfigError, match="server.plugins: cannot import 'no_such_module_xyz': ModuleNotFoundError"):
         Config.from_flat({"server.plugins": "no_such_module_xyz"})
+
+
+# (f) a method with its own config section, all in its own folder (a package on the path, named
+# by server.plugins): nothing in fedllm is edited, and the server and every client import it
+SHIFT = {
+    "__init__.py": '''
+from fedllm.methods import MethodSpec, register_method
+from shift import config
+
+register_method("shift", server="shift.halves:ShiftServer", client="shift.halves:ShiftClient",
+                spec=MethodSpec(compression=False, dp=False, check=config.check))
+''',
+    "config.py": '''
+from dataclasses import dataclass
+
+from fedllm.config import option, register_section
+from fedllm.errors import ConfigError
+
+
+@dataclass
+class ShiftConfig:
+    step: float = option("What each client adds to every weight in a round.", 1.0, check="> 0")
+    clamp: float = option("The largest weight the server keeps; 0: no clamp.", 0.0, check=">= 0")
+
+
+register_section("shift", ShiftConfig)
+
+
+def check(cfg, spec):
+    if cfg.shift.clamp and cfg.shift.clamp < cfg.shift.step:
+        raise ConfigError(f"shift.clamp: {cfg.shift.clamp} is below shift.step={cfg.shift.step}")
+''',
+    "halves.py": '''
+import contextlib
+import json
+import sys
+
+import torch
+from flwr.app import ArrayRecord
+
+from fedllm.protocol import ARRAYS, METRICS, LEDGER, Update, check_like, read_arrays, reply_metrics
+
+
+class ShiftServer:
+    reply_records = frozenset({ARRAYS, METRICS, LEDGER})
+    tokenizer = None
+
+    def __init__(self, cfg):
+        self.cfg, self.state = cfg, {"w": torch.zeros(3)}
+
+    def encode_down(self, node):
+        return {ARRAYS: ArrayRecord(self.state)}
+
+    def decode(self, msg):
+        n, metrics = reply_metrics(msg)
+        local, nbytes = read_arrays(msg, self.state)
+        check_like(local, self.state)
+        return Update(msg.metadata.src_node_id, {k: t - self.state[k] for k, t in local.items()}, n, metrics, nbytes)
+
+    def largest_reply(self):
+        return 65536
+
+    def apply(self, aggregate, updates, server_round):
+        w = self.state["w"] + aggregate["w"]
+        self.state = {"w": w.clamp(max=self.cfg.shift.clamp) if self.cfg.shift.clamp else w}
+        return {"shift-max": float(self.state["w"].max())}
+
+    @contextlib.contextmanager
+    def model(self):
+        yield None
+
+    def utility(self, updates, examples):
+        return None
+
+    def digest(self):
+        return self.state["w"].numpy().tobytes()
+
+    def save(self, run_dir):
+        (run_dir / "shift.json").write_text(json.dumps(self.state["w"].tolist()))
+
+    def state_dict(self):
+        return {"state": self.state}
+
+    def load_state_dict(self, state):
+        self.state = state["state"]
+
+
+class ShiftClient:
+    def __init__(self, cfg, context, partition_id):
+        from transformers import AutoTokenizer
+
+        self.cfg, self.tokenizer = cfg, AutoTokenizer.from_pretrained(cfg.model.name)
+
+    def sync(self, request, seed):
+        self.state = request.array_records[ARRAYS].to_torch_state_dict()
+        return {}
+
+    def train(self, rows, seed):
+        return {"train-loss": 0.0, "steps": 1.0}
+
+    def upload(self, transform):
+        return {ARRAYS: ArrayRecord({"w": self.state["w"] + self.cfg.shift.step})}
+''',
+}
+
+
+@pytest.fixture
+def shift_package(tmp_path, monkeypatch):
+    for name, text in SHIFT.items():
+        (tmp_path / "pkg" / "shift").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "pkg" / "shift" / name).write_text(text.lstrip())
+    monkeypatch.syspath_prepend(str(tmp_path / "pkg"))
+    yield
+    METHODS.remove("shift")
+    from fedllm import config
+
+    config._SECTIONS.pop("shift", None)
+    for name in [m for m in sys.modules if m == "shift" or m.startswith("shift.")]:
+        del sys.modules[name]
+
+
+def test_a_method_with_its_own_config_keys_lives_in_its_folder(shift_package, tiny_model_dir, tmp_path):
+    from fedllm.server.loop import run
+
+    over = {"server.plugins": "shift", "train.method": "shift", "shift.step": "0.5", "shift.clamp": 0.75,
+            "server.evaluate": False, "server.strategy": "median"}
+    cfg = tiny_run_config(tiny_model_dir, tmp_path, **over)
+    assert cfg.shift.step == 0.5 and "shift.step" in cfg.to_flat()
+    run_dir = run(LocalGrid(3), cfg)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("shift-max") for r in rows[1:]] == [0.5, 0.75]  # 0.5, then 1.0 clamped
+    assert json.loads((run_dir / "shift.json").read_text()) == [0.75] * 3
+    with pytest.raises(ConfigError, match=r"^shift\.clamp: 0\.25 is below shift\.step=0\.5$"):
+        build(Config.from_flat({**over, "shift.clamp": 0.25}))
+    with pytest.raises(ConfigError, match=r"^shift\.step: must be > 0"):
+        Config.from_flat({**over, "shift.step": 0})

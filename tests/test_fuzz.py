@@ -15,7 +15,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedllm.server import checkpoint, worker
+from fedllm.client import worker
+from fedllm.server import checkpoint
 from fedllm.compression import PRESETS, decode, encode, parse
 from fedllm.config import Config
 from fedllm.errors import ConfigError, DataError, FedLLMError, PayloadError

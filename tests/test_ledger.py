@@ -9,9 +9,9 @@ import subprocess
 
 import pytest
 
-from fedllm.contribution import reward_shares
-from fedllm.ledger import ANVIL, ARTIFACTS, Ledger, LedgerError, anvil, artifact, connect, dev_account, to_wei
-from fedllm.merkle import Leaf, MerkleTree, verify
+from fedllm.ledger.scoring import reward_shares
+from fedllm.ledger.chain import ANVIL, ARTIFACTS, Ledger, LedgerError, anvil, artifact, connect, dev_account, to_wei
+from fedllm.ledger.merkle import Leaf, MerkleTree, verify
 
 ETH = 10**18
 UNBONDING = 3600
@@ -109,7 +109,7 @@ def test_reentrant_claimer_fails(world):
     factory = w3.eth.contract(abi=art["abi"], bytecode=art["bytecode"])
     tx = factory.constructor(ledger.address).build_transaction(
         {"from": owner.address, "nonce": w3.eth.get_transaction_count(owner.address)})
-    from fedllm.ledger import _send
+    from fedllm.ledger.chain import _send
 
     attacker = w3.eth.contract(address=_send(w3, owner, tx).contractAddress, abi=art["abi"])
 
@@ -248,7 +248,7 @@ def test_artifacts_match_the_sources():
 
 
 def test_clear_errors_for_bad_settings(tmp_path, monkeypatch):
-    from fedllm.ledger import read_key
+    from fedllm.ledger.chain import read_key
 
     with pytest.raises(LedgerError, match="ledger.chain"):
         connect("ftp://x")
@@ -271,7 +271,7 @@ def test_signed_reply_names_its_account_and_tampering_is_caught():
     import torch
     from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-    from fedllm.ledger import LEDGER_RECORD, derived_account, reply_account, sign_update, update_hash
+    from fedllm.ledger.chain import LEDGER_RECORD, derived_account, reply_account, sign_update, update_hash
 
     contract = "0x" + "ab" * 20
     client, other = derived_account(0, "client-0"), derived_account(0, "client-1")
@@ -301,7 +301,7 @@ def test_signed_reply_names_its_account_and_tampering_is_caught():
 
 
 def test_addresses_chains_and_foreign_contracts_are_refused_up_front():
-    from fedllm import ledger as L
+    from fedllm.ledger import chain as L
     from fedllm.config import Config
     from fedllm.errors import ConfigError
 

@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM
 from fedllm.config import DataConfig, TrainConfig
 from fedllm.methods.adapters.config import LoraConfig
 from fedllm.data import builtin, encode
-from fedllm.evaluate import eval_loss
+from fedllm.evaluation.held_out import eval_loss
 from fedllm.model import MODEL_CACHE
 from fedllm.methods.adapters import engine as lora
 

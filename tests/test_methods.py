@@ -10,7 +10,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from conftest import tiny_run_config
-from fedllm.client_train import handle
+from fedllm.client.round import handle
 from fedllm.methods import METHODS
 from fedllm.methods.downlink import Downlink
 from fedllm.protocol import CONFIG, METRICS
@@ -79,7 +79,7 @@ def test_an_attack_hook_rewrites_the_update_before_encoding(name, tiny_model_dir
     honest, flipped = deltas[""], deltas["0=sign-flip"]
     assert honest and honest.keys() == flipped.keys()  # a list round keeps each update's tensors
     if name == "exact-lora":  # the upload is the adapter itself: compare the changes from its fresh start
-        from fedllm.client_train import round_seed
+        from fedllm.client.round import round_seed
         from fedllm.methods.adapters import engine as lora
 
         rank2 = base.replace(lora__rank=2)  # partition 0's rank

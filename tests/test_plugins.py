@@ -145,3 +145,18 @@ def test_config_and_its_errors_stay_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("attack.clients: '1=evil' is not partition=kind with a kind among crash, duplicate")
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("trimmed-mean(fraction=0.7)", "fraction must be in [0, 0.5), got 0.7"),
+    ("krum(f=1.5)", "f must be a whole number >= 0, got 1.5"),
+    ("fedavg > fedadam(lr=-1)", "lr must be > 0, got -1"),
+    ("fedavgm(momentum=1)", "momentum must be in [0, 1), got 1"),
+    ("norm-bounded(max_norm='big')", "max_norm must be > 0, got 'big'"),
+])
+def test_a_stage_argument_out_of_range_fails_with_the_config(spec, says):
+    """Not in a round: the preflight's resolve refuses it in one line naming the stage."""
+    from strategies import resolve
+
+    with pytest.raises(ConfigError, match=r"^server\.strategy: stage .*" + re.escape(says) + "$"):
+        resolve(Config.from_flat({"server.strategy": spec}))

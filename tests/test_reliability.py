@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from conftest import reply_to, tiny_run_config
 from fedllm import rng
 from fedllm.server import checkpoint
-from fedllm.attacks import flip_labels, poisoned
+from fedllm.client.attacks import flip_labels, poisoned
 from fedllm.compression import PRESETS, encode, parse
 from fedllm.config import Config
 from fedllm.errors import ConfigError
@@ -327,8 +327,8 @@ def test_checkpoint_is_data_only_and_round_trips_every_value(tmp_path):
              "moments": {"m": {"w": torch.ones(2, dtype=torch.float64)}}, "none": None, "nan": math.nan,
              "tuple": (1, "a", (2.5, None)), "big": 10**30, "$d": "a key that looks like a tag"}
     random.seed(3)
-    rng = rng.rng_state()
-    checkpoint.save(tmp_path, {"round": 1, "config": flat, "strategy": state, "rng": rng, "metrics": [{"round": 0}]})
+    saved = rng.rng_state()
+    checkpoint.save(tmp_path, {"round": 1, "config": flat, "strategy": state, "rng": saved, "metrics": [{"round": 0}]})
     back = checkpoint.load(tmp_path, flat)
     got = back["strategy"]
     assert torch.equal(got["global"]["w"], state["global"]["w"]) and got["global"]["b"].shape == (0,)
@@ -337,7 +337,7 @@ def test_checkpoint_is_data_only_and_round_trips_every_value(tmp_path):
     assert got["big"] == 10**30 and got["$d"] == state["$d"]
     rng.set_rng_state(back["rng"])
     assert random.random() == (random.seed(3), random.random())[1]
-    assert np.array_equal(back["rng"]["numpy"][1], rng["numpy"][1])
+    assert np.array_equal(back["rng"]["numpy"][1], saved["numpy"][1])
     with pytest.raises(TypeError, match="cannot store object at .strategy.bad"):
         checkpoint.save(tmp_path, {"round": 1, "config": flat, "strategy": {"bad": object()}})
 
@@ -386,8 +386,8 @@ def test_label_flip_gives_every_prompt_another_response():
 def test_attack_clients_send_what_they_claim(tiny_model_dir, tmp_path):
     """Through fedllm's client: replay resends its previous bytes, duplicate sends its victim's,
     sign-flip sends minus the honest update, crash raises."""
-    from fedllm.attacks import Crash
-    from fedllm.client_train import handle
+    from fedllm.client.attacks import Crash
+    from fedllm.client.round import handle
 
     cfg = tiny_run_config(tiny_model_dir, tmp_path, **{"attack.clients": "1=replay,2=duplicate,3=sign-flip,4=crash",
                                                   "attack.victim": 0})

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import tiny_run_config
 from fedllm.server.grid import LocalGrid
-from fedllm.report import REPORT
+from fedllm.reporting.report import REPORT
 
 
 def _install_chromium() -> str:
@@ -91,7 +91,7 @@ def test_compare_overlays_runs_and_the_cli_names_a_bad_directory(tiny_model_dir,
 
 def test_a_cut_off_last_metrics_line_is_skipped_and_a_bad_middle_line_named(tmp_path, caplog):
     from fedllm.errors import FedLLMError
-    from fedllm.report import read_metrics
+    from fedllm.reporting.report import read_metrics
 
     good = '{"round": 0, "eval-loss": 2.0}\n{"round": 1, "eval-loss": 1.5}\n'
     (tmp_path / "metrics.jsonl").write_text(good + '{"round": 2, "eval-lo')  # a crash mid-write
@@ -106,7 +106,8 @@ def test_cli_refuses_bad_simulation_sizes_and_keeps_earlier_results(tmp_path, ca
     import os
     import time
 
-    from fedllm.cli import main, written_since
+    from fedllm.cli import main
+    from fedllm.preflight import written_since
 
     assert main(["simulate", "--cpus-per-client", "0", "--set", f"server.run-dir={tmp_path}"]) == 2
     assert "--cpus-per-client in (0," in capsys.readouterr().err
@@ -118,7 +119,7 @@ def test_cli_refuses_bad_simulation_sizes_and_keeps_earlier_results(tmp_path, ca
 
 
 def test_a_run_dir_that_cannot_be_written_is_refused_before_anything_starts(tmp_path):
-    from fedllm.cli import check_writable
+    from fedllm.preflight import check_writable
     from fedllm.errors import FedLLMError
 
     (tmp_path / "a-file").write_text("not a folder")

@@ -386,7 +386,7 @@ def test_graph_is_k_regular_and_symmetric():
 
 
 def test_client_app_still_imports_no_torch():
-    out = subprocess.run([sys.executable, "-c", "import sys, fedllm.client_app; print('torch' in sys.modules)"],
+    out = subprocess.run([sys.executable, "-c", "import sys, fedllm.client.app; print('torch' in sys.modules)"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-from fedllm.client_app import dp_clipping
+from fedllm.client.app import dp_clipping
 from fedllm.compression import decode, encode, parse
 from fedllm.config import Config
 from fedllm.errors import PayloadError

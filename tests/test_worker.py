@@ -15,7 +15,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from conftest import tiny_run_config
-from fedllm import worker
+from fedllm.client import worker
 from fedllm.errors import FedLLMError
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -48,7 +48,7 @@ def running_worker(tmp_path, monkeypatch):
     home = tmp_path / "workers"
     monkeypatch.setenv("FEDLLM_WORKER_DIR", str(home))
     address = worker.address_for(1)
-    proc = subprocess.Popen([sys.executable, "-m", "fedllm.worker", "--address", str(address), "--watch-pid",
+    proc = subprocess.Popen([sys.executable, "-m", "fedllm.client.worker", "--address", str(address), "--watch-pid",
                              str(os.getpid()), "--idle", "120"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.time() + 120
@@ -60,7 +60,7 @@ def running_worker(tmp_path, monkeypatch):
 
 
 def test_a_round_through_the_worker_survives_a_wrong_key_and_garbage(running_worker, tiny_model_dir, tmp_path):
-    from fedllm.client_train import handle
+    from fedllm.client.round import handle
     from fedllm.methods.adapters import engine as lora
 
     address, proc = running_worker

@@ -343,7 +343,7 @@ def test_lora_only_engine_leaves_base_weights_alone(tiny_model_dir):
 def test_client_refuses_a_different_perturbation_fingerprint(tiny_model_dir):
     from flwr.app import Message, MessageType
 
-    from fedllm.client_train import handle
+    from fedllm.client.round import handle
 
     cfg = _cfg(tiny_model_dir)
     engine, _ = _fresh_engine(cfg)

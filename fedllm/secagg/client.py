@@ -1,6 +1,6 @@
 """The client's half of SecAgg+: a Flower mod for the Message API.
 
-    app = ClientApp(mods=[secagg_mod, dp_clipping])     # fedllm.client_app
+    app = ClientApp(mods=[secagg_mod, dp_clipping])     # fedllm.client.app
 
 A message carrying the `secagg` config record is one stage of the server's protocol
 (fedllm.secagg.server); anything else passes through. The stages, for one round:
@@ -203,7 +203,7 @@ def _train(msg: Message, context: Context, call_next: Any, record: ConfigRecord)
         core.MASKED: ArrayRecord({"y": Array(y.astype(core.wire_dtype(bits)))}),
     })
     if LEDGER in content.config_records:  # the app signed its plain upload: sign what goes up instead
-        from fedllm.client_train import config_from_request, node_partition, signed
+        from fedllm.client.round import config_from_request, node_partition, signed
 
         out = signed(out, msg.content, context, config_from_request(msg.content), node_partition(context)[0])
     return Message(out, reply_to=msg)

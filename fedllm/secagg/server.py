@@ -89,32 +89,6 @@ def check(cfg: Any, sampled: int) -> tuple[int, int]:
     return t, n_levels
 
 
-def clip_range(cfg: Any) -> float:
-    """secagg.clip-range, or for 0 the method's own range (its registry metadata)."""
-    return float(cfg.secagg.clip_range or spec_of(cfg).secagg_range)
-
-
-def check(cfg: Any, sampled: int) -> tuple[int, int]:
-    """(threshold, levels) for `sampled` nodes.
-
-    Raises:
-        ConfigError: naming the secagg key that does not fit.
-    """
-    sa = cfg.secagg
-    holders = core.holders(sampled, sa.neighbours)
-    t = core.threshold(sa.threshold, holders)
-    if t > holders:
-        raise ConfigError(f"secagg.threshold: {t} share holders needed, but each node has {holders} (secagg.neighbours "
-                          f"+ 1, at most the {sampled} sampled nodes)")
-    if 2 * t <= holders:
-        raise ConfigError(f"secagg.threshold: {t} of {holders} share holders is not a majority: a server could rebuild "
-                          "both secrets of a node")
-    n_levels = core.levels(sa.bits, sampled)
-    if n_levels < 256:
-        raise ConfigError(f"secagg.bits: 2^{sa.bits} / {sampled} clients leaves {n_levels} levels per value; raise it")
-    return t, n_levels
-
-
 class Failed(Exception):
     """A stage ended the attempt; `why` is the attempt's failure."""
 
@@ -447,14 +421,6 @@ def _common(metrics_of: dict[int, dict[str, float]], nodes: list[int]) -> dict[s
     """The metrics every survivor reported with one value (the method's version or fragment)."""
     first = metrics_of[nodes[0]]
     return {k: v for k, v in first.items() if all(metrics_of[n].get(k) == v for n in nodes)}
-
-
-def _row(metrics_of: dict[int, dict[str, float]], survivors: list[int], r: _Round) -> dict[str, float]:
-    row: dict[str, float] = {"clients-ok": len(survivors), "clients-dropped": len(r.dropped)}
-    if survivors:  # the per-client example counts are secret: the train loss is the plain mean
-        row["train-loss"] = sum(metrics_of[n].get("train-loss", 0.0) for n in survivors) / len(survivors)
-    row.update({f"secagg-seconds-{k}": v for k, v in r.out.seconds.items()})
-    return row
 
 
 def _connected(nodes: list[int], neighbours: dict[int, list[int]]) -> bool:

@@ -4,7 +4,7 @@
         row.update(evaluate(server_round))      # {} when the round is not due
 
 Due before round 1, after the last round, and every server.eval-every rounds: held-out loss, exact
-match and Rouge-L (per family: fedllm.evaluate), the method's own figures (a server half with
+match and Rouge-L (per family: fedllm.evaluation.held_out), the method's own figures (a server half with
 `evaluate(model, held_out)`: dpo's rewards), and the lm-eval tasks of server.eval-tasks, fedllm's own
 written from the run's held-out split into a fresh temporary folder (nothing planted in a run
 directory is read as a task). `evaluate_run` is `fedllm eval`: lm-eval tasks on a finished run's
@@ -21,10 +21,10 @@ from typing import Any
 from fedllm.server import checkpoint
 from fedllm.config import Config
 from fedllm.errors import FedLLMError
-from fedllm.evaluate import evaluate
-from fedllm.harness import parse_tasks, run_tasks, task_manager, write_tasks
+from fedllm.evaluation.held_out import evaluate
+from fedllm.evaluation.harness import parse_tasks, run_tasks, task_manager, write_tasks
 from fedllm.methods import ServerHalf, data_splits
-from fedllm.report import write_atomically
+from fedllm.reporting.report import write_atomically
 from strategies import build
 
 

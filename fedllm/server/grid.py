@@ -57,7 +57,7 @@ class LocalGrid:
     def reply(self, message: Message) -> RecordDict:
         """The client's reply content to `message` (override to cache or alter)."""
         if self.app is None:
-            from fedllm.client_app import app
+            from fedllm.client.app import app
 
             self.app = app
         context = self.context(message.metadata.dst_node_id)

@@ -4,7 +4,7 @@ checkpoint; at the end save the result, the summary and the report.
 Writes a run directory: config.json, metrics.jsonl (one line per round), checkpoint.safetensors
 (after every round, for server.resume), summary.json, and the method's result: adapter/ (PEFT
 format) for LoRA and exact-lora, zo/accumulators.bin for zo, merged/ on request; with
-server.eval-tasks lm-eval/, with server.trackers the trackers' files (fedllm.tracking). A round goes
+server.eval-tasks lm-eval/, with server.trackers the trackers' files (fedllm.reporting.tracking). A round goes
 on without the clients that fail, time out or send invalid replies, as long as server.min-replies
 valid ones arrive; otherwise it is tried again (server.round-retries) and then the run stops with
 RoundFailed.
@@ -24,14 +24,14 @@ from flwr.serverapp import Grid
 from fedllm import rng
 from fedllm.server import checkpoint
 from fedllm.config import Config
-from fedllm.contribution import SCORERS
-from fedllm.evaluate import em_subset
+from fedllm.ledger.scoring import SCORERS
+from fedllm.evaluation.held_out import em_subset
 from fedllm.methods import data_splits
-from fedllm.report import MetricsLog, format_summary, make_run_dir, render_report, summary, write_atomically, write_config
+from fedllm.reporting.report import MetricsLog, format_summary, make_run_dir, render_report, summary, write_atomically, write_config
 from fedllm.secagg.server import check as check_secagg
 from fedllm.server.evaluator import Evaluator
 from fedllm.server.round import RoundOutcome, prepare, train_round
-from fedllm.tracking import Trackers
+from fedllm.reporting.tracking import Trackers
 from strategies import FedLLMStrategy, build
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def _books(cfg: Config, run_dir: Path, ckpt: dict[str, Any] | None) -> Any:
     """The ledger session (ledger.enabled), continued from the checkpoint's cursor on a resume."""
     if not cfg.ledger.enabled:
         return None
-    from fedllm.accounting import LedgerSession  # web3 is the optional [ledger] extra
+    from fedllm.ledger.session import LedgerSession  # web3 is the optional [ledger] extra
 
     return LedgerSession(cfg, run_dir, ckpt["ledger"] if ckpt else None)
 

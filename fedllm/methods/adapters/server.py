@@ -12,8 +12,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from fedllm.compression import Feedback, compress, decode, parse
 from fedllm.config import Config
-from fedllm.contribution import SCORERS
-from fedllm.evaluate import eval_loss
+from fedllm.ledger.scoring import SCORERS
+from fedllm.evaluation.held_out import eval_loss
 from fedllm.methods.base import Ask, UtilityOf
 from fedllm.methods.downlink import Downlink
 from fedllm.methods.adapters import engine as lora

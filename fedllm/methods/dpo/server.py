@@ -17,7 +17,7 @@ import torch
 
 from fedllm.config import Config
 from fedllm.data import example_key
-from fedllm.evaluate import pair_logps, preference_metrics
+from fedllm.evaluation.held_out import pair_logps, preference_metrics
 from fedllm.methods.adapters import engine as lora
 from fedllm.methods.adapters.server import LoraServer
 from fedllm.protocol import State
@@ -36,7 +36,7 @@ class DpoServer(LoraServer):
 
     def evaluate(self, model: Any, held_out: list[dict[str, str]]) -> dict[str, float]:
         """reward-accuracy, reward-margin and preference-accuracy of the model at the global state
-        on the held-out pairs (fedllm.evaluate.preference_metrics)."""
+        on the held-out pairs (fedllm.evaluation.held_out.preference_metrics)."""
         cfg = self.cfg
         digest = pairs_digest(held_out)
         if self.reference is None or self.reference_of != digest:

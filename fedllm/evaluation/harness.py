@@ -8,7 +8,7 @@ fedllm ships two task definitions built from a run's held-out split, written as 
 `--include_path` YAML with local `data_files` (so they run offline):
 - `fedllm_builtin`: generative; greedy answer to the same chat prompt fedllm's own evaluation
   uses (the tokenizer's chat template, data.system-prompt as the system message), scored by
-  fedllm's metrics (fedllm.metrics: exact match with the same normalization, Rouge-L, a plug-in's own);
+  fedllm's metrics (fedllm.evaluation.metrics: exact match with the same normalization, Rouge-L, a plug-in's own);
 - `fedllm_builtin_mc`: multiple choice; the reference answer among up to three wrong answers
   of the same family (other held-out examples' answers), scored by log-likelihood (acc, acc_norm).
 Every other lm-eval task (mmlu, gsm8k, ...) works when its data is reachable or in the
@@ -27,7 +27,7 @@ from typing import Any
 from fedllm.rng import rng_state, set_rng_state
 from fedllm.config import DataConfig
 from fedllm.errors import ConfigError, FedLLMError
-from fedllm.metrics import METRICS, lm_eval_name
+from fedllm.evaluation.metrics import METRICS, lm_eval_name
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ LOCAL_TASKS = ("fedllm_builtin", "fedllm_builtin_mc")
 HEADLINE = ("exact_match", "acc", "acc_norm", "f1", "rouge_l")
 
 _GENERATIVE = """\
-# fedllm's built-in suite as an lm-eval task (written by fedllm.harness.write_tasks)
+# fedllm's built-in suite as an lm-eval task (written by fedllm.evaluation.harness.write_tasks)
 task: fedllm_builtin
 dataset_path: json
 dataset_kwargs:
@@ -57,7 +57,7 @@ metric_list:
 """
 
 _CHOICE = """\
-# fedllm's built-in suite as a multiple-choice lm-eval task (written by fedllm.harness.write_tasks)
+# fedllm's built-in suite as a multiple-choice lm-eval task (written by fedllm.evaluation.harness.write_tasks)
 task: fedllm_builtin_mc
 dataset_path: json
 dataset_kwargs:
@@ -81,12 +81,12 @@ metadata:
 """
 
 _UTILS = '''\
-"""Scoring of the fedllm_builtin task: fedllm's own metrics (fedllm.metrics: exact match,
+"""Scoring of the fedllm_builtin task: fedllm's own metrics (fedllm.evaluation.metrics: exact match,
 Rouge-L, and those of the modules below, which register their own)."""
 
 import importlib
 
-from fedllm.metrics import lm_eval_name, scores
+from fedllm.evaluation.metrics import lm_eval_name, scores
 
 for module in {modules!r}:
     importlib.import_module(module)
@@ -152,7 +152,7 @@ def write_tasks(folder: Path, examples: list[dict[str, str]], cfg: DataConfig, m
                                                                    metric_list=metric_list))
     (folder / "fedllm_builtin_mc.yaml").write_text(_CHOICE.format(data=json.dumps(str(mc_data))))
     # the lm_eval command imports this file alone: it imports the modules a plug-in metric came from
-    modules = sorted({e.impl.__module__ for e in METRICS.entries()} - {"fedllm.metrics", "__main__"})
+    modules = sorted({e.impl.__module__ for e in METRICS.entries()} - {"fedllm.evaluation.metrics", "__main__"})
     (folder / "utils.py").write_text(_UTILS.format(modules=modules))
     return folder
 

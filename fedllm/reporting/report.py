@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.config import Config
-from fedllm.metrics import METRICS
+from fedllm.evaluation.metrics import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out["families-after"] = {name: {k: f.get(k) for k in ("eval-loss", *METRICS.names())}
                                  for name, f in last["families"].items()}
     if tasks:
-        from fedllm.harness import headline
+        from fedllm.evaluation.harness import headline
 
         out["lm-eval-before"] = headline(tasks[0]["lm-eval"])
         out["lm-eval-after"] = headline(tasks[-1]["lm-eval"])
@@ -152,7 +152,7 @@ def _num(v: Any, digits: int) -> str:
 
 
 def metric_lines(s: dict[str, Any], digits: int) -> list[tuple[str, str]]:
-    """(label, 'before -> after') of every registered evaluation metric (fedllm.metrics)."""
+    """(label, 'before -> after') of every registered evaluation metric (fedllm.evaluation.metrics)."""
     return [(m.meta.get("label", m.name), f"{_num(s.get(m.name + '-before'), digits)} -> "
              f"{_num(s.get(m.name + '-after'), digits)}") for m in METRICS.entries()]
 
@@ -372,7 +372,7 @@ def _family_plots(rows: list[dict[str, Any]]) -> list[str]:
             out.append(_png(fig))
     tasks = [r for r in rows if r.get("lm-eval")]
     if tasks:
-        from fedllm.harness import headline
+        from fedllm.evaluation.harness import headline
 
         fig, ax = plt.subplots(figsize=(6, 3.4))
         series: dict[str, list[float]] = {}

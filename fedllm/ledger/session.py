@@ -18,9 +18,9 @@ from typing import Any, Callable
 
 import torch
 
-from fedllm import contribution, ledger
+from fedllm.ledger import chain as ledger, scoring as contribution
 from fedllm.config import Config
-from fedllm.merkle import Leaf, MerkleTree
+from fedllm.ledger.merkle import Leaf, MerkleTree
 from fedllm.protocol import METRICS, RoundResult
 
 log = logging.getLogger(__name__)

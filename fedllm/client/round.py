@@ -1,8 +1,8 @@
 """A client's round: global state in, local steps, update out, for any registered method.
 
 `handle(request, context)` turns a train request's content into the reply's content; the
-ClientApp (fedllm/client_app.py) runs it in its own process or in the node's warm worker
-(fedllm/worker.py). The run config travels in every request, so a client needs no config of its
+ClientApp (fedllm/client/app.py) runs it in its own process or in the node's warm worker
+(fedllm/client/worker.py). The run config travels in every request, so a client needs no config of its
 own beyond its node config (partition-id, num-partitions; or data-path, a site's own data
 file). The method's client half (train.method) syncs, trains and encodes the upload; the edges
 of `handle` are the only places that know about attacks (attack.clients) and the ledger's
@@ -19,7 +19,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
-from fedllm.attacks import ATTACKS, Attack
+from fedllm.client.attacks import ATTACKS, Attack
 from fedllm.config import Config, check_device
 from fedllm.data import encode, load_source, load_splits, pair_text, partition
 from fedllm.errors import DataError, PayloadError
@@ -185,7 +185,7 @@ def signed(content: RecordDict, request: RecordDict, context: Context, cfg: Conf
     update hash), so the server credits or penalises the right account."""
     if not cfg.ledger.enabled:
         return content
-    from fedllm import ledger  # web3 is the optional [ledger] extra
+    from fedllm.ledger import chain as ledger  # web3 is the optional [ledger] extra
     config = request.config_records[CONFIG]
     if cfg.ledger.client_keys == "simulated":
         account = ledger.derived_account(cfg.ledger.seed, f"client-{pid}")

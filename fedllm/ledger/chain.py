@@ -365,7 +365,7 @@ def reply_account(content: Any, contract: str, server_round: int) -> tuple[str, 
 
 
 # --- a local dev node ---------------------------------------------------------------------------
-ANVIL = Path(__file__).resolve().parent.parent / "contracts" / "node_modules" / ".bin" / "anvil"  # a checkout's npm install
+ANVIL = Path(__file__).resolve().parents[2] / "contracts" / "node_modules" / ".bin" / "anvil"  # a checkout's npm install
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ Flower's SuperNode starts a new ClientApp process for every message. With node c
 node's context to this worker over a Unix socket and returns the reply; the worker imported
 torch and loaded the model once, so a round starts in well under a second instead of ~10 s.
 
-    python -m fedllm.worker --address /tmp/fedllm-worker-0-123.sock --watch-pid 4567
+    python -m fedllm.client.worker --address /tmp/fedllm-worker-0-123.sock --watch-pid 4567
 
 The first message of a node starts the worker (and waits for it); the worker exits when the
 process it watches (the SuperNode's process that started the ClientApp) ends, or after
@@ -137,7 +137,7 @@ def _connect(address: Path) -> Any:
 
 def _start(address: Path) -> Any:
     address.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "fedllm.worker", "--address", str(address), "--watch-pid", str(os.getppid())]
+    cmd = [sys.executable, "-m", "fedllm.client.worker", "--address", str(address), "--watch-pid", str(os.getppid())]
     with open(address.with_suffix(".log"), "a") as log_file:
         subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL, stdout=log_file,
                          stderr=subprocess.STDOUT)
@@ -152,7 +152,7 @@ def _start(address: Path) -> Any:
 
 def serve(address: Path, watch_pid: int, idle: float) -> None:
     """Answer requests until the watched process ends or `idle` seconds pass without one."""
-    from fedllm.client_train import handle  # the imports a per-message process would pay for
+    from fedllm.client.round import handle  # the imports a per-message process would pay for
 
     key = secrets.token_bytes(32)
     key_file = address.with_suffix(".key")

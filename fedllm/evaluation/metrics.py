@@ -1,6 +1,6 @@
 """Evaluation metrics: per-example scores of a greedy answer against the reference, averaged by
-fedllm.evaluate over the generated examples (overall and per family), shown by the report and
-scored the same way in the lm-eval task fedllm_builtin (fedllm.harness).
+fedllm.evaluation.held_out over the generated examples (overall and per family), shown by the report and
+scored the same way in the lm-eval task fedllm_builtin (fedllm.evaluation.harness).
 
     METRICS.register("exact-match", exact_match, label="exact match")
     score = METRICS.get("rouge-l").impl("the answer", "the reference")     # a float

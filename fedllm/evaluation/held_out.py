@@ -1,5 +1,5 @@
 """Server-side evaluation: loss on response tokens, and every registered metric
-(fedllm.metrics: exact match, Rouge-L, a plug-in's own) of greedy generation, overall and per
+(fedllm.evaluation.metrics: exact match, Rouge-L, a plug-in's own) of greedy generation, overall and per
 task family (or per label).
 
     metrics = evaluate(model, tokenizer, held_out, data_cfg, batch_size=16, em_examples=16)
@@ -18,7 +18,7 @@ import torch
 
 from fedllm.config import DataConfig
 from fedllm.data.templates import IGNORE, collate, cut_prompt, encode, prompt_text
-from fedllm.metrics import METRICS, normalize, rouge_l  # noqa: F401  (normalize, rouge_l: this module's API before)
+from fedllm.evaluation.metrics import METRICS, normalize, rouge_l  # noqa: F401  (normalize, rouge_l: this module's API before)
 
 
 @torch.no_grad()

@@ -1,0 +1,321 @@
+"""The sections of how the federation runs: [server], [compression], [strategy], [dp], [secagg],
+[ledger] and [attack]."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+
+from fedllm.config.fields import check_device, choice, option, positive
+from fedllm.errors import ConfigError
+
+
+@dataclass
+class ServerConfig:
+    num_rounds: int = option("Federated rounds.", 3, check="> 0")
+    strategy: str = option(
+        "Rule chain: an aggregation rule then server optimizers, each with optional literal arguments, e.g. 'fedavg', "
+        "'trimmed-mean(fraction=0.2) > fedadam(lr=0.01)', 'krum(f=2)', 'fedprox(mu=0.1)', 'fedadam', or a rule "
+        "function 'module:function(arg=1)' (called with updates, cfg and its arguments as keywords); '' picks the "
+        "method's default rule (fedavg; exact-lora: stack).", "")
+    fraction_train: float = option("Share of connected clients sampled each round.", 1.0, check="(0, 1]")
+    clients_per_round: int = option("Clients sampled each round; 0: server.fraction-train of the connected clients.",
+                                   0, check=">= 0")
+    min_clients: int = option("Fewest clients a round needs.", 2, check="> 0")
+    round_timeout: float = option("Seconds to wait for client replies; a client that has not replied by then is "
+                                  "counted as missing.", 3600.0, check="> 0")
+    min_replies: int = option("Fewest valid replies a round needs; with fewer the round is retried.", 1, check="> 0")
+    round_retries: int = option("Times a round with too few valid replies is tried again before the run stops "
+                                "(its checkpoint kept for --resume).", 1, check=">= 0")
+    max_reply_bytes: int = option("Largest update payload accepted, in bytes; 0: the strategy's default (three "
+                                  "times the dense float32 adapter for LoRA, the largest valid factors for exact-lora, "
+                                  "the largest possible upload for zo).", 0, check=">= 0")
+    max_update_norm: float = option("Replies whose update has a larger L2 norm are dropped (LoRA delta, or zo "
+                                    "per-seed sums); 0: no bound.", 0.0, check=">= 0")
+    checkpoint: bool = option("Write RUN_DIR/checkpoint.safetensors after every round (atomically, data only), for --resume.", True)
+    resume: str = option("A run directory to continue from its checkpoint (what `fedllm simulate --resume` "
+                         "sets); the config must match that run's.", "")
+    evaluate: bool = option("Evaluate the global model on the held-out split.", True)
+    eval_every: int = option("Evaluate every N rounds (0: only before the first and after the last).", 1, check=">= 0")
+    eval_batch_size: int = option("Batch size of server-side evaluation.", 16, check="> 0")
+    exact_match_examples: int = option("Held-out examples scored by greedy generation.", 16, check=">= 0")
+    max_new_tokens: int = option("Generation limit for exact match.", 16, check="> 0")
+    eval_tasks: str = option("lm-eval tasks run on the global model at every evaluation (server.eval-every), e.g. "
+                             "'fedllm_builtin,fedllm_builtin_mc' (fedllm's own, offline) or hub tasks such as 'mmlu' "
+                             "(need their data reachable or cached); '' runs none.", "")
+    eval_limit: int = option("Examples per lm-eval task (0: all).", 0, check=">= 0")
+    eval_include_path: str = option("Folders of your own lm-eval task YAML, comma separated.", "")
+    trackers: str = option("Experiment trackers through accelerate, comma separated: tensorboard, mlflow, wandb, aim. "
+                           "Offline, inside the run directory: tensorboard/ (event files), mlruns/ (MLflow: mlflow.db, SQLite), "
+                           "wandb/ (offline mode: `wandb sync` uploads it), .aim (`aim up` shows it); or one a "
+                           "server.plugins module registers (fedllm.reporting.tracking.TRACKERS).", "")
+    plugins: str = option("Your own modules, comma separated (e.g. 'my_pkg.codecs, my_pkg.rules'), imported when the "
+                          "config is built, on the server and on every client, before any key names what they register "
+                          "(codecs, rules, server optimizers, metrics, trackers, attacks).", "")
+    run_dir: str = option("Parent folder of run directories.", "runs")
+    run_name: str = option("Run directory name; '' picks a timestamp.", "")
+    merge: bool = option("Also save the adapter merged into a full model.", False)
+    init_from: str = option("An adapter folder (a run's RUN_DIR/adapter, PEFT format) the global adapter starts from "
+                            "instead of a fresh one: e.g. DPO rounds after SFT rounds. Its rank, alpha, modules and "
+                            "adapter type must match lora.*; '' starts fresh.", "")
+    aggregation: str = option(
+        "auto: fold each reply into a running sum as it arrives when the rule is a sum (fedavg, fedprox, fedkseed), "
+        "the ledger is off and the round's replies could exceed server.stream-bytes, else keep the round's list "
+        "(summed in partition order: bit-reproducible whatever the arrival order); stream (refused for rules that "
+        "need every update); list.", "auto")
+    stream_bytes: int = option("With server.aggregation=auto, stream when sampled clients x the largest valid reply "
+                               "exceeds this many bytes.", 268435456, check="> 0")
+    aggregators: str = option(
+        "Processes that fold a streamed round: 1 (the server's own), N >= 2 (a tree of N shared-memory workers), or "
+        "auto (one per 16 sampled clients, at most half the cores).", "1")
+    device: str = option("Where the server evaluates, merges and scores: auto (a GPU where this process sees one, "
+                         "else the CPU), cpu, cuda or cuda:N.", "auto")
+    node_state: int = option("Nodes whose downlink version the server remembers (the most recently sampled); a node "
+                             "beyond that is sent the full state next time.", 4096, check="> 0")
+
+    def __post_init__(self) -> None:
+        # first: the sections built after [server] (compression, attack, ...) check names against
+        # registries that these modules may add to
+        from fedllm.plugins import import_plugins
+
+        import_plugins(self.plugins)
+        positive("server.num-rounds", self.num_rounds)
+        check_device(self.device, "server.device")
+        choice("server.aggregation", self.aggregation, ("auto", "stream", "list"))
+        self.aggregator_count(1)
+        self.tracker_names()
+        positive("server.min-clients", self.min_clients)
+        positive("server.min-replies", self.min_replies)
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError(
+                f"server.fraction-train: must be in (0, 1], got {self.fraction_train}"
+            )
+
+
+    def aggregator_count(self, pending: int) -> int:
+        """server.aggregators as a number of processes for a round of `pending` replies.
+
+        Raises:
+            ConfigError: for a value that is not auto or a whole number >= 1.
+        """
+        value = str(self.aggregators).strip()
+        if value == "auto":
+            return max(1, min((os.cpu_count() or 1) // 2, math.ceil(pending / 16)))
+        if not value.isdigit() or int(value) < 1:
+            raise ConfigError(f"server.aggregators: must be auto or a whole number >= 1, got {self.aggregators!r}")
+        return int(value)
+
+    def tracker_names(self) -> list[str]:
+        """server.trackers as a list (fedllm.reporting.tracking.check_installed checks the names against its
+        registry, which lives above this module)."""
+        return [t.strip() for t in self.trackers.split(",") if t.strip()]
+
+
+@dataclass
+class CompressionConfig:
+    up: str = option(
+        "Codec chain for client uploads (LoRA deltas), e.g. 'topk(0.01) > quantize(4) > zstd' or a "
+        "preset (int8, topk-int4, topk-int2, fedzip); '' sends float32 arrays.", "")
+    down: str = option("Codec chain for the global delta sent to clients; '' sends the full global adapter.", "")
+    error_feedback: bool = option("Carry what compression dropped into the next round (per node, and on the server).",
+                                 True)
+
+    def __post_init__(self) -> None:
+        from fedllm.compression import parse
+
+        for key, spec in (("compression.up", self.up), ("compression.down", self.down)):
+            try:
+                name = parse(spec).name
+            except ConfigError as err:
+                raise ConfigError(f"{key}: {err}") from None
+            if self.error_feedback and "unbiased=True" in name:
+                # EF needs a contractive codec; rescaling by 1/p makes the residual grow each round
+                raise ConfigError(f"{key}: randk(p) rescales kept values by 1/p, which error feedback amplifies: "
+                                  "use randk(p, unbiased=False) or compression.error-feedback=false")
+
+
+@dataclass
+class StrategyConfig:
+    """Defaults of the built-in rules' and optimizers' parameters. Deprecated (for one release)
+    but exact_max_rank: give them as stage arguments in server.strategy, e.g.
+    'trimmed-mean(fraction=0.2) > fedadam(lr=0.01)'; a key set away from its default logs the new
+    spelling once (strategies.chain.deprecation)."""
+
+    proximal_mu: float = option("Deprecated: fedprox(mu=...). FedProx: weight mu of the proximal term "
+                                "(mu / 2) ||w - w_global||^2.", 0.01, check=">= 0")
+    server_lr: float = option("Deprecated: fedadam(lr=...), fedavgm(lr=...), ... Server learning rate of "
+                              "fedavgm/fedadam/fedyogi/fedadagrad; 0 picks 1.0 for fedavgm and 1e-3 for the adaptive "
+                              "ones.", 0.0, check=">= 0")
+    momentum: float = option("Deprecated: fedavgm(momentum=...). FedAvgM server momentum.", 0.9, check="[0, 1)")
+    beta1: float = option("Deprecated: fedadam(beta1=...). FedAdam/FedYogi first-moment decay.", 0.9, check="[0, 1)")
+    beta2: float = option("Deprecated: fedadam(beta2=...). FedAdam/FedYogi second-moment decay.", 0.99, check="[0, 1)")
+    tau: float = option("Deprecated: fedadam(tau=...). FedAdam/FedYogi/FedAdagrad adaptivity (added to the root of "
+                        "the second moment).", 1e-3, check="> 0")
+    trim_fraction: float = option("Deprecated: trimmed-mean(fraction=...). Trimmed mean: share of clients cut from "
+                                  "each end, per coordinate.", 0.2, check="[0, 0.5)")
+    byzantine: int = option("Deprecated: krum(f=...), multikrum(f=...). Krum/Multi-Krum: number f of Byzantine "
+                            "clients tolerated.", 1, check=">= 0")
+    multikrum_keep: int = option("Deprecated: multikrum(keep=...). Multi-Krum: updates averaged; 0 keeps n - f.", 0,
+                                 check=">= 0")
+    max_norm: float = option("Deprecated: norm-bounded(max_norm=...). Norm-bounded averaging: each update is scaled "
+                             "down to this L2 norm.", 1.0, check="> 0")
+    exact_max_rank: int = option("exact-lora: cap on the rank of the frozen global delta (0: exact, no cap).", 0, check=">= 0")
+
+    def __post_init__(self) -> None:
+        for key, value in (("strategy.momentum", self.momentum), ("strategy.beta1", self.beta1),
+                           ("strategy.beta2", self.beta2)):
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{key}: must be in [0, 1), got {value}")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"strategy.trim-fraction: must be in [0, 0.5), got {self.trim_fraction}")
+
+
+@dataclass
+class DPConfig:
+    clipping_norm: float = option("Client-side fixed clipping of each update's L2 norm (Flower's DP wrapper); "
+                                  "0 turns differential privacy off.", 0.0, check=">= 0")
+    noise_multiplier: float = option("Gaussian noise std on the aggregate = multiplier x clipping-norm / "
+                                     "sampled clients.", 1.0, check=">= 0")
+    sampled_clients: int = option("Clients sampled per round, for the noise scale; 0 uses server.min-clients.", 0, check=">= 0")
+
+
+@dataclass
+class SecAggConfig:
+    enabled: bool = option("Secure aggregation (SecAgg+): the server sees only the sum of the sampled clients' "
+                           "masked uploads, never one client's update.", False)
+    threshold: float = option("Share holders (a node's neighbours and the node) whose shares rebuild a node's "
+                              "secrets: a fraction in (0.5, 1] of them, or a count >= 2. A round survives dropouts "
+                              "after key sharing while every node keeps this many holders.", 0.67, check="> 0.5")
+    neighbours: int = option("k of the k-regular graph each node shares masks and keys with (SecAgg+, rounded up "
+                             "to even); 0 = every sampled node (SecAgg).", 0, check=">= 0")
+    clip_range: float = option("Every uploaded value is clipped to [-clip-range, clip-range] before fixed-point "
+                               "quantization (clients report how many they clipped); 0 takes the method's range "
+                               "(4 for adapters and outer gradients, 1024 for zo's per-seed sums).", 0.0, check=">= 0")
+    bits: int = option("Masked sums are taken modulo 2^bits (uint32 on the wire up to 32, else uint64); each "
+                       "value gets 2^bits / sampled clients levels.", 32, check="[20, 62]")
+    max_weight: int = option("Example counts weigh as min(count, max-weight) / max-weight, summed securely "
+                             "beside the update.", 1024, check=">= 1")
+
+    def __post_init__(self) -> None:
+        t = self.threshold
+        if not (0.5 < t <= 1 or (t >= 2 and float(t).is_integer())):
+            raise ConfigError(f"secagg.threshold: must be a fraction in (0.5, 1] or a whole count >= 2, got {t}")
+
+
+PENALTY_FLAGS = ("free-rider", "noise", "opposed", "oversized", "duplicate", "replay", "stale", "outlier", "invalid")
+
+
+@dataclass
+class LedgerConfig:
+    enabled: bool = option("Record contributions, rewards and penalties on an Ethereum-compatible chain.", False)
+    chain: str = option("'tester' (an in-process EVM, no set-up) or a node's JSON-RPC URL, http(s):// (web3 8 "
+                        "talks WebSocket only through its async API, which fedllm does not use).", "tester")
+    contract: str = option("Address of a deployed FedLedger; '' deploys a new one at the start of the run.", "")
+    owner_key: str = option("Owner's key, 'env:NAME' or 'file:PATH'; '' derives one from ledger.seed and funds it "
+                            "from the node's dev account (tester, anvil).", "")
+    aggregator_key: str = option("Aggregator's (this server's) key, 'env:NAME' or 'file:PATH'; '' uses the "
+                                 "owner's.", "")
+    client_keys: str = option("'simulated': client keys derived from ledger.seed and partition id, registered "
+                              "and staked by the server (simulation only, the keys are not secret); 'node': each "
+                              "SuperNode signs with the key in its node config ledger-key and registers itself.",
+                              "simulated")
+    seed: int = option("Seed of the derived (simulation) keys.", 0, check=">= 0")
+    pool: float = option("Ether the owner puts in the reward pool when deploying.", 100.0, check=">= 0")
+    stake: float = option("Ether each simulated client stakes.", 1.0, check=">= 0")
+    min_stake: float = option("Smallest stake the contract accepts (ether), when deploying.", 0.5, check=">= 0")
+    reward_per_round: float = option("Ether shared among the round's clients by score (less if the pool is "
+                                     "smaller).", 1.0, check=">= 0")
+    unbonding_seconds: int = option("Seconds between a client's unbond request and its withdrawal; penalties "
+                                    "apply until then.", 86400, check=">= 0")
+    slashed_to: str = option("Where slashed stake goes: 'pool' (funds rewards) or 'burn' (locked for good).", "pool")
+    scorer: str = option("Contribution scorer from the registry: cosine (to the aggregate, no data), loo "
+                         "(leave-one-out validation loss) or shapley (GTG-Shapley; for a few clients).", "cosine")
+    validation_examples: int = option("Held-out examples of the loo and shapley validation loss.", 16, check="> 0")
+    shapley_permutations: int = option("GTG-Shapley: most permutations sampled per round.", 20, check="> 0")
+    penalties: str = option("Share of the stake slashed per flag, 'flag=fraction,...' (flags: "
+                            + ", ".join(PENALTY_FLAGS) + ").",
+                            "free-rider=0.5,noise=0.5,opposed=0.5,oversized=0.25,duplicate=0.25,replay=0.5,stale=0.25,"
+                            "outlier=0.1,invalid=0.1")
+    free_rider_ratio: float = option("An update whose norm is below this share of the median norm is a free "
+                                     "rider's.", 0.05, check=">= 0")
+    noise_z: float = option("An update less aligned with the others' coordinate-wise median than |cos| sqrt(D) < "
+                            "noise-z is noise (a random direction gives about 1), one with cos sqrt(D) <= -noise-z is "
+                            "opposed (a flipped sign); 0 turns both tests off (they are off for zo).", 4.0, check=">= 0")
+    oversize_ratio: float = option("An update whose norm exceeds this multiple of the median norm is oversized "
+                                   "(a scaled update); 0 turns the test off.", 5.0, check=">= 0")
+
+    def __post_init__(self) -> None:
+        choice("ledger.client-keys", self.client_keys, ("simulated", "node"))
+        if self.chain != "tester" and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", self.chain):
+            why = " (ws(s):// needs web3's async API; use the node's http(s) URL)" if self.chain.startswith("ws") else ""
+            raise ConfigError(f"ledger.chain: {self.chain!r} is neither 'tester' nor an http(s):// URL{why}")
+        if self.contract and not re.fullmatch(r"0x[0-9a-fA-F]{40}", self.contract.strip()):
+            raise ConfigError(f"ledger.contract: {self.contract!r} is not an address (0x and 40 hex digits)")
+        choice("ledger.slashed-to", self.slashed_to, ("pool", "burn"))
+        for key, value in (("ledger.pool", self.pool), ("ledger.stake", self.stake),
+                           ("ledger.min-stake", self.min_stake), ("ledger.reward-per-round", self.reward_per_round),
+                           ("ledger.unbonding-seconds", self.unbonding_seconds),
+                           ("ledger.free-rider-ratio", self.free_rider_ratio), ("ledger.noise-z", self.noise_z),
+                           ("ledger.oversize-ratio", self.oversize_ratio)):
+            if value < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {value}")
+        positive("ledger.validation-examples", self.validation_examples)
+        positive("ledger.shapley-permutations", self.shapley_permutations)
+        self.penalty_map()
+
+    def penalty_map(self) -> dict[str, float]:
+        """ledger.penalties as {flag: fraction of the stake}."""
+        out: dict[str, float] = {}
+        for item in filter(None, (x.strip() for x in self.penalties.split(","))):
+            flag, eq, value = item.partition("=")
+            if not eq or flag.strip() not in PENALTY_FLAGS:
+                raise ConfigError(f"ledger.penalties: {item!r} is not flag=fraction with a flag among "
+                                  f"{', '.join(PENALTY_FLAGS)}")
+            try:
+                fraction = float(value)
+            except ValueError:
+                fraction = -1.0
+            if not 0.0 <= fraction <= 1.0:
+                raise ConfigError(f"ledger.penalties: {flag.strip()} needs a fraction in [0, 1], got {value!r}")
+            out[flag.strip()] = fraction
+        return out
+
+
+def attack_kinds() -> tuple[str, ...]:
+    """The attack.clients kinds: fedllm.client.attacks' registry (a light module), with server.plugins'."""
+    from fedllm.client.attacks import ATTACKS
+
+    return tuple(ATTACKS.names())
+
+
+@dataclass
+class AttackConfig:
+    clients: str = option("Simulation only: dishonest clients, 'partition=kind,...'; kinds: zero (a free rider: "
+                          "sends the global state back), noise (Gaussian update of noise-scale x its honest norm), "
+                          "sign-flip (minus its update), scale (its update x attack.scale), replay (its previous "
+                          "round's reply again), duplicate (a copy of partition attack.victim's update), label-flip "
+                          "(trains on its examples with the responses shuffled), crash (raises mid-round: a fault "
+                          "for dropout tests).", "")
+    noise_scale: float = option("Norm of the noise attacker's update relative to its honest update's.", 1.0, check="> 0")
+    scale: float = option("Factor the scale attacker multiplies its update by.", 10.0, check="finite")
+    victim: int = option("Partition whose update the duplicate attacker copies.", 0, check=">= 0")
+
+    def __post_init__(self) -> None:
+        self.kinds()
+        if self.noise_scale <= 0:
+            raise ConfigError(f"attack.noise-scale: must be > 0, got {self.noise_scale}")
+        if self.victim < 0:
+            raise ConfigError(f"attack.victim: must be a partition id >= 0, got {self.victim}")
+
+    def kinds(self) -> dict[int, str]:
+        """attack.clients as {partition id: kind}."""
+        out: dict[int, str] = {}
+        for item in filter(None, (x.strip() for x in self.clients.split(","))):
+            pid, eq, kind = item.partition("=")
+            if not eq or not pid.strip().isdigit() or kind.strip() not in attack_kinds():
+                raise ConfigError(f"attack.clients: {item!r} is not partition=kind with a kind among "
+                                  f"{', '.join(attack_kinds())}")
+            out[int(pid)] = kind.strip()
+        return out
