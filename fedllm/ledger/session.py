@@ -123,42 +123,64 @@ class LedgerSession:
         t0 = time.perf_counter()
         updates = list(result.updates)
         digests = [signers.get(u.node_id, (None, b""))[1] for u in updates]
-        if self.secagg:  # no update to score or flag
-            flags: list[list[str]] = [[] for _ in updates]
-        else:
-            vectors = (torch.stack([contribution.flatten(u.delta) for u in updates]) if updates
-                       else torch.zeros(0, 1, dtype=torch.float64))
-            flags = contribution.flag_updates(vectors, digests, self.history, self.rules)
+        vectors = None if self.secagg else (  # under secagg: no update to score or flag
+            torch.stack([contribution.flatten(u.delta) for u in updates]) if updates
+            else torch.zeros(0, 1, dtype=torch.float64))
+        flags = self._flags(server_round, signers, result, vectors, digests)
+        scores, mean = self._scores(server_round, updates, flags, vectors, utility_of)
+        # clients: (node, account, digest, score, flags) for every signed reply
+        rows = [(u.node_id, *signers[u.node_id], scores[i], flags[i]) for i, u in enumerate(updates)
+                if u.node_id in signers]
+        rows += [(node, *signers[node], 0.0, ["invalid"]) for node, reason in result.dropped
+                 if node in signers and not reason.startswith("client error")]
+        out = self._post(server_round, rows, model_hash)
+        self.history.add([d for d in digests if d], mean)
+        out["seconds"] = round(time.perf_counter() - t0, 3)
+        log.info("ledger: round %d: %d clients, %.4f ETH shared, %d flagged; gas %d (record) + %d (slash), %.2f s",
+                 server_round, len(rows), sum(out["rewards"].values()) / 1e18, len(out["flags"]), out["gas-record"],
+                 out["gas-slash"], out["seconds"])
+        return out
+
+    def _flags(self, server_round: int, signers: dict[int, tuple[str, bytes]], result: RoundResult,
+               vectors: torch.Tensor | None, digests: list[bytes]) -> list[list[str]]:
+        """Each accepted update's flags: the scorers' tests, a robust rule's outliers, and an
+        upload that is not the one its client committed to on chain ("invalid")."""
+        updates = result.updates
+        flags = ([[] for _ in updates] if vectors is None
+                 else contribution.flag_updates(vectors, digests, self.history, self.rules))
         broken = self.broken_commitments(server_round, signers)
         for i, u in enumerate(updates):
             if u.node_id in result.outliers:
                 flags[i].append("outlier")
             if u.node_id in broken:
-                flags[i].append("invalid")  # not the update it committed to on chain
+                flags[i].append("invalid")
+        return flags
+
+    def _scores(self, server_round: int, updates: list[Any], flags: list[list[str]], vectors: torch.Tensor | None,
+                utility_of: UtilityOf | None) -> tuple[list[float], torch.Tensor | None]:
+        """Each update's score (0 when flagged; equal shares under secagg, where every survivor's
+        masked upload is in the sum) and the example-weighted mean of the unflagged updates."""
         honest = [i for i in range(len(updates)) if not flags[i]]
         scores = [0.0] * len(updates)
-        mean = None  # the example-weighted mean of the unflagged updates
-        if honest and self.secagg:  # every survivor's masked upload is in the sum: equal shares
+        if honest and vectors is None:
             for i in honest:
                 scores[i] = 1.0 / len(honest)
-        elif honest:
-            weights = [updates[i].num_examples for i in honest]
-            mean = sum(w * vectors[i] for w, i in zip(weights, honest)) / sum(weights)
-            utility = (lambda s: utility_of([honest[j] for j in s])) if utility_of else None
-            entry = contribution.SCORERS.get(self.lc.scorer)
-            scorer = entry.impl
-            opts = {"options": contribution.ShapleyOptions(self.lc.shapley_permutations, seed=server_round)} \
-                if entry.meta.get("options") else {}
-            for i, s in zip(honest, scorer(vectors[honest], weights, mean, utility, **opts)):
-                scores[i] = s
-        # clients: (node, account, digest, score, flags) for every signed reply
-        rows = []
-        for i, u in enumerate(updates):
-            if u.node_id in signers:
-                rows.append((u.node_id, *signers[u.node_id], scores[i], flags[i]))
-        for node, reason in result.dropped:
-            if node in signers and not reason.startswith("client error"):
-                rows.append((node, *signers[node], 0.0, ["invalid"]))
+            return scores, None
+        if not honest:
+            return scores, None
+        weights = [updates[i].num_examples for i in honest]
+        mean = sum(w * vectors[i] for w, i in zip(weights, honest)) / sum(weights)
+        utility = (lambda s: utility_of([honest[j] for j in s])) if utility_of else None
+        entry = contribution.SCORERS.get(self.lc.scorer)
+        opts = {"options": contribution.ShapleyOptions(self.lc.shapley_permutations, seed=server_round)} \
+            if entry.meta.get("options") else {}
+        for i, s in zip(honest, entry.impl(vectors[honest], weights, mean, utility, **opts)):
+            scores[i] = s
+        return scores, mean
+
+    def _post(self, server_round: int, rows: list[tuple[Any, ...]], model_hash: bytes) -> dict[str, Any]:
+        """Shares of the round's reward by score, the round's Merkle root on chain, the slashes, and
+        RUN_DIR/ledger/round-N.json with every client's leaf and proof."""
         fixed = [int(max(s, 0.0) * SCORE_SCALE) for *_, s, _ in rows]
         budget = min(ledger.to_wei(self.lc.reward_per_round), self.contract.view("pool"))
         shares = contribution.reward_shares(budget, fixed)
@@ -167,39 +189,34 @@ class LedgerSession:
             acct = self.accounts[account]
             acct["cumulative"] += share
             leaves.append(Leaf(server_round, account, score, acct["cumulative"], digest))
-        gas_record = gas_slash = 0
-        out: dict[str, Any] = {"scores": {}, "flags": {}, "rewards": {}, "slashed": {}}
-        if leaves:
-            tree = MerkleTree(leaves)
-            gas_record = self.contract.record_round(self.aggregator, server_round, tree.root, model_hash,
-                                                    sum(shares), len(leaves)).gas_used
-            entries = []
-            for k, ((node, account, digest, score, fl), share, leaf) in enumerate(zip(rows, shares, leaves)):
-                taken, evidence = 0, None
-                fraction = max((self.penalties.get(f, 0.0) for f in fl), default=0.0)
-                if fraction > 0:
-                    taken, evidence, gas = self.slash(server_round, node, account, digest, fl, fraction)
-                    gas_slash += gas
-                self.accounts[account].update(leaf=k, round=server_round, node=node)
-                self.accounts[account]["slashed"] += taken
-                entries.append({"node": str(node), "account": account, "partition": self.accounts[account]["partition"],
-                                "score": score, "score-fixed": leaf.score, "flags": fl, "reward": share,
-                                "cumulative": leaf.cumulative, "update-hash": digest.hex(), "slashed": taken,
-                                "evidence": evidence, "proof": [p.hex() for p in tree.proof(k)]})
-                out["scores"][str(node)] = round(score, 6)
-                out["rewards"][str(node)] = share
-                if fl:
-                    out["flags"][str(node)] = fl
-                if taken:
-                    out["slashed"][str(node)] = taken
-            self.write(f"round-{server_round:04d}.json", {"round": server_round, "root": tree.root.hex(),
-                                                          "model-hash": model_hash.hex(), "reward": sum(shares),
-                                                          "gas-record": gas_record, "clients": entries})
-        self.history.add([d for d in digests if d], mean)
-        out.update({"gas-record": gas_record, "gas-slash": gas_slash, "seconds": round(time.perf_counter() - t0, 3)})
-        log.info("ledger: round %d: %d clients, %.4f ETH shared, %d flagged; gas %d (record) + %d (slash), %.2f s",
-                 server_round, len(leaves), sum(shares) / 1e18, len(out["flags"]), gas_record, gas_slash,
-                 out["seconds"])
+        out: dict[str, Any] = {"scores": {}, "flags": {}, "rewards": {}, "slashed": {}, "gas-record": 0, "gas-slash": 0}
+        if not leaves:
+            return out
+        tree = MerkleTree(leaves)
+        out["gas-record"] = self.contract.record_round(self.aggregator, server_round, tree.root, model_hash,
+                                                       sum(shares), len(leaves)).gas_used
+        entries = []
+        for k, ((node, account, digest, score, fl), share, leaf) in enumerate(zip(rows, shares, leaves)):
+            taken, evidence = 0, None
+            fraction = max((self.penalties.get(f, 0.0) for f in fl), default=0.0)
+            if fraction > 0:
+                taken, evidence, gas = self.slash(server_round, node, account, digest, fl, fraction)
+                out["gas-slash"] += gas
+            self.accounts[account].update(leaf=k, round=server_round, node=node)
+            self.accounts[account]["slashed"] += taken
+            entries.append({"node": str(node), "account": account, "partition": self.accounts[account]["partition"],
+                            "score": score, "score-fixed": leaf.score, "flags": fl, "reward": share,
+                            "cumulative": leaf.cumulative, "update-hash": digest.hex(), "slashed": taken,
+                            "evidence": evidence, "proof": [p.hex() for p in tree.proof(k)]})
+            out["scores"][str(node)] = round(score, 6)
+            out["rewards"][str(node)] = share
+            if fl:
+                out["flags"][str(node)] = fl
+            if taken:
+                out["slashed"][str(node)] = taken
+        self.write(f"round-{server_round:04d}.json", {"round": server_round, "root": tree.root.hex(),
+                                                      "model-hash": model_hash.hex(), "reward": sum(shares),
+                                                      "gas-record": out["gas-record"], "clients": entries})
         return out
 
     def signers(self, server_round: int, replies: list[Any]) -> dict[int, tuple[str, bytes]]:

@@ -136,10 +136,6 @@ def _share(record: ConfigRecord, context: Context) -> ConfigRecord:
 
 
 def _train(msg: Message, context: Context, call_next: Any, record: ConfigRecord) -> Message:
-    from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, generate_shared_key
-    from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_separate
-    from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
-
     started = time.perf_counter()
     state = _held(context, record, "share")
     own, t, ids = context.node_id, int(state["threshold"]), list(state["ids"])
@@ -148,26 +144,7 @@ def _train(msg: Message, context: Context, call_next: Any, record: ConfigRecord)
         raise SecAggError("secagg: the live peers are not nodes this node shared keys with")
     if len(peers) + 1 < t:
         raise SecAggError(f"secagg: {len(peers) + 1} share holders left, fewer than the threshold {t}")
-    srcs = _ints(record, "src")
-    cts = _blobs(record, "ct", len(srcs))
-    sk_enc = bytes_to_private_key(bytes(state["sk-enc"]))
-    pk_enc = dict(zip(ids, state["pk-enc"]))
-    got_src, got_b, got_sk, bad = list(state["src"]), list(state["b-shares"]), list(state["sk-shares"]), []
-    for src, ct in zip(srcs, cts):
-        try:
-            if src not in pk_enc or src in got_src:
-                raise ValueError("not a neighbour, or a second packet")
-            plain = decrypt(generate_shared_key(sk_enc, bytes_to_public_key(pk_enc[src])), ct)
-            a, b, b_share, sk_share = share_keys_plaintext_separate(plain)
-            if (a, b) != (src, own):
-                raise ValueError("addressed to another pair")
-        except Exception:  # Fernet's InvalidToken, a bad key, a short packet: that sender's shares are unusable
-            bad.append(src)
-            continue
-        got_src.append(src)
-        got_b.append(b_share)
-        got_sk.append(sk_share)
-    state.update({"stage": "train", "src": got_src, "b-shares": got_b, "sk-shares": got_sk})
+    bad = _receive_shares(record, state, own)
 
     del msg.content[core.SECAGG]  # the app (and the DP mod) see the plain train message
     app_started = time.perf_counter()
@@ -188,25 +165,61 @@ def _train(msg: Message, context: Context, call_next: Any, record: ConfigRecord)
     rng = np.random.default_rng(int.from_bytes(hashlib.sha256(
         f"{run.get('train.seed', 0)}:{record['round']}:{context.node_config.get('partition-id', own)}".encode()
     ).digest()[:8], "little"))
-    bits = int(state["bits"])
-    q, clipped = core.quantize(x, weight, float(state["clip-range"]), int(state["levels"]), rng)
-    y = q + core.stream(bytes(state["seed"]), q.size, bits)
-    sk_mask, pk_mask = bytes(state["sk-mask"]), dict(zip(ids, state["pk-mask"]))
-    for j in peers:
-        y += core.pair_mask(own, j, sk_mask, bytes(pk_mask[j]), q.size, bits)
-    y &= core.modulus_mask(bits)
-    metrics["secagg-clipped"] = clipped
+    y, metrics["secagg-clipped"] = _masked(x, weight, state, own, peers, rng)
     metrics["secagg-seconds"] = time.perf_counter() - started - app_seconds  # decrypting and masking
     out = RecordDict({
         METRICS: MetricRecord(metrics),
         core.SECAGG: ConfigRecord({"layout": core.layout_bytes(layout), "bad": bad}),
-        core.MASKED: ArrayRecord({"y": Array(y.astype(core.wire_dtype(bits)))}),
+        core.MASKED: ArrayRecord({"y": Array(y.astype(core.wire_dtype(int(state["bits"]))))}),
     })
     if LEDGER in content.config_records:  # the app signed its plain upload: sign what goes up instead
         from fedllm.client.round import config_from_request, node_partition, signed
 
         out = signed(out, msg.content, context, config_from_request(msg.content), node_partition(context)[0])
     return Message(out, reply_to=msg)
+
+
+def _receive_shares(record: ConfigRecord, state: Any, own: int) -> list[int]:
+    """Decrypt the key shares routed to this node into its state; returns the senders whose
+    packets did not decrypt (the server drops them and this node both)."""
+    from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, generate_shared_key
+    from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_separate
+    from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+
+    srcs = _ints(record, "src")
+    cts = _blobs(record, "ct", len(srcs))
+    sk_enc = bytes_to_private_key(bytes(state["sk-enc"]))
+    pk_enc = dict(zip(list(state["ids"]), state["pk-enc"]))
+    got_src, got_b, got_sk, bad = list(state["src"]), list(state["b-shares"]), list(state["sk-shares"]), []
+    for src, ct in zip(srcs, cts):
+        try:
+            if src not in pk_enc or src in got_src:
+                raise ValueError("not a neighbour, or a second packet")
+            plain = decrypt(generate_shared_key(sk_enc, bytes_to_public_key(pk_enc[src])), ct)
+            a, b, b_share, sk_share = share_keys_plaintext_separate(plain)
+            if (a, b) != (src, own):
+                raise ValueError("addressed to another pair")
+        except Exception:  # Fernet's InvalidToken, a bad key, a short packet: that sender's shares are unusable
+            bad.append(src)
+            continue
+        got_src.append(src)
+        got_b.append(b_share)
+        got_sk.append(sk_share)
+    state.update({"stage": "train", "src": got_src, "b-shares": got_b, "sk-shares": got_sk})
+    return bad
+
+
+def _masked(x: np.ndarray, weight: float, state: Any, own: int, peers: list[int],
+            rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """The weighted update in fixed point plus this node's self mask and its pairwise masks with
+    the live peers, mod 2^bits; and how many values were clipped."""
+    bits = int(state["bits"])
+    q, clipped = core.quantize(x, weight, float(state["clip-range"]), int(state["levels"]), rng)
+    y = q + core.stream(bytes(state["seed"]), q.size, bits)
+    sk_mask, pk_mask = bytes(state["sk-mask"]), dict(zip(list(state["ids"]), state["pk-mask"]))
+    for j in peers:
+        y += core.pair_mask(own, j, sk_mask, bytes(pk_mask[j]), q.size, bits)
+    return y & core.modulus_mask(bits), clipped
 
 
 def _flatten(content: RecordDict) -> tuple[np.ndarray, list[tuple[str, str, str, list[int]]]]:
