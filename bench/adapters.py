@@ -64,7 +64,7 @@ ROWS: dict[str, dict[str, Any]] = {
 def one_run(name: str, clients: int, rounds: int, steps: int, workdir: Path) -> dict[str, Any]:
     from fedllm.config import Config
     from fedllm.server.grid import LocalGrid
-    from fedllm.reporting.report import read_metrics, summary
+    from fedllm.reporting.runlog import read_metrics, summary
     from fedllm.server.loop import run
 
     over = {**COMMON, **ROWS[name], "server.num-rounds": rounds, "train.local-steps": steps}

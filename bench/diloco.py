@@ -62,7 +62,7 @@ def rows(inner: int) -> dict[str, dict[str, Any]]:
 def one_run(name: str, clients: int, steps: int, over: dict[str, Any], workdir: Path) -> dict[str, Any]:
     from fedllm.config import Config
     from fedllm.server.grid import LocalGrid
-    from fedllm.reporting.report import read_metrics, summary
+    from fedllm.reporting.runlog import read_metrics, summary
     from fedllm.server.loop import run
 
     per_round = over["diloco.inner-steps"] // over["diloco.fragments"]

@@ -63,7 +63,7 @@ def rows(clients: int, rounds: int, steps: int, sft_adapter: str) -> dict[str, d
 def one_run(name: str, over: dict[str, Any], workdir: Path) -> dict[str, Any]:
     from fedllm.config import Config
     from fedllm.server.grid import LocalGrid
-    from fedllm.reporting.report import read_metrics, summary
+    from fedllm.reporting.runlog import read_metrics, summary
     from fedllm.server.loop import run
 
     over = dict(over)
@@ -85,7 +85,7 @@ def sft_run(workdir: Path) -> dict[str, Any]:
     """The demo's SFT run, in process; its adapter folder is what the *-sft rows start from."""
     from fedllm.config import Config
     from fedllm.server.grid import LocalGrid
-    from fedllm.reporting.report import read_metrics, summary
+    from fedllm.reporting.runlog import read_metrics, summary
     from fedllm.server.loop import run
 
     cfg = Config.from_flat({**DEMO_COMMON, **PRESETS["lora"], "server.min-clients": 1, "server.eval-every": 0,

@@ -75,7 +75,7 @@ def rows(clients: int, rounds: int, steps: int) -> dict[str, tuple[int, dict[str
 def one_run(name: str, clients: int, over: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
     from fedllm.config import Config
     from fedllm.server.grid import LocalGrid
-    from fedllm.reporting.report import read_metrics, summary
+    from fedllm.reporting.runlog import read_metrics, summary
     from fedllm.server.loop import run
 
     cfg = Config.from_flat({**COMMON, **over, "data.seed": seed, "train.seed": seed, "server.run-dir": str(workdir),

@@ -98,7 +98,7 @@ def prepare_model_command(args: argparse.Namespace) -> None:
 
 
 def ledger_command(args: argparse.Namespace) -> None:
-    from fedllm.reporting.report import ledger_view
+    from fedllm.reporting.runlog import ledger_view
 
     if not (args.run_dir / "ledger" / "chain.json").exists():
         raise FedLLMError(f"{args.run_dir}: no ledger in this run directory (ledger.enabled was off?)")

@@ -139,7 +139,7 @@ def test_trackers_are_written_and_read_back(tracked_run):
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from fedllm.reporting.report import read_metrics
+    from fedllm.reporting.runlog import read_metrics
     from fedllm.reporting.tracking import tracking_uri
 
     rows = read_metrics(tracked_run)
@@ -180,7 +180,7 @@ def test_trackers_are_written_and_read_back(tracked_run):
 
 @pytest.mark.slow
 def test_lm_eval_figures_go_into_metrics_summary_and_report(tracked_run):
-    from fedllm.reporting.report import read_metrics
+    from fedllm.reporting.runlog import read_metrics
 
     rows = read_metrics(tracked_run)
     assert all(set(r["lm-eval"]) == {"fedllm_builtin", "fedllm_builtin_mc"} for r in rows)
@@ -197,7 +197,7 @@ def test_lm_eval_figures_go_into_metrics_summary_and_report(tracked_run):
 @pytest.mark.slow
 def test_fedllm_eval_rebuilds_the_result_and_names_bad_input(tracked_run, tmp_path, capsys):
     from fedllm.cli import main
-    from fedllm.reporting.report import read_metrics
+    from fedllm.reporting.runlog import read_metrics
 
     assert main(["eval", str(tracked_run), "--tasks", "fedllm_builtin", "--batch-size", "1"]) == 0
     saved = json.loads((tracked_run / "lm-eval" / "results.json").read_text())

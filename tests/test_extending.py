@@ -316,7 +316,7 @@ def plugin_run(tiny_model_dir, tmp_path, user_module):
 
 
 def test_plugins_codec_metric_tracker_and_attack_run_in_process(plugin_run):
-    from fedllm.reporting.report import format_summary, summary
+    from fedllm.reporting.runlog import format_summary, summary
 
     plugins, run_dir, rows = plugin_run
     assert len(plugins.ENCODED) == 3 and rows[1]["clients-ok"] == 3  # each client's upload went through `half`

@@ -91,7 +91,7 @@ def test_compare_overlays_runs_and_the_cli_names_a_bad_directory(tiny_model_dir,
 
 def test_a_cut_off_last_metrics_line_is_skipped_and_a_bad_middle_line_named(tmp_path, caplog):
     from fedllm.errors import FedLLMError
-    from fedllm.reporting.report import read_metrics
+    from fedllm.reporting.runlog import read_metrics
 
     good = '{"round": 0, "eval-loss": 2.0}\n{"round": 1, "eval-loss": 1.5}\n'
     (tmp_path / "metrics.jsonl").write_text(good + '{"round": 2, "eval-lo')  # a crash mid-write

@@ -24,7 +24,7 @@ from fedllm.errors import FedLLMError
 from fedllm.evaluation.held_out import evaluate
 from fedllm.evaluation.harness import parse_tasks, run_tasks, task_manager, write_tasks
 from fedllm.methods import ServerHalf, data_splits
-from fedllm.reporting.report import write_atomically
+from fedllm.reporting.runlog import write_atomically
 from strategies import build
 
 

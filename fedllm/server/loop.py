@@ -27,7 +27,8 @@ from fedllm.config import Config
 from fedllm.ledger.scoring import SCORERS
 from fedllm.evaluation.held_out import em_subset
 from fedllm.methods import data_splits
-from fedllm.reporting.report import MetricsLog, format_summary, make_run_dir, render_report, summary, write_atomically, write_config
+from fedllm.reporting.runlog import MetricsLog, format_summary, make_run_dir, summary, write_atomically, write_config
+from fedllm.reporting.report import render_report
 from fedllm.secagg.server import check as check_secagg
 from fedllm.server.evaluator import Evaluator
 from fedllm.server.round import RoundOutcome, prepare, train_round

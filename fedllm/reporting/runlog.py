@@ -1,0 +1,240 @@
+"""A run's files: its directory, config.json, the metrics log (JSONL, one line per round), the
+summary printed and saved at the end, and `fedllm ledger`'s view of the ledger records."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from fedllm.config import Config
+from fedllm.evaluation.metrics import METRICS
+
+log = logging.getLogger(__name__)
+
+
+def make_run_dir(cfg: Config) -> Path:
+    """A new run directory under server.run-dir; refuses to overwrite an existing run."""
+    name = cfg.server.run_name or time.strftime("%Y%m%d-%H%M%S")
+    path = Path(cfg.server.run_dir).expanduser() / name
+    if (path / "metrics.jsonl").exists():
+        from fedllm.errors import ConfigError
+
+        raise ConfigError(f"server.run-name: {path} holds a run already; pick another name")
+    path.mkdir(parents=True, exist_ok=True)
+    write_config(path, cfg)
+    return path
+
+
+def write_config(run_dir: Path, cfg: Config) -> None:
+    """RUN_DIR/config.json: the run's full flat config."""
+    write_atomically(Path(run_dir) / "config.json", json.dumps(cfg.to_flat(), indent=2, sort_keys=True) + "\n")
+
+
+def read_config(run_dir: Path) -> dict[str, Any]:
+    """RUN_DIR/config.json as a flat dict ({} when the run has none)."""
+    path = Path(run_dir) / "config.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def load_run_plugins(config: dict[str, Any]) -> None:
+    """Import the run's server.plugins (their metrics join the report), when this process can:
+    a report of a run whose plug-ins are not installed here shows the built-in metrics only."""
+    from fedllm.errors import ConfigError
+    from fedllm.plugins import import_plugins
+
+    try:
+        import_plugins(str(config.get("server.plugins", "")))
+    except ConfigError as err:
+        log.warning("%s (the report shows the metrics registered without it)", err)
+
+
+class MetricsLog:
+    """Appends one JSON object per line and flushes, so a crash loses at most one round."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+
+    def reset(self, rows: list[dict[str, Any]]) -> None:
+        """Replace the log with `rows` (a resumed run's, from its checkpoint), atomically."""
+        self.rows = list(rows)
+        write_atomically(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows))
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """RUN_DIR/metrics.jsonl's rows. A cut-off last line (what a crash mid-write leaves) is
+    skipped with a warning; a bad line before it is an error.
+
+    Raises:
+        FileNotFoundError: when there is no metrics.jsonl.
+        FedLLMError: naming the file and line of a malformed row that is not the last.
+    """
+    from fedllm.errors import FedLLMError
+
+    path = Path(run_dir) / "metrics.jsonl"
+    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    rows = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as err:
+            if i == len(lines) - 1:
+                log.warning("%s:%d: skipped a cut-off last line (a crash while writing it)", path, n)
+                break
+            raise FedLLMError(f"{path}:{n}: not a metrics row: {err}") from None
+        rows.append(row)
+    return rows
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename: the old file stays whole
+    until the new one is complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Before/after figures of a run from its metrics rows, with the communication they cost
+    (FlowerTune ranks a run by its score at its total bytes)."""
+    evaluated = [r for r in rows if "eval-loss" in r] or [{}]
+    first, last = evaluated[0], evaluated[-1]
+    trained = [r for r in rows if r["round"] > 0]
+    up = sum(sum(r.get("bytes-up", {}).values()) for r in trained)
+    down = sum(sum(r.get("bytes-down", {}).values()) for r in trained)
+    tasks = [r for r in rows if r.get("lm-eval")]
+    out = {
+        "rounds": len(trained),
+        "eval-loss-before": first.get("eval-loss"),
+        "eval-loss-after": last.get("eval-loss"),
+        **{f"{m.name}-{when}": row.get(m.name) for m in METRICS.entries()
+           for when, row in (("before", first), ("after", last))},
+        "bytes-up-total": up,
+        "bytes-down-total": down,
+        "bytes-total": up + down,
+        "seconds": sum(r.get("round-seconds", 0.0) for r in trained),
+    }
+    for key in PREFERENCE:  # train.method=dpo: held-out rewards against the run's starting model
+        if key in last:
+            out[f"{key}-before"], out[f"{key}-after"] = first.get(key), last.get(key)
+    if last.get("families"):
+        out["families-after"] = {name: {k: f.get(k) for k in ("eval-loss", *METRICS.names())}
+                                 for name, f in last["families"].items()}
+    if tasks:
+        from fedllm.evaluation.harness import headline
+
+        out["lm-eval-before"] = headline(tasks[0]["lm-eval"])
+        out["lm-eval-after"] = headline(tasks[-1]["lm-eval"])
+    return out
+
+
+PREFERENCE = ("reward-accuracy", "reward-margin", "preference-accuracy")
+
+
+def preference_lines(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, 'before -> after') of the preference figures a summary holds."""
+    return [(key.replace("-", " "), f"{number_text(s[key + '-before'], 3)} -> {number_text(s[key + '-after'], 3)}")
+            for key in PREFERENCE if f"{key}-after" in s]
+
+
+def number_text(v: Any, digits: int) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def metric_lines(s: dict[str, Any], digits: int) -> list[tuple[str, str]]:
+    """(label, 'before -> after') of every registered evaluation metric (fedllm.evaluation.metrics)."""
+    return [(m.meta.get("label", m.name), f"{number_text(s.get(m.name + '-before'), digits)} -> "
+             f"{number_text(s.get(m.name + '-after'), digits)}") for m in METRICS.entries()]
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = [
+        f"rounds             {s['rounds']}",
+        f"eval loss          {number_text(s['eval-loss-before'], 4)} -> {number_text(s['eval-loss-after'], 4)}",
+        *(f"{label:18} {value}" for label, value in metric_lines(s, 3)),
+    ]
+    lines += [f"{label:18} {value}" for label, value in preference_lines(s)]
+    for task, value in s.get("lm-eval-after", {}).items():
+        lines.append(f"{task:18} {number_text(s['lm-eval-before'].get(task), 3)} -> {number_text(value, 3)}")
+    lines += [
+        f"bytes up / down    {human_bytes(s['bytes-up-total'])} / {human_bytes(s['bytes-down-total'])} "
+        f"(total {human_bytes(s.get('bytes-total', s['bytes-up-total'] + s['bytes-down-total']))})",
+        f"training time      {s['seconds']:.1f} s",
+    ]
+    return "\n".join(lines)
+
+
+def human_bytes(n: float) -> str:
+    """1234 -> '1.2 KB'; decimal units, as network figures are."""
+    if abs(n) < 1000:
+        return f"{n:.0f} B"
+    for unit in ("KB", "MB"):
+        n /= 1000
+        if abs(n) < 1000:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1000:.1f} GB"
+
+
+def ledger_view(run_dir: Path) -> str:
+    """The ledger of a run as text: per client stake, scores per round, rewards earned, claimed
+    and pending, and every penalty with its evidence (from RUN_DIR/ledger/).
+
+    Raises:
+        FileNotFoundError: when the run has no ledger.
+    """
+    base = Path(run_dir) / "ledger"
+    chain = json.loads((base / "chain.json").read_text())
+    accounts_file = base / "accounts.json"
+    snapshot = json.loads(accounts_file.read_text()) if accounts_file.exists() else {"accounts": {}}
+    rounds = [json.loads(p.read_text()) for p in sorted(base.glob("round-*.json"))]
+    scores: dict[str, list[str]] = {}
+    flags: dict[str, set[str]] = {}
+    earned: dict[str, int] = {}
+    partition: dict[str, Any] = {}
+    for r in rounds:
+        for c in r["clients"]:
+            scores.setdefault(c["account"], []).append(f"{r['round']}:{c['score']:.3f}")
+            flags.setdefault(c["account"], set()).update(c["flags"])
+            earned[c["account"]] = c["cumulative"]
+            partition[c["account"]] = c["partition"]
+
+    def eth(wei: Any) -> str:
+        return "-" if wei is None else f"{int(wei) / 1e18:.4f}"
+
+    lines = [f"FedLedger {chain['contract']} on {chain['chain']} (slashed stake to {chain['slashed-to']})"]
+    if "pool" in snapshot:
+        lines.append(f"pool {eth(snapshot['pool'])} ETH, unclaimed {eth(snapshot['allocated'])} ETH, "
+                     f"burned {eth(snapshot['burned'])} ETH")
+    else:
+        lines.append("(the run did not finish: stakes and claims below are as of the last round)")
+    lines.append(f"{'account':44} {'part':>4} {'stake':>8} {'slashed':>8} {'earned':>8} {'claimed':>8} "
+                 f"{'pending':>8}  flags  scores by round")
+    for account in sorted(set(earned) | set(snapshot["accounts"]), key=lambda a: partition.get(a, -1)):
+        acct = snapshot["accounts"].get(account, {})
+        lines.append(f"{account:44} {partition.get(account, acct.get('partition', '-')):>4} "
+                     f"{eth(acct.get('stake')):>8} {eth(acct.get('slashed')):>8} "
+                     f"{eth(earned.get(account, acct.get('earned'))):>8} {eth(acct.get('claimed')):>8} "
+                     f"{eth(acct.get('pending')):>8}  {','.join(sorted(flags.get(account, ()))) or '-'}  "
+                     f"{' '.join(scores.get(account, []))}")
+    penalties = [(r["round"], c) for r in rounds for c in r["clients"] if c["slashed"]]
+    lines.append(f"penalties: {len(penalties)}")
+    for rnd, c in penalties:
+        lines.append(f"  round {rnd}: {c['account']} (partition {c['partition']}) {','.join(c['flags'])}: "
+                     f"{eth(c['slashed'])} ETH, evidence 0x{c['evidence']} (ledger/evidence/{c['evidence']}.json)")
+    gas = [r["gas-record"] for r in rounds]
+    if gas:
+        lines.append(f"gas per recorded round: {min(gas)}..{max(gas)} over {len(gas)} rounds")
+    return "\n".join(lines)
+
+
+# --- the HTML report: `fedllm report RUN_DIR`, `fedllm compare RUN_DIR...` -------------------
