@@ -15,7 +15,7 @@ from fedllm.methods.adapters.config import LoraConfig
 from fedllm.data import encode, load_splits
 from fedllm.errors import ConfigError
 from fedllm.methods.adapters import engine as lora
-from fedllm.methods.adapters import resources
+from fedllm.methods.adapters import modules, resources
 
 pytest.importorskip("bitsandbytes")
 
@@ -108,10 +108,10 @@ def test_gradient_checkpointing_gives_the_same_step(tiny_cfg):
 def test_truncated_clients_train_the_leading_rows_and_send_the_rest_back():
     full = {"m.lora_A.weight": torch.arange(12.0).reshape(4, 3), "m.lora_B.weight": torch.arange(8.0).reshape(2, 4),
             "other": torch.ones(2)}
-    mine = lora.truncate(full, 2)
+    mine = resources.truncate(full, 2)
     assert mine["m.lora_A.weight"].shape == (2, 3) and mine["m.lora_B.weight"].shape == (2, 2)
     trained = {k: v + 100 for k, v in mine.items()}
-    back = lora.pad(trained, full)
+    back = resources.pad(trained, full)
     delta = lora.subtract(back, full)
     assert (delta["m.lora_A.weight"][:2] == 100).all() and (delta["m.lora_A.weight"][2:] == 0).all()
     assert (delta["m.lora_B.weight"][:, :2] == 100).all() and (delta["m.lora_B.weight"][:, 2:] == 0).all()
@@ -123,8 +123,8 @@ def test_a_lower_rank_client_computes_the_truncated_global_adapter(tiny_cfg):
     big, tok = lora.lora_model(tiny_cfg, LoraConfig(rank=4, dropout=0.0))
     state = {k: torch.randn_like(v) * 0.3 for k, v in lora.adapter_state(big).items()}
     small, _ = lora.lora_model(tiny_cfg, LoraConfig(rank=2, alpha=16.0 * 2 / 4, dropout=0.0))
-    lora.set_adapter_state(small, lora.truncate(state, 2))
-    zeroed = lora.pad(lora.truncate(state, 2), {k: torch.zeros_like(v) for k, v in state.items()})
+    lora.set_adapter_state(small, resources.truncate(state, 2))
+    zeroed = resources.pad(resources.truncate(state, 2), {k: torch.zeros_like(v) for k, v in state.items()})
     lora.set_adapter_state(big, zeroed)
     ids = torch.tensor([tok.encode("12 + 7 = 19")])
     with torch.no_grad():
@@ -182,15 +182,15 @@ def test_module_scores_pick_the_modules_that_reach_the_output(tiny_cfg, tmp_path
     base.save_pretrained(tmp_path / "m")
     AutoTokenizer.from_pretrained(tiny_cfg.name).save_pretrained(tmp_path / "m")
     model_cfg = ModelConfig(name=str(tmp_path / "m"))
-    leaves = lora.candidate_leaves(model_cfg)
+    leaves = modules.candidate_leaves(model_cfg)
     assert leaves == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     net, tok = lora.lora_model(model_cfg, LoraConfig(rank=4, dropout=0.0, target_modules=",".join(leaves)))
-    scores = lora.module_scores(net, _rows(tok), TrainConfig(), tok.pad_token_id, 2, seed=0)
-    shapes = lora.candidate_shapes(model_cfg)
+    scores = modules.module_scores(net, _rows(tok), TrainConfig(), tok.pad_token_id, 2, seed=0)
+    shapes = modules.candidate_shapes(model_cfg)
     assert set(scores) == set(shapes) and len(shapes) == 14
     dead = {n for n in shapes if not n.endswith(("o_proj", "down_proj"))}
     assert all(scores[n] == 0.0 for n in dead) and all(scores[n] > 0 for n in set(shapes) - dead)
-    chosen = lora.select_modules(scores, shapes, budget=0.5)
+    chosen = modules.select_modules(scores, shapes, budget=0.5)
     assert chosen and not set(chosen) & dead
     params = {n: sum(s) for n, s in shapes.items()}
     assert sum(params[n] for n in chosen) <= 0.5 * sum(params.values())
@@ -323,7 +323,7 @@ def test_a_bad_module_score_reply_is_dropped_and_the_rest_decide(tiny_model_dir)
 
     cfg = Config.from_flat({"model.name": str(tiny_model_dir), "lora.target-modules": "auto", "server.evaluate": False})
     server = LoraServer(cfg)
-    shapes = lora.candidate_shapes(cfg.model)
+    shapes = modules.candidate_shapes(cfg.model)
     good = {n: (1.0 if n.endswith("layers.1.mlp.down_proj") else 0.0) for n in shapes}
     replies = [
         reply_to(1, RecordDict({SCORES: MetricRecord(good), METRICS: MetricRecord({"num-examples": 4})})),

@@ -3,10 +3,13 @@ runs the stages). Every check raises PayloadError with the reason the node is dr
 
 from __future__ import annotations
 
+import collections
+import hashlib
+import math
 from typing import Any, Iterable
 
 import numpy as np
-from flwr.app import ConfigRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from fedllm.errors import PayloadError
 from fedllm.protocol import METRICS, finite_metrics
@@ -93,6 +96,52 @@ def masked_vector(msg: Message, layout_raw: Any, bits: int) -> tuple[np.ndarray,
     if int(vec.max(initial=0)) > (1 << bits) - 1:
         raise PayloadError(f"masked values exceed 2^{bits}")
     return vec, layout
+
+
+def share_reply(rec: ConfigRecord, expected: list[int], n: int) -> tuple[list[bytes], bytes, list[list[bytes]]]:
+    """A share reply's packets (one per live neighbour, in order), its commitment to the self-mask
+    seed, and the hashes of its b and sk shares, one per holder (itself first)."""
+    dst, cts = rec.get("dst"), rec.get("ct")
+    if dst != expected:
+        raise PayloadError(f"shares addressed to {str(dst)[:60]}, not to its live neighbours {expected}")
+    if not isinstance(cts, list) or len(cts) != len(expected) or not all(
+            isinstance(c, bytes) and 0 < len(c) <= MAX_PACKET and c[:1] == b"g" for c in cts):
+        raise PayloadError("malformed share packets (not one Fernet token per neighbour)")
+    commit = blob(rec, "commit", 32)
+    hashes = [rec.get("b-hashes"), rec.get("sk-hashes")]
+    if len(commit) != 32 or not all(isinstance(h, list) and len(h) == len(expected) + 1 and all(
+            isinstance(x, bytes) and len(x) == 32 for x in h) for h in hashes):
+        raise PayloadError("the commitments are not 32-byte hashes, one per share holder")
+    return cts, commit, hashes
+
+
+def unmask_reply(rec: ConfigRecord, n: int, asked: tuple[list[int], list[int]],
+                  share_commits: dict[int, dict[int, tuple[bytes, bytes]]], b_shares: dict[int, list[bytes]],
+                  sk_shares: dict[int, list[bytes]]) -> None:
+    """Add node n's returned shares to `b_shares` / `sk_shares`: only the ones asked for, once each,
+    each the one its dealer committed to for this holder."""
+    stages = (("b-ids", "b-shares", b_shares, asked[0]), ("sk-ids", "sk-shares", sk_shares, asked[1]))
+    for kind, (ids_key, shares_key, into, allowed) in enumerate(stages):
+        ids, shares = rec.get(ids_key, []), rec.get(shares_key, [])
+        if (not isinstance(ids, list) or not isinstance(shares, list) or len(ids) != len(shares)
+                or len(set(ids)) != len(ids) or not all(isinstance(i, int) and i in allowed for i in ids)
+                or not all(isinstance(s, bytes) and 0 < len(s) <= MAX_PACKET for s in shares)):
+            raise PayloadError(f"malformed {shares_key} (only the shares asked for, once each)")
+        for i, share in zip(ids, shares):
+            if hashlib.sha256(share).digest() != share_commits[i][n][kind]:
+                raise PayloadError(f"its share of node {i}'s secret is not the one node {i} committed to")
+            into[i].append(share)
+
+
+def mean_records(mean: np.ndarray, layout: Layout) -> dict[str, ArrayRecord]:
+    """The mean vector cut back into the method's records by the upload layout."""
+    records: dict[str, dict[str, Any]] = collections.defaultdict(dict)
+    offset = 0
+    for name, key, dtype, shape in layout:
+        size = math.prod(shape)
+        records[name][key] = Array(mean[offset:offset + size].reshape(shape).astype(dtype))
+        offset += size
+    return {name: ArrayRecord(arrays) for name, arrays in records.items()}
 
 
 def _rebuild(shares: list[bytes], t: int, verify: Any) -> bytes | None:

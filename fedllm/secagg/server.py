@@ -27,22 +27,21 @@ otherwise returns without applying anything, saying why.
 from __future__ import annotations
 
 import collections
-import hashlib
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedllm.errors import ConfigError, PayloadError
 from fedllm.methods import spec_of
 from fedllm.protocol import CONFIG, LEDGER, METRICS, RoundResult, Update, payload_bytes, receive, short_reason
 from fedllm.secagg import core
-from fedllm.secagg.replies import MAX_PACKET, Layout, blob, masked_vector, plain_metrics, public_key, record_of, unmask
+from fedllm.secagg.replies import (Layout, masked_vector, mean_records, plain_metrics, public_key, record_of, share_reply,
+                                   unmask, unmask_reply)
 from strategies import FedLLMStrategy
 from strategies.rules import Aggregate
 
@@ -209,7 +208,7 @@ class _SecureRound:
         for n, msg in got.items():
             expected = [j for j in self.neighbours[n] if j in live]
             try:
-                cts, commit, hashes = _share_reply(record_of(msg), expected, n)
+                cts, commit, hashes = share_reply(record_of(msg), expected, n)
             except PayloadError as err:
                 self.drop(n, f"secagg share: {err}")
                 continue
@@ -308,7 +307,7 @@ class _SecureRound:
         sk_shares: dict[int, list[bytes]] = collections.defaultdict(list)
         for n, msg in got.items():
             try:
-                _unmask_reply(record_of(msg), n, asked[n], self.share_commits, b_shares, sk_shares)
+                unmask_reply(record_of(msg), n, asked[n], self.share_commits, b_shares, sk_shares)
             except PayloadError as err:
                 self.drop(n, f"secagg unmask: {err} (its shares are not used; its upload still is)")
         t0 = time.perf_counter()
@@ -328,7 +327,7 @@ class _SecureRound:
             raise Failed("secagg: the summed example weight is zero", with_row=True)
         content = RecordDict({METRICS: MetricRecord({**_common(self.metrics_of, survivors),
                                                      "num-examples": weight * sa.max_weight}),
-                              **_records(sums / weight, self.layouts[survivors[0]])})
+                              **mean_records(sums / weight, self.layouts[survivors[0]])})
         try:  # the sum passes the method's own checks, as a reply would
             mean = strategy.method.decode(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=0))
         except PayloadError as err:
@@ -359,52 +358,6 @@ class _SecureRound:
             row["train-loss"] = sum(self.metrics_of[n].get("train-loss", 0.0) for n in survivors) / len(survivors)
         row.update({f"secagg-seconds-{k}": v for k, v in self.out.seconds.items()})
         return row
-
-
-def _share_reply(rec: ConfigRecord, expected: list[int], n: int) -> tuple[list[bytes], bytes, list[list[bytes]]]:
-    """A share reply's packets (one per live neighbour, in order), its commitment to the self-mask
-    seed, and the hashes of its b and sk shares, one per holder (itself first)."""
-    dst, cts = rec.get("dst"), rec.get("ct")
-    if dst != expected:
-        raise PayloadError(f"shares addressed to {str(dst)[:60]}, not to its live neighbours {expected}")
-    if not isinstance(cts, list) or len(cts) != len(expected) or not all(
-            isinstance(c, bytes) and 0 < len(c) <= MAX_PACKET and c[:1] == b"g" for c in cts):
-        raise PayloadError("malformed share packets (not one Fernet token per neighbour)")
-    commit = blob(rec, "commit", 32)
-    hashes = [rec.get("b-hashes"), rec.get("sk-hashes")]
-    if len(commit) != 32 or not all(isinstance(h, list) and len(h) == len(expected) + 1 and all(
-            isinstance(x, bytes) and len(x) == 32 for x in h) for h in hashes):
-        raise PayloadError("the commitments are not 32-byte hashes, one per share holder")
-    return cts, commit, hashes
-
-
-def _unmask_reply(rec: ConfigRecord, n: int, asked: tuple[list[int], list[int]],
-                  share_commits: dict[int, dict[int, tuple[bytes, bytes]]], b_shares: dict[int, list[bytes]],
-                  sk_shares: dict[int, list[bytes]]) -> None:
-    """Add node n's returned shares to `b_shares` / `sk_shares`: only the ones asked for, once each,
-    each the one its dealer committed to for this holder."""
-    stages = (("b-ids", "b-shares", b_shares, asked[0]), ("sk-ids", "sk-shares", sk_shares, asked[1]))
-    for kind, (ids_key, shares_key, into, allowed) in enumerate(stages):
-        ids, shares = rec.get(ids_key, []), rec.get(shares_key, [])
-        if (not isinstance(ids, list) or not isinstance(shares, list) or len(ids) != len(shares)
-                or len(set(ids)) != len(ids) or not all(isinstance(i, int) and i in allowed for i in ids)
-                or not all(isinstance(s, bytes) and 0 < len(s) <= MAX_PACKET for s in shares)):
-            raise PayloadError(f"malformed {shares_key} (only the shares asked for, once each)")
-        for i, share in zip(ids, shares):
-            if hashlib.sha256(share).digest() != share_commits[i][n][kind]:
-                raise PayloadError(f"its share of node {i}'s secret is not the one node {i} committed to")
-            into[i].append(share)
-
-
-def _records(mean: np.ndarray, layout: Layout) -> dict[str, ArrayRecord]:
-    """The mean vector cut back into the method's records by the upload layout."""
-    records: dict[str, dict[str, Any]] = collections.defaultdict(dict)
-    offset = 0
-    for name, key, dtype, shape in layout:
-        size = math.prod(shape)
-        records[name][key] = Array(mean[offset:offset + size].reshape(shape).astype(dtype))
-        offset += size
-    return {name: ArrayRecord(arrays) for name, arrays in records.items()}
 
 
 def _holders_ok(live: set[int], neighbours: dict[int, list[int]], t: int) -> set[int]:

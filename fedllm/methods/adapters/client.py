@@ -19,7 +19,8 @@ from fedllm.config import Config
 from fedllm.errors import ConfigError, PayloadError
 from fedllm.methods.base import Transform
 from fedllm.methods.adapters import engine as lora
-from fedllm.methods.adapters.resources import base_bits, client_config
+from fedllm.methods.adapters import modules
+from fedllm.methods.adapters.resources import base_bits, client_config, pad, truncate
 from fedllm.protocol import ARRAYS, CONFIG, DOWN, METRICS, PEFT, SCORES, UPDATE, State
 
 GLOBAL, GLOBAL_VERSION, RESIDUAL = "global", "fedllm-global", "ef-residual"  # context.state names
@@ -79,7 +80,7 @@ class LoraClient:
         return {"lora-rank": self.cfg.lora.rank, "base-bits": base_bits(self.cfg.model)}
 
     def mine(self, state: State) -> State:
-        return lora.truncate(state, self.cfg.lora.rank) if self.cfg.lora.rank < self.global_rank else state
+        return truncate(state, self.cfg.lora.rank) if self.cfg.lora.rank < self.global_rank else state
 
     def train(self, rows: list[dict[str, list[int]]], seed: int) -> dict[str, float]:
         return lora.train(self.net, rows, self.cfg.train, self.tokenizer.pad_token_id, seed=seed, proximal_mu=self.mu)
@@ -88,7 +89,7 @@ class LoraClient:
         local = lora.adapter_state(self.net)
         local = {k: t.to(self.start[k].dtype) for k, t in local.items()}  # the global's dtypes, whatever the base's
         if self.cfg.lora.rank < self.global_rank:
-            local = lora.pad(local, self.start)
+            local = pad(local, self.start)
         if transform is not None:
             local = shifted(local, self.start, transform)
         if not self.cfg.compression.up:
@@ -99,11 +100,11 @@ class LoraClient:
     def answer(self, request: RecordDict, rows_of: Rows, seed: int) -> dict[str, Any]:
         """A query before round 1 (lora.target-modules=auto): this node's importance score of every
         linear module of the decoder, from a probe adapter on all of them."""
-        probe = self.cfg.replace(lora__target_modules=",".join(lora.candidate_leaves(self.cfg.model)),
+        probe = self.cfg.replace(lora__target_modules=",".join(modules.candidate_leaves(self.cfg.model)),
                                  lora__dropout=0.0, lora__rank=self.global_rank)
         net, self.tokenizer = lora.lora_model(probe.model, probe.lora, probe.train.seed)
         rows, examples = rows_of(self.tokenizer)
-        scores = lora.module_scores(net, rows, probe.train, self.tokenizer.pad_token_id,
+        scores = modules.module_scores(net, rows, probe.train, self.tokenizer.pad_token_id,
                                     probe.lora.calibration_batches, seed)
         return {SCORES: MetricRecord(scores), METRICS: MetricRecord({"num-examples": examples})}
 

@@ -22,10 +22,11 @@ import math
 from typing import Any, Mapping
 
 from fedllm.config import QUANTIZE, Config, ModelConfig
+from fedllm.errors import ConfigError
+from fedllm.methods.adapters import modules
+from fedllm.protocol import State
 
 DTYPES = ("float32", "bfloat16")
-from fedllm.errors import ConfigError
-from fedllm.methods.adapters import engine as lora
 
 RUNTIME_MB = 600.0
 BYTES = {"none": None, "int8": 1.0, "nf4": 0.5, "fp4": 0.5}  # per linear weight (None: model.dtype's)
@@ -33,8 +34,8 @@ BYTES = {"none": None, "int8": 1.0, "nf4": 0.5, "fp4": 0.5}  # per linear weight
 
 def parameter_counts(model_cfg: ModelConfig) -> tuple[int, int]:
     """(weights of the decoder's linear layers, every other weight), counted on the meta device."""
-    linear = sum(i * o for i, o in lora.candidate_shapes(model_cfg).values())
-    return linear, lora.parameter_count(model_cfg) - linear
+    linear = sum(i * o for i, o in modules.candidate_shapes(model_cfg).values())
+    return linear, modules.parameter_count(model_cfg) - linear
 
 
 def weights_mb(model_cfg: ModelConfig, quantize: str) -> float:
@@ -106,3 +107,31 @@ def _number(node: Mapping[str, Any], key: str, default: float | None = None) -> 
         return float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"node config {key}: expected a number, got {value!r}") from None
+
+
+def truncate(state: State, rank: int) -> State:
+    """The first `rank` rows of every lora_A and columns of every lora_B (other tensors as they are):
+    what a client of a lower rank trains of the global adapter."""
+    out = {}
+    for k, t in state.items():
+        if ".lora_A." in k:
+            t = t[:rank]
+        elif ".lora_B." in k:
+            t = t[:, :rank]
+        out[k] = t.contiguous()
+    return out
+
+
+def pad(local: State, start: State) -> State:
+    """`start` (a full-rank state) with the leading rows / columns replaced by a truncated `local`: the
+    rows a lower-rank client did not train come back unchanged, so its delta there is zero."""
+    out = {}
+    for k, t in start.items():
+        part = local[k]
+        if part.shape == t.shape:
+            out[k] = part
+            continue
+        full = t.clone()
+        full[tuple(slice(0, n) for n in part.shape)] = part
+        out[k] = full
+    return out

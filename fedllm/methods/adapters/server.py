@@ -17,6 +17,7 @@ from fedllm.evaluation.held_out import eval_loss
 from fedllm.methods.base import Ask, UtilityOf
 from fedllm.methods.downlink import Downlink
 from fedllm.methods.adapters import engine as lora
+from fedllm.methods.adapters import modules
 from fedllm.model import load_tokenizer, save_merged
 from fedllm.errors import ConfigError, PayloadError
 from fedllm.protocol import (ARRAYS, DOWN, LEDGER, METRICS, PEFT, SCORES, UPDATE, State, Update, check_like,
@@ -87,7 +88,7 @@ class LoraServer:
         """
         if not self.cfg.lora.auto_modules() or self.modules:
             return {}
-        shapes = lora.candidate_shapes(self.cfg.model)
+        shapes = modules.candidate_shapes(self.cfg.model)
         total: dict[str, float] = dict.fromkeys(shapes, 0.0)
         weights, dropped, used = 0.0, [], 0
         for reply in ask({}):
@@ -104,7 +105,7 @@ class LoraServer:
         if weights == 0:
             why = "; ".join(f"node {node}: {reason}" for node, reason in dropped[:3]) or "no replies"
             raise PayloadError(f"lora.target-modules=auto: no client sent valid module scores ({why})")
-        chosen = lora.select_modules(total, shapes, self.cfg.lora.module_budget)
+        chosen = modules.select_modules(total, shapes, self.cfg.lora.module_budget)
         self.choose(",".join(chosen))
         share = sum(sum(shapes[n]) for n in chosen) / sum(sum(s) for s in shapes.values())
         return {"modules": len(chosen), "of": len(shapes), "parameter-share": round(share, 4),
