@@ -27,6 +27,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedllm.ledger import chain as ledger
+from fedllm.ledger.anvil import ANVIL, anvil
 from fedllm.ledger.session import LedgerSession
 from fedllm.config import Config
 from fedllm.protocol import RoundResult, Update
@@ -104,8 +105,8 @@ def main() -> None:
     results = []
     with contextlib.ExitStack() as stack:
         chains = ["tester"]
-        if not args.quick and ledger.ANVIL.exists():
-            chains.append(stack.enter_context(ledger.anvil(accounts=2)))
+        if not args.quick and ANVIL.exists():
+            chains.append(stack.enter_context(anvil(accounts=2)))
         for chain in chains:
             for n in counts:
                 results.append(measure(chain, n, dim))

@@ -10,6 +10,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedllm.ledger import chain as ledger
+from fedllm.ledger.anvil import anvil
 from fedllm.ledger.session import LedgerSession
 from fedllm.config import Config
 from fedllm.ledger.merkle import Leaf, verify
@@ -116,7 +117,7 @@ def test_a_resumed_ledger_continues_on_a_chain_node_and_refuses_the_in_process_c
                       {"contract": "0x" + "00" * 20, "round": 1, "accounts": {}, "history": None})
     if shutil.which("npm") is None:
         pytest.skip("npm is not installed, so anvil (@foundry-rs/anvil) cannot be")
-    with ledger.anvil() as url:
+    with anvil() as url:
         cfg = Config.from_flat({"ledger.enabled": True, "ledger.chain": url})
         first = LedgerSession(cfg, tmp_path)
         g = _global()

@@ -34,3 +34,20 @@ def test_an_upward_import_breaks_the_contract(tmp_path):
     out = _lint(tmp_path)
     assert out.returncode != 0
     assert "fedllm.protocol is not allowed to import strategies" in out.stdout
+
+
+def test_no_module_over_400_lines_and_no_function_over_60():
+    """The library stays readable: every file of fedllm/ and strategies/ under 400 lines, every
+    function under 60, and the config's core (fedllm/config/__init__.py) under 350."""
+    import ast
+
+    long_files, long_functions = [], []
+    for path in sorted([*(ROOT / "fedllm").rglob("*.py"), *(ROOT / "strategies").rglob("*.py")]):
+        text = path.read_text()
+        if len(text.splitlines()) > 400:
+            long_files.append(path.relative_to(ROOT).as_posix())
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long_functions.append(f"{path.relative_to(ROOT).as_posix()}:{node.name}")
+    assert not long_files and not long_functions, (long_files, long_functions)
+    assert len((ROOT / "fedllm" / "config" / "__init__.py").read_text().splitlines()) < 350

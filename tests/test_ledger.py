@@ -10,7 +10,8 @@ import subprocess
 import pytest
 
 from fedllm.ledger.scoring import reward_shares
-from fedllm.ledger.chain import ANVIL, ARTIFACTS, Ledger, LedgerError, anvil, artifact, connect, dev_account, to_wei
+from fedllm.ledger.anvil import ANVIL, anvil
+from fedllm.ledger.chain import ARTIFACTS, Ledger, LedgerError, artifact, connect, dev_account, to_wei
 from fedllm.ledger.merkle import Leaf, MerkleTree, verify
 
 ETH = 10**18

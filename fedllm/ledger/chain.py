@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from fedllm.protocol import CONFIG, LEDGER
 from fedllm.errors import FedLLMError
@@ -362,47 +362,3 @@ def reply_account(content: Any, contract: str, server_round: int) -> tuple[str, 
     if signer.lower() != str(record.get("account", "")).lower():
         raise LedgerError("ledger signature is not the named account's")
     return signer, digest
-
-
-# --- a local dev node ---------------------------------------------------------------------------
-ANVIL = Path(__file__).resolve().parents[2] / "contracts" / "node_modules" / ".bin" / "anvil"  # a checkout's npm install
-
-
-@contextlib.contextmanager
-def anvil(accounts: int = 10, timeout: float = 30.0) -> Iterator[str]:
-    """Start anvil (npm @foundry-rs/anvil, installed by `make` into contracts/node_modules) on
-    127.0.0.1 at a free port; yields its URL and stops it after, also on failure.
-
-    Raises:
-        LedgerError: when anvil is not installed or does not answer within `timeout` seconds.
-    """
-    import socket
-    import subprocess
-    import time
-
-    if not ANVIL.exists():
-        raise LedgerError(f"{ANVIL}: not installed (npm install --prefix contracts)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([str(ANVIL), "--host", "127.0.0.1", "--port", str(port), "--accounts", str(accounts),
-                             "--silent"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                err = proc.stderr.read().decode(errors="replace")[-500:] if proc.poll() is not None else ""
-                raise LedgerError(f"anvil did not start on {url}: {err or 'timed out'}")
-            time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
