@@ -12,6 +12,7 @@ from fedllm.data import encode, load_splits
 from fedllm.model import MODEL_CACHE
 from fedllm.methods.zo import engine as zo
 from fedllm.methods.zo import rng
+from fedllm.methods.zo import wire as zo_wire
 from strategies import build
 
 K = 64
@@ -121,7 +122,7 @@ def test_float_pairs_round_trip_exactly_by_hand():
     assert dense[3] == 0.75 and dense[10] == -1.25 and dense[63] == 2.0
     assert float(dense.abs().sum()) == 4.0
     # K=64: SUMS needs an 8-byte mask + 3 floats; PAIRS 4 one-byte indices + 4 floats
-    assert len(payload) == zo._HEAD.size + min(8 + 3 * 4, 4 + 4 * 4)
+    assert len(payload) == zo_wire.HEAD.size + min(8 + 3 * 4, 4 + 4 * 4)
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
@@ -137,12 +138,12 @@ def test_quantized_error_bound_and_size(bits, mode):
         count = int((exact != 0).sum())
         scale = float(exact.abs().max()) / (2 ** (bits - 1) - 1)
         assert (got - exact).abs().max() <= scale + 1e-6  # one quantum per seed at most
-        assert len(payload) == zo._HEAD.size + K // 8 + math.ceil(count * bits / 8)
+        assert len(payload) == zo_wire.HEAD.size + K // 8 + math.ceil(count * bits / 8)
     else:
         scale = float(values.abs().max()) / (2 ** (bits - 1) - 1)
         per_seed = torch.bincount(idx, minlength=K).double()
         assert ((got - exact).abs() <= per_seed * scale + 1e-6).all()
-        assert len(payload) == zo._HEAD.size + 200 + math.ceil(200 * bits / 8)
+        assert len(payload) == zo_wire.HEAD.size + 200 + math.ceil(200 * bits / 8)
 
 
 def test_stochastic_rounding_is_unbiased():
@@ -169,7 +170,7 @@ MALFORMED = {
     "index out of range": zo.encode(K, torch.tensor([1]), torch.tensor([1.0]), 0, 0, zo.PAIRS)[:-5] + b"\xff"
     + zo.encode(K, torch.tensor([1]), torch.tensor([1.0]), 0, 0, zo.PAIRS)[-4:],
     "nan scalar": zo.encode(K, torch.tensor([1]), torch.tensor([float("nan")]), 0, 0, zo.PAIRS),
-    "zero scale": zo._HEAD.pack(b"ZK", 0, 8, K, 1, 0.0) + b"\x01\x05",
+    "zero scale": zo_wire.HEAD.pack(b"ZK", 0, 8, K, 1, 0.0) + b"\x01\x05",
 }
 
 

@@ -1,5 +1,6 @@
-"""zo's scalar codec: a round's (seed index, scalar) pairs or per-seed sums in a few bytes
-(bits per scalar: zo.bits), and the per-seed sums the server sends down."""
+"""zo's scalar codec: a round's (seed index, scalar) pairs or per-seed sums in a few bytes (bits
+per scalar: zo.bits), and the per-seed sums the server sends down; each payload starts with HEAD
+(magic, mode, bits, K, count, scale)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from fedllm.errors import PayloadError
 
 MAGIC = b"ZK"
 PAIRS, SUMS = 0, 1
-_HEAD = struct.Struct("<2sBBIIf")  # magic, mode, bits, K, count, scale
+HEAD = struct.Struct("<2sBBIIf")  # magic, mode, bits, K, count, scale
 
 
 def _quantize(values: torch.Tensor, bits: int, gen: torch.Generator) -> tuple[torch.Tensor, float]:
@@ -56,7 +57,7 @@ def encode(k: int, idx: torch.Tensor, values: torch.Tensor, bits: int, seed: int
     else:
         q, scale = _quantize(values, bits, gen)
         body = _pack(q, bits)
-    return _HEAD.pack(MAGIC, mode, bits, k, len(values), scale) + where + body
+    return HEAD.pack(MAGIC, mode, bits, k, len(values), scale) + where + body
 
 
 def _index_dtype(k: int) -> Any:
@@ -69,16 +70,16 @@ def decode(payload: bytes, k: int) -> torch.Tensor:
     Raises:
         PayloadError: on a wrong header, K, length, index or a non-finite value.
     """
-    if len(payload) < _HEAD.size:
+    if len(payload) < HEAD.size:
         raise PayloadError(f"zo payload: {len(payload)} bytes is shorter than its header")
-    magic, mode, bits, k_in, count, scale = _HEAD.unpack_from(payload)
+    magic, mode, bits, k_in, count, scale = HEAD.unpack_from(payload)
     if magic != MAGIC or mode not in (PAIRS, SUMS) or bits not in (0, 2, 4, 8):
         raise PayloadError("zo payload: bad header")
     if k_in != k:
         raise PayloadError(f"zo payload: made for K={k_in}, expected K={k}")
     if not math.isfinite(scale) or scale <= 0:
         raise PayloadError(f"zo payload: bad scale {scale}")
-    rest = payload[_HEAD.size:]
+    rest = payload[HEAD.size:]
     where_len = (k + 7) // 8 if mode == SUMS else count * np.dtype(_index_dtype(k)).itemsize
     body_len = count * 4 if bits == 0 else math.ceil(count * bits / 8)
     if len(rest) != where_len + body_len:
@@ -105,7 +106,7 @@ def decode(payload: bytes, k: int) -> torch.Tensor:
 
 def max_upload_bytes(k: int) -> int:
     """The largest upload `encode_upload` makes for K seeds: per-seed float32 sums, whatever the steps."""
-    return _HEAD.size + (k + 7) // 8 + 4 * k
+    return HEAD.size + (k + 7) // 8 + 4 * k
 
 
 def encode_upload(k: int, pairs: list[tuple[int, float]], bits: int, seed: int) -> bytes:
