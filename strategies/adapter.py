@@ -4,6 +4,8 @@ a rule chain.
     strategy = build(cfg)                          # method from train.method, chain from server.strategy
     messages = strategy.configure_train(rnd, ArrayRecord(), config, grid)
     result = strategy.round(rnd, grid.send_and_receive(messages))      # a RoundResult value
+    flwr = strategy.start(grid, ArrayRecord(), num_rounds=3, train_config=ConfigRecord(cfg.to_flat()))
+    flwr.arrays                                    # Flower's loop: the method's state (strategies.arrays)
 
 Every reply is checked before it touches the global state (`screen`: error, record names,
 metrics, round number, payload size; the method's `decode`: names, shapes, dtypes, finite
@@ -27,6 +29,7 @@ from fedllm.errors import ConfigError, PayloadError
 from fedllm.methods import METHODS, ServerHalf, spec_of
 from fedllm.protocol import CONFIG, RoundResult, Update, screen, update_norm
 from fedllm.registry import load
+from strategies.arrays import state_arrays
 from strategies.chain import Chain, parse_chain
 from strategies.fold import MEAN, Running
 from strategies.rules import Aggregate
@@ -68,7 +71,8 @@ class FedLLMStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """`arrays` is ignored: the method's server half holds the global state."""
+        """`arrays` is ignored (Flower's `start` passes back what `aggregate_train` returned): the
+        method's server half holds the global state and encodes what each node needs."""
         config = ConfigRecord({**dict(config), **self.round_config(server_round)})  # never mutate the caller's
         return [Message(content=RecordDict({CONFIG: config, **self.method.encode_down(node)}),
                         message_type=MessageType.TRAIN, dst_node_id=node) for node in self.sample(grid)]
@@ -162,8 +166,12 @@ class FedLLMStrategy(Strategy):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Flower's API: the round's metrics (the method holds the new global state)."""
-        return None, MetricRecord(self.round(server_round, replies).metrics)
+        """Flower's API: the method's global state after the round, in ArrayRecord form (what
+        Flower's `Strategy.start` keeps as `result.arrays` and hands its `evaluate_fn`; see
+        strategies.arrays), and the round's metrics. The method's server half stays the
+        state's owner: the record is a copy, which `configure_train` ignores."""
+        metrics = MetricRecord(self.round(server_round, replies).metrics)
+        return state_arrays(self.method.state_dict()), metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
