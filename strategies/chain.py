@@ -149,9 +149,9 @@ def deprecation(cfg: Config, stages: list[Stage]) -> str:
 
 
 def check_values(checks: Mapping[str, str] | None, fn: Any, leading: int, stage: Stage) -> None:
-    """A stage's numeric arguments within the ranges its registration declares (`checks`: {name:
-    "> 0", "[0, 0.5)", ...; "int >= 0" for a whole number}), so a bad value fails with the config,
-    not in a round.
+    """A stage's arguments within the ranges its registration declares (`checks`: {name: "> 0",
+    "[0, 0.5)", ...; "int >= 0" for a whole number; "one of a, b" for a word}), so a bad value
+    fails with the config, not in a round.
 
     Raises:
         ConfigError: naming server.strategy, the stage and the argument.
@@ -163,6 +163,12 @@ def check_values(checks: Mapping[str, str] | None, fn: Any, leading: int, stage:
         if name not in bound:
             continue
         value, whole = bound[name], check.startswith("int ")
+        if check.startswith("one of "):
+            words = [w.strip() for w in check.removeprefix("one of ").split(",")]
+            if value not in words:
+                raise ConfigError(f"server.strategy: stage {stage.text or stage.name!r}: {name} must be one of "
+                                  f"{', '.join(words)}, got {value!r}")
+            continue
         rng = check.removeprefix("int ")
         if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
                 or (whole and not float(value).is_integer()) or not within(float(value), rng)):

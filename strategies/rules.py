@@ -19,7 +19,9 @@ the round's list).
   sent as "proximal-mu"); Li et al., MLSys 2020, https://arxiv.org/abs/1812.06127.
 - Coordinate median, trimmed mean: Yin et al., ICML 2018, https://arxiv.org/abs/1803.01498.
 - Krum, Multi-Krum: Blanchard et al., NeurIPS 2017, https://arxiv.org/abs/1703.02757. A
-  client's score is the sum of squared distances to its n - f - 2 nearest neighbours.
+  client's score is the sum of squared distances to its n - f - 2 nearest neighbours. Here f is
+  1 and Multi-Krum averages the n - f best by default; Flower's Krum and MultiKrum take f = 0
+  and MultiKrum keeps 1 (it is Krum) unless told: `krum(flavor=flower)`, `multikrum(flavor=flower)`.
 - Norm bounding: Sun et al., 2019, https://arxiv.org/abs/1911.07963.
 """
 
@@ -33,6 +35,7 @@ import torch
 from fedllm.config import Config
 from fedllm.protocol import State, Update
 from fedllm.registry import Registry
+from strategies.flavors import FLAVOR_CHECK, flavor_of, setting
 from strategies.fold import MEAN, fold_all
 
 
@@ -154,17 +157,20 @@ def _trimmed(x, w, cfg, fraction: float | None = None):
     return trimmed_mean(x, fraction), []
 
 
-def _krum(x, w, cfg, f: int | None = None):
-    """The single update closest to its n - f - 2 neighbours (f default strategy.byzantine)."""
-    mean, kept = multi_krum(x, w, _or(f, cfg.strategy.byzantine), 1)
+def _krum(x, w, cfg, f: int | None = None, *, flavor: str | None = None):
+    """The single update closest to its n - f - 2 neighbours (f default strategy.byzantine, 1;
+    flavor=flower: 0, Flower's Krum)."""
+    flavor = flavor_of(flavor)
+    mean, kept = multi_krum(x, w, setting(cfg, flavor, "krum", "f", f, "byzantine"), 1)
     return mean, _left_out(len(x), kept)
 
 
-def _multikrum(x, w, cfg, f: int | None = None, keep: int | None = None):
+def _multikrum(x, w, cfg, f: int | None = None, keep: int | None = None, *, flavor: str | None = None):
     """Example-weighted mean of the `keep` best Krum scores (default strategy.multikrum-keep; 0: n - f;
-    f default strategy.byzantine)."""
-    f = _or(f, cfg.strategy.byzantine)
-    keep = _or(keep, cfg.strategy.multikrum_keep) or max(len(x) - f, 1)
+    f default strategy.byzantine, 1; flavor=flower: f 0 and keep 1, Flower's MultiKrum, which is Krum)."""
+    flavor = flavor_of(flavor)
+    f = setting(cfg, flavor, "multikrum", "f", f, "byzantine")
+    keep = setting(cfg, flavor, "multikrum", "keep", keep, "multikrum_keep") or max(len(x) - f, 1)
     mean, kept = multi_krum(x, w, f, min(keep, len(x)))
     return mean, _left_out(len(x), kept)
 
@@ -184,8 +190,8 @@ RULES.register("fedkseed", fedavg, accepts=frozenset({"sums"}), streams=True, fo
 RULES.register("fedprox", fedprox, accepts=frozenset({"dense"}), streams=True, fold=MEAN, round_config=proximal_mu,
                checks={"mu": ">= 0"})
 for _name, _combine, _checks in (("median", _median, {}), ("trimmed-mean", _trimmed, {"fraction": "[0, 0.5)"}),
-                                 ("krum", _krum, {"f": "int >= 0"}),
-                                 ("multikrum", _multikrum, {"f": "int >= 0", "keep": "int >= 0"}),
+                                 ("krum", _krum, {"f": "int >= 0", **FLAVOR_CHECK}),
+                                 ("multikrum", _multikrum, {"f": "int >= 0", "keep": "int >= 0", **FLAVOR_CHECK}),
                                  ("norm-bounded", _norm_bounded, {"max_norm": "> 0"})):
     # not for zo's sums: clients draw their own seeds, so a coordinate-wise statistic of sparse sums is ~0
     RULES.register(_name, _robust(_combine), accepts=frozenset({"dense"}), streams=False, checks=_checks)

@@ -126,6 +126,9 @@ def test_register_checks_names():
     ("median > fedadam > ", "empty stage"),
     ("stack", "unknown rule 'stack'"),
     ("exact-lora", "is a method: set train.method=exact-lora"),
+    ("fedadam(flavor=pytorch)", "flavor must be one of fedllm, flower, got 'pytorch'"),
+    ("krum(flavor=flwr)", "flavor must be one of fedllm, flower, got 'flwr'"),
+    ("fedavg > fedavgm(flavor=1)", "flavor must be one of fedllm, flower, got 1"),
 ])
 def test_chain_errors_name_the_stage(spec, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -202,6 +205,34 @@ def test_adaptive_steps_by_hand(rule, v1):
     m1 = 0.1 * 0.5
     assert moments.v["x"].item() == pytest.approx(v1)
     assert step["x"].item() == pytest.approx(0.01 * m1 / (v1 ** 0.5 + 1e-3))
+
+
+@pytest.mark.parametrize("rule, beta1, v1, correction", [
+    ("adam", 0.9, 0.01 * 0.25, (1 - 0.99 ** 2) ** 0.5 / (1 - 0.9 ** 2)),  # v0 = 0; Flower's bias correction, t = 1
+    ("yogi", 0.9, 0.01 * 0.25, 1.0),                                      # 0 - 0.01 d^2 sign(0 - d^2)
+    ("adagrad", 0.0, 0.25, 1.0),                                          # no first moment: m = d
+])
+def test_flower_flavor_steps_by_hand(rule, beta1, v1, correction):
+    d = {"x": torch.tensor([0.5], dtype=torch.float64)}
+    step, moments = adaptive_step(d, None, rule, lr=0.1, beta1=beta1, beta2=0.99, tau=1e-3, flavor="flower")
+    m1 = (1 - beta1) * 0.5
+    assert moments.v["x"].item() == pytest.approx(v1) and moments.t == 1
+    assert step["x"].item() == pytest.approx(0.1 * correction * m1 / (v1 ** 0.5 + 1e-3))
+    _, moments = adaptive_step(d, moments, rule, lr=0.1, beta1=beta1, beta2=0.99, tau=1e-3, flavor="flower")
+    assert moments.t == 2
+
+
+def test_a_parameter_is_its_argument_else_its_key_else_the_flavors_default():
+    from strategies.flavors import setting
+
+    cfg, plain = Config.from_flat({"strategy.beta1": 0.5}), Config.from_flat({})
+    assert setting(cfg, "flower", "fedadagrad", "beta1", 0.3, "beta1") == 0.3      # the stage's argument
+    assert setting(cfg, "flower", "fedadagrad", "beta1", None, "beta1") == 0.5     # a key set away from its default
+    assert setting(plain, "flower", "fedadagrad", "beta1", None, "beta1") == 0.0   # Flower's FedAdagrad: no m
+    assert setting(plain, "fedllm", "fedadagrad", "beta1", None, "beta1") == 0.9   # the key's default
+    assert setting(plain, "flower", "fedyogi", "lr", None, "server_lr", 1e-3) == 0.01
+    assert setting(plain, "fedllm", "fedyogi", "lr", None, "server_lr", 1e-3) == 1e-3
+    assert setting(plain, "flower", "multikrum", "keep", None, "multikrum_keep") == 1
 
 
 def test_fedadam_strategy_uses_server_lr():
