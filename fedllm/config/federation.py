@@ -147,17 +147,23 @@ class StrategyConfig:
                                 "(mu / 2) ||w - w_global||^2.", 0.01, check=">= 0")
     server_lr: float = option("Deprecated: fedadam(lr=...), fedavgm(lr=...), ... Server learning rate of "
                               "fedavgm/fedadam/fedyogi/fedadagrad; 0 picks 1.0 for fedavgm and 1e-3 for the adaptive "
-                              "ones.", 0.0, check=">= 0")
-    momentum: float = option("Deprecated: fedavgm(momentum=...). FedAvgM server momentum.", 0.9, check="[0, 1)")
-    beta1: float = option("Deprecated: fedadam(beta1=...). FedAdam/FedYogi first-moment decay.", 0.9, check="[0, 1)")
-    beta2: float = option("Deprecated: fedadam(beta2=...). FedAdam/FedYogi second-moment decay.", 0.99, check="[0, 1)")
+                              "ones (Flower's FedAdam, FedYogi, FedAdagrad: 0.1, 0.01, 0.1; fedadam(flavor=flower) "
+                              "takes Flower's defaults and formula).", 0.0, check=">= 0")
+    momentum: float = option("Deprecated: fedavgm(momentum=...). FedAvgM server momentum (Flower's FedAvgM: 0.0, "
+                             "fedavgm(flavor=flower)).", 0.9, check="[0, 1)")
+    beta1: float = option("Deprecated: fedadam(beta1=...). FedAdam/FedYogi/FedAdagrad first-moment decay (Flower's "
+                          "FedAdagrad has no first moment: fedadagrad(flavor=flower)).", 0.9, check="[0, 1)")
+    beta2: float = option("Deprecated: fedadam(beta2=...). FedAdam/FedYogi second-moment decay (FedAdagrad sums the "
+                          "squares).", 0.99, check="[0, 1)")
     tau: float = option("Deprecated: fedadam(tau=...). FedAdam/FedYogi/FedAdagrad adaptivity (added to the root of "
-                        "the second moment).", 1e-3, check="> 0")
+                        "the second moment, which starts at tau^2 as in Reddi et al.; at 0, with FedAdam's bias "
+                        "correction, in Flower's: fedadam(flavor=flower)).", 1e-3, check="> 0")
     trim_fraction: float = option("Deprecated: trimmed-mean(fraction=...). Trimmed mean: share of clients cut from "
                                   "each end, per coordinate.", 0.2, check="[0, 0.5)")
     byzantine: int = option("Deprecated: krum(f=...), multikrum(f=...). Krum/Multi-Krum: number f of Byzantine "
-                            "clients tolerated.", 1, check=">= 0")
-    multikrum_keep: int = option("Deprecated: multikrum(keep=...). Multi-Krum: updates averaged; 0 keeps n - f.", 0,
+                            "clients tolerated (Flower's Krum/MultiKrum: 0, krum(flavor=flower)).", 1, check=">= 0")
+    multikrum_keep: int = option("Deprecated: multikrum(keep=...). Multi-Krum: updates averaged; 0 keeps n - f "
+                                 "(Flower's MultiKrum keeps 1, which is Krum: multikrum(flavor=flower)).", 0,
                                  check=">= 0")
     max_norm: float = option("Deprecated: norm-bounded(max_norm=...). Norm-bounded averaging: each update is scaled "
                              "down to this L2 norm.", 1.0, check="> 0")
