@@ -1,6 +1,8 @@
 """Every check `fedllm simulate` runs before an engine starts, so a mistake fails fast with one
-line instead of inside a worker: the config, the partitions, the devices, the lm-eval tasks, the
-run directory, the resources a client gets; `prepare` runs them and returns the run's overrides."""
+line instead of inside a worker: the config (`check_config`, fedllm.server.checks: what the config
+alone decides, which the ServerApp runs again under `flwr run`), the partitions, the devices, the
+lm-eval tasks, the run directory, the resources a client gets; `prepare` runs them and returns the
+run's overrides."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any
 
 from fedllm.config import Config
 from fedllm.errors import FedLLMError
+from fedllm.server.checks import check_config
 
 log = logging.getLogger("fedllm")
 
@@ -49,7 +52,6 @@ def prepare(overrides: dict[str, Any], num_clients: int, cpus_per_client: float,
     from fedllm.methods import data_splits
     from fedllm.model import check_available
     from fedllm.reporting.tracking import check_installed
-    from strategies import resolve as resolve_strategy
 
     if resume is not None:
         overrides = {**resumed_config(resume), **overrides, "server.resume": str(resume),
@@ -62,9 +64,7 @@ def prepare(overrides: dict[str, Any], num_clients: int, cpus_per_client: float,
     if num_clients < 1 or not 0 < cpus_per_client <= (os.cpu_count() or 1) * 64:
         raise FedLLMError(f"--num-clients must be >= 1 and --cpus-per-client in (0, {(os.cpu_count() or 1) * 64}]; "
                           f"got {num_clients} and {cpus_per_client}")
-    if num_clients < cfg.server.min_clients:
-        raise FedLLMError(f"--num-clients: {num_clients} is below server.min-clients={cfg.server.min_clients}")
-    resolve_strategy(cfg)  # the method and rule chain may refuse the config (e.g. zo with compression)
+    check_config(cfg, num_clients)  # what the config alone decides, the rule chain's checks last
     check_installed(cfg)  # server.trackers
     check_tasks(cfg)
     if cfg.ledger.enabled:

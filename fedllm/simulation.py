@@ -18,7 +18,7 @@ from typing import Any
 
 from fedllm.config import Config
 from fedllm.errors import FedLLMError
-from fedllm.preflight import prepare, resources, resumed_config, written_since
+from fedllm.preflight import check_config, prepare, resources, resumed_config, written_since
 
 log = logging.getLogger("fedllm")
 
@@ -62,7 +62,8 @@ def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float
         raise FedLLMError("--gpus-per-client: shares GPUs among Ray's actors; the in-process engine trains on "
                           "model.device (e.g. --set model.device=cuda:0)")
     # a config error answers here, before torch, transformers or Ray is imported
-    Config.from_flat(overrides if resume is None else {**resumed_config(resume), **overrides})
+    check_config(Config.from_flat(overrides if resume is None else {**resumed_config(resume), **overrides}),
+                 num_clients)
     if gpus_per_client is None and str(overrides.get("model.device", "")).strip() == "cpu":
         gpus_per_client = 0.0  # clients told to train on the CPU reserve no GPU
     cpus, gpus, gpus_total = resources(cpus_per_client, gpus_per_client, ray_address)

@@ -102,7 +102,7 @@ class ServerConfig:
         """
         value = str(self.aggregators).strip()
         if value == "auto":
-            return max(1, min((os.cpu_count() or 1) // 2, math.ceil(pending / 16)))
+            return max(1, min(usable_cores() // 2, math.ceil(pending / 16)))
         if not value.isdigit() or int(value) < 1:
             raise ConfigError(f"server.aggregators: must be auto or a whole number >= 1, got {self.aggregators!r}")
         return int(value)
@@ -111,6 +111,15 @@ class ServerConfig:
         """server.trackers as a list (fedllm.reporting.tracking.check_installed checks the names against its
         registry, which lives above this module)."""
         return [t.strip() for t in self.trackers.split(",") if t.strip()]
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity where the OS tells, else every core): what
+    bounds the numbers that fork processes (fedllm.server.checks.check_machine)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
 
 
 @dataclass

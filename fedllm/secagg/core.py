@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
+from fedllm.errors import ConfigError
+
 SECAGG = "secagg"  # the protocol's config record, both ways
 MASKED = "masked"  # a client's masked vector, up (array record holding one uint array "y")
 
@@ -61,6 +63,29 @@ def levels(bits: int, clients: int) -> int:
     2^bits. Even, so that 0 is exactly levels / 2: a value that is 0 at every client (a seed no
     zo client drew) sums to exactly 0."""
     return (((1 << bits) - 1) // max(clients, 1)) & ~1
+
+
+def check(cfg: Any, sampled: int) -> tuple[int, int]:
+    """(threshold, levels) of secagg.* for rounds of `sampled` nodes: the config alone decides it,
+    so the pre-flight (fedllm.server.checks) runs it before any engine starts, and each secure
+    round again on the nodes it sampled.
+
+    Raises:
+        ConfigError: naming the secagg key that does not fit.
+    """
+    sa = cfg.secagg
+    n_holders = holders(sampled, sa.neighbours)
+    t = threshold(sa.threshold, n_holders)
+    if t > n_holders:
+        raise ConfigError(f"secagg.threshold: {t} share holders needed, but each node has {n_holders} "
+                          f"(secagg.neighbours + 1, at most the {sampled} sampled nodes)")
+    if 2 * t <= n_holders:
+        raise ConfigError(f"secagg.threshold: {t} of {n_holders} share holders is not a majority: a server could "
+                          "rebuild both secrets of a node")
+    n_levels = levels(sa.bits, sampled)
+    if n_levels < 256:
+        raise ConfigError(f"secagg.bits: 2^{sa.bits} / {sampled} clients leaves {n_levels} levels per value; raise it")
+    return t, n_levels
 
 
 def wire_dtype(bits: int) -> Any:

@@ -36,10 +36,11 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedllm.errors import ConfigError, PayloadError
+from fedllm.errors import PayloadError
 from fedllm.methods import spec_of
 from fedllm.protocol import CONFIG, LEDGER, METRICS, RoundResult, Update, payload_bytes, receive, short_reason
 from fedllm.secagg import core
+from fedllm.secagg.core import check
 from fedllm.secagg.replies import (Layout, masked_vector, mean_records, plain_metrics, public_key, record_of, share_reply,
                                    unmask, unmask_reply)
 from strategies import FedLLMStrategy
@@ -65,27 +66,6 @@ class Attempt:
 def clip_range(cfg: Any) -> float:
     """secagg.clip-range, or for 0 the method's own range (its registry metadata)."""
     return float(cfg.secagg.clip_range or spec_of(cfg).secagg_range)
-
-
-def check(cfg: Any, sampled: int) -> tuple[int, int]:
-    """(threshold, levels) for `sampled` nodes.
-
-    Raises:
-        ConfigError: naming the secagg key that does not fit.
-    """
-    sa = cfg.secagg
-    holders = core.holders(sampled, sa.neighbours)
-    t = core.threshold(sa.threshold, holders)
-    if t > holders:
-        raise ConfigError(f"secagg.threshold: {t} share holders needed, but each node has {holders} (secagg.neighbours "
-                          f"+ 1, at most the {sampled} sampled nodes)")
-    if 2 * t <= holders:
-        raise ConfigError(f"secagg.threshold: {t} of {holders} share holders is not a majority: a server could rebuild "
-                          "both secrets of a node")
-    n_levels = core.levels(sa.bits, sampled)
-    if n_levels < 256:
-        raise ConfigError(f"secagg.bits: 2^{sa.bits} / {sampled} clients leaves {n_levels} levels per value; raise it")
-    return t, n_levels
 
 
 class Failed(Exception):

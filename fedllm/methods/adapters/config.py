@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from fedllm.methods.base import MethodSpec
 
 PEFT_TYPES = ("lora", "dora", "ia3", "prefix", "prompt", "p-tuning")
+PROMPT_TYPES = ("prefix", "prompt", "p-tuning")  # virtual tokens: no weights to merge into the base
 
 
 @dataclass
@@ -77,8 +78,9 @@ register_section("lora", LoraConfig)
 
 
 def check_adapter(cfg: Config, spec: MethodSpec) -> None:
-    """The [lora] keys against what train.method takes (its spec), and against server.init-from
-    and secagg.enabled.
+    """The [lora] keys against what train.method takes (its spec), and against server.init-from,
+    server.merge and secagg.enabled: run by the pre-flight (fedllm.server.checks) through
+    strategies.resolve, before any engine starts.
 
     Raises:
         ConfigError: naming the key that does not fit.
@@ -99,6 +101,13 @@ def check_adapter(cfg: Config, spec: MethodSpec) -> None:
     if cfg.server.init_from and lora.peft == "p-tuning":
         raise ConfigError("server.init-from: a saved P-tuning adapter holds the prompt its encoder computed, not "
                           "the encoder that trains; start P-tuning fresh")
+    if cfg.server.merge and lora.peft in PROMPT_TYPES:
+        raise ConfigError(f"server.merge: lora.peft={lora.peft} adds virtual tokens, not weights: there is "
+                          "nothing to merge into the base (save the adapter only)")
+    ranks = [int(r) for r in lora.client_ranks.split(",") if r.strip()]
+    if ranks and max(ranks) > lora.rank and spec.delta_kind != "factors":
+        raise ConfigError(f"lora.client-ranks: {max(ranks)} is above lora.rank={lora.rank} (the global adapter's "
+                          "rank, the largest a client trains); raise lora.rank or use train.method=exact-lora")
     if cfg.secagg.enabled and lora.auto_modules():
         raise ConfigError("lora.target-modules: auto sends each client's module scores before round 1 in the clear; "
                           "name the modules with secagg.enabled")

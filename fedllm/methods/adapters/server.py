@@ -19,7 +19,7 @@ from fedllm.methods.downlink import Downlink
 from fedllm.methods.adapters import engine as lora
 from fedllm.methods.adapters import modules
 from fedllm.model import load_tokenizer, save_merged
-from fedllm.errors import ConfigError, PayloadError
+from fedllm.errors import PayloadError
 from fedllm.protocol import (ARRAYS, DOWN, LEDGER, METRICS, PEFT, SCORES, UPDATE, State, Update, check_like,
                              read_arrays, reply_metrics, weighted_mean)
 
@@ -48,7 +48,6 @@ class LoraServer:
         The server's model is never quantized (model.quantize is the clients'): it evaluates and
         merges the adapter on the model.dtype base. With lora.target-modules=auto the adapter is
         made once `prepare` has chosen its modules (or a checkpoint names them)."""
-        check_lora_config(cfg)
         self.cfg = cfg.replace(model__quantize="none")
         self.modules = ""  # lora.target-modules=auto: the chosen modules, comma separated
         self.net = self.tokenizer = None
@@ -209,26 +208,6 @@ class LoraServer:
         self.downlink.load_state_dict(state["downlink"])
         if state["feedback"] is not None:
             self.feedback = Feedback(state["feedback"])
-
-
-PROMPT_TYPES = ("prefix", "prompt", "p-tuning")
-
-
-def check_lora_config(cfg: Config) -> None:
-    """lora.client-ranks at most lora.rank (a client trains the leading rows of the global factors);
-    no server.merge for the prompt types.
-
-    Raises:
-        ConfigError: naming lora.client-ranks or server.merge.
-    """
-
-    if cfg.server.merge and cfg.lora.peft in PROMPT_TYPES:
-        raise ConfigError(f"server.merge: lora.peft={cfg.lora.peft} adds virtual tokens, not weights: there is "
-                          "nothing to merge into the base (save the adapter only)")
-    ranks = [int(r) for r in cfg.lora.client_ranks.split(",") if r.strip()]
-    if ranks and max(ranks) > cfg.lora.rank:
-        raise ConfigError(f"lora.client-ranks: {max(ranks)} is above lora.rank={cfg.lora.rank} (the global adapter's "
-                          "rank, the largest a client trains); raise lora.rank or use train.method=exact-lora")
 
 
 def read_scores(reply: Message, shapes: dict[str, Any]) -> tuple[dict[str, float], float]:
