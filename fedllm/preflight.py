@@ -170,11 +170,15 @@ def written_since(path: Path, since: float) -> bool:
 
 
 def resumed_config(run_dir: Path) -> dict[str, Any]:
-    """The flat config a run directory was started with (its config.json)."""
+    """The flat config a run directory was started with (its config.json), read through the
+    checked path (fedllm.files): a damaged or foreign file is one line naming it."""
+    from fedllm.files import FileFormatError
+    from fedllm.reporting.runlog import read_config
+
     path = run_dir / "config.json"
-    if not path.exists():
+    if not path.is_file():
         raise FedLLMError(f"--resume: {path} does not exist; not a fedllm run directory")
     try:
-        return json.loads(path.read_text())
-    except ValueError as err:
-        raise FedLLMError(f"--resume: {path} is not valid JSON: {err}") from err
+        return read_config(run_dir)
+    except FileFormatError as err:
+        raise FedLLMError(f"--resume: {err}") from None

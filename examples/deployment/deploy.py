@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import datetime
 import ipaddress
-import json
 import os
 import signal
 import socket
@@ -27,7 +26,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+from fedllm.errors import FedLLMError
+from fedllm.files import Maybe, check, parse_json
 
 ROOT = Path(__file__).resolve().parents[2]  # the fedllm repository: the Flower app that runs
 CONNECTION = "fedllm"
@@ -139,12 +141,24 @@ def flwr(work: Path, *args: str, timeout: float = 120) -> subprocess.CompletedPr
                           cwd=ROOT)
 
 
+def flwr_json(proc: subprocess.CompletedProcess, spec: Any, command: str) -> Any:
+    """The `flwr COMMAND --format json` answer, read through fedllm's checked path: output that is
+    not JSON, or lacks what this script indexes, is one FedLLMError line naming the command."""
+    where = f"`flwr {command}`'s output"
+    value = parse_json(proc.stdout.strip() or "{}", where)
+    check(value, spec, where)
+    return value
+
+
 def register(work: Path) -> list[str]:
     """Register every site's public key with the SuperLink (the CLI talks to its Control API)."""
     done = []
     for pub in sorted((work / "keys").glob("site-*.pub")):
         proc = flwr(work, "supernode", "register", str(pub.resolve()), CONNECTION, "--format", "json")
-        out = json.loads(proc.stdout or "{}")
+        try:
+            out = flwr_json(proc, {"success": Maybe(bool)}, "supernode register")
+        except FedLLMError:
+            out = {}
         if not out.get("success", False) and "already in use" not in proc.stdout:
             raise RuntimeError(f"registering {pub.name} failed: {proc.stdout.strip()} {proc.stderr.strip()[-500:]}")
         done.append(pub.stem)
@@ -154,8 +168,8 @@ def register(work: Path) -> list[str]:
 def online_nodes(work: Path) -> int:
     proc = flwr(work, "supernode", "ls", CONNECTION, "--format", "json")
     try:
-        return sum(n.get("status") == "online" for n in json.loads(proc.stdout)["nodes"])
-    except (ValueError, KeyError):
+        return sum(n.get("status") == "online" for n in flwr_json(proc, {"nodes": [dict]}, "supernode ls")["nodes"])
+    except FedLLMError:
         return 0
 
 
@@ -166,8 +180,8 @@ def submit(work: Path, run_config: str) -> int:
         args += ["--run-config", run_config]
     proc = flwr(work, *args, timeout=300)
     try:
-        return int(json.loads(proc.stdout)["run-id"])
-    except (ValueError, KeyError) as err:
+        return int(flwr_json(proc, {"run-id": (int, str)}, "run")["run-id"])
+    except (ValueError, FedLLMError) as err:
         raise RuntimeError(f"flwr run failed: {proc.stdout.strip()[-800:]} {proc.stderr.strip()[-800:]}") from err
 
 
@@ -176,8 +190,8 @@ def wait_run(work: Path, run_id: int, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         proc = flwr(work, "ls", CONNECTION, "--run-id", str(run_id), "--format", "json")
-        with contextlib.suppress(ValueError, KeyError, IndexError):
-            status = json.loads(proc.stdout)["runs"][0]["status"]
+        with contextlib.suppress(FedLLMError, IndexError):
+            status = flwr_json(proc, {"runs": [{"status": str}]}, "ls")["runs"][0]["status"]
             if status.startswith("finished"):
                 return status
         time.sleep(2)
@@ -326,4 +340,8 @@ def finish(work: Path, run_id: int, timeout: float) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (FedLLMError, RuntimeError, TimeoutError) as err:  # one line, as fedllm's own commands
+        print(f"deploy.py: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import ast
 import importlib.resources
 import contextlib
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Any
 
 from fedllm.protocol import CONFIG, LEDGER
 from fedllm.errors import FedLLMError
+from fedllm.files import FileFormatError, read_json, read_text
 
 ARTIFACTS = Path(str(importlib.resources.files("fedllm.contracts")))  # contracts/artifacts, as package data
 LEDGER_RECORD = LEDGER  # the reply's record with the client's account and signature
@@ -58,7 +58,10 @@ def artifact(name: str) -> dict[str, Any]:
     path = ARTIFACTS / f"{name}.json"
     if not path.exists():
         raise LedgerError(f"{path}: contract artifact missing (run `npm install && npm run build` in contracts/)")
-    return json.loads(path.read_text())
+    try:
+        return read_json(path, {"abi": list, "bytecode": str, "deployedBytecode": str})
+    except FileFormatError as err:
+        raise LedgerError(f"{err} (rebuild it: `npm install && npm run build` in contracts/)") from None
 
 
 def connect(chain: str) -> Any:
@@ -124,9 +127,9 @@ def read_key(spec: str, field: str) -> Any:
             raise LedgerError(f"{field}: environment variable {where} is not set")
     elif kind == "file":
         try:
-            text = Path(where).expanduser().read_text().splitlines()[0]
-        except (OSError, IndexError) as err:
-            raise LedgerError(f"{field}: cannot read a key from {where}: {err}") from err
+            text = (read_text(Path(where).expanduser(), limit=1 << 16).splitlines() or [""])[0]
+        except FileFormatError as err:
+            raise LedgerError(f"{field}: cannot read a key: {err}") from None
     else:
         raise LedgerError(f"{field}: expected 'env:NAME' or 'file:PATH', got {spec!r}")
     try:

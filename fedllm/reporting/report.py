@@ -11,7 +11,7 @@ from typing import Any
 
 from fedllm.evaluation.metrics import METRICS
 from fedllm.reporting.runlog import (PREFERENCE, human_bytes, load_run_plugins, metric_lines, number_text, preference_lines,
-                                     read_config, read_metrics, summary)
+                                     read_config, read_metrics, summary, write_atomically)
 
 log = logging.getLogger(__name__)
 
@@ -215,13 +215,24 @@ def render_report(run_dir: Path) -> Path:
     final figures, eval loss and exact match, bytes up/down per round and cumulative, round
     time, the ledger's scores, rewards and penalties per client when it was on, and the config.
 
+    Everything is read and checked before the page is written (atomically), so a damaged run
+    leaves an earlier report.html as it was.
+
     Raises:
-        FileNotFoundError: when RUN_DIR has no metrics.jsonl.
+        FileFormatError: naming the file (and line and field) when RUN_DIR has no metrics.jsonl or
+            one of its files is damaged.
     """
     run_dir = Path(run_dir)
-    rows = read_metrics(run_dir)
     config = read_config(run_dir)
-    load_run_plugins(config)
+    load_run_plugins(config)  # first: its metrics are checked in the rows too
+    rows = read_metrics(run_dir)
+    path = run_dir / REPORT
+    write_atomically(path, report_page(run_dir.name, rows, config))
+    return path
+
+
+def report_page(name: str, rows: list[dict[str, Any]], config: dict[str, Any]) -> str:
+    """`render_report`'s page of a run's rows (as `read_metrics` checked them) and config."""
     s = summary(rows)
     figures = [("rounds", s["rounds"]),
                ("eval loss", f"{number_text(s['eval-loss-before'], 4)} -> {number_text(s['eval-loss-after'], 4)}"),
@@ -234,7 +245,7 @@ def render_report(run_dir: Path) -> Path:
                ("training time", f"{s['seconds']:.1f} s"),
                ("dropped replies", sum(len(r.get("dropped", [])) for r in rows))]
     body = ["<h2>Final figures</h2>", _table(figures), _family_table(s), "<h2>Rounds</h2>",
-            *_run_plots({run_dir.name: rows})]
+            *_run_plots({name: rows})]
     per_family = _family_plots(rows)
     if per_family:
         body += ["<h2>Per family and lm-eval tasks</h2>", *per_family]
@@ -242,16 +253,69 @@ def render_report(run_dir: Path) -> Path:
     if ledger:
         body += ["<h2>Ledger</h2>", *ledger]
     body += ["<details><summary>Config</summary>", _table(sorted(config.items())), "</details>"]
-    path = run_dir / REPORT
-    path.write_text(_page(f"fedllm run {run_dir.name}", body), encoding="utf-8")
-    return path
+    return _page(f"fedllm run {name}", body)
+
+
+def run_labels(run_dirs: list[Path]) -> list[str]:
+    """A unique label per run: the shortest end of its path no other run's path ends with
+    (runs/a/lora and runs/b/lora are a/lora and b/lora); a folder given twice is numbered."""
+    paths = [Path(d).resolve() for d in run_dirs]
+    labels = []
+    for p in paths:
+        others = [q for q in paths if q != p]
+        k = 1
+        while k < len(p.parts) and any(q.parts[-k:] == p.parts[-k:] for q in others):
+            k += 1
+        labels.append(Path(*p.parts[-k:]).as_posix())
+    counts = {label: labels.count(label) for label in labels}
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        out.append(f"{label} #{seen[label]}" if counts[label] > 1 else label)
+    return out
+
+
+def check_out(out: Path, run_dirs: list[Path]) -> None:
+    """`fedllm compare --out` may replace only a page it wrote before, never a run's own file.
+
+    Raises:
+        FedLLMError: naming --out.
+    """
+    from fedllm.errors import FedLLMError
+
+    out = Path(out)
+    inside = [d for d in run_dirs if Path(d).resolve() in out.resolve().parents]
+    if inside:
+        raise FedLLMError(f"--out: {out} is inside the run directory {inside[0]}; write the page elsewhere")
+    if out.is_symlink() or (out.exists() and not out.is_file()):
+        raise FedLLMError(f"--out: {out} is a link or a folder; name a new file")
+    if out.exists():
+        with open(out, "rb") as f:
+            head = f.read(4096)
+        if b"<title>fedllm compare" not in head:
+            raise FedLLMError(f"--out: {out} exists and is not a page fedllm compare wrote; name a new file")
 
 
 def render_compare(run_dirs: list[Path], out: Path) -> Path:
     """One page overlaying the runs' plots, and a table of their final figures and the config
-    keys where they differ."""
-    runs = {Path(d).name: read_metrics(Path(d)) for d in run_dirs}
-    configs = {Path(d).name: read_config(Path(d)) for d in run_dirs}
+    keys where they differ. Each run is labelled by `run_labels`: none hides another.
+
+    Raises:
+        FedLLMError: for a damaged run (naming its file, line and field) or an `out` that is not
+            fedllm's to replace (`check_out`); nothing is written then.
+    """
+    check_out(out, run_dirs)
+    labels = run_labels(run_dirs)
+    configs = {name: read_config(Path(d)) for name, d in zip(labels, run_dirs)}
+    runs = {name: read_metrics(Path(d)) for name, d in zip(labels, run_dirs)}
+    out = Path(out)
+    write_atomically(out, compare_page(runs, configs))
+    return out
+
+
+def compare_page(runs: dict[str, list[dict[str, Any]]], configs: dict[str, dict[str, Any]]) -> str:
+    """`render_compare`'s page of the runs' rows and configs, by label."""
     keys = sorted({k for c in configs.values() for k in c})
     differ = [k for k in keys if len({json.dumps(c.get(k)) for c in configs.values()}) > 1
               and k not in ("server.run-name", "server.run-dir", "server.resume")]
@@ -268,6 +332,4 @@ def render_compare(run_dirs: list[Path], out: Path) -> Path:
         lines.append(f"<tr><td>{_esc(name)}</td>" + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>")
     body = ["<h2>Final figures</h2><table>" + head + "".join(lines) + "</table>", "<h2>Rounds</h2>",
             *_run_plots(runs)]
-    out = Path(out)
-    out.write_text(_page("fedllm compare: " + ", ".join(runs), body), encoding="utf-8")
-    return out
+    return _page("fedllm compare: " + ", ".join(runs), body)

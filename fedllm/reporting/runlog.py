@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from fedllm.config import Config
 from fedllm.evaluation.metrics import METRICS
+from fedllm.files import FileFormatError, Maybe, check, parse_json, read_json, read_jsonl, read_text
+
+CONFIG_BYTES = 16 << 20  # a flat config is a few KB
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +38,27 @@ def write_config(run_dir: Path, cfg: Config) -> None:
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:
-    """RUN_DIR/config.json as a flat dict ({} when the run has none)."""
+    """RUN_DIR/config.json as a flat dict ({} when the run has none).
+
+    Raises:
+        FileFormatError: naming the file when it is not a JSON object.
+    """
     path = Path(run_dir) / "config.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    return parse_config(read_text(path, CONFIG_BYTES), str(path)) if path.exists() else {}
+
+
+def parse_config(text: str, where: str) -> dict[str, Any]:
+    """A config.json's text as a flat dict whose keys can be named in a one-line error.
+
+    Raises:
+        FileFormatError: naming `where` when it is not a JSON object of printable keys.
+    """
+    config = parse_json(text, where)
+    check(config, {"*": object}, where)
+    for key in config:
+        if not (key.isprintable() and 0 < len(key) <= 200):
+            raise FileFormatError(f"{where}: {key[:40]!r} is not a config key")
+    return config
 
 
 def load_run_plugins(config: dict[str, Any]) -> None:
@@ -70,38 +92,43 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """RUN_DIR/metrics.jsonl's rows. A cut-off last line (what a crash mid-write leaves) is
-    skipped with a warning; a bad line before it is an error.
+    """RUN_DIR/metrics.jsonl's rows, each checked against `row_spec()`. A cut-off last line (what
+    a crash mid-write leaves) is skipped with a warning; a bad line before it is an error.
 
     Raises:
-        FileNotFoundError: when there is no metrics.jsonl.
-        FedLLMError: naming the file and line of a malformed row that is not the last.
+        FileFormatError: naming the file (and line and field) of a missing file or a malformed row.
     """
-    from fedllm.errors import FedLLMError
+    return [row for _, row in read_jsonl(Path(run_dir) / "metrics.jsonl", row_spec(), cut_last=True)]
 
-    path = Path(run_dir) / "metrics.jsonl"
-    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
-    rows = []
-    for i, (n, line) in enumerate(lines):
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as err:
-            if i == len(lines) - 1:
-                log.warning("%s:%d: skipped a cut-off last line (a crash while writing it)", path, n)
-                break
-            raise FedLLMError(f"{path}:{n}: not a metrics row: {err}") from None
-        rows.append(row)
-    return rows
+
+def row_spec() -> dict[str, Any]:
+    """What the readers of a metrics row (summary, report, compare, trackers) index in it, and its
+    type (fedllm.files' spec); other keys pass unchecked. Registered metrics are read at call time,
+    so a run's plug-in metrics count once its server.plugins are imported."""
+    figure = (float, None)
+    per_node = Maybe({"*": float})
+    return {
+        "round": int,
+        **{key: Maybe(figure) for key in ("eval-loss", *METRICS.names(), *PREFERENCE)},
+        "round-seconds": Maybe(float),
+        "bytes-up": per_node, "bytes-down": per_node,
+        "families": Maybe((None, {"*": {"*": figure}})),
+        "lm-eval": Maybe((None, {"*": {"*": float}})),
+        "ledger": Maybe({"scores": per_node, "rewards": per_node, "slashed": per_node}),
+        "clients": Maybe({"*": {"partition-id": Maybe(int)}}),
+        "dropped": Maybe(list),
+    }
 
 
 def write_atomically(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file and a rename: the old file stays whole
     until the new one is complete."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    tmp.unlink(missing_ok=True)  # a crash's leftover, or a planted link: never written through
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    tmp.replace(path)  # a link at `path` is replaced, its target left alone
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -185,18 +212,40 @@ def human_bytes(n: float) -> str:
     return f"{n / 1000:.1f} GB"
 
 
+_WEI = Maybe((int, None))
+LEDGER_SPECS = {
+    "chain.json": {"contract": str, "chain": str, "slashed-to": str},
+    "accounts.json": {"pool": _WEI, "allocated": _WEI, "burned": _WEI, "accounts": {"*": {
+        "partition": Maybe((int, str)), **{k: _WEI for k in ("stake", "slashed", "earned", "claimed", "pending")}}}},
+    "round-*.json": {"round": int, "gas-record": int, "clients": [{
+        "account": str, "score": float, "flags": [str], "cumulative": int, "partition": int, "slashed": int,
+        "evidence": (str, None)}]},
+}
+
+
+def read_ledger(base: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """(chain.json, accounts.json or an empty snapshot, the round-NNNN.json files in order) of a
+    run's ledger folder, each checked against LEDGER_SPECS."""
+    chain = read_json(base / "chain.json", LEDGER_SPECS["chain.json"])
+    accounts_file = base / "accounts.json"
+    snapshot = read_json(accounts_file, LEDGER_SPECS["accounts.json"]) if accounts_file.exists() else {"accounts": {}}
+    rounds = [read_json(p, LEDGER_SPECS["round-*.json"]) for p in sorted(base.glob("round-*.json"))]
+    return chain, snapshot, rounds
+
+
 def ledger_view(run_dir: Path) -> str:
     """The ledger of a run as text: per client stake, scores per round, rewards earned, claimed
     and pending, and every penalty with its evidence (from RUN_DIR/ledger/).
 
     Raises:
-        FileNotFoundError: when the run has no ledger.
+        FileFormatError: naming the file (and field) when the run has no ledger or one of its
+            files is damaged.
     """
-    base = Path(run_dir) / "ledger"
-    chain = json.loads((base / "chain.json").read_text())
-    accounts_file = base / "accounts.json"
-    snapshot = json.loads(accounts_file.read_text()) if accounts_file.exists() else {"accounts": {}}
-    rounds = [json.loads(p.read_text()) for p in sorted(base.glob("round-*.json"))]
+    return ledger_text(*read_ledger(Path(run_dir) / "ledger"))
+
+
+def ledger_text(chain: dict[str, Any], snapshot: dict[str, Any], rounds: list[dict[str, Any]]) -> str:
+    """`ledger_view`'s text from the ledger's files, as `read_ledger` checked them."""
     scores: dict[str, list[str]] = {}
     flags: dict[str, set[str]] = {}
     earned: dict[str, int] = {}
@@ -213,8 +262,8 @@ def ledger_view(run_dir: Path) -> str:
 
     lines = [f"FedLedger {chain['contract']} on {chain['chain']} (slashed stake to {chain['slashed-to']})"]
     if "pool" in snapshot:
-        lines.append(f"pool {eth(snapshot['pool'])} ETH, unclaimed {eth(snapshot['allocated'])} ETH, "
-                     f"burned {eth(snapshot['burned'])} ETH")
+        lines.append(f"pool {eth(snapshot['pool'])} ETH, unclaimed {eth(snapshot.get('allocated'))} ETH, "
+                     f"burned {eth(snapshot.get('burned'))} ETH")
     else:
         lines.append("(the run did not finish: stakes and claims below are as of the last round)")
     lines.append(f"{'account':44} {'part':>4} {'stake':>8} {'slashed':>8} {'earned':>8} {'claimed':>8} "

@@ -10,8 +10,8 @@ inside the run directory:
 Each round's metrics row goes out as scalars at step = round (eval loss, exact match, Rouge-L,
 per-family figures, lm-eval figures, bytes per round and cumulative, times); the config goes
 in as hyperparameters; the report as an artifact where the tracker keeps files (MLflow, wandb).
-A resumed run continues the same tracker runs (their ids are kept in RUN_DIR/trackers.json).
-A tracker that fails is turned off with a warning: it never stops a run.
+A resumed run continues the same tracker runs (their ids are kept in RUN_DIR/trackers.json; a
+damaged one stops the run before round 1, left as it is). A tracker that fails is turned off with a warning: it never stops a run.
 
 Each tracker is one entry of TRACKERS: a factory `make(run_dir, previous_id) -> Tracker` (the
 accelerate GeneralTracker shape: start, store_init_configuration, log, finish), with metadata
@@ -32,11 +32,14 @@ from typing import Any, Callable, Mapping, Protocol
 
 from fedllm.config import Config
 from fedllm.errors import ConfigError
+from fedllm.files import FileFormatError, read_json
 from fedllm.registry import Registry
+from fedllm.reporting.runlog import write_atomically
 
 log = logging.getLogger(__name__)
 
 IDS = "trackers.json"
+IDS_SPEC = {"*": str}  # tracker name -> its run id (fedllm.files' spec)
 
 
 class Tracker(Protocol):
@@ -102,6 +105,22 @@ def scalars(row: dict[str, Any], totals: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def read_ids(path: Path) -> dict[str, str]:
+    """RUN_DIR/trackers.json: {tracker: its run id}, so a resumed run continues the same runs ({}
+    when there is none).
+
+    Raises:
+        FileFormatError: naming the file when it is damaged; it is left as it is (the run stops
+            before round 1 rather than lose the tracker runs' ids).
+    """
+    if not path.exists():
+        return {}
+    try:
+        return read_json(path, IDS_SPEC, limit=1 << 20)
+    except FileFormatError as err:
+        raise FileFormatError(f"{err} (remove it to start new tracker runs)") from None
+
+
 class Trackers:
     """The run's trackers; `log(row)` after each round, `finish(report)` at the end."""
 
@@ -115,13 +134,7 @@ class Trackers:
         if not names:
             return
         ids_file = self.run_dir / IDS
-        try:
-            ids = json.loads(ids_file.read_text()) if ids_file.exists() else {}
-            if not isinstance(ids, dict) or not all(isinstance(v, str) for v in ids.values()):
-                raise ValueError("not an object of tracker ids")
-        except (OSError, ValueError) as err:  # a damaged file: start new tracker runs rather than stop
-            log.warning("%s: ignored (%s); the trackers start new runs", ids_file, err)
-            ids = {}
+        ids = read_ids(ids_file)
         hparams = {k: v for k, v in cfg.to_flat().items() if isinstance(v, (bool, int, float, str))}
         for name in names:
             try:
@@ -133,7 +146,7 @@ class Trackers:
                 self.active[name] = tracker
             except Exception as err:  # a tracker is a view of the run, never a reason to stop it
                 log.warning("server.trackers: %s not started (%s: %s)", name, type(err).__name__, err)
-        ids_file.write_text(json.dumps({k: v for k, v in ids.items() if v is not None}, indent=2) + "\n")
+        write_atomically(ids_file, json.dumps({k: v for k, v in ids.items() if v is not None}, indent=2) + "\n")
 
     def _make(self, name: str, previous: str | None) -> Tracker:
         return TRACKERS.get(name).impl(self.run_dir, previous)

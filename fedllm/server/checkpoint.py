@@ -28,6 +28,8 @@ import numpy as np
 import torch
 
 from fedllm.errors import ConfigError
+from fedllm.files import FileFormatError, check, parse_json
+from fedllm.reporting.runlog import row_spec
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +132,31 @@ def read(path: Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as f:
             meta = (f.metadata() or {}).get(KEY)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        ckpt = from_data(json.loads(meta), tensors) if meta else None
     except Exception as err:  # truncated, foreign or tampered file: data only, so nothing ran
-        raise ConfigError(f"server.resume: cannot read {path}: {type(err).__name__}: {err}") from err
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ConfigError(f"server.resume: {path} is not a fedllm checkpoint of format {FORMAT}")
+        raise ConfigError(f"server.resume: cannot read {path}: {type(err).__name__}: "
+                          f"{(str(err).splitlines() or [''])[0][:200]}") from err
+    return decode(meta, tensors, str(path))
+
+
+def decode(meta: str | None, tensors: dict[str, torch.Tensor], where: str) -> dict[str, Any]:
+    """The checkpoint held in a safetensors header's JSON `meta` (its tensors by key), checked to
+    have what resuming indexes; `where` names the file in errors.
+
+    Raises:
+        ConfigError: naming server.resume and the file (and field) of a damaged or foreign checkpoint.
+    """
+    try:
+        data = parse_json(meta, where) if meta else None
+        ckpt = from_data(data, tensors)
+        if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+            raise FileFormatError(f"{where} is not a fedllm checkpoint of format {FORMAT}")
+        check(ckpt, {"round": int, "config": {"*": object}, "strategy": dict, "rng": object, "ledger": object,
+                     "metrics": [row_spec()]}, where)
+    except FileFormatError as err:
+        raise ConfigError(f"server.resume: {err}") from None
+    except Exception as err:  # a tag or tensor reference that is not there, a foreign dtype
+        raise ConfigError(f"server.resume: cannot read {where}: {type(err).__name__}: "
+                          f"{(str(err).splitlines() or [''])[0][:200]}") from None
     return ckpt
 
 
