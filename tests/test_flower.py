@@ -8,8 +8,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from conftest import tiny_run_config
 from fedllm.server.grid import LocalGrid
-from strategies import build
-from strategies.arrays import leaves, state_arrays
+from strategies import build, state_arrays
+from strategies.arrays import leaves
 
 
 def test_state_arrays_flatten_by_path():
