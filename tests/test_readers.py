@@ -332,8 +332,8 @@ def documents() -> st.SearchStrategy[bytes]:
     """A file's bytes: a valid fedllm file with a value anywhere in it replaced or dropped, cut
     short, generated JSON, deep nesting, or random bytes."""
     keys = sorted({str(p[-1]) for v in VALID for p in _paths(v)})
-    values = st.recursive(LEAF, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(
-        st.sampled_from(keys) | st.text(CHARS, max_size=3), kids, max_size=3), max_leaves=6)
+    key = st.sampled_from(keys) | st.text(CHARS, max_size=3)
+    values = LEAF | st.lists(LEAF, max_size=3) | st.dictionaries(key, LEAF | st.lists(LEAF, max_size=2), max_size=3)
     spots = [(doc, path) for doc in VALID for path in _paths(doc)]
     edited = st.tuples(st.sampled_from(spots), values, st.booleans()).map(
         lambda t: json.dumps(_edit(t[0][0], t[0][1], t[1], t[2])))
@@ -355,7 +355,9 @@ def _rows_readers(text: str, newline: bool) -> None:
     try:
         rows = [row for _, row in parse_jsonl(lines, "metrics.jsonl", row_spec(), cut_last=True)]
     except FileFormatError as err:
-        assert "\n" not in str(err) and str(err).startswith("metrics.jsonl:2: ")
+        assert "\n" not in str(err) and re.match(r"metrics.jsonl:[2-9]\d*: ", str(err)), str(err)
+        return
+    if len(rows) == 1:  # the input was a cut-off line, skipped: nothing new to render
         return
     assert report.report_page("run", rows, {}).startswith("<!doctype html>")
     report.compare_page({"a": rows, "b": rows[:1]}, {"a": {}, "b": {}})
@@ -375,8 +377,8 @@ def _config_readers(text: str) -> None:
     except FileFormatError as err:
         assert "\n" not in str(err) and str(err).startswith("config.json: ")
         return
-    report.report_page("run", [{"round": 0}], flat)
-    report.compare_page({"a": [{"round": 0}], "b": [{"round": 0}]}, {"a": flat, "b": {}})
+    report._table(sorted(flat.items()))  # the report's config table
+    report.compare_page({}, {"a": flat, "b": {}})  # compare's keys that differ
     try:
         Config.from_flat(flat)
     except ConfigError as err:
@@ -437,7 +439,7 @@ def test_fuzz_every_reader(no_plots, raw, newline):
     _other_readers(text)
 
 
-@settings(max_examples=300, deadline=None, database=None, derandomize=True)
+@settings(max_examples=200, deadline=None, database=None, derandomize=True)
 @given(st.lists(st.lists(st.sampled_from(["a", "b", "run", "x y", ".."]), min_size=1, max_size=4), min_size=1,
                 max_size=5))
 def test_fuzz_compare_labels_are_unique(parts):
