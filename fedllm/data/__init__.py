@@ -13,6 +13,7 @@ import random
 
 from fedllm.config import DataConfig
 from fedllm.errors import DataError
+from fedllm.data.checks import check_sizes, screen
 from fedllm.data.builtin import FAMILIES, builtin_splits, parse_families, with_rejected
 from fedllm.data.files import load_source
 from fedllm.data.partition import partition
@@ -70,6 +71,7 @@ def example_key(example: Example) -> tuple[str, ...]:
 __all__ = [
     "FAMILIES",
     "IGNORE",
+    "check_sizes",
     "collate",
     "encode",
     "example_key",
@@ -77,4 +79,5 @@ __all__ = [
     "pair_text",
     "partition",
     "prompt_text",
+    "screen",
 ]

@@ -10,48 +10,124 @@ everything made for instruction data (partitioning, eval loss, exact match) read
 from __future__ import annotations
 
 import csv
+import io
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
 from fedllm.config import DataConfig
+from fedllm.data.checks import screen
 from fedllm.errors import DataError
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+MAX_LINE = 16 << 20  # bytes of one JSONL line: an example is far shorter; this bounds what one line may hold
+BOM = "\ufeff"  # a byte-order mark is not data
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Raw rows of a local file, by suffix."""
+    """Raw rows of a local file, by suffix. Only data is read: nothing in a file runs code.
+
+    Raises:
+        DataError: naming the file (and line, where one is known) of what cannot be read: text that is
+            not UTF-8, JSON that does not parse or nests past the parser's depth, a CSV field over
+            csv's limit, a JSONL line over MAX_LINE bytes, a Parquet file that does not open.
+    """
     if not path.is_file():
         raise DataError(f"data.source: file not found: {path}")
     suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise DataError(f"data.source: {path} has suffix {suffix!r}; use one of {', '.join(SUFFIXES)}")
     try:
         if suffix == ".jsonl":
-            rows = []
-            with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not data
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except ValueError as err:
-                            raise DataError(f"{path}:{n}: not a JSON line: {getattr(err, 'msg', err)}") from None
-            return rows
+            return read_jsonl(path)
         if suffix == ".json":
-            with open(path, encoding="utf-8-sig") as f:
-                rows = json.load(f)
+            rows = parse_json(read_text(path), path, 1)
             if not isinstance(rows, list):
                 raise DataError(f"{path}: expected a JSON list of objects")
             return rows
         if suffix == ".csv":
-            with open(path, encoding="utf-8-sig", newline="") as f:
-                return list(csv.DictReader(f))
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
+            return read_csv(path)
+        import pyarrow.parquet as pq
 
-            return pq.read_table(path).to_pylist()
-    except (ValueError, OSError) as err:
-        raise DataError(f"{path}: cannot parse {suffix[1:]} file: {err}") from err
-    raise DataError(f"data.source: {path} has suffix {suffix!r}; use one of {', '.join(SUFFIXES)}")
+        return pq.read_table(path).to_pylist()
+    except (ValueError, OSError, RecursionError) as err:  # pyarrow's errors are ValueError's and OSError's
+        raise DataError(f"{path}: cannot read {suffix[1:]} file: {one_line(err)}") from None
+
+
+def read_jsonl(path: Path) -> list[Any]:
+    """The values of a JSONL file's non-blank lines, each line read with a bound (MAX_LINE)."""
+    rows = []
+    with open(path, "rb") as f:
+        n = 0
+        while raw := f.readline(MAX_LINE + 1):
+            n += 1
+            if len(raw) > MAX_LINE:
+                raise DataError(f"{path}:{n}: a line longer than {MAX_LINE >> 20} MiB; one example is far shorter")
+            text = decode(raw, path, n)
+            if text.strip():
+                rows.append(parse_json(text.rstrip("\r\n"), path, n, "a JSON line"))
+    return rows
+
+
+def read_text(path: Path) -> str:
+    return decode(path.read_bytes(), path, 1)
+
+
+def decode(raw: bytes, path: Path, first_line: int) -> str:
+    """UTF-8 text of `raw` (the bytes from line `first_line` on), its byte-order mark dropped."""
+    try:
+        return raw.decode("utf-8").removeprefix(BOM)
+    except UnicodeDecodeError as err:
+        line = first_line + raw.count(b"\n", 0, err.start)
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x})") from None
+
+
+def parse_json(text: str, path: Path, first_line: int, what: str = "JSON") -> Any:
+    """`text` (from line `first_line` of `path`) parsed as JSON, or a DataError naming file:line."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise DataError(f"{path}:{first_line + nesting_line(text) - 1}: JSON nested too deeply to parse; "
+                        "a data row is a flat object") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{first_line + err.lineno - 1}: not {what}: {err.msg}") from None
+    except ValueError as err:  # e.g. an integer past Python's digit limit
+        raise DataError(f"{path}:{first_line}: not {what}: {one_line(err)}") from None
+
+
+NESTING = re.compile(r'"(?:[^"\\]|\\.)*"|[\[{\n]|[\]}]')
+
+
+def nesting_line(text: str, depth: int = 100) -> int:
+    """The line (from 1) on which `text`'s brackets first nest past `depth`, strings skipped."""
+    line, level = 1, 0
+    for m in NESTING.finditer(text):
+        token = m.group()
+        if token == "\n":
+            line += 1
+        elif token in "[{":
+            level += 1
+            if level > depth:
+                return line
+        elif token in "]}":
+            level -= 1
+        else:
+            line += token.count("\n")  # a string holds no raw newline in valid JSON; count anyway
+    return line
+
+
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    try:
+        return list(reader)
+    except csv.Error as err:  # e.g. a field over csv's size limit (131072 characters)
+        raise DataError(f"{path}:{reader.line_num + 1}: cannot read CSV: {err}") from None
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def to_examples(rows: Iterable[dict[str, Any]], cfg: DataConfig, where: str,
@@ -72,20 +148,27 @@ def to_examples(rows: Iterable[dict[str, Any]], cfg: DataConfig, where: str,
                 raise DataError(f"{where}: row {i} has no field {fname!r} (data.{setting}-field)")
             ex[key] = scalar_text(row[fname], where, i, fname)
         ex["input"] = scalar_text(row.get(cfg.input_field) or "", where, i, cfg.input_field) if cfg.input_field else ""
-        ex["family"] = scalar_text(row.get(cfg.label_field, "all"), where, i, cfg.label_field)
+        label = row.get(cfg.label_field)
+        ex["family"] = "all" if label is None else scalar_text(label, where, i, cfg.label_field)
         out.append(ex)
     if not out:
         raise DataError(f"{where}: no rows")
-    return out
+    return screen(out, where, preference)
 
 
 def scalar_text(value: Any, where: str, row: int, column: str) -> str:
-    """A field's value as text; a structured value (a list or mapping, e.g. a nested Parquet
-    column) is refused, naming the column, rather than turned into its Python repr."""
-    if isinstance(value, (dict, list, tuple, set, bytes)):
+    """A field's value as text (a number as it prints: 42, 0.5); a structured value (a list or
+    mapping, e.g. a nested Parquet column) is refused, naming the column, rather than turned into
+    its Python repr, and so is text that is not Unicode (JSON's lone surrogate escapes)."""
+    if isinstance(value, (dict, list, tuple, set, bytes, bytearray)):
         raise DataError(f"{where}: row {row}, column {column!r}: a {type(value).__name__}, not text; "
                         "flatten it or point the data.*-field keys at a text column")
-    return str(value)
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{where}: row {row}, column {column!r}: not valid Unicode text (a lone surrogate)") from None
+    return text
 
 
 def load_source(source: str, cfg: DataConfig, preference: bool = False) -> list[dict[str, str]]:

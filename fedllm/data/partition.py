@@ -14,7 +14,7 @@ import functools
 from flwr_datasets.partitioner import Partitioner
 
 from fedllm.config import DataConfig
-from fedllm.errors import ConfigError
+from fedllm.errors import ConfigError, DataError
 
 
 class TaskPartitioner(Partitioner):
@@ -64,13 +64,36 @@ def make_partitioner(cfg: DataConfig, num_partitions: int) -> Partitioner:
 def partition(
     examples: list[dict[str, str]], cfg: DataConfig, num_partitions: int, partition_id: int
 ) -> list[dict[str, str]]:
-    """The examples of client `partition_id` out of `num_partitions`."""
+    """The examples of client `partition_id` out of `num_partitions`.
+
+    Raises:
+        ConfigError: for a partition id outside 0..num_partitions-1.
+        DataError: naming data.partition and the counts, when the examples cannot give this client
+            any (more clients than examples, or a family shared by more clients than it has examples).
+    """
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(f"partition-id: {partition_id} is outside 0..{num_partitions - 1}")
     if num_partitions == 1:
         return list(examples)
     labels = tuple(str(e.get("family", "")) for e in examples)
-    return [examples[i] for i in assignment(labels, cfg.partition, cfg.alpha, cfg.seed, num_partitions)[partition_id]]
+    mine = [examples[i] for i in assignment(labels, cfg.partition, cfg.alpha, cfg.seed, num_partitions)[partition_id]]
+    if not mine:
+        raise DataError(f"data.partition={cfg.partition}: partition {partition_id} of {num_partitions} gets none of "
+                        f"the {len(examples)} training examples ({len(set(labels))} label values); use fewer clients, "
+                        "more data or data.partition=iid")
+    return mine
+
+
+def too_few(n: int, scheme: str, alpha: float, num_partitions: int) -> str:
+    """Why `n` examples cannot be split `num_partitions` ways under `scheme` ('' when they can):
+    every scheme needs one example a client, and flwr-datasets' Dirichlet partitioner more
+    examples than clients."""
+    need = num_partitions + 1 if scheme == "dirichlet" else num_partitions
+    if n >= need:
+        return ""
+    return (f"data: {n} training examples cannot give {num_partitions} clients one each (data.partition={scheme} "
+            f"needs at least {need}); use at most {max(n - (need - num_partitions), 1)} clients (--num-clients), or more "
+            "data (data.source, data.train-per-family)")
 
 
 @functools.lru_cache(maxsize=4)
@@ -78,10 +101,22 @@ def assignment(labels: tuple[str, ...], scheme: str, alpha: float, seed: int,
                num_partitions: int) -> tuple[tuple[int, ...], ...]:
     """Every partition's example indices, computed once per process for a dataset's labels
     (what the partitioners read) and the partitioning: a client of 1000 builds the split once,
-    not once per partition it asks for."""
+    not once per partition it asks for.
+
+    Raises:
+        DataError: naming the data keys, where the examples are too few for the split (the
+            partitioners would index past the data, or give up after their draws).
+    """
     from datasets import Dataset
 
+    if why := too_few(len(labels), scheme, alpha, num_partitions):
+        raise DataError(why)
     cfg = DataConfig(partition=scheme, alpha=alpha, seed=seed)
     partitioner = make_partitioner(cfg, num_partitions)
     partitioner.dataset = Dataset.from_dict({"family": list(labels), "_row": list(range(len(labels)))})
-    return tuple(tuple(partitioner.load_partition(p)["_row"]) for p in range(num_partitions))
+    try:
+        return tuple(tuple(partitioner.load_partition(p)["_row"]) for p in range(num_partitions))
+    except (ValueError, IndexError) as err:  # Dirichlet gives up after 10 draws that leave a client empty
+        raise DataError(f"data.partition={scheme}: cannot split {len(labels)} training examples {num_partitions} "
+                        f"ways (data.alpha={alpha}): {err}; use fewer clients, a larger data.alpha, more data or "
+                        "data.partition=iid") from None

@@ -12,6 +12,8 @@ from typing import Any, Iterator
 
 import torch
 
+from fedllm.errors import DataError
+
 IGNORE = -100
 
 
@@ -80,8 +82,14 @@ def batches(rows: list[dict[str, list[int]]], batch_size: int, pad_id: int,
     """Endless collated batches from seeded permutations, epoch after epoch (repeatable).
 
     A new permutation is drawn from `gen` only when fewer than `batch_size` rows are left, so a
-    caller that draws from `gen` between batches sees the same stream every run.
+    caller that draws from `gen` between batches sees the same stream every run. With fewer rows
+    than `batch_size`, each batch is all of them, reshuffled.
+
+    Raises:
+        DataError: for no rows (a client with nothing to train on).
     """
+    if not rows:
+        raise DataError("data: no training examples to batch (an empty partition)")
     order: list[int] = []
     while True:
         if len(order) < batch_size:
