@@ -71,8 +71,8 @@ def prepare(overrides: dict[str, Any], num_clients: int, cpus_per_client: float,
         from fedllm.ledger.chain import preflight
 
         preflight(cfg)
-    train, _ = data_splits(cfg)
-    check_partitions(train, cfg, num_clients)
+    train, held_out = data_splits(cfg)
+    check_partitions(train, cfg, num_clients, held_out)
     check_devices(cfg, local_clients)
     check_available(cfg.model)  # converts a GGUF once, before workers start; a hub id fails fast
     if cfg.server.init_from and resume is None:  # the adapter fits the run's lora.* (before any round starts)
@@ -90,25 +90,17 @@ def prepare(overrides: dict[str, Any], num_clients: int, cpus_per_client: float,
     return overrides, run_dir
 
 
-def check_partitions(train: list[dict[str, str]], cfg: Config, num_clients: int) -> None:
-    """Every client's partition of the training data is non-empty (checked before Ray starts).
+def check_partitions(train: list[dict[str, str]], cfg: Config, num_clients: int,
+                     held_out: list[dict[str, str]] | None = None) -> None:
+    """Every client's partition of the training data is non-empty, and the data sizes fit what a
+    round needs (fedllm.data.check_sizes; checked before Ray starts).
 
     Raises:
-        FedLLMError: naming --num-clients, the empty partition and the data's size.
+        FedLLMError: naming the data key, the counts and what to change.
     """
-    from fedllm.data import partition
+    from fedllm.data import check_sizes
 
-    for pid in range(num_clients):
-        try:
-            mine = partition(train, cfg.data, num_clients, pid)
-        except FedLLMError:
-            raise
-        except Exception as err:  # the partitioners refuse too little data in their own words
-            raise FedLLMError(f"--num-clients: cannot split {len(train)} training examples {num_clients} ways "
-                              f"(data.partition={cfg.data.partition}): {err}") from None
-        if not mine:
-            raise FedLLMError(f"--num-clients: partition {pid} of {num_clients} gets no examples ({len(train)} training "
-                              f"examples, data.partition={cfg.data.partition}); use fewer clients or more data")
+    check_sizes(train, held_out, cfg, num_clients)
 
 
 def check_devices(cfg: Config, local_clients: bool) -> None:
