@@ -98,7 +98,7 @@ def test_a_cut_off_last_metrics_line_is_skipped_and_a_bad_middle_line_named(tmp_
     assert [r["round"] for r in read_metrics(tmp_path)] == [0, 1]
     assert "cut-off last line" in caplog.text
     (tmp_path / "metrics.jsonl").write_text('{"round": 0}\n[1, 2]\n{"round": 1}\n')
-    with pytest.raises(FedLLMError, match=r"metrics.jsonl:2: not a metrics row"):
+    with pytest.raises(FedLLMError, match=r"metrics.jsonl:2: the value is a list, not an object"):
         read_metrics(tmp_path)
 
 
