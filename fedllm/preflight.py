@@ -28,8 +28,12 @@ def resources(cpus_per_client: float | None, gpus_per_client: float | None,
     driver has joined it (`check_cluster`).
 
     Raises:
-        FedLLMError: naming --gpus-per-client for a share this machine cannot give.
+        FedLLMError: naming --cpus-per-client for more CPUs than a node has (Ray's actor pool would
+            stay empty), or --gpus-per-client for a share this machine cannot give.
     """
+    most = (os.cpu_count() or 1) * (64 if ray_address else 1)  # the CPUs Ray has here; a cluster's nodes, theirs
+    if cpus_per_client is not None and not 0 < cpus_per_client <= most:  # before torch: a flag's mistake is quick
+        raise FedLLMError(f"--cpus-per-client in (0, {most}] (at most a Ray node's CPUs); got {cpus_per_client}")
     from fedllm import devices
 
     available = devices.visible_gpus()
@@ -61,9 +65,10 @@ def prepare(overrides: dict[str, Any], num_clients: int, cpus_per_client: float,
     if overrides.get("server.init-from"):  # saved in the run's config: absolute, whatever the cwd later
         overrides["server.init-from"] = str(Path(str(overrides["server.init-from"])).expanduser().resolve())
     cfg = Config.from_flat(overrides)
-    if num_clients < 1 or not 0 < cpus_per_client <= (os.cpu_count() or 1) * 64:
-        raise FedLLMError(f"--num-clients must be >= 1 and --cpus-per-client in (0, {(os.cpu_count() or 1) * 64}]; "
-                          f"got {num_clients} and {cpus_per_client}")
+    most = (os.cpu_count() or 1) * (1 if local_clients else 64)  # the CPUs Ray has here; a cluster's nodes, theirs
+    if num_clients < 1 or not 0 < cpus_per_client <= most:  # (more than a node has: Ray's actor pool stays empty)
+        raise FedLLMError(f"--num-clients must be >= 1 and --cpus-per-client in (0, {most}] (at most a Ray node's "
+                          f"CPUs); got {num_clients} and {cpus_per_client}")
     check_config(cfg, num_clients)  # what the config alone decides, the rule chain's checks last
     check_installed(cfg)  # server.trackers
     check_tasks(cfg)

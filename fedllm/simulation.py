@@ -61,9 +61,9 @@ def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float
     if gpus_per_client is not None and engine != "ray":
         raise FedLLMError("--gpus-per-client: shares GPUs among Ray's actors; the in-process engine trains on "
                           "model.device (e.g. --set model.device=cuda:0)")
-    # a config error answers here, before torch, transformers or Ray is imported
+    # a config error answers here, before torch, transformers or Ray is imported (the rule chain's in prepare)
     check_config(Config.from_flat(overrides if resume is None else {**resumed_config(resume), **overrides}),
-                 num_clients)
+                 num_clients, chain=False)
     if gpus_per_client is None and str(overrides.get("model.device", "")).strip() == "cpu":
         gpus_per_client = 0.0  # clients told to train on the CPU reserve no GPU
     cpus, gpus, gpus_total = resources(cpus_per_client, gpus_per_client, ray_address)

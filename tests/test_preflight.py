@@ -2,6 +2,7 @@
 in one line naming the key, by `fedllm simulate` before any engine and by the ServerApp before it
 waits for a node; no model is needed."""
 
+import os
 import re
 import sys
 import threading
@@ -122,4 +123,8 @@ def test_the_cli_refuses_before_any_engine_starts(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         "fedllm: error: server.clients-per-round: 3 clients a round, but the simulation has 2 (--num-clients, or "
         "options.num-supernodes under flwr run): the round would wait for nodes that never come"]
+    cores = os.cpu_count() or 1
+    assert main([*argv, "--engine", "ray", "--cpus-per-client", str(cores + 1)]) == 2  # Ray's actor pool: empty
+    assert capsys.readouterr().err.strip() == (f"fedllm: error: --cpus-per-client in (0, {cores}] (at most a Ray "
+                                               f"node's CPUs); got {cores + 1.0}")
     assert list(tmp_path.iterdir()) == []

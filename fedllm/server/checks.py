@@ -18,11 +18,11 @@ from fedllm.config.federation import usable_cores
 from fedllm.errors import ConfigError
 
 
-def check_config(cfg: Config, num_clients: int | None = None) -> None:
+def check_config(cfg: Config, num_clients: int | None = None, chain: bool = True) -> None:
     """The config's cross-checks: the method's own (e.g. no server.merge of a prompt-type adapter),
     the round size against server.min-replies and secagg.*, and with `num_clients` (a simulation)
-    against the federation's size, lora.policy and attack.*; this machine's bounds; the rule
-    chain's.
+    against the federation's size, lora.policy and attack.*; this machine's bounds; with `chain`,
+    the rule chain's (strategies.resolve, which imports torch).
 
     Raises:
         ConfigError: naming the first key that does not fit.
@@ -36,9 +36,10 @@ def check_config(cfg: Config, num_clients: int | None = None) -> None:
         check_simulation(cfg, num_clients)
     check_round(cfg, num_clients)
     check_machine(cfg)
-    from strategies import resolve  # torch: after every check that needs none
+    if chain:
+        from strategies import resolve  # torch: after every check that needs none
 
-    resolve(cfg)
+        resolve(cfg)
 
 
 def round_size(cfg: Config, num_clients: int | None) -> int | None:
