@@ -74,7 +74,8 @@ def adaptive_step(d: State, state: Moments | None, rule: str, lr: float, beta1: 
     """
     if state is None:
         v0 = tau * tau if flavor == "fedllm" else 0.0
-        state = Moments({k: torch.zeros_like(t) for k, t in d.items()}, {k: torch.full_like(t, v0) for k, t in d.items()})
+        state = Moments({k: torch.zeros_like(t) for k, t in d.items()},
+                        {k: torch.full_like(t, v0) for k, t in d.items()})
     m = {k: beta1 * state.m[k] + (1 - beta1) * d[k] for k in d}
     sq = {k: d[k] * d[k] for k in d}
     if rule == "adam":
@@ -129,7 +130,8 @@ def adaptive(rule: str) -> ServerOpt:
     return ServerOpt(lambda d, cfg: None, update)
 
 
-ADAPTIVE_CHECKS = {"lr": "> 0", "beta1": "[0, 1)", "beta2": "[0, 1)", "tau": "> 0", **FLAVOR_CHECK}  # checked with the config
+# checked with the config
+ADAPTIVE_CHECKS = {"lr": "> 0", "beta1": "[0, 1)", "beta2": "[0, 1)", "tau": "> 0", **FLAVOR_CHECK}
 OPTIMIZERS.register("fedavgm", fedavgm(), accepts=frozenset({"dense"}),
                     checks={"lr": "> 0", "momentum": "[0, 1)", **FLAVOR_CHECK})
 OPTIMIZERS.register("fedadam", adaptive("adam"), accepts=frozenset({"dense"}), checks=ADAPTIVE_CHECKS)
