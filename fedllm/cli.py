@@ -27,6 +27,7 @@ from pathlib import Path
 
 from fedllm.config import Config, help_table, parse_overrides
 from fedllm.errors import FedLLMError
+from fedllm.privacy import quiet_environment
 from fedllm.simulation import ENGINE_JOB, ENGINES, EngineFailed, Stopped, run_engine, simulate
 
 log = logging.getLogger("fedllm")
@@ -153,6 +154,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; errors print one line and give exit 2 (130/143 for a signal)."""
+    quiet_environment()  # first: the dependencies' telemetry off (fedllm.privacy)
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")

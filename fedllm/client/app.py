@@ -13,6 +13,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from fedllm.privacy import quiet_environment
+
+quiet_environment()  # before the imports below load huggingface_hub or a tracker (fedllm.privacy)
+
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.errors import FedLLMError, PayloadError
+from fedllm.privacy import quiet_environment
 
 log = logging.getLogger(__name__)
 START_TIMEOUT = 300.0  # seconds for a cold worker to answer (imports and the model load)
@@ -227,6 +228,7 @@ def _alive(pid: int) -> bool:
 
 
 def main() -> None:
+    quiet_environment()  # before the model's imports (fedllm.privacy)
     parser = argparse.ArgumentParser(description="fedllm's warm worker for one SuperNode")
     parser.add_argument("--address", type=Path, required=True)
     parser.add_argument("--watch-pid", type=int, default=0)
