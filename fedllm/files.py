@@ -9,6 +9,7 @@ A spec says what a value must be, in plain Python values:
 
     int, float, str, bool, None   that type (float takes an int; neither takes a bool; integers
                                   within +-2**256, so sums and float() stay finite)
+    FINITE                        a number that is not NaN or infinite (what int() takes)
     object                        anything
     (spec, spec, ...)             any one of them
     [spec]                        a list whose items match spec
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -32,6 +34,9 @@ MAX_BYTES = 256 << 20  # more than any file fedllm writes into a run directory
 MAX_DEPTH = 32  # fedllm nests four deep at most; a deeper file is foreign (and would exhaust the stack)
 MAX_INT = 2 ** 256  # wei amounts reach 2**256; nothing fedllm writes goes beyond
 SCALAR = (str, float, bool, None)
+
+
+FINITE = "finite"  # a spec: a number int() takes
 
 
 class FileFormatError(FedLLMError):
@@ -197,12 +202,12 @@ def _scalar_matches(value: Any, spec: Any) -> bool:
         return value is None
     if spec is bool:
         return isinstance(value, bool)
-    if spec in (int, float):
+    if spec in (int, float, FINITE):
         if isinstance(value, bool):
             return False
         if isinstance(value, int):
             return -MAX_INT <= value <= MAX_INT
-        return spec is float and isinstance(value, float)
+        return isinstance(value, float) and (spec is float or spec is FINITE and math.isfinite(value))
     return isinstance(value, spec)
 
 
@@ -210,7 +215,7 @@ def _join(field: str, key: str) -> str:
     return f"{field}.{key}" if field else str(key)
 
 
-_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", None: "null",
+_NAMES = {int: "an integer", float: "a number", FINITE: "a finite number", str: "a string", bool: "true or false", None: "null",
           list: "a list", dict: "an object", object: "anything"}
 
 

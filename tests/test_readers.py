@@ -145,7 +145,7 @@ def _cli(argv, capsys) -> tuple[int, str]:
     ('{"round": 0, "families": {"a": {"exact-match": [1]}}}\n', None,
      r"metrics.jsonl:1: field 'families.a.exact-match' is a list"),
     ('{"round": 0, "clients": {"3": {"partition-id": NaN}}}\n', None,
-     r"metrics.jsonl:1: field 'clients.3.partition-id' is float NaN, not an integer"),
+     r"metrics.jsonl:1: field 'clients.3.partition-id' is float NaN, not a finite number"),
 ])
 def test_report_of_a_damaged_run_is_one_line_exit_2_and_overwrites_nothing(tmp_path, capsys, metrics, config, message):
     run = _run(tmp_path)

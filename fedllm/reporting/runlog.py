@@ -12,7 +12,7 @@ from typing import Any
 
 from fedllm.config import Config
 from fedllm.evaluation.metrics import METRICS
-from fedllm.files import FileFormatError, Maybe, check, parse_json, read_json, read_jsonl, read_text
+from fedllm.files import FINITE, FileFormatError, Maybe, check, parse_json, read_json, read_jsonl, read_text
 
 CONFIG_BYTES = 16 << 20  # a flat config is a few KB
 
@@ -115,7 +115,7 @@ def row_spec() -> dict[str, Any]:
         "families": Maybe((None, {"*": {"*": figure}})),
         "lm-eval": Maybe((None, {"*": {"*": float}})),
         "ledger": Maybe({"scores": per_node, "rewards": per_node, "slashed": per_node}),
-        "clients": Maybe({"*": {"partition-id": Maybe(int)}}),
+        "clients": Maybe({"*": {"partition-id": Maybe(FINITE)}}),  # a MetricRecord's 0.0
         "dropped": Maybe(list),
     }
 
