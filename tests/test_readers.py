@@ -239,6 +239,17 @@ def test_a_foreign_checkpoint_names_its_field(tmp_path):
                                "metrics": [{"round": 0}, {"round": 1, "eval-loss": "x"}]})
     with pytest.raises(ConfigError, match=r"field 'metrics\[1\].eval-loss' is str"):
         checkpoint.read(tmp_path / checkpoint.FILE)
+    checkpoint.save(tmp_path, {"round": 1, "config": {"train.method": "lora"}, "strategy": {"method": {}}, "rng": None,
+                               "ledger": None, "metrics": []})
+    with pytest.raises(ConfigError, match=r"field 'strategy.chain' is missing"):
+        checkpoint.read(tmp_path / checkpoint.FILE)
+
+    class Strategy:
+        def load_state_dict(self, state):
+            return state["method"]["global"]  # what a method indexes in its state
+
+    with pytest.raises(ConfigError, match=r"server.resume: ckpt: its state does not fit train.method=lora \(KeyError"):
+        checkpoint.restore(Strategy(), {"strategy": {"method": {}}, "config": {"train.method": "lora"}}, "ckpt")
 
 
 def test_atomic_writes_replace_a_planted_link_and_leave_its_target(tmp_path):
@@ -297,8 +308,9 @@ SETTINGS = settings(max_examples=FUZZ, deadline=None, database=None, derandomize
 CHARS = st.characters(codec="utf-8", exclude_categories=("Cs",))
 CONFIG = {"lora.rank": 8, "server.num-rounds": 3, "train.method": "lora", "server.plugins": ""}
 IDS = {"mlflow": "a1", "wandb": "b2"}
-CKPT = {"format": 3, "round": 1, "config": {"$d": {"lora.rank": 8}}, "strategy": {"$d": {}}, "rng": None,
-        "ledger": None, "metrics": [{"$d": {"round": 0, "eval-loss": 2.0}}, {"$d": {"round": 1, "bytes-up": {
+CKPT = {"format": 3, "round": 1, "config": {"$d": {"lora.rank": 8}},
+        "strategy": {"$d": {"method": {"$d": {}}, "chain": {"$d": {"optimizers": {"$d": {}}}}}},
+        "rng": {"$d": {"python": 1, "numpy": 2, "torch": {"$t": "t0"}}}, "ledger": None, "metrics": [{"$d": {"round": 0, "eval-loss": 2.0}}, {"$d": {"round": 1, "bytes-up": {
             "$d": {"1": 5}}}}]}
 FLWR = [{"nodes": [{"status": "online"}]}, {"run-id": 3}]
 VALID = [ROW, {"round": 0, "eval-loss": 2.0}, CONFIG, CHAIN, ROUND, ACCOUNTS, IDS, CKPT, *FLWR]

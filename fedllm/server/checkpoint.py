@@ -150,14 +150,33 @@ def decode(meta: str | None, tensors: dict[str, torch.Tensor], where: str) -> di
         ckpt = from_data(data, tensors)
         if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
             raise FileFormatError(f"{where} is not a fedllm checkpoint of format {FORMAT}")
-        check(ckpt, {"round": int, "config": {"*": object}, "strategy": dict, "rng": object, "ledger": object,
-                     "metrics": [row_spec()]}, where)
+        check(ckpt, {"round": int, "config": {"*": object}, "metrics": [row_spec()],
+                     "strategy": {"method": dict, "chain": {"optimizers": dict}},
+                     "rng": {"python": object, "numpy": object, "torch": object},
+                     "ledger": (None, {"contract": str, "round": int, "accounts": dict, "history": object})}, where)
     except FileFormatError as err:
         raise ConfigError(f"server.resume: {err}") from None
     except Exception as err:  # a tag or tensor reference that is not there, a foreign dtype
         raise ConfigError(f"server.resume: cannot read {where}: {type(err).__name__}: "
                           f"{(str(err).splitlines() or [''])[0][:200]}") from None
     return ckpt
+
+
+def restore(strategy: Any, ckpt: dict[str, Any], where: str) -> None:
+    """`strategy.load_state_dict` of a checkpoint's state: a state the run's method cannot take (a
+    foreign or damaged file that passed `decode`'s shape check) is one line naming the file.
+
+    Raises:
+        ConfigError: naming server.resume, the file and train.method.
+    """
+    try:
+        strategy.load_state_dict(ckpt["strategy"])
+    except ConfigError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as err:
+        method = ckpt["config"].get("train.method", "?")
+        raise ConfigError(f"server.resume: {where}: its state does not fit train.method={method} "
+                          f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]})") from None
 
 
 def saved_config(ckpt: dict[str, Any]) -> dict[str, Any]:

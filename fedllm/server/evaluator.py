@@ -109,7 +109,7 @@ def evaluate_run(run_dir: Path, tasks: list[str], include_path: list[Path] = (),
         folder = write_tasks(Path(tmp), held_out, cfg.data, cfg.server.max_new_tokens)
         manager = task_manager(tasks, [folder, *include_path])  # unknown tasks fail before the model loads
         strategy = build(cfg)
-        strategy.load_state_dict(ckpt["strategy"])
+        checkpoint.restore(strategy, ckpt, str(run_dir / checkpoint.FILE))
         write_tasks(folder, held_out, cfg.data, cfg.server.max_new_tokens, strategy.method.tokenizer)  # its prompts
         with strategy.method.model() as model:
             figures = run_tasks(model, strategy.method.tokenizer, tasks, cfg.data, limit=limit,
