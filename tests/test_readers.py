@@ -308,10 +308,10 @@ SETTINGS = settings(max_examples=FUZZ, deadline=None, database=None, derandomize
 CHARS = st.characters(codec="utf-8", exclude_categories=("Cs",))
 CONFIG = {"lora.rank": 8, "server.num-rounds": 3, "train.method": "lora", "server.plugins": ""}
 IDS = {"mlflow": "a1", "wandb": "b2"}
-CKPT = {"format": 3, "round": 1, "config": {"$d": {"lora.rank": 8}},
+CKPT = {"$d": {"format": 3, "round": 1, "config": {"$d": {"lora.rank": 8}},
         "strategy": {"$d": {"method": {"$d": {}}, "chain": {"$d": {"optimizers": {"$d": {}}}}}},
         "rng": {"$d": {"python": 1, "numpy": 2, "torch": {"$t": "t0"}}}, "ledger": None, "metrics": [{"$d": {"round": 0, "eval-loss": 2.0}}, {"$d": {"round": 1, "bytes-up": {
-            "$d": {"1": 5}}}}]}
+            "$d": {"1": 5}}}}]}}
 FLWR = [{"nodes": [{"status": "online"}]}, {"run-id": 3}]
 VALID = [ROW, {"round": 0, "eval-loss": 2.0}, CONFIG, CHAIN, ROUND, ACCOUNTS, IDS, CKPT, *FLWR]
 LEAF = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 64, 2 ** 64) | st.sampled_from([2 ** 257, -1, 0]),
