@@ -174,6 +174,7 @@ def test_compare_labels_runs_that_share_a_folder_name_apart(tmp_path, no_plots):
     b = _run(tmp_path / "sweep-b", config={"lora.rank": 16})
     html = report.render_compare([a, b], tmp_path / "cmp.html").read_text()
     assert ">sweep-a/run<" in html and ">sweep-b/run<" in html and "lora.rank" in html
+    assert report.render_compare([b, a], tmp_path / "cmp.html").exists()  # its own page it may replace
     assert report.run_labels([a, b, a]) == ["sweep-a/run #1", "sweep-b/run", "sweep-a/run #2"]
     assert report.run_labels([tmp_path / "x" / "run", tmp_path / "y"]) == ["run", "y"]
     deep = [Path("/r/a/b/run"), Path("/r/c/b/run"), Path("/r/a/d/run")]
