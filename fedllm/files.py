@@ -31,7 +31,7 @@ from fedllm.errors import FedLLMError
 log = logging.getLogger(__name__)
 
 MAX_BYTES = 256 << 20  # more than any file fedllm writes into a run directory
-MAX_DEPTH = 32  # fedllm nests four deep at most; a deeper file is foreign (and would exhaust the stack)
+MAX_DEPTH = 64  # a checkpoint's header nests deepest (each dict tagged, a state_dict in a state_dict): ~20
 MAX_INT = 2 ** 256  # wei amounts reach 2**256; nothing fedllm writes goes beyond
 SCALAR = (str, float, bool, None)
 

@@ -99,7 +99,7 @@ def test_json_errors_are_one_line_with_the_place(tmp_path):
     path = tmp_path / "x.json"
     for text, message in [('{"a": 1,\n "b": }', "not valid JSON (Expecting value at line 2 column 7)"),
                           ("[" * 100_000 + "]" * 100_000, f"nested more than {MAX_DEPTH} deep"),
-                          ("[" * 40 + "]" * 40, f"nested more than {MAX_DEPTH} deep"),
+                          ("[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1), f"nested more than {MAX_DEPTH} deep"),
                           ("1" * 5000, "not valid JSON (ValueError")]:
         path.write_text(text)
         with pytest.raises(FileFormatError) as err:
