@@ -60,6 +60,20 @@ def test_local_ray_mode_is_rays_own():
     assert all(name in constants for name in LOCAL_RAY)
 
 
+def test_lm_eval_keeps_its_copy_of_the_examples_in_the_tasks_folder(tmp_path):
+    """fedllm's lm-eval tasks name a datasets cache inside their folder: the Arrow copy of the held-out
+    examples goes away with the folder instead of piling up in ~/.cache/huggingface/datasets."""
+    import yaml
+
+    from fedllm.config import DataConfig
+    from fedllm.evaluation.harness import DATASETS_CACHE, write_tasks
+
+    folder = write_tasks(tmp_path / "tasks", [{"instruction": "2+2?", "input": "", "response": "4"}], DataConfig())
+    for name in ("fedllm_builtin.yaml", "fedllm_builtin_mc.yaml"):
+        kwargs = yaml.safe_load((folder / name).read_text().replace("!function ", ""))["dataset_kwargs"]
+        assert kwargs["cache_dir"] == str(folder / DATASETS_CACHE)
+
+
 AUDIT = r'''
 import ipaddress, json, socket, sys
 

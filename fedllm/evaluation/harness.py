@@ -5,7 +5,8 @@
     figures["fedllm_builtin"]["exact_match"]
 
 fedllm ships two task definitions built from a run's held-out split, written as lm-eval
-`--include_path` YAML with local `data_files` (so they run offline):
+`--include_path` YAML with local `data_files` (so they run offline) and the datasets cache of their
+examples inside the same folder (held-out examples are not copied into ~/.cache/huggingface):
 - `fedllm_builtin`: generative; greedy answer to the same chat prompt fedllm's own evaluation
   uses (the tokenizer's chat template, data.system-prompt as the system message), scored by
   fedllm's metrics (fedllm.evaluation.metrics: exact match with the same normalization, Rouge-L, a plug-in's own);
@@ -32,6 +33,7 @@ from fedllm.evaluation.metrics import METRICS, lm_eval_name
 log = logging.getLogger(__name__)
 
 LOCAL_TASKS = ("fedllm_builtin", "fedllm_builtin_mc")
+DATASETS_CACHE = "datasets-cache"  # in the tasks' folder: the Hugging Face datasets cache of their examples
 # What the summary and the report show of each task: the first of these metrics it has.
 HEADLINE = ("exact_match", "acc", "acc_norm", "f1", "rouge_l")
 
@@ -42,6 +44,7 @@ dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
+  cache_dir: {cache}
 test_split: test
 output_type: generate_until
 doc_to_text: prompt
@@ -63,6 +66,7 @@ dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
+  cache_dir: {cache}
 test_split: test
 output_type: multiple_choice
 doc_to_text: prompt
@@ -147,10 +151,13 @@ def write_tasks(folder: Path, examples: list[dict[str, str]], cfg: DataConfig, m
                                             "family": e.get("family", "all")}) + "\n" for e in examples))
     mc_data.write_text("".join(json.dumps(r) + "\n" for r in choices_of(examples, cfg.seed, tokenizer, cfg)))
     metric_list = "".join(_METRIC.format(name=lm_eval_name(e.name)) for e in METRICS.entries())
-    (folder / "fedllm_builtin.yaml").write_text(_GENERATIVE.format(data=json.dumps(str(gen_data)),
+    # datasets' Arrow copy of the examples goes beside them (else into ~/.cache/huggingface, a new copy
+    # for every new folder): it goes away with the folder
+    cache = json.dumps(str(folder / DATASETS_CACHE))
+    (folder / "fedllm_builtin.yaml").write_text(_GENERATIVE.format(data=json.dumps(str(gen_data)), cache=cache,
                                                                    max_new_tokens=max_new_tokens,
                                                                    metric_list=metric_list))
-    (folder / "fedllm_builtin_mc.yaml").write_text(_CHOICE.format(data=json.dumps(str(mc_data))))
+    (folder / "fedllm_builtin_mc.yaml").write_text(_CHOICE.format(data=json.dumps(str(mc_data)), cache=cache))
     # the lm_eval command imports this file alone: it imports the modules a plug-in metric came from
     modules = sorted({e.impl.__module__ for e in METRICS.entries()} - {"fedllm.evaluation.metrics", "__main__"})
     (folder / "utils.py").write_text(_UTILS.format(modules=modules))
