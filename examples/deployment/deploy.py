@@ -8,9 +8,9 @@
     python deploy.py local WORK --sites 2 --data a.jsonl b.jsonl [--run-config ...]  # all on 127.0.0.1
 
 Everything lives under WORK: certs/ (ca.crt, superlink.crt, superlink.key; ca.key stays with
-whoever signs), keys/ (site-N, site-N.pub: EC P-384 in OpenSSH format, what Flower 1.41's
+whoever signs), keys/ (site-N, site-N.pub: EC P-384 in OpenSSH format, what Flower 1.42's
 SuperNode authentication takes), flwr-home/ (the `flwr` CLI's connection config), logs/ and runs/.
-Checked with flwr 1.41.0. See README.md beside this file for the walkthrough.
+Checked with flwr 1.42.0. See README.md beside this file for the walkthrough.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def env(work: Path) -> dict[str, str]:
     SuperNodes start `flower-superexec` from it), FLWR_HOME in WORK, no dependency installs."""
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
             "FLWR_HOME": str(work / "flwr-home"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+            "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false"}
 
 
 # --- 1. certificates and keys ------------------------------------------------------------------
