@@ -32,6 +32,30 @@ def test_rouge_l_matches_the_longest_common_subsequence_by_hand():
     assert rouge_l("", "42") == 0.0 and rouge_l("Paris", "paris") == 1.0
 
 
+SCRIPTS = ["Москва", "Привет, мир!", "東京は日本の首都です", "서울은 한국의 수도", "مرحبا بالعالم", "שלום עולם", "नमस्ते दुनिया",
+           "สวัสดีครับ", "🎉👍", "Ἀθῆναι", "１２３", "ok", "...", ""]
+
+
+@pytest.mark.parametrize("answer", SCRIPTS)
+def test_identical_answers_score_one_in_any_script(answer):
+    """rouge-score's own tokenizer keeps a-z and 0-9 only: a right Cyrillic or CJK answer scored 0."""
+    from fedllm.evaluation.metrics import exact_match, rouge_l
+
+    assert rouge_l(answer, answer) == 1.0 and exact_match(answer, answer) == 1.0
+    assert rouge_l(answer.upper(), answer) == 1.0 == exact_match(answer.upper(), answer)
+
+
+def test_rouge_l_counts_words_and_characters_by_script():
+    from fedllm.evaluation.metrics import exact_match, rouge_l, words
+
+    assert words("Привет, мир!") == ["привет", "мир"] and words("東京は") == ["東", "京", "は"]
+    assert words("१२ नमस्ते 🎉!") == ["१२", "नमस्ते", "🎉"]  # Devanagari digits and marks stay in their word
+    assert rouge_l("Привет мир", "Привет друг") == pytest.approx(0.5)  # one word of two each side
+    assert rouge_l("東京", "京都") == pytest.approx(0.5)  # one character in order of two each side
+    for a, b in [("Москва", "Париж"), ("東京", "大阪"), ("🎉", "👍"), ("مرحبا", "وداعا")]:
+        assert rouge_l(a, b) == 0.0 == exact_match(a, b)
+
+
 def test_per_family_figures_sum_to_the_overall_ones(tiny_model_dir):
     from fedllm.data import load_splits
     from fedllm.evaluation.held_out import em_subset, eval_loss, evaluate, exact_match, generate_answers, rouge_l

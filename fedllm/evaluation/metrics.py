@@ -14,6 +14,7 @@ Light on purpose (no torch): the report and config-time checks import it.
 from __future__ import annotations
 
 import functools
+import unicodedata
 from typing import Any, Callable
 
 from fedllm.registry import Registry
@@ -23,19 +24,67 @@ METRICS: Registry[Metric] = Registry("metric", "server.evaluate")
 
 
 def normalize(text: str) -> str:
-    return " ".join(text.strip().lower().rstrip(".").split())
+    """Case-folded, NFC-composed (an accent typed apart is the same letter), one space between
+    words, no final full stop."""
+    return " ".join(unicodedata.normalize("NFC", text.casefold()).strip().rstrip(".").split())
+
+
+# Scripts written without spaces between words: one token per character (as CJK Rouge usually
+# counts), since a run of them is a phrase, not a word.
+UNSPACED = ((0x0E00, 0x0EFF),  # Thai, Lao
+            (0x1000, 0x109F),  # Myanmar
+            (0x1780, 0x17FF),  # Khmer
+            (0x3040, 0x30FF), (0x31F0, 0x31FF),  # Hiragana, Katakana
+            (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x3134F))  # CJK ideographs
+
+
+def unspaced(ch: str) -> bool:
+    code = ord(ch)
+    return any(lo <= code <= hi for lo, hi in UNSPACED)
+
+
+def words(text: str) -> list[str]:
+    """Rouge-L's tokens in any script: runs of letters, digits and combining marks (Latin,
+    Cyrillic, Greek, Arabic, Hebrew, Devanagari...), one token per character of an unspaced
+    script (CJK, kana, Thai...) and per symbol (an emoji, a currency or maths sign); punctuation
+    and spaces separate. Case-folded and NFKC-normalized (full-width digits are digits)."""
+    out: list[str] = []
+    word: list[str] = []
+    for ch in unicodedata.normalize("NFKC", text).casefold():
+        kind = unicodedata.category(ch)[0]
+        if kind in "LNM" and not unspaced(ch):
+            word.append(ch)
+            continue
+        if word:
+            out.append("".join(word))
+            word = []
+        if kind in "LS" or (kind in "NM" and unspaced(ch)):  # an unspaced script's character, a symbol
+            out.append(ch)
+    if word:
+        out.append("".join(word))
+    return out
+
+
+class Words:
+    """rouge-score's tokenizer interface over `words`."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return words(text)
 
 
 @functools.cache
 def _rouge() -> Any:
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rougeL"])
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=Words())
 
 
 def rouge_l(prediction: str, reference: str) -> float:
-    """Rouge-L F-measure (longest common subsequence of words; rouge-score's tokenizer:
-    lower case, letters and digits only)."""
+    """Rouge-L F-measure: the longest common subsequence of `words` (any script; rouge-score's own
+    tokenizer keeps only a-z and 0-9, scoring a right Cyrillic or CJK answer 0). Two answers with
+    no words at all (punctuation only, or empty) score as exact match does."""
+    if not words(prediction) and not words(reference):
+        return exact_match(prediction, reference)
     return float(_rouge().score(reference, prediction)["rougeL"].fmeasure)
 
 
