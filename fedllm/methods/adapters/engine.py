@@ -352,7 +352,7 @@ def train(model: Any, rows: list[dict[str, list[int]]], cfg: TrainConfig, pad_id
     return {
         "train-loss": sum(losses) / max(len(losses), 1),
         "steps": float(cfg.local_steps),
-        "examples-seen": float(cfg.local_steps * cfg.grad_accum * cfg.batch_size),
+        "examples-seen": float(cfg.local_steps * cfg.grad_accum * min(cfg.batch_size, len(rows))),
     }
 
 

@@ -86,7 +86,7 @@ def train(model: Any, tokenizer: Any, rows: list[dict[str, str]], cfg: TrainConf
     return {
         "train-loss": float(result.training_loss),
         "steps": float(cfg.local_steps),
-        "examples-seen": float(cfg.local_steps * cfg.grad_accum * cfg.batch_size),
+        "examples-seen": float(cfg.local_steps * cfg.grad_accum * min(cfg.batch_size, len(rows))),
         "train-reward-accuracy": float(kept.get("rewards/accuracies", 0.0)),
         "train-reward-margin": float(kept.get("rewards/margins", 0.0)),
     }
