@@ -65,6 +65,9 @@ def parser() -> argparse.ArgumentParser:
     led.add_argument("run_dir", type=Path, help="a run directory (server.run-dir/server.run-name)")
     rep = sub.add_parser("report", help="write RUN_DIR/report.html: plots, final figures, config (no network)")
     rep.add_argument("run_dir", type=Path)
+    rep.add_argument("--plugins", action="store_true",
+                     help="import the modules the run's server.plugins names (their metrics join the page); "
+                     "off by default: a run folder from elsewhere runs no code")
     cmp_ = sub.add_parser("compare", help="one HTML page with several runs' plots overlaid")
     cmp_.add_argument("run_dirs", type=Path, nargs="+")
     cmp_.add_argument("--out", type=Path, default=Path("compare.html"), help="the page to write")
@@ -113,7 +116,7 @@ def report_command(args: argparse.Namespace) -> None:
     for d in dirs:
         if not (d / "metrics.jsonl").exists():
             raise FedLLMError(f"{d}: no metrics.jsonl; not a fedllm run directory")
-    print(render_report(args.run_dir) if args.command == "report" else render_compare(dirs, args.out))
+    print(render_report(args.run_dir, args.plugins) if args.command == "report" else render_compare(dirs, args.out))
 
 
 def eval_command(args: argparse.Namespace) -> None:

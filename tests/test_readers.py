@@ -458,3 +458,16 @@ def test_fuzz_every_reader(no_plots, raw, newline):
 def test_fuzz_compare_labels_are_unique(parts):
     labels = report.run_labels([Path("/r", *p) for p in parts])
     assert len(set(labels)) == len(parts)
+
+
+def test_report_imports_a_runs_plugins_only_when_asked(tmp_path, no_plots, monkeypatch):
+    """A run folder from elsewhere runs no code: the modules its config names in server.plugins are
+    imported by `fedllm report --plugins` only."""
+    marker = tmp_path / "imported"
+    (tmp_path / "evil_plugin.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = _run(tmp_path, config={"lora.rank": 8, "server.plugins": "evil_plugin"}, name="foreign")
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.html").exists() and not marker.exists()
+    assert main(["report", "--plugins", str(run)]) == 0
+    assert marker.read_text() == "ran"

@@ -210,13 +210,16 @@ def _page(title: str, body: list[str]) -> str:
             + "</head><body><h1>" + _esc(title) + "</h1>" + "".join(body) + _SELF_CHECK + "</body></html>\n")
 
 
-def render_report(run_dir: Path) -> Path:
+def render_report(run_dir: Path, plugins: bool = False) -> Path:
     """RUN_DIR/report.html: one self-contained page (plots inline as PNG, no network) with the
     final figures, eval loss and exact match, bytes up/down per round and cumulative, round
     time, the ledger's scores, rewards and penalties per client when it was on, and the config.
 
     Everything is read and checked before the page is written (atomically), so a damaged run
-    leaves an earlier report.html as it was.
+    leaves an earlier report.html as it was. The modules the run's config names in
+    server.plugins are imported only when `plugins` is set (`fedllm report --plugins`): a run
+    folder from elsewhere runs no code; their metrics show when they are registered already
+    (the run's own process writes its report that way).
 
     Raises:
         FileFormatError: naming the file (and line and field) when RUN_DIR has no metrics.jsonl or
@@ -224,7 +227,8 @@ def render_report(run_dir: Path) -> Path:
     """
     run_dir = Path(run_dir)
     config = read_config(run_dir)
-    load_run_plugins(config)  # first: its metrics are checked in the rows too
+    if plugins:
+        load_run_plugins(config)  # first: its metrics are checked in the rows too
     rows = read_metrics(run_dir)
     path = run_dir / REPORT
     write_atomically(path, report_page(run_dir.name, rows, config))

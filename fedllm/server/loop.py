@@ -127,7 +127,7 @@ def _books(cfg: Config, run_dir: Path, ckpt: dict[str, Any] | None) -> Any:
 
 def _resume(cfg: Config, run_dir: Path, ckpt: dict[str, Any], strategy: FedLLMStrategy, metrics: MetricsLog) -> int:
     """The strategy, RNG and metrics as the checkpoint left them; returns the first round to run."""
-    strategy.load_state_dict(ckpt["strategy"])
+    checkpoint.restore(strategy, ckpt, str(Path(cfg.server.resume) / checkpoint.FILE))
     rng.set_rng_state(ckpt["rng"])
     metrics.reset(ckpt["metrics"])
     write_config(run_dir, cfg)  # server.num-rounds may have grown
