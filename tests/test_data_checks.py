@@ -14,6 +14,7 @@ import torch
 from fedllm.config import Config, DataConfig
 from fedllm.data import check_sizes, load_source, load_splits, partition, screen
 from fedllm.data import files
+from fedllm.data.checks import warn_once
 from fedllm.data.templates import batches
 from fedllm.errors import DataError, FedLLMError
 
@@ -77,6 +78,7 @@ def test_degenerate_pairs_are_left_out_with_counts(tmp_path, caplog):
     pairs += [{"prompt": "q9", "chosen": "same", "rejected": " same "}, {"prompt": " ", "chosen": "a", "rejected": "b"},
               {"prompt": "q8", "chosen": "a", "rejected": ""}]
     path.write_text("\n".join(json.dumps(p) for p in pairs))
+    warn_once.cache_clear()
     with caplog.at_level(logging.WARNING, logger="fedllm.data"):
         kept = load_source(str(path), DataConfig(), preference=True)
     assert [e["instruction"] for e in kept] == ["q0", "q1", "q2", "q3"]

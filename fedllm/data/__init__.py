@@ -8,19 +8,17 @@
 from __future__ import annotations
 
 import functools
-import logging
 import random
 
 from fedllm.config import DataConfig
 from fedllm.errors import DataError
-from fedllm.data.checks import check_sizes, screen
+from fedllm.data.checks import check_sizes, screen, warn_once
 from fedllm.data.builtin import FAMILIES, builtin_splits, parse_families, with_rejected
 from fedllm.data.files import load_source
 from fedllm.data.partition import partition
 from fedllm.data.templates import IGNORE, collate, encode, pair_text, prompt_text
 
 Example = dict[str, str]
-log = logging.getLogger(__name__)
 
 
 def load_splits(cfg: DataConfig, preference: bool = False) -> tuple[list[Example], list[Example]]:
@@ -39,14 +37,14 @@ def load_splits(cfg: DataConfig, preference: bool = False) -> tuple[list[Example
         seen = {example_key(e) for e in held_out}
         kept = [e for e in train if example_key(e) not in seen]
         if len(kept) < len(train):
-            log.warning("data: %d training examples also in %s left out of training", len(train) - len(kept),
-                        cfg.eval_source)
+            warn_once(f"data: {len(train) - len(kept)} training examples also in {cfg.eval_source} left out of "
+                      "training")
         if not kept:
             raise DataError(f"data.source: every example of {cfg.source} is also in data.eval-source")
         return kept, held_out
     unique = list({example_key(e): e for e in train}.values())  # exact duplicates would land on both sides
     if len(unique) < len(train):
-        log.warning("data: %d exact duplicate examples of %s removed", len(train) - len(unique), cfg.source)
+        warn_once(f"data: {len(train) - len(unique)} exact duplicate examples of {cfg.source} removed")
     shuffled = list(unique)
     random.Random(cfg.seed).shuffle(shuffled)
     n_eval = max(1, int(len(shuffled) * cfg.eval_fraction))

@@ -14,6 +14,7 @@ step (docs/data.md), and the pre-flight says which clients that is.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 
@@ -60,8 +61,15 @@ def screen(examples: list[Example], where: str, preference: bool = False) -> lis
     if not kept:
         raise DataError(f"{where}: all {len(examples)} {kind} are degenerate ({counts}); check the file and the "
                         "data.*-field keys")
-    log.warning("data: %s: %d of %d %s left out (%s)", where, len(examples) - len(kept), len(examples), kind, counts)
+    warn_once(f"data: {where}: {len(examples) - len(kept)} of {len(examples)} {kind} left out ({counts})")
     return kept
+
+
+@functools.lru_cache(maxsize=256)
+def warn_once(message: str) -> None:
+    """Log `message` once per process: the server, the pre-flight and every client of a simulation
+    read the same file (`warn_once.cache_clear()` makes it speak again)."""
+    log.warning("%s", message)
 
 
 def check_sizes(train: list[Example], held_out: list[Example] | None, cfg: Config, num_clients: int) -> list[int]:
