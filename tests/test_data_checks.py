@@ -106,7 +106,8 @@ def test_blank_instruction_examples_are_left_out():
      r"deep.json:3: JSON nested too deeply"),
     ("bad.json", '[\n{"instruction": "a",\n "response": }]', r"bad.json:3: not JSON: Expecting value"),
     ("huge.csv", "instruction,response\na,b\nc," + "x" * 200_000 + "\n", r"huge.csv:3: cannot read CSV: field larger"),
-    ("surrogate.jsonl", '{"instruction": "a\\ud800", "response": "b"}', r"row 0, column 'instruction': not valid Unicode"),
+    ("surrogate.jsonl", '{"instruction": "a\\ud800", "response": "b"}',
+     r"row 0, column 'instruction': not valid Unicode"),
 ])
 def test_unreadable_files_name_file_and_line(tmp_path, name, text, message):
     path = tmp_path / name

@@ -1,7 +1,7 @@
 """Property-based fuzzing of the data readers (fedllm.data.files): JSONL, JSON, CSV and Parquet
 files, and the rows a hub dataset hands over, each read with `load_source` for instruction data
-and for preference pairs. Whatever the bytes, the answer is examples that mean something or a
-FedLLMError, never another exception.
+and for preference pairs; the built-in suite for any data.families text. Whatever the bytes,
+the answer is examples that mean something or a FedLLMError, never another exception.
 
 Deterministic (derandomize), as tests/test_fuzz.py; FUZZ examples per reader."""
 
@@ -24,8 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedllm.config import DataConfig
+from fedllm.data.builtin import builtin_splits, parse_families, with_rejected
 from fedllm.data.files import load_source, to_examples
-from fedllm.errors import FedLLMError
+from fedllm.errors import ConfigError, FedLLMError
 
 logging.getLogger("fedllm.data").setLevel(logging.ERROR)  # the counts of dropped examples, thousands of times
 
@@ -34,10 +35,12 @@ SETTINGS = settings(max_examples=FUZZ, deadline=None, database=None, derandomize
                     suppress_health_check=list(HealthCheck))
 CFG = DataConfig()
 SHM = Path("/dev/shm")  # in memory: rewriting a file on a disk's overlay costs milliseconds, thousands of times
-SCRATCH = Path(tempfile.mkdtemp(prefix="fedllm-data-fuzz-", dir=SHM if SHM.is_dir() and os.access(SHM, os.W_OK) else None))
+SCRATCH = Path(tempfile.mkdtemp(prefix="fedllm-data-fuzz-",
+                                dir=SHM if SHM.is_dir() and os.access(SHM, os.W_OK) else None))
 atexit.register(shutil.rmtree, SCRATCH, True)
 KEYS = ["instruction", "response", "input", "family", "prompt", "chosen", "rejected", "x", ""]
-PIECES = ["", " ", "a", "42", "Сколько", "東京", "مرحبا", "🎉", "\u0301", "\x00", "\ud800", "\n", '"', ",", "\\", "[", "{"]
+PIECES = ["", " ", "a", "42", "Сколько", "東京", "مرحبا", "🎉", "\u0301", "\x00", "\ud800", "\n", '"', ",", "\\", "[",
+          "{"]
 
 
 def value(rng: random.Random, depth: int = 0) -> Any:
@@ -56,15 +59,23 @@ def value(rng: random.Random, depth: int = 0) -> Any:
 
 
 def rows_of(seed: int) -> list:
-    """A few rows, most of them objects with the fields the readers look for."""
+    """A few rows, most of them objects holding most of the fields the readers look for, most of
+    those text."""
     rng = random.Random(seed)
     out = []
     for _ in range(rng.randrange(5)):
-        if rng.random() < 0.8:
-            out.append({k: value(rng) for k in rng.sample(KEYS, rng.randrange(len(KEYS)))})
+        if rng.random() < 0.9:
+            out.append({k: field(rng) for k in KEYS if rng.random() < 0.85})
         else:
             out.append(value(rng))
     return out
+
+
+def field(rng: random.Random) -> Any:
+    if rng.random() < 0.75:
+        head = rng.choice(["q", "a", "b", "Сколько", "東京", "🎉"])
+        return head + "".join(rng.choice(PIECES) for _ in range(rng.randrange(2)))
+    return value(rng)
 
 
 ROWS = st.integers(0, 2 ** 32).map(rows_of)
@@ -124,7 +135,8 @@ def test_jsonl_files(payload, preference):
 
 
 @SETTINGS
-@given(st.one_of(ROWS.map(lambda r: json.dumps(r, indent=1).encode("utf-8", "surrogatepass")), DEEP.map(lambda d: f"[\n{d}\n]".encode()),
+@given(st.one_of(ROWS.map(lambda r: json.dumps(r, indent=1).encode("utf-8", "surrogatepass")),
+                 DEEP.map(lambda d: f"[\n{d}\n]".encode()),
                  mutated(json.dumps(VALID, indent=1).encode())), st.booleans())
 def test_json_files(payload, preference):
     read("data.json", payload, preference)
@@ -147,10 +159,10 @@ def parquet_bytes(rows: list) -> bytes:
 def flat_rows(seed: int) -> list[dict]:
     """Rows pyarrow can type: each column one kind of value (text, an integer, a list), or None."""
     rng = random.Random(seed)
-    kinds = {k: rng.choice([str, int, list]) for k in KEYS}
-    make = {str: lambda: "".join(rng.choice(PIECES[:9]) for _ in range(rng.randrange(3))),
+    kinds = {k: str if rng.random() < 0.8 else rng.choice([int, list]) for k in KEYS}
+    make = {str: lambda: rng.choice("qab") + "".join(rng.choice(PIECES[:8]) for _ in range(rng.randrange(3))),
             int: lambda: rng.randrange(-9, 9), list: lambda: [rng.randrange(3)] * rng.randrange(3)}
-    return [{k: None if rng.random() < 0.2 else make[kinds[k]]() for k in rng.sample(KEYS, rng.randrange(len(KEYS)))}
+    return [{k: None if rng.random() < 0.1 else make[kinds[k]]() for k in KEYS if rng.random() < 0.9}
             for _ in range(rng.randrange(1, 5))]
 
 
@@ -170,3 +182,22 @@ def test_hub_rows(rows, preference):
     except FedLLMError:
         return
     check(examples, preference)
+
+
+FAMILY_WORDS = st.sampled_from(["all", "parity", "arithmetic", "reverse", "units", "sorting", "dates", "word_length",
+                                "", ",", " ", "nope", "Parity", "all,parity"])
+
+
+@SETTINGS
+@given(st.lists(FAMILY_WORDS, max_size=4).map(",".join), st.integers(1, 4), st.integers(1, 3), st.integers(0, 2 ** 31))
+def test_builtin_families_and_pairs(spec, n_train, n_eval, seed):
+    """The built-in suite for any data.families text: a ConfigError naming the key, or splits that
+    never share a prompt and whose preference pairs are never degenerate."""
+    try:
+        families = parse_families(spec)
+    except ConfigError as err:
+        assert str(err).startswith("data.families")
+        return
+    train, held_out = builtin_splits(families, n_train, n_eval, seed)
+    assert not {(e["instruction"], e["input"]) for e in train} & {(e["instruction"], e["input"]) for e in held_out}
+    check(with_rejected(train + held_out, seed), preference=True)

@@ -76,7 +76,8 @@ def partition(
     if num_partitions == 1:
         return list(examples)
     labels = tuple(str(e.get("family", "")) for e in examples)
-    mine = [examples[i] for i in assignment(labels, cfg.partition, cfg.alpha, cfg.seed, num_partitions)[partition_id]]
+    rows = assignment(labels, cfg.partition, cfg.alpha, cfg.seed, num_partitions)[partition_id]
+    mine = [examples[i] for i in rows]
     if not mine:
         raise DataError(f"data.partition={cfg.partition}: partition {partition_id} of {num_partitions} gets none of "
                         f"the {len(examples)} training examples ({len(set(labels))} label values); use fewer clients, "
@@ -91,9 +92,10 @@ def too_few(n: int, scheme: str, alpha: float, num_partitions: int) -> str:
     need = num_partitions + 1 if scheme == "dirichlet" else num_partitions
     if n >= need:
         return ""
+    fits = max(n - (need - num_partitions), 1)
     return (f"data: {n} training examples cannot give {num_partitions} clients one each (data.partition={scheme} "
-            f"needs at least {need}); use at most {max(n - (need - num_partitions), 1)} clients (--num-clients), or more "
-            "data (data.source, data.train-per-family)")
+            f"needs at least {need}); use at most {fits} clients (--num-clients), or more data (data.source, "
+            "data.train-per-family)")
 
 
 @functools.lru_cache(maxsize=4)
