@@ -192,6 +192,17 @@ def test_a_bad_preference_file_stops_the_cli_with_one_line_naming_file_and_field
     assert code != 0 and len(err) == 1 and "pairs.csv" in err[0] and "data.rejected-field" in err[0], err
 
 
+def test_pairs_that_teach_nothing_stop_the_cli_with_their_counts(tmp_path, capsys):
+    from fedllm.cli import main
+
+    same = tmp_path / "same.jsonl"  # DPO's loss on chosen == rejected is log 2 whatever the model does
+    same.write_text("".join(json.dumps({"prompt": f"p{i}", "chosen": "c", "rejected": "c"}) + "\n" for i in range(6)))
+    code = main(["simulate", "--engine", "inprocess", "--set", "train.method=dpo", "--set", f"data.source={same}",
+                 "--set", f"server.run-dir={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "same.jsonl: all 6 pairs are degenerate" in err[0], err
+
+
 def test_init_adapter_flag_checks_the_folder_before_any_round(tiny_model_dir, tmp_path, capsys):
     from fedllm.cli import main
 
