@@ -25,6 +25,12 @@ log = logging.getLogger("fedllm")
 
 ENGINES = ("ray", "inprocess")
 ENGINE_JOB = "FEDLLM_ENGINE_JOB"  # the child's job, as JSON in its environment
+LOOPBACK = "127.0.0.1"
+# A Ray instance of one machine listens on loopback only. Ray turns a node address of 127.0.0.1 into
+# the machine's network address, and then its GCS, raylet and workers listen on every address,
+# unless its cluster mode is off (the mode Ray has on macOS and Windows); a cluster is an explicit
+# --ray-address. Also what a test's `ray start --head` needs (with --node-ip-address=127.0.0.1).
+LOCAL_RAY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float | None = None,
@@ -33,8 +39,8 @@ def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float
     """Run a simulation of `num_clients` virtual clients; with `resume`, continue that run
     directory from its checkpoint (its config.json, `overrides` on top).
 
-    Engines: "ray", Flower's simulation (a local Ray instance, or the cluster at `ray_address`,
-    e.g. "127.0.0.1:6379" of a `ray start --head`); "inprocess", the same ServerApp and
+    Engines: "ray", Flower's simulation (a local Ray instance, on loopback only, or the cluster at
+    `ray_address`, e.g. "127.0.0.1:6379" of a `ray start --head`); "inprocess", the same ServerApp and
     ClientApp driven through fedllm's in-process Grid (`fedllm.server.grid`): the clients run
     one after another in this process, without Ray's daemons, their states spilled to disk
     between their rounds.
@@ -142,6 +148,11 @@ def run_engine(job: dict[str, Any], watch: bool = True) -> None:
             make_app(job["overrides"])(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                                                      run_config={}))
     else:
+        if not job.get("ray_address"):
+            os.environ.update(LOCAL_RAY)  # before Ray's import, which reads it
+        # Flower's simulation writes an id for its telemetry into FLWR_HOME, telemetry on or off: here
+        # into the run directory, not ~/.flwr
+        os.environ.setdefault("FLWR_HOME", str(run_dir / "flwr-home"))
         from flwr.simulation import run_simulation
 
         from fedllm.client.app import app as client_app
@@ -151,8 +162,9 @@ def run_engine(job: dict[str, Any], watch: bool = True) -> None:
         if job.get("ray_address"):
             init["address"] = job["ray_address"]  # the cluster's own resources; this process is its driver
             gpus = check_cluster(init, gpus)
-        else:  # the machine's GPUs, as CUDA_VISIBLE_DEVICES (or the driver) shows them
-            init.update(num_cpus=os.cpu_count() or 1, num_gpus=int(job.get("gpus", 0)), include_dashboard=False)
+        else:  # the machine's GPUs, as CUDA_VISIBLE_DEVICES (or the driver) shows them; loopback only
+            init.update(num_cpus=os.cpu_count() or 1, num_gpus=int(job.get("gpus", 0)), include_dashboard=False,
+                        _node_ip_address=LOOPBACK)
         backend = {"client_resources": {"num_cpus": job["cpus_per_client"], "num_gpus": float(gpus or 0.0)},
                    "init_args": init}
         run_simulation(make_app(job["overrides"]), client_app, num_supernodes=job["num_clients"],

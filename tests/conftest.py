@@ -126,3 +126,33 @@ def tiny_run_config(tiny_model_dir, tmp_path, **over):
             "data.train-per-family": 8, "data.eval-per-family": 2, "train.local-steps": 2, "lora.dropout": 0.0,
             "server.exact-match-examples": 2, "server.max-new-tokens": 2, **over}
     return Config.from_flat(flat)
+
+
+def listening(pids) -> set[tuple[str, str, int]]:
+    """(process name, address, port) of every TCP socket that the processes `pids` and their
+    descendants listen on (psutil), for the tests that hold a run to loopback."""
+    import psutil
+
+    procs = []
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            procs += [root, *root.children(recursive=True)]
+        except psutil.Error:
+            continue
+    found = set()
+    for proc in procs:
+        try:
+            found |= {(proc.name(), c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="inet")
+                      if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:  # it ended meanwhile
+            continue
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    """127.0.0.0/8, ::1, or an IPv4-mapped loopback (::ffff:127.0.0.1, how a dual-stack socket shows it)."""
+    import ipaddress
+
+    ip = ipaddress.ip_address(address.split("%")[0])
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback

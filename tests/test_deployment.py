@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import is_loopback, listening
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +55,10 @@ def test_two_sites_with_tls_and_node_auth(tiny_model_dir, tmp_path):
         assert rogue.returncode != 0
         assert "Failed to activate SuperNode" in procs.log("rogue"), procs.log("rogue")[-2000:]
         assert deploy.online_nodes(work) == 2
+        # a federation on 127.0.0.1 listens there only: the SuperLink's API port, the SuperNodes' own
+        listens = listening([p.pid for p in procs.procs.values() if p.poll() is None])
+        assert any(port == procs.port for _, _, port in listens), sorted(listens)
+        assert all(is_loopback(address) for _, address, _ in listens), sorted(listens)
         run_id = deploy.submit(work, run_config)
         status = deploy.wait_run(work, run_id, timeout=600)
         assert status == "finished:completed", deploy.flwr(work, "log", str(run_id), "fedllm", "--show").stdout[-3000:]

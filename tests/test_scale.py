@@ -13,15 +13,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_run_config
+from conftest import is_loopback, listening, tiny_run_config
 from fedllm.config import Config
 from fedllm.errors import ConfigError
 from fedllm.methods.downlink import Downlink
 from fedllm.protocol import Update
+from fedllm.simulation import LOCAL_RAY
 from strategies import RULES, resolve
 from strategies.fold import MEAN, Running, fold_all
 from strategies.tree import SumTree
@@ -156,8 +158,8 @@ def test_a_thousand_registered_clients_with_four_per_round(tiny_model_dir, tmp_p
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def _fedllm(*args, timeout=900):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+def _fedllm(*args, timeout=900, env=None):
+    env = {**(env or os.environ), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run([sys.executable, "-m", "fedllm", *args], capture_output=True, text=True, env=env,
                           timeout=timeout)
 
@@ -187,6 +189,15 @@ def test_the_inprocess_engine_and_ray_give_the_same_adapter(tiny_model_dir, tmp_
     assert rows[-1]["eval-loss"] < rows[0]["eval-loss"]
 
 
+def _in_session(proc, temp: str) -> bool:
+    """Whether `proc` is one of the Ray processes started with --temp-dir=`temp` (their command lines
+    name their session folder in it)."""
+    try:
+        return any(temp in arg for arg in proc.cmdline())
+    except psutil.Error:
+        return False
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -195,26 +206,32 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_joining_a_local_ray_head(tiny_model_dir, tmp_path):
-    """`ray start --head` on 127.0.0.1 with two logical GPUs, a simulation that joins it by address
-    (its clients get a GPU each by default, the cluster's), a share no node has refused in one line,
-    then the head is stopped and gone."""
+    """`ray start --head` on 127.0.0.1 with two logical GPUs, listening on loopback only, a simulation
+    that joins it by address (its clients get a GPU each by default, the cluster's), a share no node has
+    refused in one line, then the head is stopped and gone."""
     ray = Path(sys.executable).with_name("ray")
     port = _free_port()
     temp = tempfile.mkdtemp(prefix="fr-", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # Ray's local mode: else it turns --node-ip-address=127.0.0.1 into the machine's address and
+    # its services listen on every address; the driver joins in the same mode
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **LOCAL_RAY}
     start = subprocess.run([str(ray), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                             "--num-cpus=2", "--num-gpus=2", "--include-dashboard=false", "--disable-usage-stats",
-                            f"--temp-dir={temp}"], capture_output=True, text=True, env=env, timeout=300)
+                            "--dashboard-host=127.0.0.1", f"--temp-dir={temp}"],
+                           capture_output=True, text=True, env=env, timeout=300)
     try:
         assert start.returncode == 0, start.stderr[-2000:]
+        head = [p.pid for p in psutil.process_iter() if _in_session(p, temp)]
+        listens = listening(head)
+        assert any(p == port for _, _, p in listens) and all(is_loopback(a) for _, a, _ in listens), sorted(listens)
         proc = _fedllm("simulate", "--ray-address", f"127.0.0.1:{port}", "--num-clients", "2",
-                       *_sets(tiny_model_dir, tmp_path, "cluster", **{"server.num-rounds": 1}))
+                       *_sets(tiny_model_dir, tmp_path, "cluster", **{"server.num-rounds": 1}), env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert (tmp_path / "cluster" / "adapter").is_dir()
         rows = [json.loads(line) for line in (tmp_path / "cluster" / "metrics.jsonl").read_text().splitlines()]
         assert {c["gpu"] for c in rows[1]["clients"].values()} <= {0, 1}  # Ray gave each client a GPU
         proc = _fedllm("simulate", "--ray-address", f"127.0.0.1:{port}", "--num-clients", "2", "--gpus-per-client", "3",
-                       *_sets(tiny_model_dir, tmp_path, "too-many"))
+                       *_sets(tiny_model_dir, tmp_path, "too-many"), env=env)
         assert proc.returncode == 2 and "--gpus-per-client: 3 GPUs a client, but the largest node of the Ray cluster" in proc.stderr, \
             proc.stderr[-2000:]
     finally:

@@ -5,6 +5,8 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from conftest import is_loopback, listening
+from fedllm.simulation import LOCAL_RAY
+
 pytestmark = pytest.mark.slow
 
 
@@ -20,6 +25,24 @@ def _fedllm(*args, cwd=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run([sys.executable, "-m", "fedllm", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=900)
+
+
+def _fedllm_listening(*args, home: Path, timeout=900):
+    """`fedllm ARGS` as `_fedllm` with HOME in `home`, and every TCP socket its processes (the engine,
+    Ray's GCS, raylet, agents and workers) listened on, sampled twice a second while it ran."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "HOME": str(home)}
+    env = {k: v for k, v in env.items() if k not in ("FLWR_HOME", "PYTEST_CURRENT_TEST") and not k.startswith("XDG_")}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "fedllm", *args], stdout=out, stderr=err, text=True, env=env)
+        seen, deadline = set(), time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            seen |= listening([proc.pid])
+            time.sleep(0.5)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        out.seek(0), err.seek(0)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read()), seen
 
 
 def test_two_clients_two_rounds(tiny_model_dir, tmp_path):
@@ -31,8 +54,16 @@ def test_two_clients_two_rounds(tiny_model_dir, tmp_path):
         "server.max-new-tokens": 4, "server.merge": "true",
     }
     args = ["simulate", "--num-clients", "2"] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    proc = _fedllm(*args)
+    (tmp_path / "home").mkdir()
+    proc, listens = _fedllm_listening(*args, home=tmp_path / "home")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # a simulation on one machine: Ray's GCS, raylet, agents and workers listen on loopback only,
+    # and nothing of Ray's or Flower's lands in HOME (no ~/.flwr/source, no ~/.ray), matplotlib's font
+    # cache aside (the report's plots)
+    assert any(name == "gcs_server" for name, _, _ in listens), listens
+    assert all(is_loopback(address) for _, address, _ in listens), sorted(listens)
+    home = tmp_path / "home"
+    assert [p for p in home.rglob("*") if p.is_file() and ".cache/matplotlib" not in str(p.relative_to(home))] == []
     run = tmp_path / "e2e"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
@@ -156,7 +187,7 @@ def _flwr_run(app: Path, tiny_model_dir, tmp_path, name: str) -> tuple[Path, str
     home = tmp_path / "flwr-home"
     env = {**os.environ, "FLWR_HOME": str(home), "HF_HUB_OFFLINE": "1",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", **LOCAL_RAY}  # Flower's Ray on loopback too
     overrides = (f"model.name='{tiny_model_dir}' server.run-dir='{tmp_path / 'runs'}' server.run-name='{name}' "
                  "server.num-rounds=2 data.families='parity,units' data.train-per-family=16 "
                  "data.eval-per-family=4 train.local-steps=6 train.lr=0.02 server.exact-match-examples=2")
