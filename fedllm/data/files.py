@@ -48,10 +48,8 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
             return rows
         if suffix == ".csv":
             return read_csv(path)
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    except (ValueError, OSError, RecursionError) as err:  # pyarrow's errors are ValueError's and OSError's
+        return read_parquet(path)
+    except (ValueError, OSError, RecursionError) as err:
         raise DataError(f"{path}: cannot read {suffix[1:]} file: {one_line(err)}") from None
 
 
@@ -123,6 +121,16 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
         return list(reader)
     except csv.Error as err:  # e.g. a field over csv's size limit (131072 characters)
         raise DataError(f"{path}:{reader.line_num + 1}: cannot read CSV: {err}") from None
+
+
+def read_parquet(path: Path) -> list[dict[str, Any]]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except pyarrow.ArrowException as err:  # not all of pyarrow's errors are ValueError's or OSError's
+        raise DataError(f"{path}: cannot read parquet file: {one_line(err)}") from None
 
 
 def one_line(err: BaseException) -> str:
