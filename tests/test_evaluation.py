@@ -361,7 +361,8 @@ def test_a_checkpoint_from_before_a_key_existed_still_resumes(tmp_path):
 
     flat = Config().to_flat()
     old = {k: v for k, v in flat.items() if not k.startswith(("server.eval-tasks", "server.trackers"))}
-    checkpoint.save(tmp_path, {"round": 1, "config": old, "strategy": {}, "rng": rng.rng_state(),
+    strategy = {"method": {}, "chain": {"optimizers": {}}}  # the shape every run's state has
+    checkpoint.save(tmp_path, {"round": 1, "config": old, "strategy": strategy, "rng": rng.rng_state(),
                                "ledger": None, "metrics": []})
     assert checkpoint.load(tmp_path, flat)["round"] == 1
     assert checkpoint.load(tmp_path, {**flat, "server.trackers": "tensorboard"})["round"] == 1
