@@ -26,7 +26,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from fedllm.config import Config
 from fedllm.ledger.scoring import SCORERS
 from fedllm.errors import ConfigError, PayloadError
-from fedllm.methods import METHODS, ServerHalf, spec_of
+from fedllm.methods import METHODS, ServerHalf, check_spec, spec_of
 from fedllm.protocol import CONFIG, RoundResult, Update, screen, update_norm
 from fedllm.registry import load
 from strategies.arrays import state_arrays
@@ -197,34 +197,12 @@ def resolve(cfg: Config) -> tuple[Any, Chain]:
     """
     entry = METHODS.get(cfg.train.method)
     spec = spec_of(cfg)
-    if cfg.server.strategy.strip() in METHODS:
-        raise ConfigError(f"server.strategy: {cfg.server.strategy!r} is a method: set train.method="
-                          f"{cfg.server.strategy.strip()} (server.strategy picks the aggregation rule)")
-    if not spec.compression and (cfg.compression.up or cfg.compression.down):
-        raise ConfigError(f"compression.up/down: train.method={entry.name} does not take codecs (its uploads "
-                          "are not dense float tensors); leave them empty")
-    if not spec.dp and cfg.dp.clipping_norm > 0:
-        raise ConfigError(f"dp.clipping-norm: differential privacy needs float32 arrays on the wire (Flower's "
-                          f"clipping mod), which train.method={entry.name} does not send")
-    if cfg.dp.clipping_norm > 0 and (cfg.compression.up or cfg.compression.down):
-        raise ConfigError("dp.clipping-norm: differential privacy needs uploads without compression "
-                          "(Flower's clipping mod works on the float32 arrays)")
-    if (cfg.model.quantize != "none" or cfg.model.client_quantize.strip()) and not spec.quantize:
-        raise ConfigError(f"model.quantize: train.method={entry.name} changes or adds into the base weights, which "
-                          "a quantized base cannot take; quantized bases train with train.method=lora")
-    if cfg.train.optimizer not in spec.optimizers:
-        raise ConfigError(f"train.optimizer: train.method={entry.name} takes {', '.join(spec.optimizers)}"
-                          f", not {cfg.train.optimizer}")
-    if cfg.server.init_from and not spec.init_from:
-        raise ConfigError(f"server.init-from: train.method={entry.name} does not start from a saved adapter; "
-                          "lora and dpo do")
+    check_spec(cfg)  # the spec's checks that need no chain (the pre-flight runs them before torch)
     scorer = SCORERS.get(cfg.ledger.scorer)
     if cfg.ledger.enabled and scorer.meta.get("needs_utility") and not spec.utility:
         plain = ", ".join(s.name for s in SCORERS.entries() if not s.meta.get("needs_utility"))
         raise ConfigError(f"ledger.scorer: {scorer.name} needs a validation loss per subset of updates, which "
                           f"train.method={entry.name} does not give; use {plain}")
-    if spec.check is not None:
-        spec.check(cfg, spec)
     chain = parse_chain(cfg.server.strategy, cfg, spec.delta_kind, spec.default_rule,
                         {name: load(rule, "server.strategy") for name, rule in spec.rules})
     if cfg.server.aggregation == "stream" and (chain.fold is None or cfg.ledger.enabled):

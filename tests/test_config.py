@@ -193,10 +193,13 @@ HEAVY = ("torch", "transformers", "flwr_datasets", "datasets", "seaborn", "peft"
                                   ["simulate", "--set", "zo.bits=3", "--set", "train.method=zo"],
                                   ["simulate", "--set", "no.such-key=1"],
                                   ["simulate", "--set", "lora.peft=prompt", "--set", "server.merge=true"],
-                                  ["simulate", "--num-clients", "2", "--set", "server.clients-per-round=3"]])
+                                  ["simulate", "--num-clients", "2", "--set", "server.clients-per-round=3"],
+                                  ["simulate", "--set", "train.method=zo", "--set", "compression.up=int8"],
+                                  ["simulate", "--set", "train.method=diloco", "--set", "dp.clipping-norm=1"]])
 def test_a_config_answer_imports_nothing_heavy(argv):
-    """`fedllm config` and every config error (the pre-flight's cross-checks too) answer before torch,
-    transformers, flwr-datasets or Ray is imported (what took several seconds, 29 on a busy machine), measured with -X importtime."""
+    """`fedllm config` and every config error (the pre-flight's cross-checks too, the method's spec
+    against codecs, DP, ...) answer before torch, transformers, flwr-datasets or Ray is imported
+    (what took several seconds, 29 on a busy machine), measured with -X importtime."""
     out = subprocess.run([sys.executable, "-X", "importtime", "-m", "fedllm", *argv], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == (0 if argv == ["config"] else 2), out.stderr[-2000:]

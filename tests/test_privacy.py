@@ -104,9 +104,8 @@ with open(sys.argv[2], "w") as f:
 '''
 
 
-# caches a run may leave in HOME: matplotlib's font list, and the debug log of wandb's service process
-# (wandb-core starts once per process and writes it to the user's cache folder)
-HOME_CACHES = (".cache/matplotlib/", ".cache/wandb/logs/")
+# the one cache a run may leave in HOME: matplotlib's font list (no data of the run's)
+HOME_CACHES = (".cache/matplotlib/",)
 
 
 def _files(root: Path, allowed: tuple[str, ...] = ()) -> list[str]:

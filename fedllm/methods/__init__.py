@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 # registration order is the order of their config sections: [lora], [zo], [diloco], [dpo]
 from fedllm.methods import lora, exact_lora, zo, diloco, dpo  # noqa: F401, I001  (register)
-from fedllm.methods.base import METHODS, ClientHalf, MethodSpec, ServerHalf, register_method, spec_of
+from fedllm.methods.base import METHODS, ClientHalf, MethodSpec, ServerHalf, check_spec, register_method, spec_of
 
 if TYPE_CHECKING:
     from fedllm.config import Config
@@ -34,5 +34,5 @@ def data_splits(cfg: Config) -> tuple[list[dict[str, str]], list[dict[str, str]]
     return load_splits(cfg.data, preference=uses_pairs(cfg))
 
 
-__all__ = ["METHODS", "ClientHalf", "MethodSpec", "ServerHalf", "data_splits", "register_method", "spec_of",
-           "uses_pairs"]
+__all__ = ["METHODS", "ClientHalf", "MethodSpec", "ServerHalf", "check_spec", "data_splits", "register_method",
+           "spec_of", "uses_pairs"]

@@ -181,3 +181,39 @@ def spec_of(cfg: Config) -> MethodSpec:
     """The spec of train.method (a registered name, or a user's MethodImpl by module:object)."""
     impl = METHODS.get(cfg.train.method).impl
     return impl.spec if isinstance(impl, MethodImpl) else MethodSpec()
+
+
+def check_spec(cfg: Config) -> None:
+    """The cross-checks of train.method's spec against the rest of the config that need no rule
+    chain (so no torch): codecs, DP, a quantized base, the optimizer, server.init-from, then the
+    method's own `check`. strategies.resolve runs them first; the pre-flight runs them alone.
+
+    Raises:
+        ConfigError: naming the key that does not fit.
+    """
+    from fedllm.errors import ConfigError
+
+    spec, name = spec_of(cfg), METHODS.get(cfg.train.method).name
+    if cfg.server.strategy.strip() in METHODS:
+        raise ConfigError(f"server.strategy: {cfg.server.strategy!r} is a method: set train.method="
+                          f"{cfg.server.strategy.strip()} (server.strategy picks the aggregation rule)")
+    if not spec.compression and (cfg.compression.up or cfg.compression.down):
+        raise ConfigError(f"compression.up/down: train.method={name} does not take codecs (its uploads "
+                          "are not dense float tensors); leave them empty")
+    if not spec.dp and cfg.dp.clipping_norm > 0:
+        raise ConfigError(f"dp.clipping-norm: differential privacy needs float32 arrays on the wire (Flower's "
+                          f"clipping mod), which train.method={name} does not send")
+    if cfg.dp.clipping_norm > 0 and (cfg.compression.up or cfg.compression.down):
+        raise ConfigError("dp.clipping-norm: differential privacy needs uploads without compression "
+                          "(Flower's clipping mod works on the float32 arrays)")
+    if (cfg.model.quantize != "none" or cfg.model.client_quantize.strip()) and not spec.quantize:
+        raise ConfigError(f"model.quantize: train.method={name} changes or adds into the base weights, which "
+                          "a quantized base cannot take; quantized bases train with train.method=lora")
+    if cfg.train.optimizer not in spec.optimizers:
+        raise ConfigError(f"train.optimizer: train.method={name} takes {', '.join(spec.optimizers)}"
+                          f", not {cfg.train.optimizer}")
+    if cfg.server.init_from and not spec.init_from:
+        raise ConfigError(f"server.init-from: train.method={name} does not start from a saved adapter; "
+                          "lora and dpo do")
+    if spec.check is not None:
+        spec.check(cfg, spec)

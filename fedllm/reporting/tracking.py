@@ -11,7 +11,8 @@ Each round's metrics row goes out as scalars at step = round (eval loss, exact m
 per-family figures, lm-eval figures, bytes per round and cumulative, times); the config goes
 in as hyperparameters; the report as an artifact where the tracker keeps files (MLflow, wandb).
 A resumed run continues the same tracker runs (their ids are kept in RUN_DIR/trackers.json; a
-damaged one stops the run before round 1, left as it is). A tracker that fails is turned off with a warning: it never stops a run.
+damaged one stops the run before round 1, left as it is). A tracker that fails is turned off with a
+warning: it never stops a run.
 
 Each tracker is one entry of TRACKERS: a factory `make(run_dir, previous_id) -> Tracker` (the
 accelerate GeneralTracker shape: start, store_init_configuration, log, finish), with metadata
@@ -204,10 +205,17 @@ def _mlflow_save(tracker: Any, report: Path | None, summary: Mapping[str, Any] |
         tracker.log_artifact(str(report))
 
 
+_WANDB_DIRS: set[str] = set()  # the wandb folders this process pointed into a run directory
+
+
 def _wandb(run_dir: Path, previous: str | None) -> Tracker:
     from accelerate import tracking
 
     os.environ.setdefault("WANDB_SILENT", "true")
+    for name, sub in (("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"), ("WANDB_CONFIG_DIR", "config")):
+        if name not in os.environ or name in _WANDB_DIRS:  # the user's own setting wins
+            os.environ[name] = str(run_dir / "wandb" / sub)  # its service's logs too: not in ~/.cache
+            _WANDB_DIRS.add(name)
     return tracking.WandBTracker("fedllm", name=run_dir.name, dir=str(run_dir), mode="offline",
                                  id=previous, resume="allow" if previous else None)
 

@@ -27,11 +27,9 @@ def check_config(cfg: Config, num_clients: int | None = None, chain: bool = True
     Raises:
         ConfigError: naming the first key that does not fit.
     """
-    from fedllm.methods import spec_of
+    from fedllm.methods import check_spec
 
-    spec = spec_of(cfg)
-    if spec.check is not None:
-        spec.check(cfg, spec)
+    check_spec(cfg)  # the method's spec against the config (codecs, DP, quantization, ...) and its own check
     if num_clients is not None:
         check_simulation(cfg, num_clients)
     check_round(cfg, num_clients)
