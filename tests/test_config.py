@@ -47,6 +47,8 @@ def test_flat_round_trip():
         ({"data.partition": "random"}, "data.partition"),
         ({"model.dtype": "float8"}, "model.dtype"),
         ({"server.fraction-train": 1.5}, "server.fraction-train"),
+        ({"server.run-name": "../elsewhere"}, "server.run-name"),
+        ({"server.run-name": ".."}, "server.run-name"),
     ],
 )
 def test_bad_keys_name_themselves(flat, named):

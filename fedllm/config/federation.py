@@ -82,6 +82,9 @@ class ServerConfig:
 
         import_plugins(self.plugins)
         positive("server.num-rounds", self.num_rounds)
+        if self.run_name and (self.run_name.strip(". ") == "" or any(c in self.run_name for c in "/\\\0")):
+            raise ConfigError(f"server.run-name: a folder name, not a path ({self.run_name!r}); server.run-dir is "
+                              "the folder it goes in")
         check_device(self.device, "server.device")
         choice("server.aggregation", self.aggregation, ("auto", "stream", "list"))
         self.aggregator_count(1)
