@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -69,12 +70,40 @@ def read_text(path: Path, limit: int = MAX_BYTES) -> str:
         raise FileFormatError(f"{path}: not UTF-8 text (byte {err.start})") from None
 
 
+_NESTING = re.compile(r'"(?:[^"\\]|\\.)*"|[\[{\n]|[\]}]')
+
+
+def nesting_line(text: str, depth: int = MAX_DEPTH) -> int:
+    """The line (from 1) on which `text`'s JSON brackets first nest deeper than `depth`, strings
+    skipped; 0 when they never do. Run before json.loads on text from outside: the parser recurses
+    in C, and with the recursion limit raised (py-evm and py_ecc set 100000 on import) a deep enough
+    text overflows the C stack (a segmentation fault) before any RecursionError."""
+    if text.count("[") + text.count("{") <= depth:  # cannot nest deeper: the common case, no scan
+        return 0
+    line, level = 1, 0
+    for m in _NESTING.finditer(text):
+        token = m.group()
+        if token == "\n":
+            line += 1
+        elif token in "[{":
+            level += 1
+            if level > depth:
+                return line
+        elif token in "]}":
+            level -= 1
+        else:
+            line += token.count("\n")
+    return 0
+
+
 def parse_json(text: str, where: str) -> Any:
     """One JSON value from `text` (NaN and Infinity are taken: json.dumps writes them).
 
     Raises:
         FileFormatError: naming `where` for invalid JSON or nesting deeper than MAX_DEPTH.
     """
+    if nesting_line(text):
+        raise FileFormatError(f"{where}: nested more than {MAX_DEPTH} deep; not a file fedllm wrote")
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:

@@ -10,6 +10,7 @@ import json
 import math
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -471,3 +472,28 @@ def test_report_imports_a_runs_plugins_only_when_asked(tmp_path, no_plots, monke
     assert (run / "report.html").exists() and not marker.exists()
     assert main(["report", "--plugins", str(run)]) == 0
     assert marker.read_text() == "ran"
+
+
+def test_deep_nesting_is_refused_before_the_parser_even_with_a_raised_recursion_limit():
+    """py_ecc and py-evm (the ledger's) raise the recursion limit to 100000 on import; json.loads
+    then overflows the C stack on deep enough text (a segmentation fault, seen in the suite) before
+    any RecursionError. Every reader of outside JSON scans the nesting first: one line, no crash."""
+    code = f"""
+import sys
+sys.setrecursionlimit(100000)
+from pathlib import Path
+from fedllm.errors import FedLLMError
+from fedllm.files import parse_json
+from fedllm.data.files import parse_json as parse_data_json
+for call in (lambda: parse_json("[" * 2_000_000, "x"), lambda: parse_json('{{"a":' * 2_000_000, "x"),
+             lambda: parse_data_json("[" * 2_000_000, Path("d.jsonl"), 7)):
+    try:
+        call()
+    except FedLLMError as err:
+        print(err)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert len(lines) == 3 and "nested more than" in lines[0] and "nested more than" in lines[1], lines
+    assert lines[2].startswith("d.jsonl:7: JSON nested too deeply"), lines

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.errors import FedLLMError, PayloadError
+from fedllm.files import nesting_line
 from fedllm.privacy import quiet_environment
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,10 @@ def recv_parts(conn: Connection) -> list[Any]:
         PayloadError: for a header that is not a JSON object or a wrong number of parts.
     """
     try:
-        head = json.loads(conn.recv_bytes(MAX_MESSAGE))
+        raw = conn.recv_bytes(MAX_MESSAGE).decode()
+        if nesting_line(raw):  # before the parser: its C recursion can crash the process
+            raise ValueError("header nests too deep")
+        head = json.loads(raw)
         if not isinstance(head, dict) or not isinstance(head.get("parts"), int) or not 0 <= head["parts"] <= 2:
             raise ValueError("bad header")
         return [head, *(conn.recv_bytes(MAX_MESSAGE) for _ in range(head["parts"]))]

@@ -12,13 +12,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 from pathlib import Path
 from typing import Any, Iterable
 
 from fedllm.config import DataConfig
 from fedllm.data.checks import screen
 from fedllm.errors import DataError
+from fedllm.files import nesting_line
+
+NESTING = 100  # a data row is a flat object; a preference pair's messages nest a few levels
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 MAX_LINE = 16 << 20  # bytes of one JSONL line: an example is far shorter; this bounds what one line may hold
@@ -83,36 +85,18 @@ def decode(raw: bytes, path: Path, first_line: int) -> str:
 
 def parse_json(text: str, path: Path, first_line: int, what: str = "JSON") -> Any:
     """`text` (from line `first_line` of `path`) parsed as JSON, or a DataError naming file:line."""
+    deep = nesting_line(text, NESTING)  # before the parser, whose recursion can crash the process
     try:
+        if deep:
+            raise RecursionError
         return json.loads(text)
     except RecursionError:
-        raise DataError(f"{path}:{first_line + nesting_line(text) - 1}: JSON nested too deeply to parse; "
-                        "a data row is a flat object") from None
+        raise DataError(f"{path}:{first_line + max(deep, 1) - 1}: JSON nested too deeply "
+                        "to parse; a data row is a flat object") from None
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{first_line + err.lineno - 1}: not {what}: {err.msg}") from None
     except ValueError as err:  # e.g. an integer past Python's digit limit
         raise DataError(f"{path}:{first_line}: not {what}: {one_line(err)}") from None
-
-
-NESTING = re.compile(r'"(?:[^"\\]|\\.)*"|[\[{\n]|[\]}]')
-
-
-def nesting_line(text: str, depth: int = 100) -> int:
-    """The line (from 1) on which `text`'s brackets first nest past `depth`, strings skipped."""
-    line, level = 1, 0
-    for m in NESTING.finditer(text):
-        token = m.group()
-        if token == "\n":
-            line += 1
-        elif token in "[{":
-            level += 1
-            if level > depth:
-                return line
-        elif token in "]}":
-            level -= 1
-        else:
-            line += token.count("\n")  # a string holds no raw newline in valid JSON; count anyway
-    return line
 
 
 def read_csv(path: Path) -> list[dict[str, Any]]:

@@ -142,13 +142,18 @@ def read_adapter(folder: Path, like: State, lora_cfg: LoraConfig, key: str = "se
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from fedllm.files import nesting_line
+
     folder = Path(folder).expanduser()
     weights, config_file = folder / "adapter_model.safetensors", folder / "adapter_config.json"
     if not weights.is_file() or not config_file.is_file():
         raise ConfigError(f"{key}: {folder} is not an adapter folder (it needs adapter_config.json and "
                           "adapter_model.safetensors, as a run's RUN_DIR/adapter has)")
     try:
-        saved = json.loads(config_file.read_text(encoding="utf-8"))
+        text = config_file.read_text(encoding="utf-8")
+        if nesting_line(text):  # before the parser: its C recursion can crash the process
+            raise ValueError("adapter_config.json nests too deep")
+        saved = json.loads(text)
         state = load_file(str(weights))
     except (ValueError, OSError, RecursionError, SafetensorError) as err:
         raise ConfigError(f"{key}: cannot read {folder}: {first_line(err)[:200]}") from None
