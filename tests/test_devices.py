@@ -238,7 +238,10 @@ def test_eight_inprocess_clients_on_one_device_hold_one_base(tiny_model_dir, tmp
 def test_a_run_may_resume_on_another_device(tmp_path):
     from fedllm.server import checkpoint
 
-    checkpoint.save(tmp_path, {"round": 1, "config": Config().to_flat()})
+    from fedllm import rng
+
+    checkpoint.save(tmp_path, {"round": 1, "config": Config().to_flat(), "metrics": [], "ledger": None,
+                               "strategy": {"method": {}, "chain": {"optimizers": {}}}, "rng": rng.rng_state()})
     moved = Config.from_flat({"model.device": "cuda:1", "server.device": "cpu", "model.device-map": "auto"})
     assert checkpoint.load(tmp_path, moved.to_flat())["round"] == 1
     with pytest.raises(ConfigError, match="^server.resume: lora.rank is 16, the checkpointed run had 8"):

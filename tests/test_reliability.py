@@ -310,7 +310,8 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
     (tmp_path / checkpoint.FILE).write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="cannot read"):
         checkpoint.load(tmp_path, flat)
-    checkpoint.save(tmp_path, {"round": 4, "config": flat})
+    checkpoint.save(tmp_path, {"round": 4, "config": flat, "metrics": [], "ledger": None, "rng": rng.rng_state(),
+                               "strategy": {"method": {}, "chain": {"optimizers": {}}}})
     assert not (tmp_path / (checkpoint.FILE + ".tmp")).exists()
     with pytest.raises(ConfigError, match="server.num-rounds: 3 is below the 4 rounds"):
         checkpoint.load(tmp_path, flat)
@@ -328,9 +329,10 @@ def test_checkpoint_is_data_only_and_round_trips_every_value(tmp_path):
              "tuple": (1, "a", (2.5, None)), "big": 10**30, "$d": "a key that looks like a tag"}
     random.seed(3)
     saved = rng.rng_state()
-    checkpoint.save(tmp_path, {"round": 1, "config": flat, "strategy": state, "rng": saved, "metrics": [{"round": 0}]})
+    checkpoint.save(tmp_path, {"round": 1, "config": flat, "strategy": {"method": state, "chain": {"optimizers": {}}},
+                               "rng": saved, "metrics": [{"round": 0}], "ledger": None})
     back = checkpoint.load(tmp_path, flat)
-    got = back["strategy"]
+    got = back["strategy"]["method"]
     assert torch.equal(got["global"]["w"], state["global"]["w"]) and got["global"]["b"].shape == (0,)
     assert got["history"] == state["history"] and got["moments"]["m"]["w"].dtype == torch.float64
     assert got["none"] is None and math.isnan(got["nan"]) and got["tuple"] == (1, "a", (2.5, None))
