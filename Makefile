@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-zo test test-fast bench bench-full docs lock clean
+.PHONY: demo demo-zo test test-all test-fast bench bench-full docs lock clean
 
 $(STAMP): requirements.lock pyproject.toml contracts/package-lock.json
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ demo-zo: $(STAMP)
 	$(PY) examples/simulation/run_demo.py --preset zo
 
 test: $(STAMP)
+	$(PY) -m pytest -m "not heavy"
+
+# also the heavy tier: the deployment's other methods, a killed DPO run's resume (paths the other
+# tiers cover in process or in simulation)
+test-all: $(STAMP)
 	$(PY) -m pytest
 
 test-fast: $(STAMP)

@@ -459,7 +459,8 @@ def _ray_processes():
 @pytest.mark.slow
 @pytest.mark.parametrize("over", [
     {"server.strategy": "fedadam", "strategy.server-lr": 0.01, "compression.down": "int8", "lora.dropout": 0.1},
-    {"train.method": "dpo", "compression.down": "int8", "train.lr": 0.005},
+    # dpo's resume in process: test_dpo_composes_with_codecs_the_ledger_and_resume; killed, in the heavy tier
+    pytest.param({"train.method": "dpo", "compression.down": "int8", "train.lr": 0.005}, marks=pytest.mark.heavy),
 ], ids=["lora-fedadam", "dpo"])
 def test_sigkill_after_a_round_then_resume_gives_the_weights_of_an_uninterrupted_run(over, tiny_model_dir, tmp_path):
     whole = subprocess.run(_fedllm_cmd("simulate", "--num-clients", "2", *_sets(tiny_model_dir, tmp_path, "whole", **over)),
@@ -536,7 +537,8 @@ def _group_alive(pattern: str) -> set[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+# one handler takes both signals (simulation.supervise): SIGINT in the heavy tier
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGINT, marks=pytest.mark.heavy), signal.SIGTERM])
 def test_a_signal_stops_a_simulation_within_seconds_and_leaves_nothing_behind(sig, tiny_model_dir, tmp_path):
     """SIGINT and SIGTERM end `fedllm simulate` within seconds: one line, exit 128 + signal, the
     last finished round's checkpoint kept (it loads), and no engine or Ray process left."""

@@ -254,7 +254,8 @@ def test_exact_lora_with_two_ranks(tiny_model_dir, tmp_path):
         assert torch.allclose(adapted(ids).logits, merged(ids).logits, atol=1e-4)
 
 
-@pytest.mark.parametrize("secagg", [False, True])
+# without secagg in the heavy tier: the clipping mod alone is covered in process (test_dpo's client-side DP)
+@pytest.mark.parametrize("secagg", [pytest.param(False, marks=pytest.mark.heavy), True])
 def test_dp_clipping_bounds_the_global_step(tiny_model_dir, tmp_path, secagg):
     """With secagg too: the SecAgg+ stages through Ray's node contexts, the clipping mod inside
     the secagg mod."""
