@@ -73,7 +73,7 @@ def simulate(overrides: dict[str, Any], num_clients: int, cpus_per_client: float
     if gpus_per_client is None and str(overrides.get("model.device", "")).strip() == "cpu":
         gpus_per_client = 0.0  # clients told to train on the CPU reserve no GPU
     cpus, gpus, gpus_total = resources(cpus_per_client, gpus_per_client, ray_address)
-    overrides, run_dir = prepare(overrides, num_clients, cpus, resume, local_clients=not ray_address)
+    overrides, run_dir = prepare(overrides, num_clients, resume, local_clients=not ray_address)
     job = {"overrides": overrides, "num_clients": num_clients, "cpus_per_client": cpus, "gpus_per_client": gpus,
            "gpus": gpus_total, "run_dir": str(run_dir), "parent": os.getpid(), "engine": engine,
            "ray_address": ray_address}
