@@ -274,7 +274,7 @@ def zo_memory(flat: dict[str, Any]) -> dict[str, Any]:
 
 def z_agreement() -> dict[str, Any]:
     """z drawn on the GPU equals z drawn on the CPU, bit for bit (seeds, offsets, dtypes, both distributions)."""
-    from fedllm.methods.zo import rng
+    from fedllm.methods import counter_rng as rng
 
     if not torch.cuda.is_available():
         return {"checked": False}

@@ -9,7 +9,7 @@
 A method takes the device it is given and moves data once (STYLE.md 18): the model cache keys its
 models by device (fedllm.model), a client's device comes from its node config `device` or
 model.device, the server's from server.device. Randomness that parties share does not depend on
-the device (fedllm.methods.zo.rng).
+the device (fedllm.methods.counter_rng).
 """
 
 from __future__ import annotations

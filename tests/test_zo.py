@@ -11,7 +11,7 @@ from fedllm.config import Config
 from fedllm.data import encode, load_splits
 from fedllm.model import MODEL_CACHE
 from fedllm.methods.zo import engine as zo
-from fedllm.methods.zo import rng
+from fedllm.methods import counter_rng as rng
 from fedllm.methods.zo import wire as zo_wire
 from strategies import build
 

@@ -17,7 +17,7 @@ with Communication Cost under 18 Kilobytes" (FedKSeed, ICML 2024); Malladi et al
 Language Models with Just Forward Passes" (MeZO, 2023); Zelikman et al., "Just One Byte (per
 gradient)" (2023).
 
-What must match on every party for z to be identical: the generator (fedllm.methods.zo.rng, a
+What must match on every party for z to be identical: the generator (fedllm.methods.counter_rng, a
 counter-based stream computed with integer ops, the same bits on CPUs and GPUs), the parameter
 order, shapes and dtype. `fingerprint()` hashes these; the server checks every client's. The
 device does not matter: a GPU client, a CPU client and a CPU server agree on every z.
@@ -40,7 +40,8 @@ from fedllm.config import Config, TrainConfig
 from fedllm.methods.zo.config import ZOConfig
 from fedllm.data.templates import batches
 from fedllm.errors import ConfigError, PayloadError
-from fedllm.methods.zo import rng
+from fedllm.methods import counter_rng as rng
+from fedllm.methods.counter_rng import perturb_  # noqa: F401  (callers reach it through the engine too)
 # the scalar codec: callers reach it through the engine (zo.encode_upload, zo.decode, ...)
 from fedllm.methods.zo.wire import MAGIC, PAIRS, SUMS, decode, encode, encode_upload, max_upload_bytes  # noqa: F401
 
@@ -49,25 +50,6 @@ from fedllm.methods.zo.wire import MAGIC, PAIRS, SUMS, decode, encode, encode_up
 def seed_pool(k: int, pool_seed: int) -> list[int]:
     """K distinct 31-bit seeds, the same on every party."""
     return random.Random(pool_seed).sample(range(1, 2**31 - 1), k)
-
-
-@torch.no_grad()
-def perturb_(params: list[torch.Tensor], seed: int, scale: float, dist: str) -> None:
-    """params += scale * z(seed), in place. The parameters are one stream (fedllm.methods.zo.rng),
-    drawn CHUNK elements at a time on their own device: no parameter-sized buffer, and the same z
-    on every device."""
-    offset = 0
-    for p in params:
-        flat = p.view(-1) if p.is_contiguous() else None
-        n = p.numel()
-        if flat is None:  # not seen on a model's parameters; kept correct, not fast
-            p.add_(rng.draw(seed, offset, n, dist, p.dtype, p.device).view(p.shape), alpha=scale)
-        else:
-            for start in range(0, n, rng.CHUNK[dist]):
-                size = min(rng.CHUNK[dist], n - start)
-                flat[start:start + size].add_(rng.draw(seed, offset + start, size, dist, p.dtype, p.device),
-                                              alpha=scale)
-        offset += n
 
 
 def trainable(model: Any, which: str) -> list[tuple[str, torch.Tensor]]:
@@ -84,7 +66,7 @@ def trainable(model: Any, which: str) -> list[tuple[str, torch.Tensor]]:
 
 def fingerprint(named: list[tuple[str, torch.Tensor]], cfg: ZOConfig) -> int:
     """A 48-bit hash of the generator, parameter names, shapes and dtypes, and the first z values.
-    Not the device: z is the same on every one (fedllm.methods.zo.rng)."""
+    Not the device: z is the same on every one (fedllm.methods.counter_rng)."""
     h = hashlib.sha256(f"{rng.NAME};".encode())
     for n, p in named:
         h.update(f"{n}:{tuple(p.shape)}:{p.dtype};".encode())

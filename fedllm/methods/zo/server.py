@@ -21,7 +21,7 @@ from fedllm.errors import ConfigError, PayloadError
 from fedllm.methods.base import UtilityOf
 from fedllm.methods.downlink import Downlink
 from fedllm.methods.zo import engine as zo
-from fedllm.methods.zo import rng
+from fedllm.methods import counter_rng as rng
 from fedllm.model import save_merged
 from fedllm.protocol import LEDGER, METRICS, ZO, ZO_SUMS, State, Update, check_like, read_arrays, reply_metrics
 

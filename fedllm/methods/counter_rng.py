@@ -141,3 +141,22 @@ def reference(seed: int, offset: int, n: int, dist: str) -> np.ndarray:
     if dist == "gaussian":
         return _gaussian_table().numpy()[np.frombuffer(raw, dtype="<u2")][skip:skip + n]
     return (np.unpackbits(np.frombuffer(raw, dtype=np.uint8)).astype(np.float64) * 2 - 1)[skip:skip + n]
+
+
+@torch.no_grad()
+def perturb_(params: list[torch.Tensor], seed: int, scale: float, dist: str) -> None:
+    """params += scale * z(seed), in place. The parameters are one stream (this module),
+    drawn CHUNK elements at a time on their own device: no parameter-sized buffer, and the same z
+    on every device."""
+    offset = 0
+    for p in params:
+        flat = p.view(-1) if p.is_contiguous() else None
+        n = p.numel()
+        if flat is None:  # not seen on a model's parameters; kept correct, not fast
+            p.add_(draw(seed, offset, n, dist, p.dtype, p.device).view(p.shape), alpha=scale)
+        else:
+            for start in range(0, n, CHUNK[dist]):
+                size = min(CHUNK[dist], n - start)
+                flat[start:start + size].add_(draw(seed, offset + start, size, dist, p.dtype, p.device),
+                                              alpha=scale)
+        offset += n
