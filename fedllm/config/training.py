@@ -101,6 +101,15 @@ class TrainConfig:
     batch_size: int = option("Examples per micro-batch.", 4, check="> 0")
     grad_accum: int = option("Micro-batches accumulated per optimizer step.", 1, check="> 0")
     lr: float = option("AdamW learning rate.", 1e-3, check="> 0")
+    lr_schedule: str = option("How train.lr moves over the run's local steps (server.num-rounds x the steps of a "
+                              "round, continued across rounds and a resume): constant, linear or cosine (to "
+                              "train.min-lr at the last step).", "constant")
+    warmup_steps: int = option("Local steps of a linear warm-up from 0 at the start of the run (before the "
+                               "schedule); below the run's local steps.", 0, check=">= 0")
+    min_lr: float = option("The rate linear and cosine decay to; at most train.lr.", 0.0, check=">= 0")
+    keep_optimizer: bool = option("Keep a client's AdamW moments in its node state from one of its rounds to the "
+                                  "next (dropped when the trained tensors change shape); false starts each round "
+                                  "with a fresh AdamW.", False)
     weight_decay: float = option("AdamW weight decay.", 0.0, check=">= 0")
     max_grad_norm: float = option("Gradient clipping norm; 0 turns it off.", 1.0, check=">= 0")
     precision: str = option("Mixed precision (torch.autocast): auto (bf16 on a GPU that has it, else none), no, bf16 or "
@@ -116,5 +125,13 @@ class TrainConfig:
         positive("train.batch-size", self.batch_size)
         positive("train.grad-accum", self.grad_accum)
         positive("train.lr", self.lr)
+        choice("train.lr-schedule", self.lr_schedule, ("constant", "linear", "cosine"))
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup-steps: must be >= 0, got {self.warmup_steps}")
+        if self.lr > 0 and not 0 <= self.min_lr <= self.lr:  # (a NaN train.lr is refused by its declared check)
+            raise ConfigError(f"train.min-lr: must be in [0, train.lr={self.lr}], got {self.min_lr}")
         choice("train.precision", self.precision, ("auto", "no", "bf16", "fp16"))
         choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        if self.keep_optimizer and self.optimizer != "adamw":
+            raise ConfigError(f"train.keep-optimizer: keeps torch AdamW's moments; train.optimizer={self.optimizer} "
+                              "keeps its own (leave train.keep-optimizer false)")

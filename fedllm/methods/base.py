@@ -121,7 +121,10 @@ class MethodSpec:
     whether fedprox's proximal term reaches its local loss. secagg: whether secagg.enabled applies
     (its client half uploads float arrays whose example-weighted mean its `decode` reads as the
     mean update). secagg_range: the clip range secagg.clip-range=0 takes. secagg_agree: metrics
-    its `decode` checks, which every masked upload must report alike (zo's version). check: the
+    its `decode` checks, which every masked upload must report alike (zo's version). schedule: whether
+    its client steps at train.lr (so train.lr-schedule and train.warmup-steps apply; zo's step is zo.lr).
+    keep_optimizer: whether train.keep-optimizer applies (a client's AdamW over the same tensors each round).
+    round_steps: its local steps in a round, for the schedule's clock (None: train.local-steps). check: the
     cross-checks only this method knows, `check(cfg, spec)` raising ConfigError (run by resolve).
     """
 
@@ -142,6 +145,9 @@ class MethodSpec:
     secagg: bool = False
     secagg_range: float = 4.0
     secagg_agree: tuple[str, ...] = ()
+    schedule: bool = True
+    keep_optimizer: bool = False
+    round_steps: Callable[[Config], int] | None = None
     check: Callable[[Config, "MethodSpec"], None] | None = None
 
 
@@ -192,6 +198,7 @@ def check_spec(cfg: Config) -> None:
         ConfigError: naming the key that does not fit.
     """
     from fedllm.errors import ConfigError
+    from fedllm.methods import schedule
 
     spec, name = spec_of(cfg), METHODS.get(cfg.train.method).name
     if cfg.server.strategy.strip() in METHODS:
@@ -215,5 +222,9 @@ def check_spec(cfg: Config) -> None:
     if cfg.server.init_from and not spec.init_from:
         raise ConfigError(f"server.init-from: train.method={name} does not start from a saved adapter; "
                           "lora and dpo do")
+    if cfg.train.keep_optimizer and not spec.keep_optimizer:
+        raise ConfigError(f"train.keep-optimizer: train.method={name} does not train the same tensors with a fresh "
+                          "AdamW each round (lora and dpo do); leave it false")
+    schedule.check(cfg)
     if spec.check is not None:
         spec.check(cfg, spec)

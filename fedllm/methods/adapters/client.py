@@ -21,9 +21,11 @@ from fedllm.methods.base import Transform
 from fedllm.methods.adapters import engine as lora
 from fedllm.methods.adapters import modules
 from fedllm.methods.adapters.resources import base_bits, client_config, pad, truncate
+from fedllm.methods.schedule import clock
 from fedllm.protocol import ARRAYS, CONFIG, DOWN, METRICS, PEFT, SCORES, UPDATE, State
 
 GLOBAL, GLOBAL_VERSION, RESIDUAL = "global", "fedllm-global", "ef-residual"  # context.state names
+MOMENTS, MOMENT_STEPS = "adamw-moments", "adamw-steps"  # train.keep-optimizer's, in context.state
 Rows = Callable[[Any], tuple[list[dict[str, list[int]]], int]]  # tokenizer -> (encoded rows, examples)
 
 
@@ -61,7 +63,7 @@ class LoraClient:
         if not cfg.lora.auto_modules():
             self._build(self.cfg)
         self.start: State = {}  # the state training starts from (what an update is relative to)
-        self.mu, self.seed = 0.0, 0
+        self.mu, self.seed, self.round = 0.0, 0, 0
 
     def _build(self, cfg: Config) -> None:
         shape = cfg.lora
@@ -77,13 +79,19 @@ class LoraClient:
         self.start = receive_global(request, self.context, self.cfg)
         lora.set_adapter_state(self.net, self.mine(self.start))
         self.mu = float(request.config_records[CONFIG].get("proximal-mu", 0.0))
+        self.round = int(request.config_records[CONFIG].get("server-round", 0))
         return {"lora-rank": self.cfg.lora.rank, "base-bits": base_bits(self.cfg.model)}
 
     def mine(self, state: State) -> State:
         return truncate(state, self.cfg.lora.rank) if self.cfg.lora.rank < self.global_rank else state
 
     def train(self, rows: list[dict[str, list[int]]], seed: int) -> dict[str, float]:
-        return lora.train(self.net, rows, self.cfg.train, self.tokenizer.pad_token_id, seed=seed, proximal_mu=self.mu)
+        opt = kept_optimizer(self.net, self.context, self.cfg)
+        stats = lora.train(self.net, rows, self.cfg.train, self.tokenizer.pad_token_id, seed=seed, proximal_mu=self.mu,
+                           optimizer=opt, clock=clock(self.cfg, self.round))
+        if opt is not None:
+            keep_optimizer(opt, self.context)
+        return stats
 
     def upload(self, transform: Transform | None) -> dict[str, Any]:
         local = lora.adapter_state(self.net)
@@ -107,6 +115,26 @@ class LoraClient:
         scores = modules.module_scores(net, rows, probe.train, self.tokenizer.pad_token_id,
                                     probe.lora.calibration_batches, seed)
         return {SCORES: MetricRecord(scores), METRICS: MetricRecord({"num-examples": examples})}
+
+
+def kept_optimizer(net: Any, context: Context, cfg: Config) -> Any:
+    """With train.keep-optimizer, a fresh AdamW holding the moments this node kept from its last round
+    (none on its first, or when the adapter's tensors changed); otherwise None (train makes its own)."""
+    if not cfg.train.keep_optimizer:
+        return None
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = lora.make_optimizer(params, cfg.train, params[0].device)
+    held, steps = context.state.array_records.get(MOMENTS), context.state.config_records.get(MOMENT_STEPS)
+    if held is not None and steps is not None:
+        lora.load_optimizer_state(opt, held.to_torch_state_dict(), {k: int(v) for k, v in steps.items()})
+    return opt
+
+
+def keep_optimizer(opt: Any, context: Context) -> None:
+    """Store the optimizer's moments in the node state (train.keep-optimizer)."""
+    tensors, steps = lora.optimizer_state(opt)
+    context.state[MOMENTS] = ArrayRecord(tensors)
+    context.state[MOMENT_STEPS] = ConfigRecord(steps)
 
 
 def shifted(local: State, start: State, transform: Transform) -> State:

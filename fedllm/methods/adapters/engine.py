@@ -29,6 +29,7 @@ import torch
 from fedllm import devices
 from fedllm.config import ModelConfig, TrainConfig
 from fedllm.methods.adapters.config import LoraConfig
+from fedllm.methods.schedule import lr_factor
 from fedllm.data.templates import batches
 from fedllm.errors import ConfigError
 from fedllm.model import MODEL_CACHE, empty_model, first_line, load_base_model, placement
@@ -309,7 +310,8 @@ def subtract(a: State, b: State) -> State:
 
 
 def train(model: Any, rows: list[dict[str, list[int]]], cfg: TrainConfig, pad_id: int,
-          seed: int, proximal_mu: float = 0.0, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
+          seed: int, proximal_mu: float = 0.0, optimizer: torch.optim.Optimizer | None = None,
+          clock: tuple[int, int] = (0, 0)) -> dict[str, float]:
     """Run `cfg.local_steps` AdamW steps on encoded rows; returns loss and counts.
 
     Batches are drawn from a seeded permutation, epoch after epoch, and dropout masks from the
@@ -317,6 +319,8 @@ def train(model: Any, rows: list[dict[str, list[int]]], cfg: TrainConfig, pad_id
     `proximal_mu` > 0 adds FedProx's (mu / 2) * ||w - w_global||^2 on the adapter weights.
     `optimizer`: step this one (over the trainable parameters, its state carried by the caller
     from round to round, as DiLoCo's inner AdamW) instead of a fresh AdamW.
+    `clock`: (this round's first local step, the run's local steps) for train.lr-schedule
+    (fedllm.methods.schedule.clock); step i takes train.lr x lr_factor(first + i, total).
     """
     device = devices.of(model)
     mode = devices.precision(cfg.precision, device)
@@ -331,7 +335,9 @@ def train(model: Any, rows: list[dict[str, list[int]]], cfg: TrainConfig, pad_id
     losses: list[float] = []
     model.train()
     try:
-        for _ in range(cfg.local_steps):
+        for i in range(cfg.local_steps):
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * lr_factor(cfg, clock[0] + i, clock[1])
             step_loss = 0.0
             for _ in range(cfg.grad_accum):
                 batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
@@ -359,6 +365,35 @@ def train(model: Any, rows: list[dict[str, list[int]]], cfg: TrainConfig, pad_id
         "steps": float(cfg.local_steps),
         "examples-seen": float(cfg.local_steps * cfg.grad_accum * min(cfg.batch_size, len(rows))),
     }
+
+
+def optimizer_state(opt: torch.optim.Optimizer) -> tuple[State, dict[str, int]]:
+    """AdamW's moments as named CPU tensors (exp_avg.I, exp_avg_sq.I for parameter I of its one group)
+    and each parameter's step count: what a node keeps between its rounds (train.keep-optimizer)."""
+    tensors, steps = {}, {}
+    for i, p in enumerate(opt.param_groups[0]["params"]):
+        held = opt.state.get(p)
+        if held:
+            tensors[f"exp_avg.{i}"] = held["exp_avg"].detach().to("cpu", copy=True)
+            tensors[f"exp_avg_sq.{i}"] = held["exp_avg_sq"].detach().to("cpu", copy=True)
+            steps[f"step.{i}"] = int(held["step"])
+    return tensors, steps
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, tensors: State, steps: dict[str, int]) -> bool:
+    """Put moments from `optimizer_state` back into a fresh AdamW; False (and nothing loaded) when
+    they do not fit its parameters (another count or shape: the adapter changed)."""
+    params = opt.param_groups[0]["params"]
+    fits = set(tensors) == {f"{m}.{i}" for i in range(len(params)) for m in ("exp_avg", "exp_avg_sq")} and all(
+        tensors[f"exp_avg.{i}"].shape == p.shape and tensors[f"exp_avg_sq.{i}"].shape == p.shape
+        and f"step.{i}" in steps for i, p in enumerate(params))
+    if not fits:
+        return False
+    for i, p in enumerate(params):
+        opt.state[p] = {"step": torch.tensor(float(steps[f"step.{i}"])),
+                        "exp_avg": tensors[f"exp_avg.{i}"].to(p.device, p.dtype),
+                        "exp_avg_sq": tensors[f"exp_avg_sq.{i}"].to(p.device, p.dtype)}
+    return True
 
 
 def make_optimizer(params: list[torch.Tensor], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:

@@ -7,11 +7,17 @@ from __future__ import annotations
 from typing import Any
 
 from fedllm.methods.dpo import engine as dpo
-from fedllm.methods.adapters.client import LoraClient
+from fedllm.methods.adapters.client import LoraClient, keep_optimizer, kept_optimizer
+from fedllm.methods.schedule import clock
 
 
 class DpoClient(LoraClient):
     """One train message's DPO on this node's cached PEFT model."""
 
     def train(self, rows: list[dict[str, Any]], seed: int) -> dict[str, float]:
-        return dpo.train(self.net, self.tokenizer, rows, self.cfg.train, self.cfg.dpo, self.cfg.data.max_length, seed)
+        opt = kept_optimizer(self.net, self.context, self.cfg)
+        stats = dpo.train(self.net, self.tokenizer, rows, self.cfg.train, self.cfg.dpo, self.cfg.data.max_length, seed,
+                          optimizer=opt, clock=clock(self.cfg, self.round))
+        if opt is not None:
+            keep_optimizer(opt, self.context)
+        return stats

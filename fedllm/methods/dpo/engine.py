@@ -34,15 +34,19 @@ from fedllm.config import TrainConfig
 from fedllm.methods.dpo.config import DpoConfig
 from fedllm.errors import DataError
 from fedllm.methods.adapters import engine as lora
+from fedllm.methods.schedule import lr_factor
 
 REF = "ref"  # the name TRL gives the reference adapter
 logging.getLogger("trl").setLevel(logging.ERROR)
 
 
 def train(model: Any, tokenizer: Any, rows: list[dict[str, str]], cfg: TrainConfig, dpo: DpoConfig,
-          max_length: int, seed: int) -> dict[str, float]:
+          max_length: int, seed: int, optimizer: torch.optim.Optimizer | None = None,
+          clock: tuple[int, int] = (0, 0)) -> dict[str, float]:
     """`cfg.local_steps` DPO optimizer steps (AdamW, TRL's trainer) on preference-pair texts
-    (`fedllm.data.pair_text`); returns the round's loss and TRL's reward statistics."""
+    (`fedllm.data.pair_text`); returns the round's loss and TRL's reward statistics.
+    `optimizer`: step this AdamW (its moments kept by the caller, train.keep-optimizer) instead of
+    the trainer's own. `clock`: (this round's first local step, the run's) for train.lr-schedule."""
     import datasets
     from transformers import PrinterCallback, TrainerCallback
     from trl import DPOConfig as TrlConfig
@@ -57,6 +61,12 @@ def train(model: Any, tokenizer: Any, rows: list[dict[str, str]], cfg: TrainConf
     class Keep(TrainerCallback):
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
             kept.update(logs or {})  # the last log: TRL's averages over the round
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kw: Any) -> None:
+            # the trainer's scheduler is constant (it resets each group to train.lr after a step): the
+            # schedule over the run's steps sets the rate before each one
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(cfg, clock[0] + state.global_step, clock[1])
 
     device = devices.of(model)  # TRL's trainer places the model on its accelerator's device: the current GPU
     mode = devices.precision(cfg.precision, device)
@@ -78,7 +88,7 @@ def train(model: Any, tokenizer: Any, rows: list[dict[str, str]], cfg: TrainConf
             dataloader_num_workers=0, precompute_ref_log_probs=False, disable_dropout=True,
         )
         trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                             processing_class=tokenizer, callbacks=[Keep()])
+                             processing_class=tokenizer, callbacks=[Keep()], optimizers=(optimizer, None))
         trainer.remove_callback(PrinterCallback)
         if dpo.reference == "base" and REF in model.peft_config:
             model.delete_adapter(REF)  # TRL then disables the adapters for the reference pass

@@ -12,7 +12,8 @@ from fedllm.errors import ConfigError, PayloadError
 from fedllm.methods.base import Transform
 from fedllm.methods.adapters import engine as lora
 from fedllm.methods.adapters.client import client_rank, shifted
-from fedllm.protocol import ARRAYS, FROZEN, State
+from fedllm.methods.schedule import clock
+from fedllm.protocol import ARRAYS, CONFIG, FROZEN, State
 
 
 class ExactLoraClient:
@@ -24,18 +25,21 @@ class ExactLoraClient:
         self.net, self.tokenizer = lora.lora_model(self.cfg.model, self.cfg.lora, self.cfg.train.seed)
         self.frozen: State = {}
         self.start: State = {}
+        self.round = 0
 
     def sync(self, request: RecordDict, seed: int) -> dict[str, float]:
         if FROZEN not in request.array_records:
             raise PayloadError(f"exact-lora: the message lacks the {FROZEN!r} record")
         self.frozen = request.array_records[FROZEN].to_torch_state_dict()
+        self.round = int(request.config_records[CONFIG].get("server-round", 0))
         lora.reset_adapter(self.net, seed)
         self.start = lora.adapter_state(self.net)
         return {"lora-rank": self.cfg.lora.rank}
 
     def train(self, rows: list[dict[str, list[int]]], seed: int) -> dict[str, float]:
         with lora.frozen_delta(self.net, self.frozen):
-            return lora.train(self.net, rows, self.cfg.train, self.tokenizer.pad_token_id, seed=seed)
+            return lora.train(self.net, rows, self.cfg.train, self.tokenizer.pad_token_id, seed=seed,
+                              clock=clock(self.cfg, self.round))
 
     def upload(self, transform: Transform | None) -> dict[str, Any]:
         local = lora.adapter_state(self.net)
