@@ -65,11 +65,12 @@ def test_report_of_a_real_run_shows_every_plot_in_headless_chromium(tiny_model_d
     for title in ("eval loss per round", "exact match per round", "Rouge-L per round", "eval loss per family",
                   "exact match per family", "Rouge-L per family", "bytes up and down per round",
                   "cumulative bytes on the wire", "round time", "contribution score per client",
-                  "rewards earned per client (cumulative)", "stake slashed per client (cumulative)"):
+                  "rewards earned per client (cumulative)", "stake slashed per client (cumulative)",
+                  "eval loss against bytes on the wire", "eval loss against client seconds"):
         assert f'alt="{title}"' in html
     assert "Final figures" in html and "lora.rank" in html  # the figures and the config
     seen = _load(chromium, page)
-    assert seen.get("plots") == "12" and seen.get("plots-shown") == "12", seen
+    assert seen.get("plots") == "14" and seen.get("plots-shown") == "14", seen
     assert "errors" not in seen, seen
 
 
@@ -82,8 +83,13 @@ def test_compare_overlays_runs_and_the_cli_names_a_bad_directory(tiny_model_dir,
     assert main(["compare", str(a), str(b), "--out", str(out)]) == 0
     html = out.read_text()
     assert "compression.up" in html and ">lora<" in html and ">int8<" in html  # the differing key, both runs
+    assert 'alt="eval loss against bytes on the wire"' in html and 'alt="eval loss against client seconds"' in html
+    from fedllm.reporting.runlog import read_metrics, summary
+
+    spent = [summary(read_metrics(d))["client-seconds-total"] for d in (a, b)]
+    assert all(s > 0 for s in spent)  # each client's reply says how long it worked
     seen = _load(chromium, out)
-    assert seen.get("plots") == "6" and seen.get("plots-shown") == "6", seen
+    assert seen.get("plots") == "8" and seen.get("plots-shown") == "8", seen
     assert main(["report", str(tmp_path / "missing")]) == 2
     (a / REPORT).unlink()
     assert main(["report", str(a)]) == 0 and (a / REPORT).exists()

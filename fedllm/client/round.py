@@ -158,7 +158,9 @@ def handle(request: RecordDict, context: Context, started: float | None = None) 
     stats = half.train(rows, seed) if hooks.train else {"train-loss": 0.0, "steps": 0}  # a free rider does no work
     metrics.update(stats)
     log.info("client %d round %d: loss %.4f", pid, server_round, stats["train-loss"])
-    reply = RecordDict({**half.upload(poisoning(cfg, hooks, seed)), METRICS: MetricRecord(metrics)})
+    records = half.upload(poisoning(cfg, hooks, seed))
+    metrics["client-seconds"] = time.time() - started  # the message's whole work here: sync, train, encode
+    reply = RecordDict({**records, METRICS: MetricRecord(metrics)})
     if hooks.replay:
         keep_for_replay(context, reply)
     return signed(reply, request, context, cfg, pid)

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.evaluation.metrics import METRICS
-from fedllm.reporting.runlog import (PREFERENCE, human_bytes, load_run_plugins, metric_lines, number_text, preference_lines,
-                                     read_config, read_metrics, summary, write_atomically)
+from fedllm.reporting.runlog import (PREFERENCE, client_seconds, human_bytes, load_run_plugins, metric_lines,
+                                     number_text, preference_lines, read_config, read_metrics, summary,
+                                     write_atomically)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,14 @@ def _series(rows: list[dict[str, Any]]) -> dict[str, Any]:
     trained = [r for r in rows if r["round"] > 0]
     up = [sum(r.get("bytes-up", {}).values()) for r in trained]
     down = [sum(r.get("bytes-down", {}).values()) for r in trained]
+    # what a round's evaluation had cost so far: bytes both ways and client seconds, summed over rounds
+    spent, bytes_so_far, seconds_so_far = {}, 0, 0.0
+    for r in rows:
+        if r["round"] > 0:
+            bytes_so_far += sum(r.get("bytes-up", {}).values()) + sum(r.get("bytes-down", {}).values())
+            seconds_so_far += client_seconds(r)
+        spent[r["round"]] = (bytes_so_far, seconds_so_far)
+    evaluated = [r["round"] for r in rows if "eval-loss" in r]
     return {
         "eval-rounds": [r["round"] for r in rows if "eval-loss" in r],
         "eval-loss": [r["eval-loss"] for r in rows if "eval-loss" in r],
@@ -49,6 +58,8 @@ def _series(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "bytes-up-cumulative": list(itertools.accumulate(up)),
         "bytes-down-cumulative": list(itertools.accumulate(down)),
         "round-seconds": [r.get("round-seconds", 0.0) for r in trained],
+        "eval-bytes": [spent[n][0] for n in evaluated],
+        "eval-client-seconds": [spent[n][1] for n in evaluated],
     }
 
 
@@ -126,6 +137,32 @@ def _run_plots(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
                 ax.set_yscale("log")
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: human_bytes(v)))
         _finish(ax, title, ylabel, legend_size=8)
+        out.append(_png(fig))
+    return out + _cost_plots(series)
+
+
+def _cost_plots(series: dict[str, dict[str, Any]]) -> list[str]:
+    """Eval loss against what it cost: bytes on the wire (log scale) and the clients' seconds, one
+    line per run (a point per evaluation): the picture to choose a method from."""
+    from matplotlib.ticker import FuncFormatter
+
+    plt = _pyplot()
+    out = []
+    for title, x_key, xlabel in (("eval loss against bytes on the wire", "eval-bytes", "bytes up + down, all clients"),
+                                 ("eval loss against client seconds", "eval-client-seconds",
+                                  "seconds the clients worked, summed")):
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        for name, s in series.items():
+            ax.plot(s[x_key], s["eval-loss"], "-", marker="o", label=name if len(series) > 1 else None)
+        if x_key == "eval-bytes":
+            ax.set_xscale("symlog", linthresh=1e3)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: human_bytes(v)))
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("eval loss (response tokens)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize=8)
         out.append(_png(fig))
     return out
 

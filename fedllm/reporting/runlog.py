@@ -4,6 +4,7 @@ summary printed and saved at the end, and `fedllm ledger`'s view of the ledger r
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import time
@@ -150,6 +151,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "bytes-down-total": down,
         "bytes-total": up + down,
         "seconds": sum(r.get("round-seconds", 0.0) for r in trained),
+        "client-seconds-total": sum(client_seconds(r) for r in trained),
     }
     for key in PREFERENCE:  # train.method=dpo: held-out rewards against the run's starting model
         if key in last:
@@ -166,6 +168,13 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 PREFERENCE = ("reward-accuracy", "reward-margin", "preference-accuracy")
+
+
+def client_seconds(row: dict[str, Any]) -> float:
+    """The seconds a round's accepted clients worked (sync, train, encode; their sum): the compute a
+    federation spends, whatever runs in parallel."""
+    values = [m.get("client-seconds") for m in row.get("clients", {}).values() if isinstance(m, dict)]
+    return sum(float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v))
 
 
 def preference_lines(s: dict[str, Any]) -> list[tuple[str, str]]:
