@@ -1,23 +1,38 @@
-"""How much does federation give up against centralized training on the same samples?
+"""Does federation match centralized training? At equal epochs, and on the same samples.
 
-    python bench/quality.py [--seeds 0,1,2] [--clients 8] [--rounds 2] [--steps 2] [--only ROW,...] [--out FILE]
+    python bench/quality.py [--table epochs|samples] [--seeds 0,1,2] [--epochs 1,2,4] [--only ROW,...] [--out FILE]
 
-SmolLM2-135M-Instruct, the built-in suite (7 families), `--clients` clients. Every row trains
-on the same pooled samples with the same number of optimizer steps per sample: the federated
-rows run `rounds x clients x steps` client steps of `batch` examples; the centralized row is
-one client holding the pooled data and taking the same `rounds x clients x steps` steps in one
-go (one AdamW state, the same learning rate). Rows: centralized LoRA; FedAvg, FedProx, FedAdam
-and exact-lora with IID, Dirichlet (alpha 0.3) and by-task partitions; FedKSeed (zo, by task),
-also with ten times the local steps (ten times the samples: outside the same-samples rule, said so).
-Seeds vary the generated data, the partition and the training seed. Runs go through
-`fedllm.server.loop.run` on an in-process grid (the same ServerApp and client code as a
-simulation, without Ray: this measures learning, not system overhead).
+SmolLM2-135M-Instruct, the built-in suite (7 families), LoRA r=8 on q,v, 8 clients. Runs go
+through `fedllm.server.loop.run` on an in-process grid (the ServerApp and client code of a
+simulation, without Ray: this measures learning, not system overhead). Seeds vary the generated
+data, the partition and the training seed.
+
+**Equal epochs** (`--table epochs`, the default): 16 training examples a family (112 in all),
+batch 2, so one epoch over the pooled data is 56 optimizer steps of the centralized run, and 7
+local steps of each of the 8 clients (8 x 7 x 2 = 112 examples). A federated row at E epochs runs
+R rounds of s local steps with R x s = 7 E, every client in every round; centralized LoRA is one
+client holding the pooled data for 56 E steps (one AdamW, its own tuned lr). Every row takes its
+best (lowest eval loss) of a small grid, searched at 2 epochs with seed 0 and then used for every
+seed and epoch count; rows marked "from" start from another row's best and search only their own
+keys (GRID below states every grid). Evaluation every few rounds gives each run a curve of eval
+loss against the bytes it had sent and the seconds its clients had worked; seed 0's runs at the
+largest epoch count are drawn in bench/quality.png (one line per row). The zeroth-order and
+Ferret rows are also compared with the best rule at equal client seconds: the best rule's gain
+read off its curve at the row's client seconds (linear between evaluations; its final gain when
+the row worked longer than the best rule's whole run).
+
+**Same samples** (`--table samples`): the earlier setting: 48 examples a family, batch 4, 2 rounds
+of 2 local steps, against one client taking the same 32 steps (rows FedAvg, FedProx, FedAdam and
+exact-lora by IID, Dirichlet 0.3 and task partitions; FedKSeed, also with 10x steps).
 
 Per row: the eval-loss gain (before - after, held-out split) as a fraction of the centralized
-gain of the same seed, mean and 95% t-interval over the seeds; exact match and Rouge-L after;
-bytes on the wire. For zo, a one-sided paired t-test of eval loss before vs after over the seeds.
-Goals: FedAvg by task >= 0.95 of the centralized gain; zo's gain real at p < 0.05.
-Each finished run is kept in the JSON, so an interrupted bench continues where it stopped.
+gain of the same seed (and epochs), mean and 95% t-interval over the seeds; exact match and Rouge-L
+after; bytes on the wire; the clients' seconds (summed). For zo, a one-sided paired t-test of eval
+loss before vs after over the seeds. Goals: the best rule >= 0.98 of the centralized gain at 2
+epochs (lower end of the interval >= 0.95); Ferret or the best zeroth-order row >= 0.5 of the best
+rule's gain at equal client seconds with >= 100x fewer bytes; the defaults row (every learning
+key at its default) >= 0.95 of the best rule's gain. Each finished run is kept in the JSON, so an
+interrupted bench continues where it stopped.
 """
 
 from __future__ import annotations
@@ -34,60 +49,94 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).with_suffix(".json")
+PLOT = Path(__file__).with_suffix(".png")
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
-COMMON = {"data.train-per-family": 48, "data.eval-per-family": 8, "server.exact-match-examples": 14,
-          "train.batch-size": 4, "train.lr": 0.002, "lora.rank": 8, "server.min-clients": 1,
-          "server.checkpoint": False, "server.eval-every": 0}
+# --- equal epochs --------------------------------------------------------------------------------
+CLIENTS, PER_EPOCH = 8, 7  # clients; each one's local steps in an epoch (16 x 7 / 8 / 2)
+EPOCHS = {"data.train-per-family": 16, "data.eval-per-family": 8, "server.exact-match-examples": 14,
+          "train.batch-size": 2, "lora.rank": 8, "server.min-clients": 1, "server.checkpoint": False,
+          "data.partition": "task"}
+ZO = {"train.method": "zo", "zo.num-seeds": 4096, "zo.dist": "rademacher", "zo.lr": 6e-6, "zo.eps": 1e-3}
+# row -> (the row whose best it starts from, its fixed keys, its grid: a list of variants; "steps" is s)
+GRID: dict[str, tuple[str | None, dict[str, Any], list[dict[str, Any]]]] = {
+    "centralized": (None, {}, [{"train.lr": lr} for lr in (1e-3, 2e-3, 4e-3)]),
+    "fedavg": (None, {"server.strategy": "fedavg"},
+               [{"steps": s, "train.lr": lr} for s in (1, 7) for lr in (2e-3, 4e-3)]),
+    "fedavg cosine": ("fedavg", {}, [{"train.lr-schedule": "cosine"},
+                                     {"train.lr-schedule": "cosine", "train.keep-optimizer": True},
+                                     {"train.keep-optimizer": True}]),
+    "fedadam": ("fedavg", {"server.strategy": "fedadam"}, [{"strategy.server-lr": v} for v in (1e-3, 1e-2, 1e-1)]),
+    "fedprox": ("fedavg", {"server.strategy": "fedprox", "strategy.proximal-mu": 0.01}, [{}]),
+    "exact-lora": ("fedavg", {"train.method": "exact-lora"}, [{}]),
+    "fedavg dirichlet-0.3": ("fedavg", {"data.partition": "dirichlet", "data.alpha": 0.3}, [{}]),
+    "defaults": (None, {"steps": PER_EPOCH}, [{}]),  # every learning key at its default (lr 1e-3, fedavg)
+    "zo": (None, {**ZO, "steps": PER_EPOCH}, [{}]),
+}
+RULES = ("fedavg", "fedavg cosine", "fedadam", "fedprox", "exact-lora")  # the best of these is "the best rule"
+ORDER = ["centralized", "fedavg", "fedavg cosine", "fedadam", "fedprox", "exact-lora", "defaults",
+         "fedavg dirichlet-0.3", "zo"]
+
+# --- same samples (the earlier table) -----------------------------------------------------------
+SAMPLES = {"data.train-per-family": 48, "data.eval-per-family": 8, "server.exact-match-examples": 14,
+           "train.batch-size": 4, "train.lr": 0.002, "lora.rank": 8, "server.min-clients": 1,
+           "server.checkpoint": False, "server.eval-every": 0}
 PARTITIONS = {"iid": {"data.partition": "iid"}, "dirichlet-0.3": {"data.partition": "dirichlet", "data.alpha": 0.3},
               "task": {"data.partition": "task"}}
 STRATEGIES = {"fedavg": {"server.strategy": "fedavg"},
               "fedprox": {"server.strategy": "fedprox", "strategy.proximal-mu": 0.01},
               "fedadam": {"server.strategy": "fedadam", "strategy.server-lr": 0.01},
               "exact-lora": {"train.method": "exact-lora"}}
-ZO = {"train.method": "zo", "data.partition": "task", "zo.num-seeds": 4096, "zo.dist": "rademacher",
-      "zo.lr": 6e-6, "zo.eps": 1e-3}
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def rows(clients: int, rounds: int, steps: int) -> dict[str, tuple[int, dict[str, Any]]]:
-    """Row name -> (clients, overrides)."""
-    out = {"centralized": (1, {"server.num-rounds": 1, "train.local-steps": rounds * clients * steps})}
+def sample_rows(rounds: int = 2, steps: int = 2) -> dict[str, tuple[int, dict[str, Any]]]:
+    """The same-samples table: row -> (clients, overrides)."""
+    out = {"centralized": (1, {**SAMPLES, "server.num-rounds": 1, "train.local-steps": rounds * CLIENTS * steps})}
     for s, s_over in STRATEGIES.items():
         for p, p_over in PARTITIONS.items():
-            out[f"{s} {p}"] = (clients, {"server.num-rounds": rounds, "train.local-steps": steps, **s_over, **p_over})
-    # what closes FedAvg's gap at the same samples and steps: a server step larger than the mean
-    # delta (FedAvg with server learning rate 4, no momentum: the mean of 8 clients' deltas x 4)
-    out["fedavg task server-lr 4"] = (clients, {"server.num-rounds": rounds, "train.local-steps": steps,
-                                                 "server.strategy": "fedavgm", "strategy.server-lr": 4.0,
-                                                 "strategy.momentum": 0.0, **PARTITIONS["task"]})
-    # the same samples through more, smaller rounds: a quarter of the clients per round (sampled),
-    # four times the rounds: more sequential steps, which is what FedAvg gives up
-    out["fedavg task 4x rounds quarter clients"] = (clients, {
-        "server.num-rounds": 4 * rounds, "server.fraction-train": 0.25, "train.local-steps": steps,
-        "server.strategy": "fedavg", **PARTITIONS["task"]})
-    out["zo task"] = (clients, {"server.num-rounds": rounds, "train.local-steps": steps, **ZO})
-    # zo's steps are two forward passes each, and one random direction learns little: the same
-    # rounds with ten times the local steps (ten times the samples) shows what zo needs
-    out["zo task 10x steps"] = (clients, {"server.num-rounds": rounds, "train.local-steps": 10 * steps, **ZO})
+            out[f"{s} {p}"] = (CLIENTS, {**SAMPLES, "server.num-rounds": rounds, "train.local-steps": steps,
+                                         **s_over, **p_over})
+    out["zo task"] = (CLIENTS, {**SAMPLES, "server.num-rounds": rounds, "train.local-steps": steps, **ZO,
+                                **PARTITIONS["task"]})
+    out["zo task 10x steps"] = (CLIENTS, {**SAMPLES, "server.num-rounds": rounds, "train.local-steps": 10 * steps,
+                                          **ZO, **PARTITIONS["task"]})
     return out
+
+
+def epoch_run(row: str, keys: dict[str, Any], epochs: int) -> tuple[int, dict[str, Any]]:
+    """(clients, overrides) of `row` with its chosen keys at `epochs` epochs."""
+    keys = dict(keys)
+    if row == "centralized":
+        return 1, {**EPOCHS, **keys, "server.num-rounds": 1, "train.local-steps": CLIENTS * PER_EPOCH * epochs,
+                   "server.eval-every": 0}
+    steps = keys.pop("steps")
+    rounds = PER_EPOCH * epochs // steps
+    return CLIENTS, {**EPOCHS, **keys, "server.num-rounds": rounds, "train.local-steps": steps,
+                     "server.eval-every": max(1, rounds // 4)}
 
 
 def one_run(name: str, clients: int, over: dict[str, Any], seed: int, workdir: Path) -> dict[str, Any]:
     from fedllm.config import Config
+    from fedllm.reporting.runlog import client_seconds, read_metrics, summary
     from fedllm.server.grid import LocalGrid
-    from fedllm.reporting.runlog import read_metrics, summary
     from fedllm.server.loop import run
 
-    cfg = Config.from_flat({**COMMON, **over, "data.seed": seed, "train.seed": seed, "server.run-dir": str(workdir),
-                            "server.run-name": f"{name.replace(' ', '-')}-seed{seed}"})
+    cfg = Config.from_flat({**over, "data.seed": seed, "train.seed": seed, "server.run-dir": str(workdir),
+                            "server.run-name": f"{name.replace(' ', '-')}-seed{seed}-{time.time_ns()}"})
     t0 = time.perf_counter()
-    run_dir = run(LocalGrid(clients), cfg)
-    s = summary(read_metrics(run_dir))
-    last = read_metrics(run_dir)[-1]
+    rows = read_metrics(run(LocalGrid(clients), cfg))
+    s = summary(rows)
+    curve, sent, worked = [], 0, 0.0
+    for r in rows:
+        if r["round"] > 0:
+            sent += sum(r.get("bytes-up", {}).values()) + sum(r.get("bytes-down", {}).values())
+            worked += client_seconds(r)
+        if "eval-loss" in r:
+            curve.append([r["round"], sent, round(worked, 2), r["eval-loss"]])
     return {"row": name, "seed": seed, "before": s["eval-loss-before"], "after": s["eval-loss-after"],
-            "exact-match": s["exact-match-after"], "exact-match-before": s["exact-match-before"],
-            "rouge-l": last.get("rouge-l"), "families": last.get("families"),
-            "bytes": s["bytes-up-total"] + s["bytes-down-total"], "seconds": round(time.perf_counter() - t0, 1)}
+            "exact-match": s["exact-match-after"], "rouge-l": s["rouge-l-after"], "bytes": s["bytes-total"],
+            "client-seconds": round(s["client-seconds-total"], 1), "curve": curve,
+            "seconds": round(time.perf_counter() - t0, 1), "overrides": over}
 
 
 def interval(values: list[float]) -> tuple[float, float]:
@@ -98,80 +147,223 @@ def interval(values: list[float]) -> tuple[float, float]:
     return mean, T975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
 
 
-def table(results: list[dict[str, Any]], names: list[str]) -> tuple[list[dict[str, Any]], str]:
-    from scipy import stats
+def gain_at(curve: list[list[float]], seconds: float) -> float:
+    """A run's eval-loss gain after `seconds` client seconds, linear between its evaluations (its
+    final gain past its end)."""
+    before = curve[0][3]
+    for (_, _, s0, l0), (_, _, s1, l1) in zip(curve, curve[1:]):
+        if s0 <= seconds <= s1:
+            return before - (l0 + (l1 - l0) * (seconds - s0) / max(s1 - s0, 1e-9))
+    return before - curve[-1][3]
 
-    central = {r["seed"]: r["before"] - r["after"] for r in results if r["row"] == "centralized"}
-    lines = ["| row | gain / centralized (95% CI) | eval loss after | exact match | Rouge-L | MB on the wire | seeds |",
-             "|---|---|---|---|---|---|---|"]
-    summary_rows = []
-    for name in names:
-        mine = sorted((r for r in results if r["row"] == name), key=lambda r: r["seed"])
-        if not mine:
+
+class Bench:
+    """The runs done so far (kept in --out) and the choices they imply."""
+
+    def __init__(self, out: Path, setup: dict[str, Any], fresh: bool) -> None:
+        self.out, self.setup = out, setup
+        old = json.loads(out.read_text()) if out.exists() and not fresh else {}
+        self.runs: list[dict[str, Any]] = old.get("runs", []) if old.get("setup") == setup else []
+        self.tmp = tempfile.TemporaryDirectory()
+
+    def find(self, kind: str, row: str, seed: int, epochs: int, keys: dict[str, Any]) -> dict[str, Any] | None:
+        return next((r for r in self.runs if r["kind"] == kind and r["row"] == row and r["seed"] == seed
+                     and r["epochs"] == epochs and r["keys"] == keys), None)
+
+    def get(self, kind: str, row: str, seed: int, epochs: int, keys: dict[str, Any], clients: int,
+            over: dict[str, Any]) -> dict[str, Any]:
+        done = self.find(kind, row, seed, epochs, keys)
+        if done is None:
+            done = {**one_run(row, clients, over, seed, Path(self.tmp.name)), "kind": kind, "epochs": epochs,
+                    "keys": keys}
+            self.runs.append(done)
+            self.save()
+            print(f"{kind:7} seed {seed} {epochs}ep {row:22} {json.dumps(keys):60} eval loss {done['before']:.4f} -> "
+                  f"{done['after']:.4f}, EM {done['exact-match']:.3f}, {done['client-seconds']:.0f} client s, "
+                  f"{done['seconds']:.0f} s", flush=True)
+        return done
+
+    def save(self, **extra: Any) -> None:
+        old = json.loads(self.out.read_text()) if self.out.exists() else {}
+        kept = {k: v for k, v in old.items() if k not in ("setup", "runs")} if old.get("setup") == self.setup else {}
+        self.out.write_text(json.dumps({"setup": self.setup, "runs": self.runs, **kept, **extra}, indent=1) + "\n")
+
+    def best(self, row: str, grid_epochs: int = 2) -> dict[str, Any]:
+        """`row`'s chosen keys: its base row's best, its fixed keys, then the best of its grid (each
+        variant run at `grid_epochs` epochs, seed 0)."""
+        base, fixed, variants = GRID[row]
+        start = {**(self.best(base, grid_epochs) if base else {}), **fixed}
+        tried = []
+        for variant in variants:
+            keys = {**start, **variant}
+            clients, over = epoch_run(row, keys, grid_epochs)
+            tried.append((self.get("grid", row, 0, grid_epochs, keys, clients, over)["after"], keys))
+        return min(tried, key=lambda t: t[0])[1]
+
+
+def epochs_table(bench: Bench, rows: list[str], seeds: list[int], epochs: list[int]) -> tuple[list[dict], str]:
+    """Run what the table needs and summarise it: per row and epoch count, the gain as a fraction of
+    centralized's (same seed and epochs)."""
+    chosen = {row: bench.best(row) for row in ["centralized", *rows]}
+    results: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for e in epochs:
+        for row in ["centralized", *rows]:
+            for seed in seeds:
+                clients, over = epoch_run(row, chosen[row], e)
+                kind = "grid" if seed == 0 and e == 2 else "run"  # seed 0 at 2 epochs is the grid's own run
+                results.setdefault((row, e), []).append(bench.get(kind, row, seed, e, chosen[row], clients, over))
+    summary, lines = [], ["| row | epochs | gain / centralized (95% CI) | eval loss after | exact match | Rouge-L | "
+                          "MB on the wire | client s | seeds | chosen keys |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for e in epochs:
+        central = {r["seed"]: r["before"] - r["after"] for r in results[("centralized", e)]}
+        best_rule = max((statistics.fmean(central_fraction(results[(r, e)], central)) for r in RULES if r in rows),
+                        default=math.nan)
+        for row in ["centralized", *rows]:
+            mine = results[(row, e)]
+            frac, half = interval(central_fraction(mine, central))
+            item = {"row": row, "epochs": e, "keys": chosen[row], "seeds": [r["seed"] for r in mine],
+                    "fraction": frac, "fraction-ci95": half, "after": statistics.fmean(r["after"] for r in mine),
+                    "before": statistics.fmean(r["before"] for r in mine),
+                    "exact-match": statistics.fmean(r["exact-match"] for r in mine),
+                    "rouge-l": statistics.fmean(r["rouge-l"] or 0.0 for r in mine),
+                    "megabytes": statistics.fmean(r["bytes"] for r in mine) / 1e6,
+                    "client-seconds": statistics.fmean(r["client-seconds"] for r in mine)}
+            if len(mine) >= 2:
+                from scipy import stats
+
+                test = stats.ttest_rel([r["before"] for r in mine], [r["after"] for r in mine], alternative="greater")
+                item["paired-p"] = float(test.pvalue)
+            item["best-rule-fraction"] = best_rule
+            summary.append(item)
+            ci = f"{frac:.3f} ± {half:.3f}" if not math.isnan(half) else f"{frac:.3f}"
+            lines.append(f"| {row} | {e} | {ci} | {item['after']:.4f} (before {item['before']:.4f}) | "
+                         f"{item['exact-match']:.3f} | {item['rouge-l']:.3f} | {item['megabytes']:.3f} | "
+                         f"{item['client-seconds']:.0f} | {len(mine)} | {keys_text(chosen[row])} |")
+    return summary, "\n".join(lines)
+
+
+def central_fraction(mine: list[dict[str, Any]], central: dict[int, float]) -> list[float]:
+    return [(r["before"] - r["after"]) / central[r["seed"]] for r in mine if r["seed"] in central]
+
+
+def keys_text(keys: dict[str, Any]) -> str:
+    shown = {k: v for k, v in keys.items() if k not in ZO or k == "zo.lr"}
+    return ", ".join(f"{k.removeprefix('train.').removeprefix('strategy.')}={v}" for k, v in shown.items()) or "-"
+
+
+def equal_seconds(bench: Bench, summary: list[dict[str, Any]], rows: list[str], epochs: int) -> list[dict[str, Any]]:
+    """Rows that are not rules against the best rule at the same client seconds (seed by seed)."""
+    rules = [s for s in summary if s["epochs"] == epochs and s["row"] in RULES]
+    if not rules:
+        return []
+    best = max(rules, key=lambda s: s["fraction"])
+    out = []
+    for s in summary:
+        if s["epochs"] != epochs or s["row"] in RULES or s["row"] in ("centralized", "defaults"):
             continue
-        fractions = [(r["before"] - r["after"]) / central[r["seed"]] for r in mine if r["seed"] in central]
-        frac, half = interval(fractions) if fractions else (math.nan, math.nan)
-        row = {"row": name, "seeds": [r["seed"] for r in mine], "fraction": frac, "fraction-ci95": half,
-               "fractions": fractions, "after": statistics.fmean(r["after"] for r in mine),
-               "before": statistics.fmean(r["before"] for r in mine),
-               "exact-match": statistics.fmean(r["exact-match"] for r in mine),
-               "rouge-l": statistics.fmean(r["rouge-l"] or 0.0 for r in mine),
-               "megabytes": statistics.fmean(r["bytes"] for r in mine) / 1e6}
-        if len(mine) >= 2:
-            test = stats.ttest_rel([r["before"] for r in mine], [r["after"] for r in mine], alternative="greater")
-            row["paired-p"] = float(test.pvalue)
-        summary_rows.append(row)
-        ci = f"{frac:.3f} ± {half:.3f}" if not math.isnan(half) else f"{frac:.3f}"
-        lines.append(f"| {name} | {ci} | {row['after']:.4f} (before {row['before']:.4f}) | {row['exact-match']:.3f} | "
-                     f"{row['rouge-l']:.3f} | {row['megabytes']:.2f} | {len(mine)} |")
-    return summary_rows, "\n".join(lines)
+        ratios, bytes_ratio = [], []
+        for seed in s["seeds"]:
+            mine = bench.find(*kind_of(seed, epochs), s["row"], seed, epochs, s["keys"])
+            ref = bench.find(*kind_of(seed, epochs), best["row"], seed, epochs, best["keys"])
+            if mine and ref:
+                ratios.append((mine["before"] - mine["after"]) / gain_at(ref["curve"], mine["client-seconds"]))
+                bytes_ratio.append(ref["bytes"] / max(mine["bytes"], 1))
+        if ratios:
+            out.append({"row": s["row"], "against": best["row"], "epochs": epochs,
+                        "gain / best rule's at equal client seconds": statistics.fmean(ratios),
+                        "bytes, best rule / row": statistics.fmean(bytes_ratio)})
+    return out
+
+
+def kind_of(seed: int, epochs: int) -> tuple[str]:
+    return ("grid" if seed == 0 and epochs == 2 else "run",)
+
+
+def plot(bench: Bench, rows: list[str], epochs: int, chosen: dict[str, dict[str, Any]]) -> None:
+    """bench/quality.png: eval loss against bytes and against client seconds, seed 0, one line a row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for row in rows:
+        run = bench.find(*kind_of(0, epochs), row, 0, epochs, chosen[row])
+        if not run or row == "centralized":
+            continue
+        curve = run["curve"]
+        for ax, i in zip(axes, (1, 2)):
+            ax.plot([c[i] for c in curve], [c[3] for c in curve], "-", marker="o", label=row)
+    axes[0].set_xscale("symlog", linthresh=1e3)
+    axes[0].set_xlabel("bytes up + down, all clients")
+    axes[1].set_xlabel("seconds the clients worked, summed")
+    for ax, title in zip(axes, ("eval loss against bytes on the wire", "eval loss against client seconds")):
+        ax.set_title(f"{title} ({epochs} epochs, seed 0)")
+        ax.set_ylabel("eval loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.savefig(PLOT, dpi=80, bbox_inches="tight")
+
+
+def samples_table(bench: Bench, names: list[str], seeds: list[int]) -> str:
+    plan = sample_rows()
+    results: dict[str, list[dict[str, Any]]] = {}
+    for seed in seeds:
+        for name in ["centralized", *[n for n in names if n != "centralized"]]:
+            clients, over = plan[name]
+            results.setdefault(name, []).append(bench.get("samples", name, seed, 0, {}, clients, over))
+    central = {r["seed"]: r["before"] - r["after"] for r in results["centralized"]}
+    lines = ["| row | gain / centralized (95% CI) | eval loss after | exact match | MB on the wire | seeds |",
+             "|---|---|---|---|---|---|"]
+    for name, mine in results.items():
+        frac, half = interval(central_fraction(mine, central))
+        lines.append(f"| {name} | {frac:.3f} ± {half:.3f} | {statistics.fmean(r['after'] for r in mine):.4f} | "
+                     f"{statistics.fmean(r['exact-match'] for r in mine):.3f} | "
+                     f"{statistics.fmean(r['bytes'] for r in mine) / 1e6:.2f} | {len(mine)} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--table", choices=("epochs", "samples"), default="epochs")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=2, help="local steps per client per round")
-    ap.add_argument("--only", default="", help="comma-separated row names (default: all)")
+    ap.add_argument("--epochs", default="1,2,4", help="epoch counts of the equal-epochs table")
+    ap.add_argument("--only", default="", help="comma-separated rows (default: all); centralized always runs")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--fresh", action="store_true", help="ignore the runs already in --out")
     opts = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    plan = rows(opts.clients, opts.rounds, opts.steps)
-    names = [n.strip() for n in opts.only.split(",") if n.strip()] or list(plan)
-    unknown = [n for n in names if n not in plan]
-    if unknown:
-        raise SystemExit(f"--only: unknown row(s) {', '.join(unknown)}; rows: {', '.join(plan)}")
-    setup = {"clients": opts.clients, "rounds": opts.rounds, "steps": opts.steps, "common": COMMON}
-    done: list[dict[str, Any]] = []
-    if opts.out.exists() and not opts.fresh:
-        old = json.loads(opts.out.read_text())
-        if old.get("setup") == setup:
-            done = old["runs"]
     seeds = [int(s) for s in opts.seeds.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in seeds:
-            for name in ["centralized"] + [n for n in names if n != "centralized"]:  # the reference first
-                if any(r["row"] == name and r["seed"] == seed for r in done):
-                    continue
-                clients, over = plan[name]
-                result = one_run(name, clients, over, seed, Path(tmp))
-                done.append(result)
-                print(f"seed {seed} {name:24} eval loss {result['before']:.4f} -> {result['after']:.4f}, exact match "
-                      f"{result['exact-match']:.3f}, {result['seconds']:.0f} s", flush=True)
-                summary_rows, _ = table(done, list(plan))
-                opts.out.write_text(json.dumps({"setup": setup, "runs": done, "rows": summary_rows}, indent=1) + "\n")
-    summary_rows, text = table(done, list(plan))
-    opts.out.write_text(json.dumps({"setup": setup, "runs": done, "rows": summary_rows}, indent=1) + "\n")
+    names = [n.strip() for n in opts.only.split(",") if n.strip()]
+    known = ORDER if opts.table == "epochs" else list(sample_rows())
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"--only: unknown row(s) {', '.join(unknown)}; rows: {', '.join(known)}")
+    bench = Bench(opts.out, {"clients": CLIENTS, "epochs-common": EPOCHS, "samples-common": SAMPLES}, opts.fresh)
+    if opts.table == "samples":
+        text = samples_table(bench, names or known, seeds)
+        bench.save(samples_table=text)
+        print(text)
+        return
+    rows = [n for n in (names or ORDER) if n != "centralized"]
+    epochs = [int(e) for e in opts.epochs.split(",")]
+    summary, text = epochs_table(bench, rows, seeds, epochs)
+    chosen = {row: bench.best(row) for row in ["centralized", *rows]}
+    seconds = equal_seconds(bench, summary, rows, 2 if 2 in epochs else max(epochs))
+    plot(bench, ["centralized", *rows], max(epochs), chosen)
+    bench.save(rows=summary, table=text, equal_seconds=seconds)
     print(text)
-    for row in summary_rows:
-        if row["row"] == "fedavg task":
-            print(f"goal FedAvg by task >= 0.95 of the centralized gain: {row['fraction']:.3f} "
-                  f"({'met' if row['fraction'] >= 0.95 else 'missed'})")
-        if row["row"] == "zo task" and "paired-p" in row:
-            print(f"goal zo gain real (paired one-sided t-test p < 0.05): p = {row['paired-p']:.4f} "
-                  f"({'met' if row['paired-p'] < 0.05 else 'missed'})")
+    for s in seconds:
+        print(f"{s['row']}: {s['gain / best rule' + chr(39) + 's at equal client seconds']:.3f} of {s['against']}'s "
+              f"gain at equal client seconds, {s['bytes, best rule / row']:.0f}x fewer bytes")
+    for s in summary:
+        if s["epochs"] == 2 and s["row"] in RULES and s["fraction"] == s["best-rule-fraction"]:
+            low = s["fraction"] - (0 if math.isnan(s["fraction-ci95"]) else s["fraction-ci95"])
+            print(f"goal best rule ({s['row']}) >= 0.98 of centralized at 2 epochs, interval >= 0.95: "
+                  f"{s['fraction']:.3f} (low {low:.3f}) ({'met' if s['fraction'] >= 0.98 and low >= 0.95 else 'missed'})")
+        if s["epochs"] == 2 and s["row"] == "defaults":
+            ratio = s["fraction"] / s["best-rule-fraction"]
+            print(f"goal defaults >= 0.95 of the best rule at 2 epochs: {ratio:.3f} ({'met' if ratio >= 0.95 else 'missed'})")
 
 
 if __name__ == "__main__":

@@ -150,6 +150,22 @@ def diloco(d: dict[str, Any]) -> Table:
     return out + goals_table(d)
 
 
+def quality(d: dict[str, Any]) -> Table:
+    out = ["Equal epochs (gain as a fraction of centralized LoRA's at the same epochs and seed; each row's chosen keys "
+           "are the best of its grid at 2 epochs, seed 0):", ""]
+    out += (d.get("table") or "(not run)").splitlines()
+    for s in d.get("equal_seconds", []):
+        out += ["", f"{s['row']}: {fmt(s['gain / best rule' + chr(39) + 's at equal client seconds'], 3)} of "
+                f"{s['against']}'s gain at equal client seconds, with {fmt(s['bytes, best rule / row'], 3)}x fewer bytes "
+                f"({s['epochs']} epochs)."]
+    if (BENCH / "quality.png").exists():
+        out += ["", "![eval loss against bytes and client seconds](quality.png)"]
+    if d.get("samples_table"):
+        out += ["", "Same samples (2 rounds of 2 local steps against 32 centralized steps):", ""]
+        out += d["samples_table"].splitlines()
+    return out
+
+
 DPO_ROWS = {"central-base": ("base, DPO", "centralized"), "fed-base": ("base, DPO", "federated"),
             "central-sft": ("SFT, DPO", "centralized"), "fed-sft": ("SFT, DPO", "federated"),
             "central-sft-rpo": ("SFT, DPO + NLL", "centralized"), "fed-sft-rpo": ("SFT, DPO + NLL", "federated")}
@@ -200,7 +216,8 @@ def client_start(d: dict[str, Any]) -> Table:
 
 
 RENDER: dict[str, Callable[[dict[str, Any]], Table]] = {
-    "zo": zo, "gpu": gpu, "diloco": diloco, "dpo": dpo, "ledger": ledger, "client_start": client_start}
+    "zo": zo, "gpu": gpu, "diloco": diloco, "dpo": dpo, "ledger": ledger, "client_start": client_start,
+    "quality": quality}
 
 
 def command(name: str, d: dict[str, Any]) -> str:

@@ -107,3 +107,12 @@ def test_a_run_keeps_each_nodes_moments_between_its_rounds(tiny_model_dir, tmp_p
             assert MOMENTS in node.state.array_records
         else:
             assert MOMENTS not in node.state.array_records
+
+
+def test_the_cli_refuses_a_warmup_longer_than_the_run_before_any_engine(tmp_path, capsys):
+    from fedllm.cli import main
+
+    assert main(["simulate", "--set", "train.warmup-steps=1000", "--set", f"server.run-dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.warmup-steps: 1000 is not below the run's" in err[0]
+    assert not any(tmp_path.iterdir())  # nothing started, nothing written
