@@ -12,15 +12,24 @@ clients keeping their AdamW states from round to round:
 - streaming-overlap: P = 4, tau = 1, alpha = 0.5 (the fragment's global merged one round late);
 - streaming-4bit: P = 4, tau = 0, outer gradients and outer steps as quantize(4) (4-bit codes,
   a float scale per 64 values) both ways, with error feedback.
+In every streaming row the run's last round syncs every fragment (diloco.final-sync, the
+default): each client first merges every global it holds (tau = 1: the fragment of the round
+before, one round early), runs its H / P steps and uploads the whole model's local - snapshot;
+the server takes each fragment's outer step with its own momentum. So no fragment ends without
+the clients' last steps (at H = 16, P = 4, 32 steps: 12, 8 and 4 of them on three fragments), and
+that one round uploads the whole model.
 Runs go through `fedllm.server.loop.run` on an in-process grid (the ServerApp and client code of a
 simulation, without Ray; each node's state waits on disk between its rounds, so that the 4
 clients' full-model states do not all sit in memory). Columns: eval loss and exact match after (held-out split), total bytes
-up and down, the most bytes on the wire in one round (up + down, all clients), wall time, and
-a client's peak RSS: one client's first two rounds run in a process of their own (its model,
-AdamW state, snapshot and held fragments; no server), as a SuperNode's ClientApp would.
-Goals: streaming's peak round = diloco's / P (the largest fragment's share, exact on the wire),
-total bytes at least 100x below fedavg-full, and streaming's eval loss within 2% of diloco's.
-Each finished row is kept in the JSON, so an interrupted bench continues where it stopped.
+up and down, the most bytes on the wire in one round (up + down, all clients) except a streaming
+row's last round, that last round's bytes, wall time, and a client's peak RSS: one client's first
+two rounds run in a process of their own (its model, AdamW state, snapshot and held fragments; no
+server), as a SuperNode's ClientApp would.
+Goals: streaming's peak round except the last = diloco's / P (the largest fragment's share,
+exact on the wire), total bytes at least 100x below fedavg-full, and streaming's eval loss
+within 2% of diloco's.
+Each finished row is kept in the JSON, so an interrupted bench continues where it stopped;
+--fresh runs the --only rows (every row without --only) again and keeps the others.
 """
 
 from __future__ import annotations
@@ -73,12 +82,16 @@ def one_run(name: str, clients: int, steps: int, over: dict[str, Any], workdir: 
     seconds = time.perf_counter() - t0
     metrics = read_metrics(run_dir)
     s = summary(metrics)
-    per = [sum(r["bytes-up"].values()) + sum(r["bytes-down"].values()) for r in metrics if r["round"] > 0]
+    rounds = [r for r in metrics if r["round"] > 0]
+    up = [sum(r["bytes-up"].values()) for r in rounds]
+    per = [u + sum(r["bytes-down"].values()) for u, r in zip(up, rounds)]
+    # a streaming run's last round syncs every fragment (the whole model up): reported on its own
+    ordinary = slice(0, -1) if cfg.diloco.final_sync and cfg.diloco.fragments > 1 else slice(None)
     return {"row": name, "rounds": cfg.server.num_rounds, "eval-loss-before": s["eval-loss-before"],
             "eval-loss": s["eval-loss-after"], "exact-match": s["exact-match-after"],
             "exact-match-before": s["exact-match-before"], "bytes-up": s["bytes-up-total"],
-            "bytes-down": s["bytes-down-total"], "peak-round-bytes": max(per),
-            "peak-up-bytes": max(sum(r["bytes-up"].values()) for r in metrics if r["round"] > 0),
+            "bytes-down": s["bytes-down-total"], "peak-round-bytes": max(per[ordinary], default=0),
+            "peak-up-bytes": max(up[ordinary], default=0), "final-round-bytes": per[-1], "final-up-bytes": up[-1],
             "seconds": round(seconds, 1),
             "client-peak-rss-mb": client_rss(over)}
 
@@ -106,7 +119,8 @@ def client_rounds(over: dict[str, Any]) -> None:
     p = cfg.diloco.fragments
     for r in (1, 2):
         info = {"round": r, "fragment": engine.fragment_of(r, p), "version": r - 1, "base": 0,
-                "rounds": [1] if r == 2 else [], "kind": "values"}
+                "rounds": [1] if r == 2 else [], "synced": [engine.fragment_of(1, p)] if r == 2 else [],
+                "kind": "values"}
         state = engine.initial_state(cfg)
         keys = engine.fragments(state, p, cfg.diloco.pattern)[engine.fragment_of(1, p)] if r == 2 else []
         handle(RecordDict({CONFIG: ConfigRecord({**cfg.to_flat(), "server-round": r}), DILOCO: ConfigRecord(info),
@@ -130,11 +144,12 @@ def largest_share(fragments: int) -> float:
 
 def table(results: dict[str, dict[str, Any]], fragments: int) -> tuple[dict[str, Any], str]:
     lines = [f"{'row':18} {'rounds':>6} {'eval loss':>9} {'EM':>6} {'up MB':>9} {'down MB':>9} {'peak round MB':>13} "
-             f"{'seconds':>8} {'client RSS MB':>13}"]
+             f"{'last round MB':>13} {'seconds':>8} {'client RSS MB':>13}"]
     for name, r in results.items():
+        last = f"{r['final-round-bytes'] / 1e6:>13.2f}" if "final-round-bytes" in r else f"{'-':>13}"  # older rows
         lines.append(f"{name:18} {r['rounds']:>6} {r['eval-loss']:>9.4f} {r['exact-match']:>6.3f} "
                      f"{r['bytes-up'] / 1e6:>9.1f} {r['bytes-down'] / 1e6:>9.1f} {r['peak-round-bytes'] / 1e6:>13.2f} "
-                     f"{r['seconds']:>8.1f} {r['client-peak-rss-mb']:>13.0f}")
+                     f"{last} {r['seconds']:>8.1f} {r['client-peak-rss-mb']:>13.0f}")
     goals: dict[str, Any] = {}
     if {"diloco", "streaming"} <= set(results):
         d, s = results["diloco"], results["streaming"]
@@ -146,6 +161,10 @@ def table(results: dict[str, dict[str, Any]], fragments: int) -> tuple[dict[str,
             goals["peak-up-ratio / largest fragment's share"] = s["peak-up-bytes"] / d["peak-up-bytes"] / goals[
                 "largest fragment's share"]
         goals["peak-ratio ideal 1/P"] = 1 / fragments
+        goals["streaming peak round bytes except the final round"] = s["peak-round-bytes"]
+        if "final-round-bytes" in s:
+            goals["streaming final round bytes"] = s["final-round-bytes"]
+            goals["streaming final round / diloco's peak round"] = s["final-round-bytes"] / d["peak-round-bytes"]
         goals["eval-loss streaming/diloco"] = s["eval-loss"] / d["eval-loss"]
         if "streaming-overlap" in results:
             goals["eval-loss overlap/diloco"] = results["streaming-overlap"]["eval-loss"] / d["eval-loss"]
@@ -156,6 +175,10 @@ def table(results: dict[str, dict[str, Any]], fragments: int) -> tuple[dict[str,
             if name in results:
                 goals[f"total-bytes fedavg-full/{name}"] = total / (results[name]["bytes-up"] + results[name]["bytes-down"])
     lines += [f"{k}: {v:.4g}" for k, v in goals.items()]
+    checks = [("eval-loss streaming/diloco", "<= 1.02", lambda v: v <= 1.02),
+              ("peak-up-ratio / largest fragment's share", "= 1 (except the final round)",
+               lambda v: abs(v - 1) < 0.005)]
+    lines += [f"goal {k} {want}: {'met' if ok(goals[k]) else 'missed'}" for k, want, ok in checks if k in goals]
     return goals, "\n".join(lines)
 
 
@@ -165,7 +188,8 @@ def main() -> None:
     ap.add_argument("--inner-steps", type=int, default=16, help="H of the diloco and streaming rows")
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--only", default="", help="rows, comma separated")
-    ap.add_argument("--fresh", action="store_true", help="ignore the rows already in --out")
+    ap.add_argument("--fresh", action="store_true", help="run the --only rows (all rows without --only) again, "
+                    "keeping the other rows of --out")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--rss-only", action="store_true", help="measure the client peak RSS of the rows in --out again")
     ap.add_argument("--client-rounds", default="", help=argparse.SUPPRESS)
@@ -174,8 +198,10 @@ def main() -> None:
         return client_rounds(json.loads(opts.client_rounds))
     logging.basicConfig(level=logging.WARNING)
     setup = {"steps": opts.steps, "inner-steps": opts.inner_steps, "clients": opts.clients, "common": COMMON}
-    done = kept(opts.out, setup, opts.fresh)
     wanted = [n for n in opts.only.split(",") if n] or list(rows(opts.inner_steps))
+    done = kept(opts.out, setup, False)
+    if opts.fresh:
+        done = {k: v for k, v in done.items() if k not in wanted}
     if opts.rss_only:
         for name in wanted:
             if name in done:

@@ -1,6 +1,7 @@
 """Streaming DiLoCo (train.method=diloco): the outer step, the fragment schedule and the merge by
-hand; the method against a by-hand DiLoCo and against plain local training; nodes that miss
-rounds or lose their state; checkpoints; malformed replies; runs whose eval loss falls."""
+hand; the method against a by-hand DiLoCo and against plain local training; the last round's sync
+of every fragment; nodes that miss rounds or lose their state; checkpoints; malformed replies;
+runs whose eval loss falls."""
 
 from __future__ import annotations
 
@@ -18,14 +19,16 @@ from fedllm.compression import encode, parse
 from fedllm.errors import ConfigError
 from fedllm.server.grid import LocalGrid
 from fedllm.methods.diloco import engine
-from fedllm.methods.diloco.client import LOCAL, DiLoCoClient
+from fedllm.methods.diloco.client import LOCAL, SNAPSHOT, DiLoCoClient
 from fedllm.methods.adapters import engine as lora
 from fedllm.protocol import ARRAYS, CONFIG
 from strategies import build
 
 pytestmark = pytest.mark.usefixtures("task_identity")
+# server.num-rounds 10: the rounds a test drives by hand come before the last one (which syncs every
+# fragment) unless the test says otherwise
 DILOCO = {"train.method": "diloco", "diloco.fragments": 2, "diloco.inner-steps": 4, "server.evaluate": False,
-          "server.checkpoint": False}
+          "server.checkpoint": False, "server.num-rounds": 10}
 
 
 def _cfg(tiny_model_dir, tmp_path, **over):
@@ -82,6 +85,19 @@ def test_each_fragment_syncs_once_per_h_steps_at_its_offset(h, p):
     every = sorted(s for at in steps.values() for s in at)
     assert every == list(range(h // p, total + 1, h // p))  # one fragment per round, none twice
     assert [engine.fragment_of(t, p) for t in range(1, p + 1)] == [*range(1, p), 0]
+
+
+def test_the_last_round_syncs_every_fragment_so_no_tail_is_left():
+    assert engine.synced_by(8, 4, 8) == engine.ALL and engine.synced_by(7, 4, 8) == 3
+    assert engine.synced_by(8, 4, None) == 0 and engine.synced_by(8, 1, 8) == 0  # plain DiLoCo: as every round
+    assert engine.members(engine.ALL, 3) == [0, 1, 2] and engine.members(1, 3) == [1]
+    assert engine.keys_of([["a"], ["b", "c"]], engine.ALL) == ["a", "b", "c"]
+    assert engine.keys_of([["a"], ["b", "c"]], 1) == ["b", "c"]
+    # the bench's streaming row, H = 16, P = 4, 32 steps: fragments 1, 2, 3 last synced at steps
+    # 20, 24, 28 would end without their last 12, 8, 4 steps; the last round syncs them at 32
+    assert {q: engine.sync_steps(q, 16, 4, 32)[-1] for q in range(4)} == {0: 32, 1: 20, 2: 24, 3: 28}
+    assert {q: engine.sync_steps(q, 16, 4, 32, final_sync=True) for q in range(4)} == {
+        0: [16, 32], 1: [4, 20, 32], 2: [8, 24, 32], 3: [12, 28, 32]}
 
 
 def _toy_model_state(blocks=6):
@@ -210,7 +226,7 @@ def test_one_client_one_step_outer_lr_1_no_momentum_is_local_training(tiny_model
     assert max(float((strategy.method.state[k] - local[k]).abs().max()) for k in local) < 1e-5
 
 
-# --- the overlapped merge, missed rounds, lost state -----------------------------------------------------
+# --- the overlapped merge and the last round ---------------------------------------------------------------
 def test_the_overlapped_merge_arrives_tau_rounds_late(tiny_model_dir, tmp_path):
     """tau = 1, alpha = 0.5: the fragment round 1 synced is held through round 2 and merged
     into the local model before round 3's steps: local = 0.5 local + 0.5 global, by hand."""
@@ -235,6 +251,69 @@ def test_the_overlapped_merge_arrives_tau_rounds_late(tiny_model_dir, tmp_path):
     assert all(torch.equal(snap[k], global_1[k]) for k in synced)  # the next outer gradient's reference
 
 
+@pytest.mark.parametrize("over", [{}, {"diloco.tau": 1, "diloco.alpha": 0.5}], ids=["tau0", "overlapped"])
+def test_the_last_round_takes_each_fragments_outer_step_on_all_local_progress(over, tiny_model_dir, tmp_path):
+    """P = 2, 3 rounds: round 3 syncs both fragments. Every client first merges all it holds
+    (with tau = 1 the fragment of round 2 one round early, beside round 1's that is due), so its
+    snapshot is the global before round 3 for every tensor; its reply is the whole model's
+    local - snapshot; the server's new global is, fragment by fragment, the outer step with that
+    fragment's momentum on the example-weighted mean of those, computed here by hand."""
+    cfg = _cfg(tiny_model_dir, tmp_path, **{"server.num-rounds": 3, "train.lr": 3e-3, **over})
+    strategy = build(cfg)
+    server, contexts = strategy.method, _contexts(2)
+    for r in (1, 2):
+        assert _round(strategy, cfg, contexts, r)[0].metrics["diloco-fragment"] == engine.fragment_of(r, 2)
+    before = {k: t.clone() for k, t in server.state.items()}
+    momentum = {k: t.clone() for k, t in server.momentum.items()}
+    assert server.largest_reply() > 3 * 4 * sum(t.numel() for t in before.values())  # room for the whole model
+    result, _ = _round(strategy, cfg, contexts, 3)
+    assert result.applied and result.metrics["diloco-fragment"] == engine.ALL
+    names = engine.keys_of(server.parts, engine.ALL)
+    whole = sum(t.numel() * 4 for t in before.values())
+    for u in result.updates:  # every fragment's tensors in float32, and their npy headers
+        assert set(u.delta) == set(names) and whole <= u.bytes_up <= whole + 256 * len(names)
+        assert u.metrics["diloco-fragment"] == engine.ALL
+        assert u.metrics["diloco-merged"] == (2 if over else 1)
+    deltas, weights = [], []
+    for u in sorted(result.updates, key=lambda u: u.node_id):
+        state = contexts[u.node_id].state.array_records
+        local, snap = state[LOCAL].to_torch_state_dict(), state[SNAPSHOT].to_torch_state_dict()
+        assert all(torch.equal(snap[k], before[k]) for k in before)  # nothing left held back
+        deltas.append({k: local[k].float() - snap[k].float() for k in before})
+        weights.append(u.num_examples)
+    mean = {k: sum(w * d[k] for w, d in zip(weights, deltas)) / sum(weights) for k in before}
+    for part in server.parts:
+        assert all(k in momentum for k in part)  # rounds 1 and 2 started both fragments' momentum
+        grad = {k: -v for k, v in engine.take(mean, part, 2).items()}
+        change, _ = engine.outer_step(grad, {k: momentum[k] for k in part}, lr=0.7, mu=0.9, nesterov=True)
+        start, got = engine.take(before, part, 2), server.take(part)
+        assert max(float((got[k] - start[k] - change[k]).abs().max()) for k in part) < 1e-6
+        assert min(float(change[k].abs().max()) for k in part) > 1e-4  # each fragment moved
+    assert server.synced == [1, 0, engine.ALL] and server.fragment() == 0  # round 4 (a grown run) goes on
+
+
+def test_a_node_that_missed_the_last_round_catches_up_with_every_fragment(tiny_model_dir, tmp_path):
+    """A run of 2 rounds grown to 3 (a resume with more server.num-rounds), 4-bit outer steps down:
+    node 3 missed round 1 and round 2 (which synced both fragments), node 1 only round 2's
+    result; in round 3 both apply the encoded steps, fragment by fragment, to the server's exact
+    global, and the downlink lists round 2 as ALL."""
+    cfg = _cfg(tiny_model_dir, tmp_path, **{"server.num-rounds": 2, "compression.down": "quantize(4)"})
+    strategy = build(cfg)
+    contexts = _contexts(3)
+    _round(strategy, cfg, contexts, 1, nodes=[1, 2])
+    _round(strategy, cfg, contexts, 2, nodes=[1, 2])
+    after_2 = {k: t.clone() for k, t in strategy.method.state.items()}
+    result, msgs = _round(strategy, cfg, contexts, 3)
+    info = {m.metadata.dst_node_id: m.content.config_records["diloco"] for m in msgs}
+    assert info[3]["kind"] == "steps" and list(info[3]["synced"]) == [1, engine.ALL]
+    assert list(info[1]["rounds"]) == [2] and list(info[1]["synced"]) == [engine.ALL]
+    assert {u.node_id: u.metrics["diloco-merged"] for u in result.updates} == {1: 2, 2: 2, 3: 2}
+    for node in (1, 2, 3):
+        snap = contexts[node].state.array_records[SNAPSHOT].to_torch_state_dict()
+        assert all(torch.equal(snap[k], after_2[k]) for k in after_2), node
+
+
+# --- nodes that miss rounds or lose their state -----------------------------------------------------------
 def test_a_node_that_misses_rounds_catches_up_and_one_that_lost_its_state_resyncs(tiny_model_dir, tmp_path):
     cfg = _cfg(tiny_model_dir, tmp_path)
     strategy = build(cfg)
@@ -261,29 +340,48 @@ def test_a_node_that_misses_rounds_catches_up_and_one_that_lost_its_state_resync
 
 # --- checkpoints ------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_resume_is_bit_identical_outer_momentum_included(tiny_model_dir, tmp_path):
-    """A server that stops after round 2 and resumes from its checkpoint, its nodes keeping their
-    state, ends where an uninterrupted run ends, bit for bit; nodes that lost their state (a new
-    simulation) are resynced from the checkpoint's global model and the run finishes."""
+def test_resume_across_the_last_round_is_bit_identical_outer_momentum_included(tiny_model_dir, tmp_path):
+    """A server killed as it sends round 4 (the last: it syncs every fragment) resumes from its
+    round-3 checkpoint, its nodes keeping their state, and ends where an uninterrupted run ends,
+    bit for bit; a finished run of 2 rounds grown to 4 on nodes that lost their state (a new
+    simulation) resyncs them from the checkpoint's global model and syncs every fragment again in
+    its new last round (the round numbers go on: round 4, not the resumed run's second)."""
     from fedllm.server.loop import run
 
     over = {"server.checkpoint": True, "server.num-rounds": 4, "diloco.tau": 1, "diloco.alpha": 0.5,
             "compression.down": "quantize(4)"}
     whole = run(LocalGrid(2), _cfg(tiny_model_dir, tmp_path, **{**over, "server.run-name": "whole"}))
-    grid = LocalGrid(2)
-    part = run(grid, _cfg(tiny_model_dir, tmp_path, **{**over, "server.run-name": "part", "server.num-rounds": 2}))
-    run(grid, _cfg(tiny_model_dir, tmp_path, **{**over, "server.resume": str(part)}))
+
+    class Crash(LocalGrid):
+        """The server process dies as it sends round 4's messages."""
+
+        def push_messages(self, messages):
+            messages = list(messages)
+            if messages and messages[0].content.config_records[CONFIG]["server-round"] == 4:
+                raise KeyboardInterrupt("server killed")
+            return super().push_messages(messages)
+
+    grid = Crash(2)
+    cfg = _cfg(tiny_model_dir, tmp_path, **{**over, "server.run-name": "cut"})
+    with pytest.raises(KeyboardInterrupt):
+        run(grid, cfg)
+    resumed = LocalGrid(2)
+    resumed.contexts = grid.contexts  # the nodes keep their state
+    cut = run(resumed, cfg.replace(server__resume=str(tmp_path / "cut")))
     a = checkpoint.read(whole / checkpoint.FILE)["strategy"]["method"]
-    b = checkpoint.read(part / checkpoint.FILE)["strategy"]["method"]
+    b = checkpoint.read(cut / checkpoint.FILE)["strategy"]["method"]
     assert a["momentum"] and set(a["momentum"]) == set(b["momentum"])
+    assert a["synced"] == b["synced"] == [1, 0, 1, engine.ALL]
     for key in ("global", "momentum", "feedback"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
-    rows = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    rows = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4] and rows[4]["diloco-fragment"] == engine.ALL
+    assert [c["diloco-resynced"] for c in rows[4]["clients"].values()] == [0, 0]
     fresh = run(LocalGrid(2), _cfg(tiny_model_dir, tmp_path, **{**over, "server.run-name": "fresh",
                                                                 "server.num-rounds": 2}))
     run(LocalGrid(2), _cfg(tiny_model_dir, tmp_path, **{**over, "server.resume": str(fresh)}))
     rows = [json.loads(line) for line in (fresh / "metrics.jsonl").read_text().splitlines()]
+    assert [r["diloco-fragment"] for r in rows[1:]] == [1, engine.ALL, 1, engine.ALL]
     assert [c["diloco-resynced"] for c in rows[3]["clients"].values()] == [1, 1]
     assert (fresh / "model" / "config.json").is_file()
 
@@ -357,8 +455,10 @@ def test_a_malformed_request_is_refused_by_the_client(tiny_model_dir, tmp_path):
 
     cfg = _cfg(tiny_model_dir, tmp_path)
     base = {CONFIG: ConfigRecord({**cfg.to_flat(), "server-round": 2})}
-    info = {"round": 2, "fragment": 0, "version": 1, "base": 0, "rounds": [1], "kind": "values"}
-    bad = {"no arrays": RecordDict({**base, "diloco": ConfigRecord(info)}),
+    info = {"round": 2, "fragment": 0, "version": 1, "base": 0, "rounds": [1], "synced": [1], "kind": "values"}
+    bad = {"synced unlike rounds": RecordDict({**base, "diloco": ConfigRecord({**info, "synced": [1, 0]})}),
+           "no such fragment": RecordDict({**base, "diloco": ConfigRecord({**info, "synced": [2]})}),
+           "no arrays": RecordDict({**base, "diloco": ConfigRecord(info)}),
            "wrong names": RecordDict({**base, "diloco": ConfigRecord(info), ARRAYS: ArrayRecord({"x": torch.zeros(2)})}),
            "steps without payloads": RecordDict({**base, "diloco": ConfigRecord({**info, "kind": "steps", "steps": []})})}
     for name, request in bad.items():
@@ -383,14 +483,15 @@ def test_a_tiny_run_lowers_the_eval_loss_and_moves_one_fragment_a_round(over, ti
     assert rows[-1]["eval-loss"] < rows[0]["eval-loss"] - 0.05
     strategy = build(cfg)
     whole = sum(t.numel() * 4 for t in strategy.method.state.values())
-    for r in rows[1:]:
-        assert r["diloco-fragment"] == engine.fragment_of(r["round"], cfg.diloco.fragments)
-        up = max(r["bytes-up"].values())
-        share = sum(t.numel() * 4 for t in strategy.method.take(strategy.method.parts[r["diloco-fragment"]]).values())
+    for r in rows[1:]:  # the last round syncs every fragment: the whole model up
+        code = engine.synced_by(r["round"], cfg.diloco.fragments, cfg.server.num_rounds)
+        assert r["diloco-fragment"] == code
+        up, names = max(r["bytes-up"].values()), engine.keys_of(strategy.method.parts, code)
+        share = sum(t.numel() * 4 for t in strategy.method.take(names).values())
         if not cfg.compression.up:
-            assert share <= up <= share + 256 * len(strategy.method.parts[0])  # the fragment in float32, npy headers
+            assert share <= up <= share + 256 * len(names)  # the fragments in float32, npy headers
         else:
             assert up < share / 5  # 4-bit codes and a scale per 64 values
-        assert up < whole / cfg.diloco.fragments * 1.2 or cfg.diloco.fragments == 1
+        assert up < whole / cfg.diloco.fragments * 1.2 or code == engine.ALL or cfg.diloco.fragments == 1
     saved = run_dir / ("adapter" if cfg.diloco.params == "lora" else "model")
     assert (saved / ("adapter_config.json" if cfg.diloco.params == "lora" else "config.json")).is_file()

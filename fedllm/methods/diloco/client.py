@@ -3,8 +3,12 @@ state and the last global value of every fragment (the snapshot an outer gradien
 against) in its context.state from round to round.
 
 A round: take in what the message says changed (new global fragments, held back until due:
-tau rounds after the round that synced them, then merged as alpha local + (1 - alpha)
-global), run H / P inner AdamW steps, and upload the synced fragment's local - snapshot. A node
+tau rounds after the round that synced them, or the round that syncs them next if that comes
+first, then merged as alpha local + (1 - alpha) global), run H / P inner AdamW steps, and upload
+the synced fragment's local - snapshot. The run's last round syncs every fragment (engine.ALL):
+everything held is merged before its steps (with tau = 1 the fragment the round before synced
+comes one round early), so every snapshot is the newest global and the whole model's
+local - snapshot counts no step the server has already applied. A node
 sent the whole global state adopts it (a new node, or one that missed a version) unless it
 already holds that version and trained the previous round (a server that resumed while the node
 kept its state: it goes on where it was, bit for bit).
@@ -100,14 +104,16 @@ class DiLoCoClient:
         self.seed, self.round, self.fragment = seed, int(info["round"]), int(info["fragment"])
         self.mu = float(request.config_records[CONFIG].get("proximal-mu", 0.0))
         version, kind = int(info["version"]), str(info["kind"])
+        rounds, codes = [int(s) for s in info["rounds"]], self._codes(info)
         held = self._load()
         resynced = 0
         if kind == "full":
             full = self._arrays(request, self.reference)
             if held and self.meta["trained"] == self.round - 1 and self.meta["version"] <= version:
                 # it kept its state through the server's restart: take only what changed since
-                rounds = [int(s) for s in info["rounds"]][self.meta["version"]:]
-                self._arrive(rounds, values={k: t.clone() for k, t in self._take(full, self._keys(rounds)).items()})
+                rounds, codes = rounds[self.meta["version"]:], codes[self.meta["version"]:]
+                values = {k: t.clone() for k, t in self._take(full, self._keys(codes)).items()}
+                self._arrive(rounds, codes, values=values)
             else:
                 self._fresh(full, version)
                 resynced = 1
@@ -119,11 +125,10 @@ class DiLoCoClient:
                 self._fresh(engine.initial_state(self.cfg), 0)
             elif self.meta["version"] != base:
                 raise PayloadError(f"diloco: this node holds version {self.meta['version']}, not {base}")
-            rounds = [int(s) for s in info["rounds"]]
             if kind == "values":
-                self._arrive(rounds, values=self._arrays(request, self._take(self.reference, self._keys(rounds))))
+                self._arrive(rounds, codes, values=self._arrays(request, self._take(self.reference, self._keys(codes))))
             else:
-                self._arrive(rounds, steps=list(info["steps"]))
+                self._arrive(rounds, codes, steps=list(info["steps"]))
         self.meta["version"] = version
         merged = self._merge_due()
         return {"diloco-fragment": self.fragment, "diloco-resynced": resynced, "diloco-merged": merged}
@@ -142,32 +147,49 @@ class DiLoCoClient:
         check_like(got, like, check_dtype=False)
         return {k: t.to(like[k].dtype) for k, t in got.items()}
 
-    def _keys(self, rounds: list[int]) -> list[str]:
-        """The tensors of the fragments these rounds synced."""
-        return [k for q in sorted({engine.fragment_of(s, self.dc.fragments) for s in rounds}) for k in self.parts[q]]
+    def _codes(self, info: ConfigRecord) -> list[int]:
+        """What each round of the message synced (a fragment, or engine.ALL), checked with what
+        this round syncs."""
+        codes, p = [int(c) for c in info["synced"]], self.dc.fragments
+        known = all(c == engine.ALL or 0 <= c < p for c in [*codes, self.fragment])
+        if len(codes) != len(info["rounds"]) or not known:
+            raise PayloadError(f"diloco: the synced fragments {codes} (this round: {self.fragment}) do not fit "
+                               f"{len(info['rounds'])} rounds of {p} fragments")
+        return codes
 
-    def _arrive(self, rounds: list[int], values: State | None = None, steps: list[bytes] | None = None) -> None:
-        """Hold the fragments `rounds` synced until they are due: their global `values`, or the
-        global reached by applying the encoded outer `steps` (compression.down) in order."""
-        synced = [engine.fragment_of(s, self.dc.fragments) for s in rounds]
+    def _keys(self, codes: list[int]) -> list[str]:
+        """The tensors of the fragments these rounds synced."""
+        synced = {q for c in codes for q in engine.members(c, self.dc.fragments)}
+        return [k for q in sorted(synced) for k in self.parts[q]]
+
+    def _arrive(self, rounds: list[int], codes: list[int], values: State | None = None,
+                steps: list[bytes] | None = None) -> None:
+        """Hold the fragments `rounds` synced (`codes`: a fragment or engine.ALL each) until they
+        are due: their global `values`, or the global reached by applying the encoded outer
+        `steps` (compression.down) in order."""
+        synced = [engine.members(c, self.dc.fragments) for c in codes]
         if values is not None:
-            arrived = {q: {k: values[k] for k in self.parts[q]} for q in set(synced)}
+            arrived = {q: {k: values[k] for k in self.parts[q]} for qs in synced for q in qs}
         else:
             if len(steps) != len(rounds):
                 raise PayloadError(f"diloco: {len(steps)} encoded steps for {len(rounds)} rounds")
             codec, arrived = parse(self.cfg.compression.down), {}
-            for q, payload in zip(synced, steps):
-                start = arrived.get(q) or (self.pending[q][1] if q in self.pending else
-                                           self._take(self.snapshot, self.parts[q]))
-                change = decode(codec, payload, sorted(self.parts[q]))
-                arrived[q] = {k: engine.advance(start[k], change[k]) for k in self.parts[q]}
-        for s, q in zip(rounds, synced):  # the latest round that synced q decides when it is due
-            due = s + 1 + self.dc.tau
-            self.pending[q] = (min(due, self.pending[q][0]) if q in self.pending else due, arrived[q])
+            for code, qs, payload in zip(codes, synced, steps):
+                change = decode(codec, payload, sorted(engine.keys_of(self.parts, code)))
+                for q in qs:
+                    start = arrived.get(q) or (self.pending[q][1] if q in self.pending else
+                                               self._take(self.snapshot, self.parts[q]))
+                    arrived[q] = {k: engine.advance(start[k], change[k]) for k in self.parts[q]}
+        for s, qs in zip(rounds, synced):  # the latest round that synced q decides when it is due
+            for q in qs:
+                due = s + 1 + self.dc.tau
+                self.pending[q] = (min(due, self.pending[q][0]) if q in self.pending else due, arrived[q])
 
     def _merge_due(self) -> int:
-        """Merge every held fragment that is due this round; returns how many."""
-        due = [q for q, (when, _) in self.pending.items() if when <= self.round]
+        """Merge every held fragment that is due this round, or that this round syncs (its
+        outer gradient must be taken against its newest global); returns how many."""
+        now = engine.members(self.fragment, self.dc.fragments)
+        due = [q for q, (when, _) in self.pending.items() if when <= self.round or q in now]
         for q in due:
             _, arrived = self.pending.pop(q)
             local = self._take(self.local, list(arrived))
@@ -190,9 +212,9 @@ class DiLoCoClient:
         return stats
 
     def upload(self, transform: Transform | None) -> dict[str, Any]:
-        """This round's fragment of local - snapshot (float32); with compression.up encoded
-        through this node's error-feedback residual."""
-        names = self.parts[self.fragment]
+        """This round's fragment (every fragment in the last round) of local - snapshot
+        (float32); with compression.up encoded through this node's error-feedback residual."""
+        names = engine.keys_of(self.parts, self.fragment)
         local, snapshot = self._take(self.local, names), self._take(self.snapshot, names)
         delta = {k: local[k].float() - snapshot[k].float() for k in names}
         if transform is not None:

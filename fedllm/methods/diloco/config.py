@@ -23,6 +23,9 @@ class DiLoCoConfig:
                           "paper's overlapped setting uses 0.5).", 0.0, check="[0, 1]")
     tau: int = option("Rounds a fragment's global arrives late: 0 merges before the next round's steps, 1 after "
                       "them (overlapped); below diloco.fragments.", 0, check=">= 0")
+    final_sync: bool = option("The run's last round (server.num-rounds) syncs every fragment, each with its own "
+                              "momentum, so none ends without its clients' last inner steps; that round uploads the "
+                              "whole model (false: the last round syncs one fragment, as every other).", True)
     params: str = option("What is trained and synced: full (every weight, the paper's setting) or lora (the LoRA "
                          "adapter of [lora] on a frozen base).", "full")
 

@@ -11,9 +11,11 @@ local <- alpha local + (1 - alpha) global, possibly tau rounds late (the overlap
 
 On Flower's rounds: round t runs H / P inner steps and then syncs fragment t mod P, so that
 fragment p is synced after the steps t H / P with t = p + k P, i.e. at steps p H / P + k H.
+The run's last round syncs every fragment (diloco.final-sync; code ALL), so that no fragment
+ends the run without its clients' last up to H - H / P inner steps.
 
-    p = fragment_of(server_round, P)
-    keys = fragments(global_state, P, "strided")[p]         # names, and NAME#i row slices
+    p = synced_by(server_round, P, last_round)             # t mod P, or ALL in the last round
+    keys = keys_of(fragments(global_state, P, "strided"), p)  # names, and NAME#i row slices
     mine = take(global_state, keys, P)
     step, m = outer_step({k: -mean_delta[k]}, m, lr=0.7, momentum=0.9, nesterov=True)
 """
@@ -36,17 +38,37 @@ State = dict[str, torch.Tensor]
 BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
 
 
+ALL = -1  # the code of a round that syncs every fragment (the run's last, diloco.final-sync)
+
+
 def fragment_of(server_round: int, fragments: int) -> int:
-    """The fragment round `server_round` syncs (after its H / P inner steps)."""
+    """The fragment round `server_round` syncs on the streaming schedule (after its H / P inner
+    steps)."""
     return server_round % fragments
 
 
-def sync_steps(fragment: int, inner_steps: int, fragments: int, total_steps: int) -> list[int]:
+def synced_by(server_round: int, fragments: int, last_round: int | None) -> int:
+    """What round `server_round` syncs: its fragment (`fragment_of`), or ALL when it is
+    `last_round` (the run's last with diloco.final-sync; None: no such round) and P > 1."""
+    if server_round == last_round and fragments > 1:
+        return ALL
+    return fragment_of(server_round, fragments)
+
+
+def members(code: int, fragments: int) -> list[int]:
+    """The fragments a round's code stands for: every one for ALL, else the one."""
+    return list(range(fragments)) if code == ALL else [code]
+
+
+def sync_steps(fragment: int, inner_steps: int, fragments: int, total_steps: int,
+               final_sync: bool = False) -> list[int]:
     """The inner steps (1-based, counted from the start of the run) after which `fragment` is
-    synced, up to `total_steps`: p H / P, p H / P + H, ... (fragment 0 first at H)."""
+    synced, up to `total_steps`: p H / P, p H / P + H, ... (fragment 0 first at H); with
+    `final_sync`, also the run's last round's end (the run lasting `total_steps`)."""
     per_round = inner_steps // fragments
+    last = total_steps // per_round if final_sync else None
     rounds = range(1, total_steps // per_round + 1)
-    return [t * per_round for t in rounds if fragment_of(t, fragments) == fragment]
+    return [t * per_round for t in rounds if fragment in members(synced_by(t, fragments, last), fragments)]
 
 
 def block_of(name: str) -> int | None:
@@ -86,6 +108,12 @@ def fragments(state: State, count: int, pattern: str) -> list[list[str]]:
             for i in range(count):
                 out[i].append(f"{name}#{i}")
     return out
+
+
+def keys_of(parts: list[list[str]], code: int) -> list[str]:
+    """The tensors of the fragments a round's `code` stands for (`parts` from `fragments`), in
+    fragment order: never `parts[code]`, which would read ALL as the last fragment."""
+    return [k for q in members(code, len(parts)) for k in parts[q]]
 
 
 def _slice(state: State, key: str, count: int) -> torch.Tensor:

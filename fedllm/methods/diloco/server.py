@@ -3,7 +3,10 @@
 Round t syncs fragment p = t mod P: each client uploads its fragment's local - global (the
 negative outer gradient; float32 arrays, or encoded with compression.up), the rule chain
 aggregates them (fedavg: the example-weighted mean; a robust rule works per coordinate as
-well) and the server takes the outer Nesterov step on that fragment alone. Every node is sent,
+well) and the server takes the outer Nesterov step on that fragment alone. The run's last round
+(server.num-rounds, counted across resumes; diloco.final-sync) syncs every fragment: the clients
+upload the whole model's local - global and the server takes each fragment's outer step with
+that fragment's own momentum, so no fragment ends without its clients' last steps. Every node is sent,
 in the next round's message, what changed since the version it holds: the new global values of
 the fragments synced since (uncompressed), or the encoded outer steps (compression.down, through
 the server's error feedback, the server applying the decoded step itself so every party holds
@@ -53,6 +56,8 @@ class DiLoCoServer:
         self.feedback = Feedback({}) if cfg.compression.error_feedback else None  # the downlink's error feedback
         self.downlink = Downlink(True, cfg.server.node_state)  # every party starts from the base (or the seeded adapter)
         self.rounds: list[int] = []  # the round each downlink version synced
+        self.synced: list[int] = []  # what it synced: its fragment, or engine.ALL
+        self.last = cfg.server.num_rounds if self.dc.final_sync else None  # the round that syncs ALL
         self.next_round = 1
         self._sent: dict[tuple[int, int | None], ArrayRecord] = {}  # this version's downlink records
 
@@ -61,14 +66,14 @@ class DiLoCoServer:
         """The round and its fragment, and what `node` lacks: the global values of the fragments
         synced since its version (or their encoded outer steps), or the whole state."""
         r, version = self.next_round, self.downlink.version
-        info: dict[str, Any] = {"round": r, "fragment": engine.fragment_of(r, self.dc.fragments), "version": version}
+        info: dict[str, Any] = {"round": r, "fragment": self.fragment(), "version": version}
         base, missing = self.downlink.version_of(node), self.downlink.missing(node)
         self.downlink.sent(node)
         full = sum(t.numel() * t.element_size() for t in self.state.values())
         if base is None or missing is None or (self.down is not None and sum(map(len, missing)) >= full):
-            return {DILOCO: ConfigRecord({**info, "kind": "full", "rounds": self.rounds}),
+            return {DILOCO: ConfigRecord({**info, "kind": "full", "rounds": self.rounds, "synced": self.synced}),
                     ARRAYS: self._arrays(version, None)}
-        info.update(base=base, rounds=self.rounds[base:])
+        info.update(base=base, rounds=self.rounds[base:], synced=self.synced[base:])
         if self.down is not None:
             return {DILOCO: ConfigRecord({**info, "kind": "steps", "steps": missing})}
         return {DILOCO: ConfigRecord({**info, "kind": "values"}), ARRAYS: self._arrays(version, base)}
@@ -81,7 +86,7 @@ class DiLoCoServer:
             if base is None:
                 values = self.state
             else:
-                synced = {engine.fragment_of(s, self.dc.fragments) for s in self.rounds[base:]}
+                synced = {q for code in self.synced[base:] for q in engine.members(code, self.dc.fragments)}
                 values = self.take([k for q in sorted(synced) for k in self.parts[q]])
             self._sent = {**{k: v for k, v in self._sent.items() if k[0] == version}, key: ArrayRecord(values)}
         return self._sent[key]
@@ -90,18 +95,23 @@ class DiLoCoServer:
         return engine.take(self.state, keys, self.dc.fragments)
 
     def fragment(self) -> int:
-        """The fragment this round syncs."""
-        return engine.fragment_of(self.next_round, self.dc.fragments)
+        """What this round syncs: its fragment, or engine.ALL (the run's last round)."""
+        return engine.synced_by(self.next_round, self.dc.fragments, self.last)
+
+    def keys(self) -> list[str]:
+        """The tensors this round syncs."""
+        return engine.keys_of(self.parts, self.fragment())
 
     def decode(self, msg: Message) -> Update:
-        """The reply's local - global of this round's fragment: float32 arrays, or with
-        compression.up the encoded payload; names, shapes and finiteness checked."""
+        """The reply's local - global of this round's fragment (every fragment in the last
+        round): float32 arrays, or with compression.up the encoded payload; names, shapes and
+        finiteness checked."""
         n, metrics = reply_metrics(msg)
         p = self.fragment()
         if metrics.get("diloco-fragment", p) != p:
             raise PayloadError(f"update is for fragment {metrics.get('diloco-fragment')!r}, round "
                                f"{self.next_round} syncs fragment {p}")
-        ref = self.take(self.parts[p])
+        ref = self.take(self.keys())
         if self.up is not None:
             payload = msg.content.config_records.get(UPDATE, {}).get("payload")
             if not isinstance(payload, bytes):
@@ -113,21 +123,27 @@ class DiLoCoServer:
         return Update(msg.metadata.src_node_id, {k: t.float() for k, t in delta.items()}, n, metrics, nbytes)
 
     def largest_reply(self) -> int:
-        """Three times the largest fragment in float32, plus 64 KiB."""
-        return 3 * 4 * max(sum(t.numel() for t in self.take(part).values()) for part in self.parts) + 65536
+        """Three times the largest fragment in float32, plus 64 KiB; in the round that syncs every
+        fragment, three times the model."""
+        parts = [self.keys()] if self.fragment() == engine.ALL else self.parts
+        return 3 * 4 * max(sum(t.numel() for t in self.take(part).values()) for part in parts) + 65536
 
     def apply(self, aggregate: State, updates: list[Update], server_round: int) -> dict[str, float]:
-        """The outer step on this round's fragment: g = -aggregate (the mean outer gradient),
-        then Nesterov SGD; with compression.down the change is encoded (through the server's
-        error feedback) and the decoded change applied, as every client will apply it."""
+        """The outer step on this round's fragment (on each fragment, the last round): g =
+        -aggregate (the mean outer gradient), then Nesterov SGD with the fragment's momentum;
+        with compression.down the change is encoded (through the server's error feedback) and
+        the decoded change applied, as every client will apply it."""
         for u in updates:
             self.downlink.accepted(u.node_id)
         p = self.fragment()
-        grad = {k: -aggregate[k].float() for k in self.parts[p]}
-        held = {k: self.momentum[k] for k in grad} if all(k in self.momentum for k in grad) else None
-        change, momentum = engine.outer_step(grad, held, self.dc.outer_lr, self.dc.momentum, self.dc.nesterov)
-        if self.dc.momentum > 0:  # no momentum: nothing to keep
-            self.momentum.update(momentum)
+        change: State = {}
+        for q in engine.members(p, self.dc.fragments):  # a fragment never synced before starts its momentum
+            grad = {k: -aggregate[k].float() for k in self.parts[q]}
+            held = {k: self.momentum[k] for k in grad} if all(k in self.momentum for k in grad) else None
+            step, momentum = engine.outer_step(grad, held, self.dc.outer_lr, self.dc.momentum, self.dc.nesterov)
+            change.update(step)
+            if self.dc.momentum > 0:  # no momentum: nothing to keep
+                self.momentum.update(momentum)
         payload = b""
         if self.down is not None:
             payload, self.feedback = compress(self.down, change, self.feedback, seed=server_round)
@@ -136,6 +152,7 @@ class DiLoCoServer:
         engine.put(self.state, {k: engine.advance(start[k], c) for k, c in change.items()}, self.dc.fragments)
         self.downlink.append(payload)
         self.rounds.append(server_round)
+        self.synced.append(p)
         self.next_round = server_round + 1
         norm = float(torch.sqrt(sum((c.float() ** 2).sum() for c in change.values())))
         return {"diloco-fragment": p, "outer-step-norm": norm}
@@ -171,7 +188,7 @@ class DiLoCoServer:
     # --- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"global": self.state, "momentum": self.momentum, "downlink": self.downlink.state_dict(),
-                "rounds": list(self.rounds), "next-round": self.next_round,
+                "rounds": list(self.rounds), "synced": list(self.synced), "next-round": self.next_round,
                 "feedback": self.feedback.residual if self.feedback is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -182,5 +199,8 @@ class DiLoCoServer:
         # its own (it holds this version and trained the last round) may ignore
         self.downlink.start_known = self.downlink.version == 0
         self.rounds, self.next_round = list(state["rounds"]), int(state["next-round"])
+        # a checkpoint written before diloco.final-sync existed synced one fragment a round
+        self.synced = [int(c) for c in state["synced"]] if "synced" in state else [
+            engine.fragment_of(r, self.dc.fragments) for r in self.rounds]
         self._sent = {}
         self.feedback = Feedback(dict(state["feedback"])) if state["feedback"] is not None else None
