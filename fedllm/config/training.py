@@ -94,7 +94,8 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     method: str = option("Training method from the registry: lora (PEFT adapters), exact-lora (LoRA with exact "
-                         "stacked aggregation; client ranks may differ), zo (seed-based zeroth-order), diloco "
+                         "stacked aggregation; client ranks may differ), zo (seed-based zeroth-order), ferret "
+                         "(first-order steps sent as K coefficients on shared random bases), diloco "
                          "(Streaming DiLoCo: fragment-wise syncs with an outer Nesterov optimizer) or dpo (LoRA trained "
                          "with TRL's DPO on preference pairs).", "lora")
     local_steps: int = option("Optimizer steps per client per round (tau for zo).", 10, check="> 0")

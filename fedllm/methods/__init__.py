@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 # registration order is the order of their config sections: [lora], [zo], [diloco], [dpo]
-from fedllm.methods import lora, exact_lora, zo, diloco, dpo  # noqa: F401, I001  (register)
+from fedllm.methods import lora, exact_lora, zo, diloco, dpo, ferret  # noqa: F401, I001  (register)
 from fedllm.methods.base import METHODS, ClientHalf, MethodSpec, ServerHalf, check_spec, register_method, spec_of
 
 if TYPE_CHECKING:

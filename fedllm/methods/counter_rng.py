@@ -160,3 +160,67 @@ def perturb_(params: list[torch.Tensor], seed: int, scale: float, dist: str) -> 
                 flat[start:start + size].add_(draw(seed, offset + start, size, dist, p.dtype, p.device),
                                               alpha=scale)
         offset += n
+
+
+
+def draw_rows(seeds: list[int], offset: int, n: int, dist: str, dtype: torch.dtype,
+              device: torch.device | str = "cpu") -> torch.Tensor:
+    """Elements offset..offset+n-1 of each seed's z stream, (len(seeds), n): row r equals
+    draw(seeds[r], offset, n, ...), drawn in one pass (a block's bases at once)."""
+    lanes = LANES[dist]
+    first, skip = divmod(offset, lanes)
+    count = (skip + n + lanes - 1) // lanes
+    dev = str(torch.device(device))
+    keys = torch.tensor([_signed(key(s) + first * GAMMA) for s in seeds], dtype=torch.int64, device=dev)
+    z = _steps(count, dev)[None, :] + keys[:, None]  # (S, count), wrapping as uint64 would
+    tmp = torch.empty_like(z)
+    for shift, mult in ((30, _C1), (27, _C2), (31, None)):
+        torch.bitwise_right_shift(z, shift, out=tmp)
+        tmp.bitwise_and_((1 << (64 - shift)) - 1)
+        z.bitwise_xor_(tmp)
+        if mult is not None:
+            z.mul_(_signed(mult))
+    if dist == "gaussian":
+        idx = z.view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF)  # (S, 4 count)
+        return _levels(dtype, dev)[idx][:, skip:skip + n]
+    rows = _sign_rows(dev)[z.view(torch.uint8).to(torch.int64)]  # (S, 8 count) rows of 8 signs
+    return rows.view(torch.int8).view(len(seeds), -1)[:, skip:skip + n].to(dtype)
+
+
+def _groups(seeds: list[int], n: int, dist: str) -> list[tuple[int, list[int]]]:
+    """(first index, seeds) groups whose draws stay within a chunk of elements."""
+    per = max(1, CHUNK[dist] // max(n, 1))
+    return [(i, seeds[i:i + per]) for i in range(0, len(seeds), per)]
+
+
+@torch.no_grad()
+def project(x: torch.Tensor, seeds: list[int], offset: int, dist: str) -> torch.Tensor:
+    """(len(seeds),) float64: <x, z(s)[offset:offset + x.numel()]> for each seed s, a flat tensor's
+    coordinates along bases drawn from the streams (Ferret's projection, fedllm.methods.ferret), drawn
+    a chunk of elements at a time on x's device."""
+    flat = x.reshape(-1).double()
+    n, out = flat.numel(), torch.zeros(len(seeds), dtype=torch.float64, device=flat.device)
+    for start in range(0, n, CHUNK[dist]):
+        size = min(CHUNK[dist], n - start)
+        for first, group in _groups(seeds, size, dist):
+            z = draw_rows(group, offset + start, size, dist, torch.float64, flat.device)  # (S, size)
+            out[first:first + len(group)] += z @ flat[start:start + size]
+    return out.cpu()
+
+
+@torch.no_grad()
+def combine(coefs: list[float], seeds: list[int], offset: int, n: int, dist: str, dtype: torch.dtype,
+            device: torch.device | str = "cpu") -> torch.Tensor:
+    """sum_j coefs[j] * z(seeds[j])[offset:offset + n], (n,) of `dtype`: Ferret's reconstruction. Summed in
+    float32 row after row in the order given (elementwise adds, no reduction whose order a BLAS or a thread
+    count could change), so every party that combines the same coefficients gets the same bits."""
+    out = torch.zeros(n, dtype=torch.float32, device=device)
+    for start in range(0, n, CHUNK[dist]):
+        size = min(CHUNK[dist], n - start)
+        for first, group in _groups(seeds, size, dist):
+            rows = draw_rows(group, offset + start, size, dist, torch.float32, device)  # (S, size)
+            for r in range(len(group)):
+                c = coefs[first + r]
+                if c != 0.0:
+                    out[start:start + size].add_(rows[r], alpha=c)
+    return out.to(dtype)
