@@ -167,6 +167,22 @@ def test_server_and_clients_reconstruct_the_same_weights(tiny_model_dir, tmp_pat
     assert client.sync(0, server.chains[0], history[:1]) == 1 and client.version == 1  # since 0: replayed
 
 
+def test_params_all_trains_every_weight_in_bounded_blocks(tiny_model_dir, tmp_path):
+    cfg = _cfg(tiny_model_dir, tmp_path, **{"ferret.params": "all", "ferret.block-size": 4096,
+                                            "ferret.num-bases": 64, "train.local-steps": 1})
+    engine, tok = fe.engine_for(cfg, cached=False)
+    names = [n for n, _ in fe.trainable(engine.model, "all")]
+    assert not any("lora_" in n for n in names) and len(names) == len(set(names))
+    assert sum(b.size for b in engine.blocks) == sum(p.numel() for p in engine.params)  # tied weights once
+    assert max(b.size for b in engine.blocks) <= 4096 and engine.num_coefs >= 64
+    start = [p.detach().clone() for p in engine.params]
+    train, _ = load_splits(cfg.data)
+    coefs, stats = engine.train([encode(tok, e, 64, cfg.data.system_prompt) for e in train], cfg.train,
+                                tok.pad_token_id, seed=0)
+    assert torch.isfinite(coefs).all() and stats["update-norm"] > 0
+    assert all(torch.equal(p, s) for p, s in zip(engine.params, start))
+
+
 # --- a run ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
