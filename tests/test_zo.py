@@ -258,9 +258,13 @@ def _server_round(strategy, engines, cfg, server_round, rows, pad_id):
         engine = engines[node]
         down = m.content.config_records["zo"]
         engine.sync(zo.decode_down(bytes(down["down"]), engine.state))
-        pairs, stats = engine.train(rows, cfg.train, pad_id, seed=server_round * 10 + node)
-        up = zo.encode_upload(K, pairs, cfg.zo.bits, seed=node)
-        replies.append(reply_to(node, RecordDict({"zo": ConfigRecord({"up": up}), "metrics": MetricRecord(
+        if engine.warming():  # a warm-up round: the dense delta, as ZOClient.upload sends it
+            delta, stats = engine.train_first_order(rows, cfg.train, pad_id, seed=server_round * 10 + node)
+            record = {"zo-sums": ArrayRecord({"warm": delta})}
+        else:
+            pairs, stats = engine.train(rows, cfg.train, pad_id, seed=server_round * 10 + node)
+            record = {"zo": ConfigRecord({"up": zo.encode_upload(K, pairs, cfg.zo.bits, seed=node)})}
+        replies.append(reply_to(node, RecordDict({**record, "metrics": MetricRecord(
             {"num-examples": 10, "train-loss": stats["train-loss"], "zo-version": engine.state.version,
              "zo-fingerprint": engine.fingerprint, "server-round": server_round})})))
     return strategy.round(server_round, replies)
@@ -377,3 +381,129 @@ def test_a_checkpoint_of_the_earlier_generator_is_refused_in_one_line():
     with pytest.raises(ConfigError, match=r"^server.resume: this zo checkpoint's perturbations came from the "
                                           r"generator of an earlier fedllm .*start a new run$"):
         ZOServer(cfg, fingerprint=0).load_state_dict(old)
+
+
+# --- sparse zo (zo.mask) and the first-order warm-up (zo.warmup-rounds) ---------------------
+
+def test_select_takes_the_largest_magnitudes_with_ties_in_stream_order():
+    a = torch.tensor([[0.5, -3.0], [2.0, 0.1]])
+    b = torch.tensor([2.0, -2.0, 0.0, 4.0])
+    # 8 weights, fraction 0.5 -> 4 kept: 4.0, -3.0, then three tied at |2|: the first two in stream order
+    idx = zo.select([a, b], 0.5, "magnitude")
+    assert [i.tolist() for i in idx] == [[1, 2], [0, 3]]
+    assert [i.tolist() for i in zo.select([a, b], 0.01, "magnitude")] == [[], [3]]  # at least one
+    rand = zo.select([a, b], 0.5, "random")  # ranked by |z| of a fixed stream: the same every time
+    assert sum(len(i) for i in rand) == 4 and [i.tolist() for i in rand] == [i.tolist() for i in
+                                                                              zo.select([a, b], 0.5, "random")]
+
+
+def test_sparse_perturbation_is_the_stream_over_the_subset(tiny_model_dir):
+    cfg = _cfg(tiny_model_dir, **{"zo.mask": 0.01, "zo.dist": "gaussian"})
+    engine, _ = _fresh_engine(cfg)
+    assert engine.n == math.ceil(0.01 * sum(p.numel() for p in engine.params))
+    before = [p.clone() for p in engine.params]
+    engine.perturb(7, 0.5)
+    moved = torch.cat([(p - b).reshape(-1) for p, b in zip(engine.params, before)])
+    assert int((moved != 0).sum()) <= engine.n  # nothing outside the subset moves
+    flat = engine.flat() - torch.cat([b.view(-1)[i] for b, i in zip(before, engine.mask)])
+    expected = 0.5 * torch.from_numpy(rng.reference(7, 0, engine.n, "gaussian")).float()
+    assert torch.allclose(flat, expected, atol=1e-6)
+
+
+def test_fingerprint_covers_the_mask_and_the_warmup(tiny_model_dir):
+    plain, _ = _fresh_engine(_cfg(tiny_model_dir))
+    prints = {plain.fingerprint}
+    for over in ({"zo.mask": 0.01}, {"zo.mask": 0.02}, {"zo.mask": 0.01, "zo.mask-by": "random"},
+                 {"zo.mask": 0.01, "zo.warmup-rounds": 1}, {"zo.mask": 0.01, "zo.warmup-rounds": 2}):
+        engine, _ = _fresh_engine(_cfg(tiny_model_dir, **over))
+        prints.add(engine.fingerprint)
+        again, _ = _fresh_engine(_cfg(tiny_model_dir, **over))  # another party derives the same subset
+        assert again.fingerprint == engine.fingerprint
+        assert all(torch.equal(x, y) for x, y in zip(engine.mask, again.mask))
+    assert len(prints) == 6
+
+
+def _weights(engine):
+    return [p.detach().clone() for p in engine.params]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_sparse_rounds_keep_server_and_clients_identical(tiny_model_dir):
+    cfg = _cfg(tiny_model_dir, **{"zo.mask": 0.02, "zo.lr": 1e-2, "train.local-steps": 4})
+    strategy = _zo_strategy(cfg)
+    a, tok = _fresh_engine(cfg)
+    b, _ = _fresh_engine(cfg)
+    rows = _rows(cfg, tok)
+    base = _weights(a)
+    for r in (1, 2):
+        _server_round(strategy, {1: a, 2: b}, cfg, r, rows, tok.pad_token_id)
+    server = strategy.method
+    for e in (a, b):
+        e.sync(zo.decode_down(server.encode_down(1)["zo"]["down"], e.state))
+    with server.model():
+        pass
+    assert a.fingerprint == b.fingerprint == server.fingerprint  # the subset's digest is in it
+    assert all(torch.equal(x, y) for x, y in zip(a.mask, server.engine.mask))
+    for e in (a, b):
+        assert max(float((x - y).abs().max()) for x, y in zip(e.params, server.engine.params)) < 1e-5
+    moved = [float((x - y).abs().max()) for x, y in zip(_weights(a), base)]
+    assert max(moved) > 1e-4
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_warmup_then_zo_keeps_every_party_identical_and_resumes(tiny_model_dir):
+    """Round 1 is first-order (dense deltas over the subset), rounds 2-3 zeroth-order from the warmed-up
+    weights; a node that missed the warm-up gets the dense state once; a server resumed from its
+    checkpoint after the switch holds the same state and rebuilds the same model."""
+    from fedllm.methods.zo.server import ZOServer
+
+    cfg = _cfg(tiny_model_dir, **{"zo.mask": 0.02, "zo.lr": 1e-2, "zo.warmup-rounds": 1, "zo.warmup-lr": 1e-2,
+                                  "train.local-steps": 3})
+    strategy = _zo_strategy(cfg)
+    server = strategy.method
+    a, tok = _fresh_engine(cfg)
+    rows = _rows(cfg, tok)
+    base_flat = a.flat()
+    assert a.warming()
+    _server_round(strategy, {1: a}, cfg, 1, rows, tok.pad_token_id)
+    assert server.state.warm_rounds == 1 and server.state.version == 1 and float(server.state.warm.abs().sum()) > 0
+    assert float(server.state.acc.abs().sum()) == 0  # the zo accumulators start from zero at the switch
+    assert torch.equal(a.flat(), base_flat)  # the client restored its weights: the aggregate moves it
+    _server_round(strategy, {1: a}, cfg, 2, rows, tok.pad_token_id)  # zo, from base + warm
+    assert not a.warming() and server.state.version == 2 and float(server.state.acc.abs().sum()) > 0
+    resumed = ZOServer(cfg)  # a restarted server (fresh engine in a fresh cache)
+    MODEL_CACHE.clear()
+    resumed.load_state_dict(server.state_dict())
+    assert resumed.state.to_bytes() == server.state.to_bytes()
+    _server_round(strategy, {1: a}, cfg, 3, rows, tok.pad_token_id)
+    late, _ = _fresh_engine(cfg)  # missed everything: one down message holds the dense warm state once
+    down = server.encode_down(2)["zo"]["down"]
+    assert 4 * late.n < len(down) < 4 * late.n + 8 * K + 200
+    late.sync(zo.decode_down(down, late.state))
+    a.sync(zo.decode_down(server.encode_down(1)["zo"]["down"], a.state))
+    with server.model():
+        pass
+    assert torch.equal(late.warm, server.state.warm) and torch.equal(a.warm, late.warm)
+    for x, y in zip(late.params, server.engine.params):
+        assert float((x - y).abs().max()) < 1e-6
+    for x, y in zip(a.params, server.engine.params):
+        assert float((x - y).abs().max()) < 1e-5  # a's own in-place zo steps: see test_in_place_drift_is_bounded
+    flat = late.flat()
+    assert float((flat - base_flat).abs().max()) > 1e-3  # warmed up and trained
+
+
+@pytest.mark.parametrize("over,key", [({"zo.mask": 1.5}, "zo.mask"), ({"zo.mask": -0.1}, "zo.mask"),
+                                      ({"zo.mask-by": "gradient"}, "zo.mask-by"),
+                                      ({"zo.warmup-rounds": 2}, "zo.warmup-rounds"),
+                                      ({"zo.warmup-rounds": -1, "zo.mask": 0.01}, "zo.warmup-rounds"),
+                                      ({"zo.warmup-lr": 0.0, "zo.mask": 0.01}, "zo.warmup-lr"),
+                                      ({"zo.warmup-rounds": 1, "zo.mask": 0.01, "secagg.enabled": True},
+                                       "zo.warmup-rounds")])
+def test_bad_sparse_and_warmup_keys_name_the_key(over, key):
+    from fedllm.errors import ConfigError
+    from fedllm.methods.base import spec_of
+    from fedllm.methods.zo.config import check_zo
+
+    with pytest.raises(ConfigError, match=rf"^{key}:"):
+        cfg = Config.from_flat({"train.method": "zo", **over})
+        check_zo(cfg, spec_of(cfg))

@@ -1,5 +1,6 @@
 """zo's client half: sync the engine to the global accumulators, run tau two-point ZO steps,
-and send the (seed index, scalar) pairs, or their per-seed sums, whichever is smaller."""
+and send the (seed index, scalar) pairs, or their per-seed sums, whichever is smaller; in a
+warm-up round (zo.warmup-rounds), AdamW steps on the perturbed weights and their dense delta."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from fedllm.config import Config
 from fedllm.errors import PayloadError
 from fedllm.methods.base import Transform
 from fedllm.methods.zo import engine as zo
-from fedllm.methods.zo.server import SUMS
+from fedllm.methods.zo.server import SUMS, WARM
 from fedllm.protocol import ZO, ZO_SUMS
 
 VALUES = "g"  # the one tensor an attack transform sees: the step scalars, in step order
@@ -24,6 +25,8 @@ class ZOClient:
         self.cfg = cfg
         self.engine, self.tokenizer = zo.engine_for(cfg)
         self.pairs: list[tuple[int, float]] = []
+        self.delta: torch.Tensor | None = None  # a warm-up round's dense delta (zo.warmup-rounds)
+        self.warming = False  # whether this round, at the synced state, is a warm-up round
         self.seed = 0
 
     def sync(self, request: RecordDict, seed: int) -> dict[str, float]:
@@ -33,17 +36,26 @@ class ZOClient:
         if int(down["fingerprint"]) != self.engine.fingerprint:
             raise PayloadError("zo: this client's perturbations differ from the server's "
                                "(fedllm version, dtype and model must match; the device does not matter)")
-        self.seed, self.pairs = seed, []
+        self.seed, self.pairs, self.delta = seed, [], None
         t0 = time.perf_counter()
         regenerated = self.engine.sync(zo.decode_down(bytes(down["down"]), self.engine.state))
+        self.warming = self.engine.warming()
         return {"zo-version": self.engine.state.version, "zo-fingerprint": self.engine.fingerprint,
                 "sync-seeds": regenerated, "sync-seconds": time.perf_counter() - t0}
 
     def train(self, rows: list[dict[str, list[int]]], seed: int) -> dict[str, float]:
+        if self.warming:
+            self.delta, stats = self.engine.train_first_order(rows, self.cfg.train, self.tokenizer.pad_token_id, seed)
+            return stats
         self.pairs, stats = self.engine.train(rows, self.cfg.train, self.tokenizer.pad_token_id, seed)
         return stats
 
     def upload(self, transform: Transform | None) -> dict[str, Any]:
+        if self.warming:  # the dense delta; zeros from a client that took no step
+            delta = self.delta if self.delta is not None else torch.zeros(self.engine.state.n)
+            if transform is not None:
+                delta = transform({WARM: delta})[WARM]
+            return {ZO_SUMS: ArrayRecord({WARM: delta.float().contiguous()})}
         pairs = self.pairs
         if transform is not None and pairs:
             values = transform({VALUES: torch.tensor([g for _, g in pairs], dtype=torch.float64)})[VALUES]

@@ -17,6 +17,17 @@ with Communication Cost under 18 Kilobytes" (FedKSeed, ICML 2024); Malladi et al
 Language Models with Just Forward Passes" (MeZO, 2023); Zelikman et al., "Just One Byte (per
 gradient)" (2023).
 
+Sparse ZO (zo.mask): only a fixed subset of the weights is perturbed and trained, z drawn for the
+subset alone (one stream over its elements, in parameter and index order): the variance of the
+two-point estimate grows with the number of perturbed weights, and a step costs two forward passes
+and no full-model perturbation. Guo et al., "Zeroth-Order Fine-Tuning of LLMs with Extreme Sparsity"
+(Meerkat/SensZOQ, 2024). The subset is a function of the base weights and the config (`select`), so
+every party derives it; its digest is in the fingerprint.
+
+First-order warm-up (zo.warmup-rounds): the first N round payloads are dense float32 deltas of the
+perturbed weights (clients' AdamW steps, averaged), kept in `Accumulators.warm`; zo then continues
+from base + warm. ZOWarmUp's idea; the zo accumulators are still zero when it ends.
+
 What must match on every party for z to be identical: the generator (fedllm.methods.counter_rng, a
 counter-based stream computed with integer ops, the same bits on CPUs and GPUs), the parameter
 order, shapes and dtype. `fingerprint()` hashes these; the server checks every client's. The
@@ -64,12 +75,48 @@ def trainable(model: Any, which: str) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def fingerprint(named: list[tuple[str, torch.Tensor]], cfg: ZOConfig) -> int:
-    """A 48-bit hash of the generator, parameter names, shapes and dtypes, and the first z values.
-    Not the device: z is the same on every one (fedllm.methods.counter_rng)."""
+MASK_SEED = 0  # the stream zo.mask-by=random ranks weights by: never a pool seed (those are >= 1)
+
+
+@torch.no_grad()
+def select(params: list[torch.Tensor], fraction: float, by: str) -> list[torch.Tensor]:
+    """The sparse subset: per parameter, the sorted flat indices (int64, on the CPU) of the
+    ceil(fraction * total) weights with the largest score over all parameters, ties taken in
+    stream order; the score is |w| (by="magnitude") or |z| of the stream MASK_SEED ("random").
+
+    Exact on every party: the scores are the base weights (or the device-independent z), and the
+    threshold is an order statistic, not a sort that may break ties differently.
+    """
+    total = sum(p.numel() for p in params)
+    keep = max(1, math.ceil(fraction * total))
+    if by == "magnitude":
+        score = torch.cat([p.detach().reshape(-1).cpu().float().abs() for p in params])  # (total,)
+    else:
+        score = rng.draw(MASK_SEED, 0, total, "gaussian", torch.float32).abs_()
+    threshold = float(torch.kthvalue(score, total - keep + 1).values)  # the keep-th largest
+    chosen = score > threshold
+    ties = (score == threshold).nonzero().flatten()[:keep - int(chosen.sum())]
+    chosen[ties] = True
+    out, start = [], 0
+    for p in params:
+        out.append(chosen[start:start + p.numel()].nonzero().flatten())
+        start += p.numel()
+    return out
+
+
+def fingerprint(named: list[tuple[str, torch.Tensor]], cfg: ZOConfig, mask: list[torch.Tensor] | None = None) -> int:
+    """A 48-bit hash of the generator, parameter names, shapes and dtypes, the first z values,
+    the sparse subset (its indices) and the warm-up. Not the device: z is the same on every one
+    (fedllm.methods.counter_rng)."""
     h = hashlib.sha256(f"{rng.NAME};".encode())
     for n, p in named:
         h.update(f"{n}:{tuple(p.shape)}:{p.dtype};".encode())
+    if mask is not None:
+        h.update(f"mask:{cfg.mask!r}:{cfg.mask_by};".encode())
+        for idx in mask:
+            h.update(idx.numpy().astype("<i8").tobytes())
+    if cfg.warmup_rounds:
+        h.update(f"warmup:{cfg.warmup_rounds}:{cfg.warmup_lr!r};".encode())
     first = named[0][1]
     z = rng.draw(seed_pool(1, cfg.pool_seed)[0], 0, 64, cfg.dist, first.dtype, first.device)
     h.update(z.cpu().double().numpy().tobytes())
@@ -78,26 +125,61 @@ def fingerprint(named: list[tuple[str, torch.Tensor]], cfg: ZOConfig) -> int:
 
 # --- the canonical global state ----------------------------------------------------------
 
+WARM = b"ZW"  # a warm-up round's payload: WARM, n (uint32), then n float32 deltas
+
+
+def encode_warm(delta: torch.Tensor) -> bytes:
+    """A warm-up round's payload: the aggregate dense delta (n,) of the perturbed weights, float32."""
+    return WARM + struct.pack("<I", delta.numel()) + delta.detach().float().cpu().numpy().astype("<f4").tobytes()
+
+
+def decode_warm(payload: bytes, n: int) -> torch.Tensor:
+    """Raises:
+        PayloadError: on a wrong size or a non-finite value."""
+    if len(payload) != 6 + 4 * n or struct.unpack_from("<I", payload, 2)[0] != n:
+        raise PayloadError(f"zo warm-up payload: {len(payload)} bytes, expected {6 + 4 * n} (n={n})")
+    delta = torch.frombuffer(bytearray(payload[6:]), dtype=torch.float32).clone()
+    if not torch.isfinite(delta).all():
+        raise PayloadError("zo warm-up payload: non-finite delta")
+    return delta
+
+
 @dataclass
 class Accumulators:
-    """acc: per-seed sum of the applied scalars; mag: sum of their magnitudes (for -Pro)."""
+    """acc: per-seed sum of the applied scalars; mag: sum of their magnitudes (for -Pro);
+    warm: the sum of the warm-up rounds' dense deltas (n,) over the perturbed weights (n=0: no
+    warm-up), warm_rounds how many there were. version counts every applied payload."""
 
     k: int
     acc: torch.Tensor = field(default=None)  # type: ignore[assignment]
     mag: torch.Tensor = field(default=None)  # type: ignore[assignment]
     version: int = 0
+    n: int = 0
+    warm: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    warm_rounds: int = 0
 
     def __post_init__(self) -> None:
         self.acc = torch.zeros(self.k) if self.acc is None else self.acc
         self.mag = torch.zeros(self.k) if self.mag is None else self.mag
+        self.warm = torch.zeros(self.n) if self.warm is None else self.warm
 
     def apply(self, payload: bytes) -> torch.Tensor:
-        """Add one round's decoded update (float32, the same order everywhere)."""
-        update = decode(payload, self.k)
-        self.acc = self.acc + update
-        self.mag = self.mag + update.abs()
+        """Add one round's decoded update (float32, the same order everywhere): a warm-up delta
+        or per-seed scalars."""
+        if payload[:2] == WARM:
+            update = decode_warm(payload, self.n)
+            self.warm = self.warm + update
+            self.warm_rounds += 1
+        else:
+            update = decode(payload, self.k)
+            self.acc = self.acc + update
+            self.mag = self.mag + update.abs()
         self.version += 1
         return update
+
+    def copy(self) -> "Accumulators":
+        return Accumulators(self.k, self.acc.clone(), self.mag.clone(), self.version, self.n, self.warm.clone(),
+                            self.warm_rounds)
 
     def probabilities(self) -> torch.Tensor:
         """FedKSeed-Pro: seeds with larger scalar history are drawn more often; the mean
@@ -107,20 +189,28 @@ class Accumulators:
         return weight / weight.sum()
 
     def to_bytes(self) -> bytes:
-        return struct.pack("<II", self.k, self.version) + self.acc.numpy().tobytes() + self.mag.numpy().tobytes()
+        raw = struct.pack("<II", self.k, self.version) + self.acc.numpy().tobytes() + self.mag.numpy().tobytes()
+        if self.n:
+            raw += struct.pack("<I", self.warm_rounds) + self.warm.numpy().tobytes()
+        return raw
 
     @classmethod
-    def from_bytes(cls, raw: bytes, k: int) -> "Accumulators":
-        if len(raw) != 8 + 8 * k:
-            raise PayloadError(f"zo state: {len(raw)} bytes, expected {8 + 8 * k}")
+    def from_bytes(cls, raw: bytes, k: int, n: int = 0) -> "Accumulators":
+        expected = 8 + 8 * k + (4 + 4 * n if n else 0)
+        if len(raw) != expected:
+            raise PayloadError(f"zo state: {len(raw)} bytes, expected {expected}")
         k_in, version = struct.unpack_from("<II", raw)
         if k_in != k:
             raise PayloadError(f"zo state: made for K={k_in}, expected K={k}")
         acc = torch.frombuffer(bytearray(raw[8:8 + 4 * k]), dtype=torch.float32).clone()
-        mag = torch.frombuffer(bytearray(raw[8 + 4 * k:]), dtype=torch.float32).clone()
-        if not (torch.isfinite(acc).all() and torch.isfinite(mag).all()):
+        mag = torch.frombuffer(bytearray(raw[8 + 4 * k:8 + 8 * k]), dtype=torch.float32).clone()
+        warm, warm_rounds = None, 0
+        if n:
+            (warm_rounds,) = struct.unpack_from("<I", raw, 8 + 8 * k)
+            warm = torch.frombuffer(bytearray(raw[12 + 8 * k:]), dtype=torch.float32).clone()
+        if not (torch.isfinite(acc).all() and torch.isfinite(mag).all() and (warm is None or torch.isfinite(warm).all())):
             raise PayloadError("zo state: non-finite accumulator")
-        return cls(k, acc, mag, version)
+        return cls(k, acc, mag, version, n, warm, warm_rounds)
 
 
 # Down messages: either the full state, or the round payloads since a version.
@@ -145,7 +235,7 @@ def decode_down(raw: bytes, local: Accumulators) -> Accumulators:
         PayloadError: when malformed, or when `local` is older than the history starts.
     """
     if raw[:1] == FULL:
-        return Accumulators.from_bytes(raw[1:], local.k)
+        return Accumulators.from_bytes(raw[1:], local.k, local.n)
     if raw[:1] != HISTORY or len(raw) < 9:
         raise PayloadError("zo down message: bad header")
     since, n = struct.unpack_from("<II", raw, 1)
@@ -154,7 +244,7 @@ def decode_down(raw: bytes, local: Accumulators) -> Accumulators:
                            "the server sends the full state next round")
     if local.version > since + n:
         raise PayloadError(f"zo sync: local state version {local.version} is newer than the server's")
-    out = Accumulators(local.k, local.acc.clone(), local.mag.clone(), local.version)
+    out = local.copy()
     pos = 9
     for i in range(n):
         if pos + 4 > len(raw):
@@ -174,7 +264,9 @@ def decode_down(raw: bytes, local: Accumulators) -> Accumulators:
 # --- the engine --------------------------------------------------------------------------
 
 class ZOEngine:
-    """In-place ZO training of a model whose weights are base - lr * sum_k coef_k z_k."""
+    """In-place ZO training of a model whose weights are base + warm - lr * sum_k coef_k z_k
+    (z over the sparse subset when zo.mask is set; warm over the perturbed weights, zero without
+    a warm-up)."""
 
     def __init__(self, model: Any, cfg: ZOConfig, reload_base: Callable[[], list[torch.Tensor]] | None = None):
         self.model = model
@@ -186,37 +278,97 @@ class ZOEngine:
         self.device = devices.of(model)
         for p in self.params:
             p.requires_grad_(False)
+        # the sparse subset: per parameter, its flat indices on the parameter's device (None: all)
+        cpu_mask = select(self.params, cfg.mask, cfg.mask_by) if cfg.mask > 0 else None
+        self.mask = None if cpu_mask is None else [idx.to(p.device) for idx, p in zip(cpu_mask, self.params)]
+        self.n = sum(p.numel() for p in self.params) if cpu_mask is None else sum(len(i) for i in cpu_mask)
         self.pool = seed_pool(cfg.num_seeds, cfg.pool_seed)
         self.coef = torch.zeros(cfg.num_seeds, dtype=torch.float64)
-        self.state = Accumulators(cfg.num_seeds)
-        self.fingerprint = fingerprint(named, cfg)
+        self.state = self.empty_state()
+        self.fingerprint = fingerprint(named, cfg, cpu_mask)
         self.reload_base = reload_base
         self.syncs = 0
+        # the warm-up: the perturbed weights at base (n,), and the warm offset the weights carry
+        self.base_flat = self.flat().cpu().float() if cfg.warmup_rounds else None
+        self.warm = torch.zeros(self.n if cfg.warmup_rounds else 0)
+
+    def empty_state(self) -> Accumulators:
+        return Accumulators(self.cfg.num_seeds, n=self.n if self.cfg.warmup_rounds else 0)
+
+    def warming(self, state: Accumulators | None = None) -> bool:
+        """Whether the round after `state` (default: the adopted one) is a first-order warm-up round."""
+        return (state or self.state).warm_rounds < self.cfg.warmup_rounds
+
+    @torch.no_grad()
+    def perturb(self, seed: int, scale: float) -> None:
+        """weights += scale * z(seed), over the sparse subset when there is one (its own stream:
+        element j of the subset, in parameter and index order, takes z element j)."""
+        if self.mask is None:
+            perturb_(self.params, seed, scale, self.cfg.dist)
+            return
+        offset = 0
+        for p, idx in zip(self.params, self.mask):
+            if len(idx):
+                z = rng.draw(seed, offset, len(idx), self.cfg.dist, p.dtype, p.device)
+                p.view(-1).index_add_(0, idx, z, alpha=scale)
+            offset += len(idx)
+
+    @torch.no_grad()
+    def flat(self) -> torch.Tensor:
+        """The perturbed weights as one (n,) float32 vector (the subset's, in stream order)."""
+        if self.mask is None:
+            return torch.cat([p.reshape(-1).float() for p in self.params])
+        return torch.cat([p.view(-1).index_select(0, idx).float() for p, idx in zip(self.params, self.mask)])
+
+    @torch.no_grad()
+    def set_flat(self, values: torch.Tensor) -> None:
+        """Write an (n,) vector back into the perturbed weights (the inverse of `flat`)."""
+        start = 0
+        for i, p in enumerate(self.params):
+            size = p.numel() if self.mask is None else len(self.mask[i])
+            part = values[start:start + size].to(p.device, p.dtype)
+            if self.mask is None:
+                p.view(-1).copy_(part)
+            else:
+                p.view(-1).index_copy_(0, self.mask[i], part)
+            start += size
 
     @torch.no_grad()
     def move(self, diff: torch.Tensor) -> int:
         """weights -= lr * diff_k * z_k for every non-zero diff_k; returns seeds regenerated."""
         nonzero = diff.nonzero().flatten().tolist()
         for k in nonzero:
-            perturb_(self.params, self.pool[k], -self.cfg.lr * float(diff[k]), self.cfg.dist)
+            self.perturb(self.pool[k], -self.cfg.lr * float(diff[k]))
             self.coef[k] += float(diff[k])
         return len(nonzero)
+
+    def set_warm(self, warm: torch.Tensor) -> None:
+        """Set the perturbed weights to base + warm exactly (the same bits on every party, however
+        many rounds brought warm there); the zo moves are re-applied by the caller."""
+        self.set_flat(self.base_flat + warm)
+        self.warm = warm.clone()
+        self.coef.zero_()
 
     def sync(self, state: Accumulators) -> int:
         """Bring the weights to `state` (and adopt it); returns seeds regenerated."""
         self.syncs += 1
         if self.reload_base is not None and self.cfg.rebuild_every > 0 and self.syncs % self.cfg.rebuild_every == 0:
             self.rebuild()
+        if state.n and not torch.equal(state.warm, self.warm):
+            self.set_warm(state.warm)
         moved = self.move(state.acc.double() - self.coef)
         self.state = state
         return moved
 
     @torch.no_grad()
     def rebuild(self) -> None:
-        """Reset to the base weights and re-apply coef: clears in-place floating-point drift."""
+        """Reset to the base weights and re-apply warm and coef: clears in-place floating-point drift."""
         for p, b in zip(self.params, self.reload_base()):
             p.copy_(b)
-        coef, self.coef = self.coef, torch.zeros_like(self.coef)
+        coef = self.coef.clone()
+        if self.base_flat is not None:
+            self.set_warm(self.warm)
+        self.coef.zero_()
         self.move(coef)
 
     @torch.no_grad()
@@ -228,15 +380,15 @@ class ZOEngine:
         """One two-point step on seed index k; returns (g, mean of the two losses), or None
         (weights restored) if a loss was not finite."""
         seed, eps = self.pool[k], self.cfg.eps
-        perturb_(self.params, seed, eps, self.cfg.dist)
+        self.perturb(seed, eps)
         plus = self.loss(batch)
-        perturb_(self.params, seed, -2 * eps, self.cfg.dist)
+        self.perturb(seed, -2 * eps)
         minus = self.loss(batch)
         g = (plus - minus) / (2 * eps)
         if not math.isfinite(g):
-            perturb_(self.params, seed, eps, self.cfg.dist)
+            self.perturb(seed, eps)
             return None
-        perturb_(self.params, seed, eps - self.cfg.lr * g, self.cfg.dist)  # restore + step
+        self.perturb(seed, eps - self.cfg.lr * g)  # restore + step
         self.coef[k] += g
         return g, (plus + minus) / 2
 
@@ -269,6 +421,51 @@ class ZOEngine:
         return pairs, {"train-loss": sum(losses) / max(len(losses), 1), "steps": float(len(pairs)),
                        "skipped-steps": float(skipped)}
 
+    def train_first_order(self, rows: list[dict[str, list[int]]], cfg: TrainConfig, pad_id: int,
+                          seed: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """A warm-up round: `cfg.local_steps` AdamW steps (zo.warmup-lr, gradient norm clipped to 1)
+        on the perturbed weights only, through the same loss; returns their delta (n,) float32 and
+        stats. The weights are restored afterwards: the round's aggregate moves every party alike."""
+        gen = torch.Generator().manual_seed(seed)
+        start = self.flat()  # (n,)
+        w = start.clone().requires_grad_(True)
+        opt = torch.optim.AdamW([w], lr=self.cfg.warmup_lr, weight_decay=0.0)
+        was_training = self.model.training
+        self.model.eval()
+        losses: list[float] = []
+        stream = batches(rows, cfg.batch_size, pad_id, gen)
+        for p in self.params:
+            p.requires_grad_(True)
+        try:
+            for _ in range(cfg.local_steps):
+                batch = next(stream)
+                loss = self.model(**{k: v.to(self.device, non_blocking=True) for k, v in batch.items()}).loss
+                if not torch.isfinite(loss):
+                    self.model.zero_grad(set_to_none=True)
+                    continue
+                loss.backward()
+                grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
+                if self.mask is None:
+                    w.grad = torch.cat([g.reshape(-1).float() for g in grads]).to(w.device)
+                else:
+                    w.grad = torch.cat([g.view(-1).index_select(0, idx).float()
+                                        for g, idx in zip(grads, self.mask)]).to(w.device)
+                self.model.zero_grad(set_to_none=True)
+                torch.nn.utils.clip_grad_norm_([w], 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                self.set_flat(w.detach())
+                losses.append(float(loss.detach()))
+        finally:
+            for p in self.params:
+                p.requires_grad_(False)
+                p.grad = None
+            self.model.train(was_training)
+            delta = self.flat() - start
+            self.set_flat(start)  # back to exactly what the global state says
+        return delta.cpu(), {"train-loss": sum(losses) / max(len(losses), 1), "steps": float(len(losses)),
+                             "skipped-steps": float(cfg.local_steps - len(losses))}
+
 
 def engine_for(cfg: Config) -> tuple[ZOEngine, Any]:
     """(engine, tokenizer) for this run's model, built once per process.
@@ -281,7 +478,8 @@ def engine_for(cfg: Config) -> tuple[ZOEngine, Any]:
     from fedllm.methods.adapters import engine as lora
 
     z = cfg.zo
-    key = ("zo", cfg.model.name, cfg.model.dtype, z.params, z.num_seeds, z.pool_seed, z.dist, z.lr, z.eps,
+    key = ("zo", cfg.model.name, cfg.model.dtype, z.params, z.num_seeds, z.pool_seed, z.dist, z.lr, z.eps, z.mask,
+           z.mask_by, z.warmup_rounds, z.warmup_lr,
            cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.train.seed, *placement(cfg.model))
 
     def build() -> tuple[ZOEngine, Any]:

@@ -4,7 +4,9 @@ Each round the server sends every sampled node what it needs to sync (the round 
 since the version it holds, or the full state when smaller), decodes each client's per-seed
 scalar sums, and applies the rule chain's aggregate quantized with shared scales and
 stochastic rounding: the same bytes every client applies next round, so all parties hold the
-same model. Qin et al., ICML 2024, https://arxiv.org/abs/2312.06353.
+same model. Qin et al., ICML 2024, https://arxiv.org/abs/2312.06353. The first zo.warmup-rounds
+rounds' replies are dense float32 deltas of the perturbed weights instead, and their aggregate is
+applied as a float32 payload (engine.encode_warm).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from fedllm.model import save_merged
 from fedllm.protocol import LEDGER, METRICS, ZO, ZO_SUMS, State, Update, check_like, read_arrays, reply_metrics
 
 SUMS = "sums"  # the one tensor of a zo update: (K,) per-seed scalar sums
+WARM = "warm"  # the one tensor of a warm-up round's update: (n,) dense delta of the perturbed weights
 
 
 class ZOServer:
@@ -42,10 +45,14 @@ class ZOServer:
         if fingerprint is None:
             self.engine, self.tokenizer = zo.engine_for(cfg)
             self.fingerprint = self.engine.fingerprint
+            self.state = self.engine.empty_state()
         else:
+            if cfg.zo.warmup_rounds:
+                raise ConfigError("zo.warmup-rounds: a server without the model cannot size the warm-up's "
+                                  "dense state; set zo.warmup-rounds=0")
             self.engine = self.tokenizer = None
             self.fingerprint = fingerprint
-        self.state = zo.Accumulators(self.k)
+            self.state = zo.Accumulators(self.k)
         self.downlink = Downlink(True, cfg.server.node_state)  # every party starts from zero accumulators
 
     def encode_down(self, node: int) -> dict[str, Any]:
@@ -55,7 +62,13 @@ class ZOServer:
 
     def decode(self, msg: Message) -> Update:
         n, metrics = reply_metrics(msg)
-        if ZO_SUMS in msg.content.array_records:  # secagg.enabled: the dense sums (the mean of the clients')
+        warming = self.state.warm_rounds < self.cfg.zo.warmup_rounds
+        if warming:  # a warm-up round: the dense delta of the perturbed weights, float32
+            reference = {WARM: torch.zeros(self.state.n)}
+            delta, nbytes = read_arrays(msg, reference, ZO_SUMS)
+            check_like(delta, reference)
+            sums = delta
+        elif ZO_SUMS in msg.content.array_records:  # secagg.enabled: the dense sums (the mean of the clients')
             reference = {SUMS: torch.zeros(self.k)}
             sums, nbytes = read_arrays(msg, reference, ZO_SUMS)
             check_like(sums, reference)
@@ -76,6 +89,10 @@ class ZOServer:
         return Update(msg.metadata.src_node_id, sums, n, metrics, nbytes)
 
     def largest_reply(self) -> int:
+        """The zo upload's bound; during a warm-up, a float32 delta of the perturbed weights (and
+        the array record's framing)."""
+        if self.cfg.zo.warmup_rounds:
+            return max(zo.max_upload_bytes(self.k), 4 * self.state.n + 4096)
         return zo.max_upload_bytes(self.k)
 
     def apply(self, aggregate: State, updates: list[Update], server_round: int) -> dict[str, float]:
@@ -83,7 +100,10 @@ class ZOServer:
         round's payload, the exact bytes every party applies to its accumulators."""
         for u in updates:
             self.downlink.accepted(u.node_id)
-        payload = round_payload(aggregate[SUMS], self.k, self.cfg.zo.bits, server_round)
+        if WARM in aggregate:  # a warm-up round: the mean dense delta, float32, as every party applies it
+            payload = zo.encode_warm(aggregate[WARM])
+        else:
+            payload = round_payload(aggregate[SUMS], self.k, self.cfg.zo.bits, server_round)
         self.state.apply(payload)
         self.downlink.append(payload)
         return {"zo-version": self.state.version}
@@ -121,7 +141,7 @@ class ZOServer:
             raise ConfigError(f"server.resume: this zo checkpoint's perturbations came from the generator "
                               f"{state.get('generator') or 'of an earlier fedllm (torch and numpy streams)'}, this fedllm "
                               f"draws them with {rng.NAME}; its accumulators cannot be replayed: start a new run")
-        self.state = zo.Accumulators.from_bytes(state["accumulators"], self.k)
+        self.state = zo.Accumulators.from_bytes(state["accumulators"], self.k, self.state.n)
         self.downlink.load_state_dict(state["downlink"])
 
 
