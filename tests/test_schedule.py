@@ -116,3 +116,17 @@ def test_the_cli_refuses_a_warmup_longer_than_the_run_before_any_engine(tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.warmup-steps: 1000 is not below the run's" in err[0]
     assert not any(tmp_path.iterdir())  # nothing started, nothing written
+
+
+def test_which_methods_take_the_schedule():
+    from fedllm.methods import METHODS
+    from fedllm.methods.schedule import steps_per_round
+
+    over = {"train.lr-schedule": "cosine"}
+    for name in ("lora", "exact-lora", "dpo", "diloco", "ferret"):
+        check_spec(Config.from_flat({**over, "train.method": name}))  # accepted
+    with pytest.raises(ConfigError, match=r"train\.lr-schedule:.*zo"):
+        check_spec(Config.from_flat({**over, "train.method": "zo"}))  # zo steps at zo.lr
+    cfg = Config.from_flat({"train.method": "diloco", "diloco.inner-steps": 12, "diloco.fragments": 4})
+    assert steps_per_round(cfg) == 3 and clock(cfg, 3) == (6, cfg.server.num_rounds * 3)
+    assert {m.name for m in METHODS.entries()} == {"lora", "exact-lora", "zo", "diloco", "dpo", "ferret"}

@@ -14,6 +14,7 @@ from fedllm.errors import PayloadError
 from fedllm.methods.base import Transform
 from fedllm.methods.ferret.engine import engine_for
 from fedllm.methods.ferret.server import COEF, FERRET
+from fedllm.methods.schedule import clock
 from fedllm.protocol import CONFIG
 
 
@@ -22,7 +23,7 @@ class FerretClient:
         self.cfg = cfg
         self.engine, self.tokenizer = engine_for(cfg)
         self.coefs = torch.zeros(0, dtype=torch.float64)
-        self.seed, self.mu, self.version = 0, 0.0, 0
+        self.seed, self.mu, self.version, self.round = 0, 0.0, 0, 0
 
     def sync(self, request: RecordDict, seed: int) -> dict[str, float]:
         down = request.config_records.get(FERRET)
@@ -40,11 +41,13 @@ class FerretClient:
         self.seed, self.version = seed, self.engine.version
         config = request.config_records.get(CONFIG)
         self.mu = float(config.get("proximal-mu", 0.0)) if config is not None else 0.0
+        self.round = int(config.get("server-round", 0)) if config is not None else 0
         return {"ferret-version": self.engine.version, "ferret-fingerprint": self.engine.fingerprint,
                 "sync-rounds": applied, "sync-seconds": time.perf_counter() - t0}
 
     def train(self, rows: list[dict[str, list[int]]], seed: int) -> dict[str, float]:
-        self.coefs, stats = self.engine.train(rows, self.cfg.train, self.tokenizer.pad_token_id, seed, self.mu)
+        self.coefs, stats = self.engine.train(rows, self.cfg.train, self.tokenizer.pad_token_id, seed, self.mu,
+                                              clock=clock(self.cfg, self.round))
         return stats
 
     def upload(self, transform: Transform | None) -> dict[str, Any]:

@@ -217,14 +217,15 @@ class FerretEngine:
         return len(rounds) - here
 
     def train(self, rows: list[dict[str, list[int]]], cfg: TrainConfig, pad_id: int, seed: int,
-              proximal_mu: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-        """Local AdamW steps from the global weights, the update's coordinates on this version's bases,
-        and the weights restored (the cached model stays at the global version). Returns (coefs, stats)."""
+              proximal_mu: float = 0.0, clock: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, dict[str, float]]:
+        """Local AdamW steps from the global weights (`clock`: train.lr-schedule's, as lora's), the
+        update's coordinates on this version's bases, and the weights restored (the cached model stays
+        at the global version). Returns (coefs, stats)."""
         from fedllm.methods.adapters import engine as lora
 
         start = [p.detach().clone() for p in self.params]
         try:
-            stats = lora.train(self.model, rows, cfg, pad_id, seed=seed, proximal_mu=proximal_mu)
+            stats = lora.train(self.model, rows, cfg, pad_id, seed=seed, proximal_mu=proximal_mu, clock=clock)
             t0 = time.perf_counter()
             with torch.no_grad():
                 deltas = [p.detach() - s for p, s in zip(self.params, start)]
