@@ -96,7 +96,7 @@ def test_ledger_and_attack_config_errors(flat, message):
     ({"ledger.enabled": True, "ledger.scorer": "shapley", "train.method": "exact-lora"},
      "ledger.scorer: shapley needs a validation loss per subset of updates, which train.method=exact-lora"),
     ({"train.method": "zo", "compression.up": "int8"}, "compression.up/down: train.method=zo does not take codecs"),
-    ({"train.method": "lora-plus"}, "train.method: unknown method 'lora-plus'; registered: diloco, dpo, exact-lora, lora, zo"),
+    ({"train.method": "lora-plus"}, "train.method: unknown method 'lora-plus'; registered: diloco, dpo, exact-lora, ferret, lora, zo"),
     ({"train.method": "zo", "server.strategy": "fedadam"}, "server.strategy: optimizer 'fedadam' does not apply"),
     ({"server.strategy": "exact-lora"}, "server.strategy: 'exact-lora' is a method: set train.method=exact-lora"),
 ])

@@ -113,7 +113,8 @@ def test_downlink_one_rule_for_unknown_versions():
 def test_a_bad_request_is_refused_by_the_client_half(tiny_model_dir, tmp_path):
     from fedllm.errors import PayloadError
 
-    for name, record in (("lora", "arrays"), ("exact-lora", "frozen"), ("zo", "zo"), ("diloco", "diloco")):
+    for name, record in (("lora", "arrays"), ("exact-lora", "frozen"), ("zo", "zo"), ("diloco", "diloco"),
+                         ("ferret", "ferret")):
         cfg = tiny_run_config(tiny_model_dir, tmp_path, **{"train.method": name, **SMALL.get(name, {})})
         request = RecordDict({CONFIG: ConfigRecord({**cfg.to_flat(), "server-round": 1})})
         with pytest.raises(PayloadError):

@@ -20,12 +20,13 @@ from fedllm.errors import ConfigError, PayloadError
 from fedllm.methods.base import Transform
 from fedllm.methods.adapters import engine as lora
 from fedllm.methods.adapters import modules
+from fedllm.methods.adapters.optimizer import adamw_state, make_adamw
 from fedllm.methods.adapters.resources import base_bits, client_config, pad, truncate
 from fedllm.methods.schedule import clock
 from fedllm.protocol import ARRAYS, CONFIG, DOWN, METRICS, PEFT, SCORES, UPDATE, State
 
 GLOBAL, GLOBAL_VERSION, RESIDUAL = "global", "fedllm-global", "ef-residual"  # context.state names
-MOMENTS, MOMENT_STEPS = "adamw-moments", "adamw-steps"  # train.keep-optimizer's, in context.state
+MOMENTS = "adamw-moments"  # train.keep-optimizer's, in context.state
 Rows = Callable[[Any], tuple[list[dict[str, list[int]]], int]]  # tokenizer -> (encoded rows, examples)
 
 
@@ -118,23 +119,17 @@ class LoraClient:
 
 
 def kept_optimizer(net: Any, context: Context, cfg: Config) -> Any:
-    """With train.keep-optimizer, a fresh AdamW holding the moments this node kept from its last round
-    (none on its first, or when the adapter's tensors changed); otherwise None (train makes its own)."""
+    """With train.keep-optimizer, an AdamW holding the moments this node kept from its last round
+    (fresh on its first, or when the adapter's tensors changed); otherwise None (train makes its own)."""
     if not cfg.train.keep_optimizer:
         return None
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = lora.make_optimizer(params, cfg.train, params[0].device)
-    held, steps = context.state.array_records.get(MOMENTS), context.state.config_records.get(MOMENT_STEPS)
-    if held is not None and steps is not None:
-        lora.load_optimizer_state(opt, held.to_torch_state_dict(), {k: int(v) for k, v in steps.items()})
-    return opt
+    held = context.state.array_records.get(MOMENTS)
+    return make_adamw(net, cfg.train, held.to_torch_state_dict() if held is not None else None)
 
 
 def keep_optimizer(opt: Any, context: Context) -> None:
     """Store the optimizer's moments in the node state (train.keep-optimizer)."""
-    tensors, steps = lora.optimizer_state(opt)
-    context.state[MOMENTS] = ArrayRecord(tensors)
-    context.state[MOMENT_STEPS] = ConfigRecord(steps)
+    context.state[MOMENTS] = ArrayRecord(adamw_state(opt))
 
 
 def shifted(local: State, start: State, transform: Transform) -> State:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import math
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,6 +28,7 @@ import torch
 from fedllm import devices
 from fedllm.config import ModelConfig, TrainConfig
 from fedllm.methods.adapters.config import LoraConfig
+from fedllm.methods.adapters.optimizer import check_optimizer, make_optimizer  # noqa: F401  (callers reach them here too)
 from fedllm.methods.schedule import lr_factor
 from fedllm.data.templates import batches
 from fedllm.errors import ConfigError
@@ -365,58 +365,6 @@ def train(model: Any, rows: list[dict[str, list[int]]], cfg: TrainConfig, pad_id
         "steps": float(cfg.local_steps),
         "examples-seen": float(cfg.local_steps * cfg.grad_accum * min(cfg.batch_size, len(rows))),
     }
-
-
-def optimizer_state(opt: torch.optim.Optimizer) -> tuple[State, dict[str, int]]:
-    """AdamW's moments as named CPU tensors (exp_avg.I, exp_avg_sq.I for parameter I of its one group)
-    and each parameter's step count: what a node keeps between its rounds (train.keep-optimizer)."""
-    tensors, steps = {}, {}
-    for i, p in enumerate(opt.param_groups[0]["params"]):
-        held = opt.state.get(p)
-        if held:
-            tensors[f"exp_avg.{i}"] = held["exp_avg"].detach().to("cpu", copy=True)
-            tensors[f"exp_avg_sq.{i}"] = held["exp_avg_sq"].detach().to("cpu", copy=True)
-            steps[f"step.{i}"] = int(held["step"])
-    return tensors, steps
-
-
-def load_optimizer_state(opt: torch.optim.Optimizer, tensors: State, steps: dict[str, int]) -> bool:
-    """Put moments from `optimizer_state` back into a fresh AdamW; False (and nothing loaded) when
-    they do not fit its parameters (another count or shape: the adapter changed)."""
-    params = opt.param_groups[0]["params"]
-    fits = set(tensors) == {f"{m}.{i}" for i in range(len(params)) for m in ("exp_avg", "exp_avg_sq")} and all(
-        tensors[f"exp_avg.{i}"].shape == p.shape and tensors[f"exp_avg_sq.{i}"].shape == p.shape
-        and f"step.{i}" in steps for i, p in enumerate(params))
-    if not fits:
-        return False
-    for i, p in enumerate(params):
-        opt.state[p] = {"step": torch.tensor(float(steps[f"step.{i}"])),
-                        "exp_avg": tensors[f"exp_avg.{i}"].to(p.device, p.dtype),
-                        "exp_avg_sq": tensors[f"exp_avg_sq.{i}"].to(p.device, p.dtype)}
-    return True
-
-
-def make_optimizer(params: list[torch.Tensor], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """A fresh local optimizer for train.optimizer: torch's AdamW, or bitsandbytes' paged 8-bit AdamW
-    (QLoRA's: moments in 8 bits, paged to host memory under pressure)."""
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    check_optimizer(cfg, device)
-    import bitsandbytes as bnb
-
-    return bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def check_optimizer(cfg: TrainConfig, device: torch.device) -> None:
-    """Raises:
-        ConfigError: paged-adamw-8bit for a model that is not on a GPU, or without bitsandbytes."""
-    if cfg.optimizer == "adamw":
-        return
-    if device.type != "cuda":
-        raise ConfigError(f"train.optimizer={cfg.optimizer}: bitsandbytes' paged optimizers need a CUDA device; "
-                          f"this model is on {device}")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(f"train.optimizer={cfg.optimizer} needs bitsandbytes (pip install 'fedllm[quantize]')")
 
 
 def checkpointing(model: Any, on: bool) -> None:

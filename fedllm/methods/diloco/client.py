@@ -28,6 +28,7 @@ from fedllm.errors import PayloadError
 from fedllm.methods.base import Transform
 from fedllm.methods.diloco import engine
 from fedllm.methods.adapters.client import send_compressed
+from fedllm.methods.adapters.optimizer import adamw_state, make_adamw
 from fedllm.methods.schedule import clock
 from fedllm.protocol import ARRAYS, CONFIG, DILOCO, UPDATE, State, check_like
 
@@ -203,12 +204,12 @@ class DiLoCoClient:
         from fedllm.methods.adapters import engine as lora
 
         engine.set_state(self.net, self.dc.params, self.local)
-        opt = engine.make_optimizer(self.net, self.cfg.train, self.adam)
+        opt = make_adamw(self.net, self.cfg.train, self.adam)
         self.adam = {}  # the optimizer holds the moments now
         steps = dataclasses.replace(self.cfg.train, local_steps=self.dc.round_steps())
         stats = lora.train(self.net, rows, steps, self.tokenizer.pad_token_id, seed=seed, proximal_mu=self.mu,
                            optimizer=opt, clock=clock(self.cfg, self.round))
-        self.local, self.adam = engine.get_state(self.net, self.dc.params), engine.optimizer_state(opt)
+        self.local, self.adam = engine.get_state(self.net, self.dc.params), adamw_state(opt)
         self.meta["trained"] = self.round
         return stats
 

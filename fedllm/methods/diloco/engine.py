@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from fedllm.config import Config, TrainConfig
+from fedllm.config import Config
 from fedllm.errors import ConfigError
 from fedllm.model import MODEL_CACHE, cache_root, load_base_model, placement
 
@@ -207,23 +207,3 @@ def initial_state(cfg: Config) -> State:
     return MODEL_CACHE.get(key, lambda: get_state(load_base_model(host, cached=False)[0], "full"))
 
 
-# --- the inner optimizer's state, carried by the client from round to round -------------------
-def make_optimizer(net: Any, cfg: TrainConfig, state: State | None) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters (in model order), with the moments and step counts
-    of `state` (from `optimizer_state`) when given."""
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if state:
-        saved = {i: {"step": state[f"{i}.step"].reshape(()).clone(), "exp_avg": state[f"{i}.exp_avg"],
-                     "exp_avg_sq": state[f"{i}.exp_avg_sq"]} for i in range(len(params)) if f"{i}.step" in state}
-        opt.load_state_dict({"state": saved, "param_groups": opt.state_dict()["param_groups"]})
-    return opt
-
-
-def optimizer_state(opt: torch.optim.Optimizer) -> State:
-    """AdamW's moments and step counts as named tensors (an ArrayRecord stores them)."""
-    out: State = {}
-    for i, s in opt.state_dict()["state"].items():
-        out[f"{i}.step"] = torch.as_tensor(s["step"], dtype=torch.float32).reshape(1)
-        out[f"{i}.exp_avg"], out[f"{i}.exp_avg_sq"] = s["exp_avg"].detach().cpu(), s["exp_avg_sq"].detach().cpu()
-    return out
