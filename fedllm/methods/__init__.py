@@ -5,7 +5,7 @@ registered by name.
     method = METHODS.get(cfg.train.method)       # Entry: impl.server(cfg), impl.client(cfg, context, pid)
     spec_of(cfg).compression                     # what the method works with (a MethodSpec)
 
-Importing this package registers lora, exact-lora, zo, diloco and dpo, and their config sections,
+Importing this package registers lora, exact-lora, zo, ferret, diloco and dpo, and their config sections,
 without importing their engines (fedllm.config imports it to know every section).
 """
 
