@@ -215,8 +215,9 @@ def resolve(cfg: Config) -> tuple[Any, Chain]:
         raise ConfigError(f"server.strategy: train.method={entry.name} adds no proximal term to its local loss; "
                           "use fedavg (or another rule) instead of fedprox")
     if chain.optimizers and not spec.server_optimizers:
-        raise ConfigError(f"server.strategy: train.method={entry.name} takes its own outer step (its config "
-                          f"section); name an aggregation rule only, not {', '.join(o.name for o in chain.optimizers)}")
+        raise ConfigError(f"server.strategy: train.method={entry.name} takes its own outer step on the aggregate "
+                          f"(diloco's outer optimizer; ferret's bases change every round); name an aggregation rule "
+                          f"only, not {', '.join(o.name for o in chain.optimizers)}")
     return entry, chain
 
 
