@@ -241,24 +241,22 @@ No GPU has run this bench yet: the figures are a tiny Llama config on 2 CPU core
 (about 20 ms) outweigh its 10 ms of steps, so a LoRA round is 2.06x the plain loop. The goals (8B QLoRA <= 12 GB
 and <= 1.05x the plain loop; 8 clients >= 0.9x one client's tokens/s; zo peak <= 1.1x inference, perturbation
 >= 0.5x the copy bandwidth) are open until `python bench/gpu.py --sizes 1.7b,8b` runs on a GPU."""),
-    "diloco": ("566f67eda78d", """\
+    "diloco": ("c656836f1bde", """\
 - **Peak bytes**: a streaming round moves one fragment each way, 0.26316 of a DiLoCo round, exactly the largest
   fragment's share of SmolLM2's weights (strided over 30 blocks, P = 4: two fragments of 8 blocks, two of 7, each
-  with a quarter of the embedding and final norm). 1 / P exactly would need the blocks to divide by P.
-- **Total bytes**: 119.9x fewer with 4-bit streaming than full-parameter FedAvg synced every step (goal >= 100x).
-  Streaming alone (16.9x) uploads what DiLoCo uploads (21x); it downloads more because the result of a run's last
-  sync is never sent down: a whole model for DiLoCo, one fragment for streaming. 4-bit costs no loss here
-  (0.7924 vs 0.7923).
-- **Eval loss: streaming 6.5% above DiLoCo** (goal within 2%: missed). At 32 steps each fragment is synced twice,
-  and the final global model lacks the clients' last 12, 8 and 4 steps on three of the four fragments (their last
-  syncs came in rounds 5, 6 and 7), while DiLoCo's last sync takes all 32; the paper's runs are thousands of steps,
-  where that tail is small. The overlapped variant (tau = 1, alpha 0.5) is further behind at this length (0.8979):
-  each merge arrives a round late and at half weight. A final all-fragment sync at the last round would remove the
-  tail (not built: it makes that round a full-model round).
-- **Client memory**: a client's peak RSS (one client's two rounds in a process of its own, by VmHWM) is 5.7 to
+  with a quarter of the embedding and final norm). 1 / P exactly would need the blocks to divide by P. The run's
+  last round is the exception by design (`diloco.final-sync`): it syncs every fragment, 2,662 MB up and down,
+  0.62 of a DiLoCo round's.
+- **Eval loss: streaming 0.9997 of DiLoCo's** (0.7440 vs 0.7442; goal within 2%: met). Before the final sync it
+  was 6.5% above (0.7923): three of the four fragments missed the clients' last 12, 8 and 4 steps. Only the
+  streaming row was rerun with it; the overlapped and 4-bit rows are from before (their last rounds synced one
+  fragment).
+- **Total bytes**: 119.9x fewer with 4-bit streaming than full-parameter FedAvg synced every step (goal >= 100x,
+  recorded before the final sync, which adds a whole model's outer gradient up and the steps down in 4 bits);
+  streaming alone 14.1x (21x for DiLoCo): its final round uploads the whole model once more.
+- **Client memory**: a client's peak RSS (one client's two rounds in a process of its own, by VmHWM) is 5.5 to
   6.9 GB against 0.54 GB of float32 weights: its weights, AdamW moments, snapshot and held fragments, with part of
-  its state held twice in serialized form. One run, 2 CPU cores shared with other work, so the wall times are
-  loose."""),
+  its state held twice in serialized form. 2 CPU cores shared with other work, so the wall times are loose."""),
     "dpo": ("ffc6f9c1a034", """\
 - Federated DPO reaches 0.947 (from the base), 0.952 (from SFT) and 0.955 (from SFT, with the NLL term) of the
   centralized reward-accuracy gain (goal >= 0.9: met).
