@@ -15,13 +15,14 @@ client holding the pooled data for 56 E steps (one AdamW, its own tuned lr). Eve
 best (lowest eval loss) of a small grid, searched at 2 epochs with seed 0 and then used for every
 seed and epoch count; rows marked "from" start from another row's best and search only their own
 keys (GRID below states every grid). Evaluation every few rounds gives each run a curve of eval
-loss against the bytes it had sent and the seconds its clients had worked; seed 0's runs at the
-largest epoch count are drawn in bench/quality.png (one line per row). The zeroth-order rows
+loss against the bytes it had sent and the seconds its clients had worked; seed 0's runs at
+2 epochs are drawn in bench/quality.png (one line per row). The zeroth-order rows
 take twice the local steps of an epoch (two forward passes a step: about the client seconds of a
 rule's round, on twice the samples). The zeroth-order and Ferret rows are also compared with the
 best rule at equal client seconds: the best rule's gain
 read off its curve at the row's client seconds (linear between evaluations; its final gain when
-the row worked longer than the best rule's whole run).
+the row worked longer than the best rule's whole run). Client seconds are measured on whatever else
+the machine was doing: compare them only between runs made under the same load.
 
 **Same samples** (`--table samples`): the earlier setting: 48 examples a family, batch 4, 2 rounds
 of 2 local steps, against one client taking the same 32 steps (rows FedAvg, FedProx, FedAdam and
@@ -65,22 +66,25 @@ GRID: dict[str, tuple[str | None, dict[str, Any], list[dict[str, Any]]]] = {
     "centralized": (None, {}, [{"train.lr": lr} for lr in (1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3)]),
     "fedavg": (None, {"server.strategy": "fedavg"},
                [{"steps": 7, "train.lr": 2e-3}, {"steps": 7, "train.lr": 4e-3}, {"steps": 1, "train.lr": 4e-3}]),
-    "fedavg cosine": ("fedavg", {}, [{"train.lr-schedule": "cosine"}, {"train.keep-optimizer": True}]),
+    "fedavg moments or cosine": ("fedavg", {}, [{"train.lr-schedule": "cosine"}, {"train.keep-optimizer": True}]),
     "fedadam": ("fedavg", {"server.strategy": "fedadam"}, [{"strategy.server-lr": 1e-2}]),
     # FedAvg's mean of deltas trained on different tasks moves each task by about 1 / clients of its
     # client's step: a server step larger than the mean (FedAvgM without momentum) restores it
-    "fedavgm": ("fedavg cosine", {}, [{"server.strategy": f"fedavgm(lr={v}, momentum=0.0)"} for v in (1.5, 3.0)]),
+    "fedavgm": ("fedavg moments or cosine", {},
+                [{"server.strategy": f"fedavgm(lr={v}, momentum=0.0)"} for v in (1.5, 3.0)]),
     "fedprox": ("fedavg", {"server.strategy": "fedprox", "strategy.proximal-mu": 0.01}, [{}]),
     "exact-lora": ("fedavg", {"train.method": "exact-lora"}, [{}]),
     "fedavg dirichlet-0.3": ("fedavg", {"data.partition": "dirichlet", "data.alpha": 0.3}, [{}]),
     "defaults": (None, {"steps": PER_EPOCH}, [{}]),  # every learning key at its default (lr 1e-3, fedavg)
     "zo": (None, {**ZO, "steps": PER_EPOCH, "step-multiple": 2}, [{}]),
-    "zo sparse": (None, {**ZO, "zo.mask": 0.001, "zo.lr": 1e-2, "steps": PER_EPOCH, "step-multiple": 2}, [{}]),
+    "zo sparse": (None, {**ZO, "zo.mask": 0.001, "steps": PER_EPOCH, "step-multiple": 2},
+                  [{"zo.lr": v} for v in (1e-3, 1e-2)]),
     "zo sparse warm-up": ("zo sparse", {"zo.warmup-rounds": 1, "zo.warmup-lr": 1e-3}, [{}]),  # half the run first-order
     "ferret": ("fedavg", {"train.method": "ferret", "ferret.num-bases": 4096}, [{}]),
 }
-RULES = ("fedavg", "fedavg cosine", "fedadam", "fedavgm", "fedprox", "exact-lora")  # the best of these is "the best rule"
-ORDER = ["centralized", "fedavg", "fedavg cosine", "fedadam", "fedavgm", "defaults", "zo sparse", "ferret"]
+# the best of these is "the best rule"
+RULES = ("fedavg", "fedavg moments or cosine", "fedadam", "fedavgm", "fedprox", "exact-lora")
+ORDER = ["centralized", "fedavg", "fedavg moments or cosine", "fedadam", "fedavgm", "defaults", "zo sparse", "ferret"]
 # rows run by name (--only); plain FedKSeed perturbs all 135 M weights three times a step (about 10 s a step
 # on 2 cores), which this table cannot afford: its figures are in the same-samples table
 MORE = ["fedprox", "exact-lora", "fedavg dirichlet-0.3", "zo", "zo sparse warm-up"]
@@ -197,38 +201,56 @@ class Bench:
         kept = {k: v for k, v in old.items() if k not in ("setup", "runs")} if old.get("setup") == self.setup else {}
         self.out.write_text(json.dumps({"setup": self.setup, "runs": self.runs, **kept, **extra}, indent=1) + "\n")
 
-    def best(self, row: str, grid_epochs: int = 2) -> dict[str, Any]:
+    def best(self, row: str, grid_epochs: int = 2, run: bool = True) -> dict[str, Any] | None:
         """`row`'s chosen keys: its base row's best, its fixed keys, then the best of its grid (each
-        variant run at `grid_epochs` epochs, seed 0)."""
+        variant run at `grid_epochs` epochs, seed 0). With `run` false, None when a run is missing."""
         base, fixed, variants = GRID[row]
-        start = {**(self.best(base, grid_epochs) if base else {}), **fixed}
+        start = self.best(base, grid_epochs, run) if base else {}
+        if start is None:
+            return None
         tried = []
         for variant in variants:
-            keys = {**start, **variant}
+            keys = {**start, **fixed, **variant}
             clients, over = epoch_run(row, keys, grid_epochs)
-            tried.append((self.get("grid", row, 0, grid_epochs, keys, clients, over)["after"], keys))
+            done = self.get("grid", row, 0, grid_epochs, keys, clients, over) if run else \
+                self.find("grid", row, 0, grid_epochs, keys)
+            if done is None:
+                return None
+            tried.append((done["after"], keys))
         return min(tried, key=lambda t: t[0])[1]
 
 
 def epochs_table(bench: Bench, rows: list[str], seeds: list[int], epochs: list[int]) -> tuple[list[dict], str]:
     """Run what the table needs and summarise it: per row and epoch count, the gain as a fraction of
     centralized's (same seed and epochs)."""
-    chosen = {row: bench.best(row) for row in ["centralized", *rows]}
+    for e in epochs:
+        for row in ["centralized", *rows]:
+            keys = bench.best(row)
+            for seed in seeds:
+                clients, over = epoch_run(row, keys, e)
+                bench.get(*kind_of(seed, e), row, seed, e, keys, clients, over)
+    # the table holds every row, epoch count and seed run so far with the row's chosen keys (earlier
+    # calls may have run other rows, seeds and epochs)
+    chosen = {row: keys for row in ["centralized", *ORDER, *MORE] if (keys := bench.best(row, run=False)) is not None}
+    rows = [row for row in [*ORDER, *MORE] if row in chosen and row != "centralized"]
+    epochs = sorted({r["epochs"] for r in bench.runs if r["kind"] in ("grid", "run")})
     results: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for e in epochs:
         for row in ["centralized", *rows]:
-            for seed in seeds:
-                clients, over = epoch_run(row, chosen[row], e)
-                kind = "grid" if seed == 0 and e == 2 else "run"  # seed 0 at 2 epochs is the grid's own run
-                results.setdefault((row, e), []).append(bench.get(kind, row, seed, e, chosen[row], clients, over))
+            results[(row, e)] = sorted((r for r in bench.runs if r["row"] == row and r["epochs"] == e
+                                        and r["keys"] == chosen[row] and r["kind"] in ("grid", "run")),
+                                       key=lambda r: r["seed"])
+    epochs = [e for e in epochs if results[("centralized", e)]]
     summary, lines = [], ["| row | epochs | gain / centralized (95% CI) | eval loss after | exact match | Rouge-L | "
                           "MB on the wire | client s | seeds | chosen keys |", "|---|---|---|---|---|---|---|---|---|---|"]
     for e in epochs:
         central = {r["seed"]: r["before"] - r["after"] for r in results[("centralized", e)]}
-        best_rule = max((statistics.fmean(central_fraction(results[(r, e)], central)) for r in RULES if r in rows),
-                        default=math.nan)
+        best_rule = max((statistics.fmean(central_fraction(results[(r, e)], central)) for r in RULES
+                         if r in rows and results[(r, e)]), default=math.nan)
         for row in ["centralized", *rows]:
             mine = results[(row, e)]
+            if not mine:
+                continue
             frac, half = interval(central_fraction(mine, central))
             item = {"row": row, "epochs": e, "keys": chosen[row], "seeds": [r["seed"] for r in mine],
                     "fraction": frac, "fraction-ci95": half, "after": statistics.fmean(r["after"] for r in mine),
@@ -260,7 +282,7 @@ def keys_text(keys: dict[str, Any]) -> str:
     return ", ".join(f"{k.removeprefix('train.').removeprefix('strategy.')}={v}" for k, v in shown.items()) or "-"
 
 
-def equal_seconds(bench: Bench, summary: list[dict[str, Any]], rows: list[str], epochs: int) -> list[dict[str, Any]]:
+def equal_seconds(bench: Bench, summary: list[dict[str, Any]], epochs: int) -> list[dict[str, Any]]:
     """Rows that are not rules against the best rule at the same client seconds (seed by seed)."""
     rules = [s for s in summary if s["epochs"] == epochs and s["row"] in RULES]
     if not rules:
@@ -285,6 +307,7 @@ def equal_seconds(bench: Bench, summary: list[dict[str, Any]], rows: list[str], 
 
 
 def kind_of(seed: int, epochs: int) -> tuple[str]:
+    """Seed 0 at 2 epochs is the grid's own run."""
     return ("grid" if seed == 0 and epochs == 2 else "run",)
 
 
@@ -357,9 +380,9 @@ def main() -> None:
     rows = [n for n in (names or ORDER) if n != "centralized"]
     epochs = [int(e) for e in opts.epochs.split(",")]
     summary, text = epochs_table(bench, rows, seeds, epochs)
-    chosen = {row: bench.best(row) for row in ["centralized", *rows]}
-    seconds = equal_seconds(bench, summary, rows, 2 if 2 in epochs else max(epochs))
-    plot(bench, ["centralized", *rows], max(epochs), chosen)
+    chosen = {s["row"]: s["keys"] for s in summary}
+    seconds = equal_seconds(bench, summary, 2)
+    plot(bench, list(chosen), 2, chosen)
     bench.save(rows=summary, table=text, equal_seconds=seconds)
     print(text)
     for s in seconds:
