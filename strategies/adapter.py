@@ -30,6 +30,7 @@ from fedllm.methods import METHODS, ServerHalf, check_spec, spec_of
 from fedllm.protocol import CONFIG, RoundResult, Update, screen, update_norm
 from fedllm.registry import load
 from strategies.arrays import state_arrays
+from strategies import scaffold
 from strategies.chain import Chain, parse_chain
 from strategies.fold import MEAN, Running
 from strategies.rules import Aggregate
@@ -214,6 +215,7 @@ def resolve(cfg: Config) -> tuple[Any, Chain]:
     if chain.rule.name == "fedprox" and not spec.proximal:
         raise ConfigError(f"server.strategy: train.method={entry.name} adds no proximal term to its local loss; "
                           "use fedavg (or another rule) instead of fedprox")
+    scaffold.check(cfg, chain, entry.name, spec.variates)
     if chain.optimizers and not spec.server_optimizers:
         raise ConfigError(f"server.strategy: train.method={entry.name} takes its own outer step on the aggregate "
                           f"(diloco's outer optimizer; ferret's bases change every round); name an aggregation rule "

@@ -157,6 +157,9 @@ def test_every_strategy_keeps_the_contract(name):
     locals_ = [{"a": torch.tensor([1.0 + i, 2.0 - i]), "b": torch.tensor([[0.1 * i]])} for i in range(5)]
     copies = [{k: v.clone() for k, v in d.items()} for d in locals_]
     replies = [_reply(10 + i, d) for i, d in enumerate(locals_)] + [_reply(99, **BAD["nan"])]
+    if s.chain.rule.meta.get("variates"):  # scaffold: each reply also carries its control-variate delta
+        for r in replies:
+            r.content["scaffold"] = ArrayRecord({k: torch.zeros_like(v) for k, v in GLOBAL.items()})
     out, result = _aggregate(s, 1, replies)
     metrics = result.metrics
     assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in GLOBAL.items()}

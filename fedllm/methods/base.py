@@ -124,6 +124,7 @@ class MethodSpec:
     its `decode` checks, which every masked upload must report alike (zo's version). schedule: whether
     its client steps at train.lr (so train.lr-schedule and train.warmup-steps apply; zo's step is zo.lr).
     keep_optimizer: whether train.keep-optimizer applies (a client's AdamW over the same tensors each round).
+    variates: whether server.strategy=scaffold applies (its halves carry SCAFFOLD's control variates).
     round_steps: its local steps in a round, for the schedule's clock (None: train.local-steps). check: the
     cross-checks only this method knows, `check(cfg, spec)` raising ConfigError (run by resolve).
     """
@@ -147,6 +148,7 @@ class MethodSpec:
     secagg_agree: tuple[str, ...] = ()
     schedule: bool = True
     keep_optimizer: bool = False
+    variates: bool = False
     round_steps: Callable[[Config], int] | None = None
     check: Callable[[Config, "MethodSpec"], None] | None = None
 

@@ -19,7 +19,7 @@ from fedllm.config import Config
 from fedllm.errors import ConfigError, PayloadError
 from fedllm.methods.base import Transform
 from fedllm.methods.adapters import engine as lora
-from fedllm.methods.adapters import modules
+from fedllm.methods.adapters import modules, scaffold
 from fedllm.methods.adapters.optimizer import adamw_state, make_adamw
 from fedllm.methods.adapters.resources import base_bits, client_config, pad, truncate
 from fedllm.methods.schedule import clock
@@ -65,6 +65,7 @@ class LoraClient:
             self._build(self.cfg)
         self.start: State = {}  # the state training starts from (what an update is relative to)
         self.mu, self.seed, self.round = 0.0, 0, 0
+        self.variate: scaffold.Held | None = None  # SCAFFOLD's c and c_i (server.strategy=scaffold)
 
     def _build(self, cfg: Config) -> None:
         shape = cfg.lora
@@ -79,6 +80,7 @@ class LoraClient:
             self._build(self.cfg)
         self.start = receive_global(request, self.context, self.cfg)
         lora.set_adapter_state(self.net, self.mine(self.start))
+        self.variate = scaffold.receive(request, self.context, self.cfg, self.start)
         self.mu = float(request.config_records[CONFIG].get("proximal-mu", 0.0))
         self.round = int(request.config_records[CONFIG].get("server-round", 0))
         return {"lora-rank": self.cfg.lora.rank, "base-bits": base_bits(self.cfg.model)}
@@ -89,7 +91,8 @@ class LoraClient:
     def train(self, rows: list[dict[str, list[int]]], seed: int) -> dict[str, float]:
         opt = kept_optimizer(self.net, self.context, self.cfg)
         stats = lora.train(self.net, rows, self.cfg.train, self.tokenizer.pad_token_id, seed=seed, proximal_mu=self.mu,
-                           optimizer=opt, clock=clock(self.cfg, self.round))
+                           optimizer=opt, clock=clock(self.cfg, self.round),
+                           correct=scaffold.correction(self.net, self.variate))
         if opt is not None:
             keep_optimizer(opt, self.context)
         return stats
@@ -99,12 +102,14 @@ class LoraClient:
         local = {k: t.to(self.start[k].dtype) for k, t in local.items()}  # the global's dtypes, whatever the base's
         if self.cfg.lora.rank < self.global_rank:
             local = pad(local, self.start)
+        variate = scaffold.reply(self.variate, self.start, local, self.context, self.cfg, clock(self.cfg, self.round),
+                                 self.seed)
         if transform is not None:
             local = shifted(local, self.start, transform)
         if not self.cfg.compression.up:
-            return {ARRAYS: ArrayRecord(local)}
+            return {ARRAYS: ArrayRecord(local), **variate}
         payload = send_compressed(lora.subtract(local, self.start), self.context, self.cfg, self.seed)
-        return {UPDATE: ConfigRecord({"payload": payload})}
+        return {UPDATE: ConfigRecord({"payload": payload}), **variate}
 
     def answer(self, request: RecordDict, rows_of: Rows, seed: int) -> dict[str, Any]:
         """A query before round 1 (lora.target-modules=auto): this node's importance score of every

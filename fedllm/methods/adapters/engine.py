@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -29,6 +29,7 @@ from fedllm import devices
 from fedllm.config import ModelConfig, TrainConfig
 from fedllm.methods.adapters.config import LoraConfig
 from fedllm.methods.adapters.optimizer import check_optimizer, make_optimizer  # noqa: F401  (callers reach them here too)
+from fedllm.methods.adapters.optimizer import step
 from fedllm.methods.schedule import lr_factor
 from fedllm.data.templates import batches
 from fedllm.errors import ConfigError
@@ -311,7 +312,7 @@ def subtract(a: State, b: State) -> State:
 
 def train(model: Any, rows: list[dict[str, list[int]]], cfg: TrainConfig, pad_id: int,
           seed: int, proximal_mu: float = 0.0, optimizer: torch.optim.Optimizer | None = None,
-          clock: tuple[int, int] = (0, 0)) -> dict[str, float]:
+          clock: tuple[int, int] = (0, 0), correct: Callable[[str, float], None] | None = None) -> dict[str, float]:
     """Run `cfg.local_steps` AdamW steps on encoded rows; returns loss and counts.
 
     Batches are drawn from a seeded permutation, epoch after epoch, and dropout masks from the
@@ -321,6 +322,7 @@ def train(model: Any, rows: list[dict[str, list[int]]], cfg: TrainConfig, pad_id
     from round to round, as DiLoCo's inner AdamW) instead of a fresh AdamW.
     `clock`: (this round's first local step, the run's local steps) for train.lr-schedule
     (fedllm.methods.schedule.clock); step i takes train.lr x lr_factor(first + i, total).
+    `correct`: SCAFFOLD's correction around each step (`step`).
     """
     device = devices.of(model)
     mode = devices.precision(cfg.precision, device)
@@ -348,11 +350,7 @@ def train(model: Any, rows: list[dict[str, list[int]]], cfg: TrainConfig, pad_id
                     loss = loss + proximal_mu / 2 * prox / cfg.grad_accum
                 scaler.scale(loss).backward()
                 step_loss += loss.item()
-            if cfg.max_grad_norm > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            scaler.step(opt)
-            scaler.update()
+            step(opt, scaler, params, cfg.max_grad_norm, correct)
             opt.zero_grad(set_to_none=True)
             if math.isfinite(step_loss):
                 losses.append(step_loss)

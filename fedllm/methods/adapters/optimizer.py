@@ -5,12 +5,13 @@ that a node keeps in its context.state between messages.
     opt = make_adamw(net, cfg.train, held)     # held: adamw_state(...) of the last round, or None
     ...train...
     held = adamw_state(opt)
+    step(opt, scaler, params, cfg.max_grad_norm, correct)   # one step: unscale, clip, step (SCAFFOLD's correction)
 """
 
 from __future__ import annotations
 
 import importlib.util
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -72,3 +73,21 @@ def adamw_state(opt: torch.optim.Optimizer) -> State:
         out[f"{i}.step"] = torch.as_tensor(s["step"], dtype=torch.float32).reshape(1)
         out[f"{i}.exp_avg"], out[f"{i}.exp_avg_sq"] = s["exp_avg"].detach().cpu(), s["exp_avg_sq"].detach().cpu()
     return out
+
+
+def step(opt: torch.optim.Optimizer, scaler: Any, params: list[torch.Tensor], max_norm: float,
+         correct: Callable[[str, float], None] | None = None) -> None:
+    """One optimizer step on the accumulated gradients: unscaled, clipped to `max_norm` (> 0), and with
+    `correct(stage, lr)`, SCAFFOLD's c - c_i, called with "gradient" before the step and "step" after it
+    (fedllm.methods.adapters.scaffold)."""
+    if max_norm > 0 or correct is not None:
+        scaler.unscale_(opt)
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+    lr = opt.param_groups[0]["lr"]
+    if correct is not None:
+        correct("gradient", lr)
+    scaler.step(opt)
+    if correct is not None:
+        correct("step", lr)
+    scaler.update()

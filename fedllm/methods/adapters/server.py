@@ -17,7 +17,7 @@ from fedllm.evaluation.held_out import eval_loss
 from fedllm.methods.base import Ask, UtilityOf
 from fedllm.methods.downlink import Downlink
 from fedllm.methods.adapters import engine as lora
-from fedllm.methods.adapters import modules
+from fedllm.methods.adapters import modules, scaffold
 from fedllm.model import load_tokenizer, save_merged
 from fedllm.errors import PayloadError
 from fedllm.protocol import (ARRAYS, DOWN, LEDGER, METRICS, PEFT, SCORES, UPDATE, State, Update, check_like,
@@ -63,6 +63,9 @@ class LoraServer:
         self.down = parse(cfg.compression.down) if cfg.compression.down else None
         self.downlink = Downlink(False, cfg.server.node_state)
         self.feedback = Feedback({}) if cfg.compression.error_feedback else None
+        self.variate = scaffold.ServerVariate(cfg) if scaffold.on(cfg) else None  # SCAFFOLD's c
+        if self.variate is not None:
+            self.reply_records = self.reply_records | {scaffold.VARIATE}
 
     def _init(self) -> None:
         """The initial adapter of self.cfg's shape (and the model, when the server needs one)."""
@@ -121,6 +124,8 @@ class LoraServer:
         """The global arrays, or (compression.down) the encoded deltas `node` lacks when that
         is smaller than the arrays; with lora.target-modules=auto also the chosen modules."""
         extra = {PEFT: ConfigRecord({"target-modules": self.modules})} if self.modules else {}
+        if self.variate is not None:
+            extra.update(self.variate.down(self.state))
         return {**self._encode(node), **extra}
 
     def _encode(self, node: int) -> dict[str, Any]:
@@ -138,6 +143,8 @@ class LoraServer:
         """The reply's local adapter as arrays (no upload codec; the update is local - global),
         or with compression.up the encoded delta, checked against the global names and shapes."""
         n, metrics = reply_metrics(msg)
+        if self.variate is not None:
+            self.variate.read(msg, self.state)
         if self.up is not None:
             payload = msg.content.config_records.get(UPDATE, {}).get("payload")
             if not isinstance(payload, bytes):
@@ -152,7 +159,7 @@ class LoraServer:
     def largest_reply(self) -> int:
         """Three times the dense float32 adapter (a codec's indices and headers stay well
         inside it) plus 64 KiB."""
-        return 3 * 4 * sum(t.numel() for t in self.state.values()) + 65536
+        return (6 if self.variate is not None else 3) * 4 * sum(t.numel() for t in self.state.values()) + 65536
 
     def apply(self, aggregate: State, updates: list[Update], server_round: int) -> dict[str, float]:
         """global += aggregate; with compression.down the aggregate is encoded (through the
@@ -165,7 +172,7 @@ class LoraServer:
             aggregate = decode(self.down, payload, sorted(aggregate))
         self.before = self.state
         self.state = {k: t + aggregate[k].to(t.dtype) for k, t in self.state.items()}
-        return {}
+        return self.variate.apply([u.node_id for u in updates]) if self.variate is not None else {}
 
     # --- the model at the global state -----------------------------------------------------------
     @contextlib.contextmanager
@@ -199,7 +206,8 @@ class LoraServer:
     # --- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"global": self.state, "downlink": self.downlink.state_dict(), "modules": self.modules,
-                "feedback": self.feedback.residual if self.feedback is not None else None}
+                "feedback": self.feedback.residual if self.feedback is not None else None,
+                **({"scaffold": self.variate.state_dict()} if self.variate is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("modules"):
@@ -208,6 +216,8 @@ class LoraServer:
         self.downlink.load_state_dict(state["downlink"])
         if state["feedback"] is not None:
             self.feedback = Feedback(state["feedback"])
+        if self.variate is not None and "scaffold" in state:
+            self.variate.load_state_dict(state["scaffold"])
 
 
 def read_scores(reply: Message, shapes: dict[str, Any]) -> tuple[dict[str, float], float]:
