@@ -29,7 +29,6 @@ them from (seed, version) alone.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from fedllm.errors import ConfigError, PayloadError
 from fedllm.methods import counter_rng as rng
 from fedllm.methods.ferret import wire
 from fedllm.methods.ferret.config import FerretConfig
+from fedllm.methods.trained import start_model, trainable  # noqa: F401  (callers reach trainable here too)
 
 DIST = "gaussian"  # the bases' distribution (counter_rng's quantized N(0, 1))
 
@@ -56,18 +56,6 @@ class Block:
     start: int
     size: int
     offset: int
-
-
-def trainable(model: Any, which: str) -> list[tuple[str, torch.Tensor]]:
-    """The trained parameters, sorted by name (every party agrees on the order), tied tensors once."""
-    named = [(n, p) for n, p in model.named_parameters() if which == "all" or "lora_" in n]
-    seen: set[int] = set()
-    out = []
-    for n, p in sorted(named, key=lambda item: item[0]):
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append((n, p))
-    return out
 
 
 def blocks_of(sizes: list[int], block_size: int) -> list[Block]:
@@ -248,8 +236,7 @@ def engine_for(cfg: Config, cached: bool = True) -> tuple[FerretEngine, Any]:
     frozen base, and a reset restores the initial adapter; ferret.params=all trains every weight, and a
     reset reloads them from the model cache on disk (on the host: no second model on the device).
     """
-    from fedllm.methods.adapters import engine as lora
-    from fedllm.model import MODEL_CACHE, load_base_model, placement
+    from fedllm.model import MODEL_CACHE, placement
 
     f = cfg.ferret
     key = ("ferret", cfg.model.name, cfg.model.dtype, f.params, f.num_bases, f.block_size, f.seed, f.scale,
@@ -257,18 +244,7 @@ def engine_for(cfg: Config, cached: bool = True) -> tuple[FerretEngine, Any]:
            *placement(cfg.model))
 
     def build() -> tuple[FerretEngine, Any]:
-        if f.params == "all":
-            model, tokenizer = load_base_model(cfg.model, cached=False)
-
-            def reload() -> list[torch.Tensor]:
-                fresh, _ = load_base_model(dataclasses.replace(cfg.model, device="cpu", device_map=""), cached=False)
-                return [p.detach() for _, p in trainable(fresh, "all")]
-        else:
-            model, tokenizer = lora.build_lora_model(cfg.model, cfg.lora, cfg.train.seed)
-            initial = [p.detach().clone() for _, p in trainable(model, "lora")]
-
-            def reload() -> list[torch.Tensor]:
-                return initial
+        model, tokenizer, reload = start_model(cfg, f.params)
         return FerretEngine(model, f, reload), tokenizer
 
     return MODEL_CACHE.get(key, build) if cached else build()

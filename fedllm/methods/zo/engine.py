@@ -36,7 +36,6 @@ device does not matter: a GPU client, a CPU client and a CPU server agree on eve
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import random
@@ -50,6 +49,7 @@ from fedllm.methods.zo.config import ZOConfig
 from fedllm.data.templates import batches
 from fedllm.errors import ConfigError
 from fedllm.methods import counter_rng as rng
+from fedllm.methods.trained import start_model, trainable  # noqa: F401  (callers reach trainable here too)
 from fedllm.methods.counter_rng import perturb_  # noqa: F401  (callers reach it through the engine too)
 # the scalar codec: callers reach it through the engine (zo.encode_upload, zo.decode, ...)
 from fedllm.methods.zo.wire import MAGIC, PAIRS, SUMS, decode, encode, encode_upload, max_upload_bytes  # noqa: F401
@@ -62,18 +62,6 @@ from fedllm.methods.zo.state import (FULL, HISTORY, WARM, Accumulators, decode_d
 def seed_pool(k: int, pool_seed: int) -> list[int]:
     """K distinct 31-bit seeds, the same on every party."""
     return random.Random(pool_seed).sample(range(1, 2**31 - 1), k)
-
-
-def trainable(model: Any, which: str) -> list[tuple[str, torch.Tensor]]:
-    """The perturbed parameters, sorted by name so that every party agrees on the order."""
-    named = [(n, p) for n, p in model.named_parameters() if which == "all" or "lora_" in n]
-    seen: set[int] = set()
-    out = []
-    for n, p in sorted(named):
-        if id(p) not in seen:  # tied weights (embeddings / lm_head) are one tensor
-            seen.add(id(p))
-            out.append((n, p))
-    return out
 
 
 MASK_SEED = 0  # the stream zo.mask-by=random ranks weights by: never a pool seed (those are >= 1)
@@ -337,8 +325,7 @@ def engine_for(cfg: Config) -> tuple[ZOEngine, Any]:
     on disk; zo.params=lora perturbs only the LoRA tensors of a PEFT model (initialised from
     train.seed), and a rebuild restores their initial values.
     """
-    from fedllm.model import MODEL_CACHE, load_base_model, placement
-    from fedllm.methods.adapters import engine as lora
+    from fedllm.model import MODEL_CACHE, placement
 
     z = cfg.zo
     key = ("zo", cfg.model.name, cfg.model.dtype, z.params, z.num_seeds, z.pool_seed, z.dist, z.lr, z.eps, z.mask,
@@ -346,18 +333,7 @@ def engine_for(cfg: Config) -> tuple[ZOEngine, Any]:
            cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.train.seed, *placement(cfg.model))
 
     def build() -> tuple[ZOEngine, Any]:
-        if z.params == "all":
-            model, tokenizer = load_base_model(cfg.model, cached=False)
-
-            def reload() -> list[torch.Tensor]:  # read on the host: no second model on the device
-                fresh, _ = load_base_model(dataclasses.replace(cfg.model, device="cpu", device_map=""), cached=False)
-                return [p for _, p in trainable(fresh, "all")]
-        else:
-            model, tokenizer = lora.build_lora_model(cfg.model, cfg.lora, cfg.train.seed)
-            initial = [p.detach().clone() for _, p in trainable(model, "lora")]
-
-            def reload() -> list[torch.Tensor]:
-                return initial
+        model, tokenizer, reload = start_model(cfg, z.params)
         return ZOEngine(model, z, reload), tokenizer
 
     return MODEL_CACHE.get(key, build)
