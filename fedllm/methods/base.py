@@ -201,6 +201,7 @@ def check_spec(cfg: Config) -> None:
     """
     from fedllm.errors import ConfigError
     from fedllm.methods import schedule
+    from fedllm.methods.adapters import personal
 
     spec, name = spec_of(cfg), METHODS.get(cfg.train.method).name
     if cfg.server.strategy.strip() in METHODS:
@@ -228,5 +229,6 @@ def check_spec(cfg: Config) -> None:
         raise ConfigError(f"train.keep-optimizer: train.method={name} does not train the same tensors with a fresh "
                           "AdamW each round (lora and dpo do); leave it false")
     schedule.check(cfg)
+    personal.check(cfg)  # lora.personal: train.method=lora only
     if spec.check is not None:
         spec.check(cfg, spec)

@@ -156,6 +156,9 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for key in PREFERENCE:  # train.method=dpo: held-out rewards against the run's starting model
         if key in last:
             out[f"{key}-before"], out[f"{key}-after"] = first.get(key), last.get(key)
+    held = [f for r in trained if (f := personal_figures(r))]
+    if held:  # lora.personal: the clients' own held-out figures, at the last round they reported them
+        out.update({f"{k}-after": v for k, v in held[-1].items()})
     if last.get("families"):
         out["families-after"] = {name: {k: f.get(k) for k in ("eval-loss", *METRICS.names())}
                                  for name, f in last["families"].items()}
@@ -168,6 +171,23 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 PREFERENCE = ("reward-accuracy", "reward-margin", "preference-accuracy")
+
+
+def personal_figures(row: dict[str, Any]) -> dict[str, float]:
+    """lora.personal: the means over a round's clients that reported both held-out figures:
+    personal-eval-loss (global + private adapter), global-eval-loss-clients (the global adapter
+    alone, on the same clients' held-out shares) and personal-ratio (the mean of each client's
+    personal / global); {} for a round without them."""
+    pairs = []
+    for m in row.get("clients", {}).values():
+        p, g = (m.get("personal-eval-loss"), m.get("global-eval-loss")) if isinstance(m, dict) else (None, None)
+        if all(isinstance(v, (int, float)) and math.isfinite(v) for v in (p, g)) and g > 0:
+            pairs.append((float(p), float(g)))
+    if not pairs:
+        return {}
+    n = len(pairs)
+    return {"personal-eval-loss": sum(p for p, _ in pairs) / n,
+            "global-eval-loss-clients": sum(g for _, g in pairs) / n, "personal-ratio": sum(p / g for p, g in pairs) / n}
 
 
 def client_seconds(row: dict[str, Any]) -> float:
@@ -200,6 +220,9 @@ def format_summary(s: dict[str, Any]) -> str:
         *(f"{label:18} {value}" for label, value in metric_lines(s, 3)),
     ]
     lines += [f"{label:18} {value}" for label, value in preference_lines(s)]
+    if "personal-eval-loss-after" in s:
+        lines.append(f"personal eval loss {s['personal-eval-loss-after']:.4f} (the global adapter alone "
+                     f"{s['global-eval-loss-clients-after']:.4f}: {s['personal-ratio-after']:.3f} of it, per client)")
     for task, value in s.get("lm-eval-after", {}).items():
         lines.append(f"{task:18} {number_text(s['lm-eval-before'].get(task), 3)} -> {number_text(value, 3)}")
     lines += [

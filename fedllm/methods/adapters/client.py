@@ -21,6 +21,7 @@ from fedllm.methods.base import Transform
 from fedllm.methods.adapters import engine as lora
 from fedllm.methods.adapters import modules, scaffold
 from fedllm.methods.adapters.optimizer import adamw_state, make_adamw
+from fedllm.methods.adapters.personal import Personal
 from fedllm.methods.adapters.resources import base_bits, client_config, pad, truncate
 from fedllm.methods.schedule import clock
 from fedllm.protocol import ARRAYS, CONFIG, DOWN, METRICS, PEFT, SCORES, UPDATE, State
@@ -60,6 +61,7 @@ class LoraClient:
             raise ConfigError(f"lora rank {self.cfg.lora.rank} of this node is above lora.rank={self.global_rank} "
                               "(the global adapter's); train.method=exact-lora takes any rank")
         self.context = context
+        self.personal = Personal(self.cfg, context, partition_id) if cfg.lora.personal != "none" else None
         self.net = self.tokenizer = None
         if not cfg.lora.auto_modules():
             self._build(self.cfg)
@@ -71,7 +73,8 @@ class LoraClient:
         shape = cfg.lora
         if shape.rank < self.global_rank:  # alpha / r = alpha / R: the rank-r truncation of the global adapter
             shape = cfg.replace(lora__alpha=shape.alpha * shape.rank / self.global_rank).lora
-        self.net, self.tokenizer = lora.lora_model(cfg.model, shape, cfg.train.seed)
+        build = self.personal.build if self.personal is not None else lora.lora_model  # dual: a second adapter
+        self.net, self.tokenizer = build(cfg.model, shape, cfg.train.seed)
 
     def sync(self, request: RecordDict, seed: int) -> dict[str, float]:
         self.seed = seed
@@ -79,11 +82,13 @@ class LoraClient:
             self.cfg = chosen_modules(request, self.cfg)
             self._build(self.cfg)
         self.start = receive_global(request, self.context, self.cfg)
-        lora.set_adapter_state(self.net, self.mine(self.start))
+        mine = self.mine(self.start)
+        lora.set_adapter_state(self.net, self.personal.whole(self.net, mine) if self.personal is not None else mine)
         self.variate = scaffold.receive(request, self.context, self.cfg, self.start)
         self.mu = float(request.config_records[CONFIG].get("proximal-mu", 0.0))
         self.round = int(request.config_records[CONFIG].get("server-round", 0))
-        return {"lora-rank": self.cfg.lora.rank, "base-bits": base_bits(self.cfg.model)}
+        held_out = {} if self.personal is None else self.personal.evaluate(self.net, self.tokenizer, mine, self.round)
+        return {"lora-rank": self.cfg.lora.rank, "base-bits": base_bits(self.cfg.model), **held_out}
 
     def mine(self, state: State) -> State:
         return truncate(state, self.cfg.lora.rank) if self.cfg.lora.rank < self.global_rank else state
@@ -95,10 +100,15 @@ class LoraClient:
                            correct=scaffold.correction(self.net, self.variate))
         if opt is not None:
             keep_optimizer(opt, self.context)
+        if self.personal is not None:  # dual trains its private adapter; the private tensors stay in the node state
+            stats.update(self.personal.after(self.net, rows, self.tokenizer.pad_token_id, seed,
+                                             clock(self.cfg, self.round)))
         return stats
 
     def upload(self, transform: Transform | None) -> dict[str, Any]:
         local = lora.adapter_state(self.net)
+        if self.personal is not None:
+            local = self.personal.shared(local)
         local = {k: t.to(self.start[k].dtype) for k, t in local.items()}  # the global's dtypes, whatever the base's
         if self.cfg.lora.rank < self.global_rank:
             local = pad(local, self.start)

@@ -43,10 +43,16 @@ class LoraConfig:
     policy: str = option(
          "none, or resources: each SuperNode's node config memory-mb (and compute, a relative speed, default 1) picks "
          "its model.quantize and LoRA rank (README: Resource-aware clients).", "none")
+    personal: str = option(
+         "none, head or dual: a private part of each client's adapter that never leaves its node (train.method=lora, "
+         "lora.peft=lora). dual trains a second LoRA adapter of the same modules and rank beside the shared one "
+         "(FedDPA); head keeps the adapter's tensors on the top quarter of the adapted decoder layers private "
+         "(FedPer). Clients report global-eval-loss and personal-eval-loss on their held-out share.", "none")
 
     def __post_init__(self) -> None:
         choice("lora.peft", self.peft, PEFT_TYPES)
         choice("lora.policy", self.policy, ("none", "resources"))
+        choice("lora.personal", self.personal, ("none", "head", "dual"))
         positive("lora.rank", self.rank)
         try:
             ranks = [int(r) for r in self.client_ranks.split(",") if r.strip()]

@@ -17,7 +17,7 @@ from fedllm.evaluation.held_out import eval_loss
 from fedllm.methods.base import Ask, UtilityOf
 from fedllm.methods.downlink import Downlink
 from fedllm.methods.adapters import engine as lora
-from fedllm.methods.adapters import modules, scaffold
+from fedllm.methods.adapters import modules, personal, scaffold
 from fedllm.model import load_tokenizer, save_merged
 from fedllm.errors import PayloadError
 from fedllm.protocol import (ARRAYS, DOWN, LEDGER, METRICS, PEFT, SCORES, UPDATE, State, Update, check_like,
@@ -51,8 +51,9 @@ class LoraServer:
         self.cfg = cfg.replace(model__quantize="none")
         self.modules = ""  # lora.target-modules=auto: the chosen modules, comma separated
         self.net = self.tokenizer = None
+        self.held: State = {}  # lora.personal=head: the private layers' initial tensors, never sent (personal.split)
         if state is not None:
-            self.state = dict(state)
+            self.state, self.held = personal.split(dict(state), cfg)
         elif cfg.lora.auto_modules():
             self.state = {}
             self.tokenizer = load_tokenizer(cfg.model) if needs_model(cfg) else None
@@ -78,6 +79,7 @@ class LoraServer:
             self.state = lora.init_adapter_state(cfg.model, cfg.lora, cfg.train.seed)
         if cfg.server.init_from and not cfg.server.resume:  # a resumed run's checkpoint holds the adapter
             self.state = lora.read_adapter(Path(cfg.server.init_from), self.state, cfg.lora)
+        self.state, self.held = personal.split(self.state, cfg)
 
     # --- before round 1 ---------------------------------------------------------------------------
     def prepare(self, ask: Ask) -> dict[str, Any]:
@@ -177,7 +179,7 @@ class LoraServer:
     # --- the model at the global state -----------------------------------------------------------
     @contextlib.contextmanager
     def model(self) -> Iterator[Any]:
-        lora.set_adapter_state(self.net, self.state)
+        lora.set_adapter_state(self.net, {**self.held, **self.state})
         yield self.net
 
     def utility(self, updates: list[Update], examples: list[dict[str, str]]) -> UtilityOf | None:
@@ -188,7 +190,8 @@ class LoraServer:
         def utility_of(indices: list[int]) -> float:
             ups = [updates[i] for i in indices]
             delta = weighted_mean([u.delta for u in ups], [u.num_examples for u in ups]) if ups else {}
-            lora.set_adapter_state(self.net, {k: t + delta[k].to(t.dtype) if delta else t for k, t in before.items()})
+            lora.set_adapter_state(self.net, {**self.held, **{k: t + delta[k].to(t.dtype) if delta else t
+                                                              for k, t in before.items()}})
             return -eval_loss(self.net, self.tokenizer, examples, self.cfg.data, self.cfg.server.eval_batch_size)
 
         return utility_of
@@ -198,7 +201,7 @@ class LoraServer:
 
     def save(self, run_dir: Path) -> None:
         """adapter/ loads with PeftModel.from_pretrained; merged/ with AutoModelForCausalLM."""
-        lora.save_adapter(self.state, self.cfg.model, self.cfg.lora, run_dir / "adapter")
+        lora.save_adapter({**self.held, **self.state}, self.cfg.model, self.cfg.lora, run_dir / "adapter")
         if self.cfg.server.merge:
             with self.model() as net:
                 save_merged(net, self.tokenizer, run_dir / "merged")
