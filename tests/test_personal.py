@@ -186,3 +186,21 @@ def test_head_names_are_the_top_quarter_of_the_adapted_layers():
     shared, held = personal.split(state, Config.from_flat({"lora.personal": "head"}))
     assert set(held) == private and set(shared) == set(names) - private
     assert personal.split(state, Config())[1] == {}
+
+
+@pytest.mark.parametrize("kind", ["dual", "head"])
+def test_codecs_and_the_downlink_carry_the_shared_part_only(kind, tiny_model_dir, tmp_path):
+    """compression.up and .down (encoded deltas, error feedback, the node's copy of the global
+    state): the run goes through, the node's copy holds the server's names, head's private names
+    are in no reply, and the clients still personalise."""
+    grid, run_dir = _run(tiny_model_dir, tmp_path, kind, **{"compression.up": "int8", "compression.down": "int8",
+                                                            "server.num-rounds": 3})
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3] and not any(r["dropped"] for r in rows[1:])
+    node = grid.context(1).state
+    private = node[personal.PRIVATE].to_torch_state_dict()
+    copy = node["global"].to_torch_state_dict()  # what compression.down's deltas rebuild on the node
+    if kind == "head":
+        assert not set(copy) & set(private)
+        assert not any(set(_tensors(content)) & set(p) for _, content, p in grid.replies)
+    assert all(m["personal-eval-loss"] < m["global-eval-loss"] for m in rows[-1]["clients"].values())
