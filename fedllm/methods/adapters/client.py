@@ -94,16 +94,17 @@ class LoraClient:
         return truncate(state, self.cfg.lora.rank) if self.cfg.lora.rank < self.global_rank else state
 
     def train(self, rows: list[dict[str, list[int]]], seed: int) -> dict[str, float]:
+        private = {} if self.personal is None else self.personal.before(  # dual: the private adapter's steps first
+            self.net, rows, self.tokenizer.pad_token_id, seed, clock(self.cfg, self.round))
         opt = kept_optimizer(self.net, self.context, self.cfg)
         stats = lora.train(self.net, rows, self.cfg.train, self.tokenizer.pad_token_id, seed=seed, proximal_mu=self.mu,
                            optimizer=opt, clock=clock(self.cfg, self.round),
                            correct=scaffold.correction(self.net, self.variate))
         if opt is not None:
             keep_optimizer(opt, self.context)
-        if self.personal is not None:  # dual trains its private adapter; the private tensors stay in the node state
-            stats.update(self.personal.after(self.net, rows, self.tokenizer.pad_token_id, seed,
-                                             clock(self.cfg, self.round)))
-        return stats
+        if self.personal is not None:
+            self.personal.keep(self.net)  # head's private layers stay in the node state
+        return {**stats, **private}
 
     def upload(self, transform: Transform | None) -> dict[str, Any]:
         local = lora.adapter_state(self.net)

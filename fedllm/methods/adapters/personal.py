@@ -7,13 +7,15 @@ dual, after FedDPA (Yang et al., 2024, "Dual-Personalizing Adapter for Federated
 https://arxiv.org/abs/2403.06131; its FedDPA-T trains both adapters in every round): the client's model
 holds two LoRA adapters of the same modules and rank, "default" (the shared one: synced, uploaded,
 averaged) and "private"; the personalised model has both active (h = W x + s B A x + s B' A' x). A
-round trains each in turn on the same batches: first the shared adapter alone (the private one off:
-exactly FedAvg's local steps, so the global adapter learns what it learns without personal adapters),
-then the private one for train.local-steps more with the shared one frozen and both active (it learns
-what the global adapter leaves of this client's data). Training both at once in every step was
-measured first (bench/quality.py, row personal): the private adapter took the client's data and the
-averaged shared adapter ended 43% above FedAvg's eval loss. Only the shared adapter is read for the
-upload. The private adapter starts with B' = 0 (no change) from its own seed and lives in the node
+round trains each in turn on the same batches: first the private one for train.local-steps with the
+shared one frozen at the global state just received and both active (it learns what the global
+adapter leaves of this client's data), then the shared adapter alone (the private one off: exactly
+FedAvg's local steps, so the global adapter learns what it learns without personal adapters).
+Measured on bench/quality.py (row personal) before this order: training both at once in every step
+left the averaged shared adapter 43% above FedAvg's eval loss (the private adapters took the clients'
+data); training the private adapter after the shared one fitted it on top of the client's locally
+trained shared adapter, a residual that did not carry over to the next global state (personalised
+loss 1.05 of the global adapter's). Only the shared adapter is read for the upload. The private adapter starts with B' = 0 (no change) from its own seed and lives in the node
 state (context.state[PRIVATE]); a node that has none yet starts from that fresh adapter, so nothing of
 one node's adapter reaches another node's round through the process's cached model.
 
@@ -216,18 +218,17 @@ class Personal:
             lora.set_adapter_state(net, personal)
         return {"global-eval-loss": alone, "personal-eval-loss": loss()}
 
-    def after(self, net: Any, rows: list[dict[str, list[int]]], pad_id: int, seed: int,
-              clock: tuple[int, int]) -> dict[str, float]:
-        """After the round's local steps: dual trains the private adapter for train.local-steps on the
-        same batches (a fresh AdamW, the shared adapter frozen, both active); then this node's private
-        tensors go to its node state. Returns dual's private-train-loss."""
+    def before(self, net: Any, rows: list[dict[str, list[int]]], pad_id: int, seed: int,
+               clock: tuple[int, int]) -> dict[str, float]:
+        """Before the round's local steps: dual trains the private adapter for train.local-steps on the
+        same batches (a fresh AdamW; the shared adapter frozen at the global state, both active), keeps
+        it in the node state, and leaves the shared adapter alone active for the shared steps. Returns
+        its private-train-loss."""
         from flwr.app import ArrayRecord
 
         from fedllm.methods.adapters import engine as lora
 
         if self.kind != "dual":
-            state = lora.adapter_state(net)
-            self.context.state[PRIVATE] = ArrayRecord({k: state[k] for k in sorted(self.private)})
             return {}
         net.base_model.set_adapter([DEFAULT, SECOND])
         for _, module in lora.lora_layers(net):  # the shared adapter stays as its upload will read it
@@ -239,6 +240,17 @@ class Personal:
             net.base_model.set_adapter(DEFAULT)
         self.context.state[PRIVATE] = ArrayRecord(private_state(net))
         return {"private-train-loss": stats["train-loss"]}
+
+    def keep(self, net: Any) -> None:
+        """After the round's local steps: head's private tensors go to the node state (dual's went in
+        `before`)."""
+        from flwr.app import ArrayRecord
+
+        from fedllm.methods.adapters import engine as lora
+
+        if self.kind == "head":
+            state = lora.adapter_state(net)
+            self.context.state[PRIVATE] = ArrayRecord({k: state[k] for k in sorted(self.private)})
 
     def shared(self, state: State) -> State:
         """What may leave the node: `state` without head's private tensors (dual's adapter state
