@@ -150,6 +150,18 @@ def diloco(d: dict[str, Any]) -> Table:
     return out + goals_table(d)
 
 
+def buffered(d: dict[str, Any]) -> Table:
+    runs = d["runs"]
+    first = next(iter(runs.values()))
+    out = [f"{d['setup']['clients']} clients on the {first['engine']} engine; eval loss before "
+           f"{first['eval-loss-before']:.4f}. Staleness: accepted replies by versions old.", ""]
+    out += table(["row", "versions", "accepted replies", "eval loss", "training s", "wall s", "staleness"],
+                 [[k, r["versions"], r["accepted"], f"{r['eval-loss']:.4f}", f"{r['train-seconds']:.0f}",
+                   f"{r['wall-seconds']:.0f}", ", ".join(f"{s}: {n}" for s, n in r["staleness"].items())]
+                  for k, r in runs.items()])
+    return out + goals_table(d)
+
+
 def quality(d: dict[str, Any]) -> Table:
     out = ["Equal epochs (gain as a fraction of centralized LoRA's at the same epochs and seed; each row's chosen keys "
            "are the best of its grid at 2 epochs, seed 0):", ""]
@@ -217,7 +229,7 @@ def client_start(d: dict[str, Any]) -> Table:
 
 RENDER: dict[str, Callable[[dict[str, Any]], Table]] = {
     "zo": zo, "gpu": gpu, "diloco": diloco, "dpo": dpo, "ledger": ledger, "client_start": client_start,
-    "quality": quality}
+    "quality": quality, "async": buffered}
 
 
 def command(name: str, d: dict[str, Any]) -> str:

@@ -101,6 +101,14 @@ def diloco(d: dict[str, Any]) -> list[Row]:
             ("eval loss, streaming / diloco", g["eval-loss streaming/diloco"], "<= 1.02", lambda v: v <= 1.02)]
 
 
+def buffered(d: dict[str, Any]) -> list[Row]:
+    g, nan = d["goals"], float("nan")
+    return [("async time to sync's final loss / sync's, 1 client 8x slower",
+             g.get("async-slow time to sync-slow's loss / sync-slow's", nan), "<= 0.5", lambda v: v <= 0.5),
+            ("async eval loss / sync's, equal speeds and client steps",
+             g.get("async-equal eval loss / sync-equal's", nan), "<= 1.02", lambda v: v <= 1.02)]
+
+
 def aggregation(d: dict[str, Any]) -> list[Row]:
     g = d["goals"]
     return [("streaming peak RSS, 64 / 4 clients, 538 MB updates", g["stream peak RSS 64/4 clients (full)"],
@@ -171,6 +179,7 @@ SUITE: list[tuple[str, list[str], Callable[[dict[str, Any]], list[Row]]]] = [
      robustness),
     ("quality", ["--seeds", "0", "--epochs", "2", "--only", "fedavg,defaults", "--fresh"], quality),
     ("diloco", ["--clients", "2", "--steps", "16", "--inner-steps", "16", "--fresh"], diloco),
+    ("async", ["--engine", "inprocess", "--only", "sync-equal,async-equal", "--fresh"], buffered),
     ("aggregation", ["--clients", "4", "64", "--modes", "stream", "tree"], aggregation),
     ("scale", [], scale),
     ("adapters", ["--rounds", "1", "--steps", "4", "--only", "fp32-lora,qlora,auto-modules", "--fresh"], peft),

@@ -74,9 +74,15 @@ class FedLLMStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         """`arrays` is ignored (Flower's `start` passes back what `aggregate_train` returned): the
         method's server half holds the global state and encodes what each node needs."""
-        config = ConfigRecord({**dict(config), **self.round_config(server_round)})  # never mutate the caller's
-        return [Message(content=RecordDict({CONFIG: config, **self.method.encode_down(node)}),
-                        message_type=MessageType.TRAIN, dst_node_id=node) for node in self.sample(grid)]
+        return [self.train_message(server_round, config, node) for node in self.sample(grid)]
+
+    def train_message(self, server_round: int, config: ConfigRecord, node: int,
+                      extra: Mapping[str, Any] | None = None) -> Message:
+        """The train message that brings `node` to the global state, with the run `config`, the
+        round's values and `extra` per-message values (keys without a dot)."""
+        config = ConfigRecord({**dict(config), **self.round_config(server_round), **dict(extra or {})})
+        return Message(content=RecordDict({CONFIG: config, **self.method.encode_down(node)}),
+                       message_type=MessageType.TRAIN, dst_node_id=node)
 
     def max_reply_bytes(self) -> int:
         """server.max-reply-bytes, or else the method's `largest_reply()`."""
@@ -151,17 +157,23 @@ class FedLLMStrategy(Strategy):
         into = self.accumulator(len(sent))
         try:
             updates, dropped = self.collect(server_round, replies, sent, into)
-            metrics: dict[str, float] = {"clients-ok": len(updates), "clients-dropped": len(dropped)}
-            if updates:
-                weights = [u.num_examples for u in updates]
-                metrics["train-loss"] = sum(w * u.metrics.get("train-loss", 0.0)
-                                            for w, u in zip(weights, updates)) / sum(weights)
-            if len(updates) < self.cfg.server.min_replies:
-                return RoundResult(server_round, tuple(updates), tuple(dropped), (), metrics, applied=False)
-            agg = self.chain(updates) if into is None else self.chain.finish(Aggregate(into.result()))
+            return self.conclude(server_round, updates, dropped, into, self.cfg.server.min_replies)
         finally:
             if into is not None:
                 into.close()
+
+    def conclude(self, server_round: int, updates: list[Update], dropped: list[tuple[int, str]],
+                 into: Running | SumTree | None, min_replies: int) -> RoundResult:
+        """Aggregate the accepted `updates` (or what `into` folded of them) with the chain and have the
+        method apply it; with fewer than `min_replies` nothing is applied (`applied` False)."""
+        metrics: dict[str, float] = {"clients-ok": len(updates), "clients-dropped": len(dropped)}
+        if updates:
+            weights = [u.num_examples for u in updates]
+            metrics["train-loss"] = sum(w * u.metrics.get("train-loss", 0.0)
+                                        for w, u in zip(weights, updates)) / sum(weights)
+        if len(updates) < min_replies:
+            return RoundResult(server_round, tuple(updates), tuple(dropped), (), metrics, applied=False)
+        agg = self.chain(updates) if into is None else self.chain.finish(Aggregate(into.result()))
         metrics.update(self.method.apply(agg.delta, updates, server_round))
         return RoundResult(server_round, tuple(updates), tuple(dropped), agg.outliers, metrics, applied=True)
 

@@ -138,7 +138,8 @@ def handle(request: RecordDict, context: Context, started: float | None = None) 
     if hooks.start is not None:
         hooks.start(pid, server_round)
     as_pid = hooks.partition(cfg, pid) if hooks.partition is not None else pid
-    seed = round_seed(cfg, server_round, as_pid)
+    # server.mode=async may send a node one version twice: the dispatch number makes each its own run
+    seed = round_seed(cfg, server_round, as_pid) + 7919 * int(request.config_records[CONFIG].get("dispatch", 0))
     synced = half.sync(request, seed)
     rows, num_examples = node_rows(cfg, context, half.tokenizer, as_pid, attack)
     if not rows:
@@ -159,6 +160,9 @@ def handle(request: RecordDict, context: Context, started: float | None = None) 
     metrics.update(stats)
     log.info("client %d round %d: loss %.4f", pid, server_round, stats["train-loss"])
     records = half.upload(poisoning(cfg, hooks, seed))
+    slow = cfg.server.delays().get(pid)
+    if slow is not None:  # server.simulate-delay: a site `slow` times slower
+        time.sleep((slow - 1.0) * (time.time() - started))
     metrics["client-seconds"] = time.time() - started  # the message's whole work here: sync, train, encode
     reply = RecordDict({**records, METRICS: MetricRecord(metrics)})
     if hooks.replay:

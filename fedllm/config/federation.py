@@ -74,6 +74,23 @@ class ServerConfig:
                          "else the CPU), cpu, cuda or cuda:N.", "auto")
     node_state: int = option("Nodes whose downlink version the server remembers (the most recently sampled); a node "
                              "beyond that is sent the full state next time.", 4096, check="> 0")
+    mode: str = option("sync: each round waits for its sampled clients (or server.round-timeout); async: buffered "
+                       "asynchronous rounds (FedBuff): server.concurrency clients train at all times, every "
+                       "server.buffer-size replies make a new global version (a row of metrics.jsonl; "
+                       "server.num-rounds counts versions), and an idle client is sent the newest.", "sync")
+    concurrency: int = option("server.mode=async: clients training at once; 0: server.clients-per-round, else every "
+                              "connected client.", 0, check=">= 0")
+    buffer_size: int = option("server.mode=async: accepted replies per global version; 0: half of "
+                              "server.concurrency, rounded up.", 0, check=">= 0")
+    staleness_exponent: float = option("server.mode=async: a reply trained s versions ago weighs (1 + s)^-a "
+                                       "(FedBuff's 1/sqrt(1 + s) at 0.5; 0: no discount).", 0.5, check=">= 0")
+    max_staleness: int = option("server.mode=async: replies trained more than this many versions ago are dropped "
+                                "(0: none are).", 16, check=">= 0")
+    async_lr: float = option("server.mode=async: server learning rate on each version's aggregate of the "
+                             "staleness-weighted updates.", 1.0, check="> 0")
+    simulate_delay: str = option("Simulated slow clients, 'partition=factor,...' (e.g. '3=8'): that client "
+                                 "waits (factor - 1) x its own work's seconds before it replies, as a site factor "
+                                 "times slower would; for tests and benchmarks of server.mode.", "")
 
     def __post_init__(self) -> None:
         # first: the sections built after [server] (compression, attack, ...) check names against
@@ -87,6 +104,12 @@ class ServerConfig:
                               "the folder it goes in")
         check_device(self.device, "server.device")
         choice("server.aggregation", self.aggregation, ("auto", "stream", "list"))
+        choice("server.mode", self.mode, ("sync", "async"))
+        self.delays()
+        if self.mode == "async" and self.concurrency and self.buffer_size > self.concurrency:
+            raise ConfigError(f"server.buffer-size: {self.buffer_size} replies per version cannot come from "
+                              f"server.concurrency={self.concurrency} clients in flight without each sending "
+                              "several of one version; at most the concurrency")
         self.aggregator_count(1)
         self.tracker_names()
         positive("server.min-clients", self.min_clients)
@@ -109,6 +132,34 @@ class ServerConfig:
         if not value.isdigit() or int(value) < 1:
             raise ConfigError(f"server.aggregators: must be auto or a whole number >= 1, got {self.aggregators!r}")
         return int(value)
+
+    def delays(self) -> dict[int, float]:
+        """server.simulate-delay as {partition id: slowness factor >= 1}.
+
+        Raises:
+            ConfigError: for an item that is not partition=factor with a finite factor >= 1.
+        """
+        out: dict[int, float] = {}
+        for item in filter(None, (x.strip() for x in self.simulate_delay.split(","))):
+            pid, eq, factor = (x.strip() for x in item.partition("="))
+            try:
+                value = float(factor)
+            except ValueError:
+                value = math.nan
+            if not eq or not pid.isdigit() or not math.isfinite(value) or value < 1:
+                raise ConfigError(f"server.simulate-delay: {item!r} is not partition=factor with a factor >= 1 "
+                                  "(e.g. '3=8': partition 3 is 8 times slower)")
+            out[int(pid)] = value
+        return out
+
+    def in_flight(self, connected: int) -> int:
+        """server.mode=async: clients training at once (server.concurrency, else
+        server.clients-per-round, else every connected client)."""
+        return self.concurrency or self.clients_per_round or connected
+
+    def buffer(self, connected: int) -> int:
+        """server.mode=async: accepted replies per global version."""
+        return self.buffer_size or max(1, math.ceil(self.in_flight(connected) / 2))
 
     def tracker_names(self) -> list[str]:
         """server.trackers as a list (fedllm.reporting.tracking.check_installed checks the names against its

@@ -125,7 +125,9 @@ class MethodSpec:
     its client steps at train.lr (so train.lr-schedule and train.warmup-steps apply; zo's step is zo.lr).
     keep_optimizer: whether train.keep-optimizer applies (a client's AdamW over the same tensors each round).
     variates: whether server.strategy=scaffold applies (its halves carry SCAFFOLD's control variates).
-    round_steps: its local steps in a round, for the schedule's clock (None: train.local-steps). check: the
+    round_steps: its local steps in a round, for the schedule's clock (None: train.local-steps). buffered:
+    whether server.mode=async applies (its updates are deltas the server may apply to a later version than
+    the one they were trained on); why_sync: what server.mode=async's refusal says otherwise. check: the
     cross-checks only this method knows, `check(cfg, spec)` raising ConfigError (run by resolve).
     """
 
@@ -150,6 +152,8 @@ class MethodSpec:
     keep_optimizer: bool = False
     variates: bool = False
     round_steps: Callable[[Config], int] | None = None
+    buffered: bool = False
+    why_sync: str = "its updates are not deltas that a later global version can take"
     check: Callable[[Config, "MethodSpec"], None] | None = None
 
 
@@ -230,5 +234,25 @@ def check_spec(cfg: Config) -> None:
                           "AdamW each round (lora and dpo do); leave it false")
     schedule.check(cfg)
     personal.check(cfg)  # lora.personal: train.method=lora only
+    if cfg.server.mode == "async":
+        check_buffered(cfg, spec, name)
     if spec.check is not None:
         spec.check(cfg, spec)
+
+
+def check_buffered(cfg: Config, spec: MethodSpec, name: str) -> None:
+    """What server.mode=async cannot go with.
+
+    Raises:
+        ConfigError: naming the key, with the reason, in one line.
+    """
+    from fedllm.errors import ConfigError
+
+    if not spec.buffered:
+        takers = ", ".join(sorted(e.name for e in METHODS.entries()
+                                  if isinstance(e.impl, MethodImpl) and e.impl.spec.buffered))
+        raise ConfigError(f"server.mode: train.method={name} takes no asynchronous rounds ({spec.why_sync}); "
+                          f"use server.mode=sync, or a method that does: {takers}")
+    if cfg.secagg.enabled:
+        raise ConfigError("secagg.enabled: SecAgg+'s masks cancel only in the sum of one round's cohort, and an "
+                          "asynchronous version sums replies sent at different versions; use server.mode=sync")

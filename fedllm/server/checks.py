@@ -93,6 +93,18 @@ def check_simulation(cfg: Config, num_clients: int) -> None:
             raise ConfigError(f"{key}: {wanted} clients a round, but the simulation has {num_clients} "
                               "(--num-clients, or options.num-supernodes under flwr run): the round would wait for "
                               "nodes that never come")
+    if server.mode == "async":
+        if server.concurrency > num_clients:
+            raise ConfigError(f"server.concurrency: {server.concurrency} clients in flight, but the simulation has "
+                              f"{num_clients}: at most that many")
+        buffer, flying = server.buffer(num_clients), server.in_flight(num_clients)
+        if buffer > flying:
+            raise ConfigError(f"server.buffer-size: {buffer} replies per version from {flying} clients in flight "
+                              "(server.concurrency, else server.clients-per-round or every client): at most that many")
+    slow = sorted(p for p in server.delays() if p >= num_clients)
+    if slow:
+        raise ConfigError(f"server.simulate-delay: partition {slow[0]} is not among the simulation's {num_clients} "
+                          f"(0 to {num_clients - 1})")
     if cfg.lora.policy == "resources":
         raise ConfigError("lora.policy: resources reads each SuperNode's node config memory-mb, which a simulated "
                           "node lacks; use lora.client-ranks and model.client-quantize in a simulation")

@@ -27,11 +27,13 @@ from fedllm.config import Config
 from fedllm.ledger.scoring import SCORERS
 from fedllm.evaluation.held_out import em_subset
 from fedllm.methods import data_splits
+from fedllm.protocol import METRICS
 from fedllm.reporting.runlog import MetricsLog, format_summary, make_run_dir, summary, write_atomically, write_config
 from fedllm.reporting.report import render_report
 from fedllm.secagg.server import check as check_secagg
 from fedllm.server.evaluator import Evaluator
-from fedllm.server.round import RoundOutcome, prepare, train_round
+from fedllm.server.buffered import Buffered
+from fedllm.server.round import ERROR_FILE, RoundFailed, RoundOutcome, prepare, train_round
 from fedllm.reporting.tracking import Trackers
 from strategies import FedLLMStrategy, build
 
@@ -65,11 +67,18 @@ def run(grid: Grid, cfg: Config) -> Path:
                 _round_zero(cfg, strategy, grid, metrics, trackers, evaluate)
             validation = em_subset(held_out, cfg.ledger.validation_examples)
             extra = {"ledger-contract": books.address} if books else {}
+            pump = Buffered(cfg, strategy, grid) if cfg.server.mode == "async" else None
+            if pump is not None and ckpt:
+                log.info("server.mode=async: replies in flight before the restart are not awaited; clients are "
+                         "sent version %d", first - 1)
             for server_round in range(first, cfg.server.num_rounds + 1):
                 t0 = time.perf_counter()
                 run_config = ConfigRecord({**cfg.to_flat(), **extra})
-                outcome = train_round(server_round, cfg, strategy, run_config, grid, run_dir,
-                                      keep_replies=books is not None)
+                if pump is not None:
+                    outcome = _version(pump, server_round, run_config, run_dir, books is not None)
+                else:
+                    outcome = train_round(server_round, cfg, strategy, run_config, grid, run_dir,
+                                          keep_replies=books is not None)
                 accounts = _account(cfg, books, server_round, outcome, strategy, validation)
                 figures = evaluate(server_round)
                 row = round_row(server_round, outcome, figures, accounts, time.perf_counter() - t0)
@@ -86,6 +95,19 @@ def run(grid: Grid, cfg: Config) -> Path:
         return _finish(run_dir, strategy, metrics, books, trackers)
     finally:
         trackers.finish()
+
+
+def _version(pump: Buffered, server_round: int, run_config: ConfigRecord, run_dir: Path,
+             keep_replies: bool) -> RoundOutcome:
+    """An asynchronous version (fedllm.server.buffered); why it failed also goes to error.txt."""
+    try:
+        return pump.version(server_round, run_config, keep_replies)
+    except RoundFailed as err:
+        hint = (f"; resume from version {server_round - 1}'s checkpoint with --resume {run_dir}"
+                if (run_dir / checkpoint.FILE).exists() else "")
+        failed = RoundFailed(f"{err}{hint}")
+        (run_dir / ERROR_FILE).write_text(str(failed) + "\n")
+        raise failed from None
 
 
 def round_row(server_round: int, outcome: RoundOutcome, figures: dict[str, Any], accounts: dict[str, Any],
@@ -107,6 +129,7 @@ def round_row(server_round: int, outcome: RoundOutcome, figures: dict[str, Any],
         + [{"node": str(n), "reason": "no reply within server.round-timeout"} for n in outcome.missing],
         "train-seconds": round(outcome.seconds, 3),
         "round-seconds": round(seconds, 3),
+        **outcome.extra,
         **accounts,
     }
 
@@ -153,8 +176,20 @@ def _account(cfg: Config, books: Any, server_round: int, outcome: RoundOutcome, 
         return {}
     method, result = strategy.method, outcome.result
     utility = method.utility(list(result.updates), validation) if needs_utility(cfg) else None
-    signers = books.signers(server_round, list(outcome.replies))
+    signers: dict[int, Any] = {}
+    for trained, replies in _by_round(outcome.replies, server_round).items():  # async: stale replies signed theirs
+        signers.update(books.signers(trained, replies))
     return {"ledger": books.record(server_round, signers, result, method.digest(), utility)}
+
+
+def _by_round(replies: tuple[Any, ...], server_round: int) -> dict[int, list[Any]]:
+    """Replies by the round their message carried (all `server_round` in a synchronous round; an
+    asynchronous version's stale replies answer earlier ones, checked when they were accepted)."""
+    out: dict[int, list[Any]] = {}
+    for reply in replies:
+        said = reply.content.metric_records.get(METRICS, {}).get("server-round", server_round)
+        out.setdefault(int(said), []).append(reply)
+    return out
 
 
 def _finish(run_dir: Path, strategy: FedLLMStrategy, metrics: MetricsLog, books: Any, trackers: Trackers) -> Path:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -42,7 +42,8 @@ class RoundFailed(FedLLMError):
 class RoundOutcome:
     """What a round gave: its result (applied), the bytes sent to each node, the replies (kept for
     the ledger, which reads their signatures; else empty), the nodes that never replied, the
-    attempts it took, and the seconds from the first message to the applied aggregate."""
+    attempts it took, the seconds from the first message to the applied aggregate, and more of the
+    round's row (an asynchronous version's staleness histogram)."""
 
     result: RoundResult
     down: dict[str, int]
@@ -50,6 +51,7 @@ class RoundOutcome:
     missing: tuple[int, ...]
     attempts: int
     seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)  # more of the row (server.mode=async: staleness)
 
 
 def plain_attempt(strategy: FedLLMStrategy, server_round: int, run_config: ConfigRecord, grid: Grid,

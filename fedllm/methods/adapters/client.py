@@ -117,8 +117,9 @@ class LoraClient:
                                  self.seed)
         if transform is not None:
             local = shifted(local, self.start, transform)
-        if not self.cfg.compression.up:
-            return {ARRAYS: ArrayRecord(local), **variate}
+        if not self.cfg.compression.up:  # asynchronous rounds send the delta: the server may have moved on
+            return {ARRAYS: ArrayRecord(lora.subtract(local, self.start) if self.cfg.server.mode == "async" else local),
+                    **variate}
         payload = send_compressed(lora.subtract(local, self.start), self.context, self.cfg, self.seed)
         return {UPDATE: ConfigRecord({"payload": payload}), **variate}
 

@@ -142,11 +142,14 @@ class LoraServer:
         return {DOWN: ConfigRecord({"version": version, "base": known, "deltas": missing})}
 
     def decode(self, msg: Message) -> Update:
-        """The reply's local adapter as arrays (no upload codec; the update is local - global),
-        or with compression.up the encoded delta, checked against the global names and shapes."""
+        """The reply's local adapter as arrays (no upload codec; the update is local - global; with
+        server.mode=async the client sends local - the version it trained on), or with compression.up
+        the encoded delta, checked against the global names and shapes. The node holds the version
+        it was sent (the downlink's next message to it may be a delta)."""
         n, metrics = reply_metrics(msg)
         if self.variate is not None:
             self.variate.read(msg, self.state)
+        self.downlink.accepted(msg.metadata.src_node_id)
         if self.up is not None:
             payload = msg.content.config_records.get(UPDATE, {}).get("payload")
             if not isinstance(payload, bytes):
@@ -156,6 +159,8 @@ class LoraServer:
             return Update(msg.metadata.src_node_id, delta, n, metrics, len(payload))
         local, nbytes = read_arrays(msg, self.state)
         check_like(local, self.state)
+        if self.cfg.server.mode == "async":  # the client's delta against the version it trained on
+            return Update(msg.metadata.src_node_id, local, n, metrics, nbytes)
         return Update(msg.metadata.src_node_id, {k: t - self.state[k] for k, t in local.items()}, n, metrics, nbytes)
 
     def largest_reply(self) -> int:

@@ -17,4 +17,5 @@ def round_steps(cfg: Config) -> int:
 register_method("diloco", server="fedllm.methods.diloco.server:DiLoCoServer",
                 client="fedllm.methods.diloco.client:DiLoCoClient",
                 spec=MethodSpec(default_rule="fedavg", dp=False, server_optimizers=False, secagg=True,
-                                secagg_agree=("diloco-fragment",), round_steps=round_steps, check=check_adapter))
+                                secagg_agree=("diloco-fragment",), round_steps=round_steps, check=check_adapter,
+                                why_sync="its fragments, the late merge and the outer Nesterov step are clocked by rounds"))

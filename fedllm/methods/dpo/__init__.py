@@ -9,4 +9,4 @@ from fedllm.methods.dpo import config  # noqa: F401  (the [dpo] section)
 
 register_method("dpo", server="fedllm.methods.dpo.server:DpoServer", client="fedllm.methods.dpo.client:DpoClient",
                 spec=MethodSpec(default_rule="fedavg", preference=True, init_from=True, optimizers=OPTIMIZERS,
-                                proximal=False, secagg=True, keep_optimizer=True, check=check_adapter))
+                                proximal=False, secagg=True, keep_optimizer=True, buffered=True, check=check_adapter))

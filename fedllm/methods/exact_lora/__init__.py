@@ -8,4 +8,4 @@ register_method("exact-lora", server="fedllm.methods.exact_lora.server:ExactLora
                 client="fedllm.methods.exact_lora.client:ExactLoraClient",
                 spec=MethodSpec(default_rule="stack", compression=False, dp=False, delta_kind="factors",
                                 optimizers=OPTIMIZERS, rules=(("stack", "fedllm.methods.exact_lora.server:stack"),),
-                                check=check_adapter))
+                                check=check_adapter, why_sync="a round stacks its cohort's factors into one exact product, which a stale reply's factors do not fit"))

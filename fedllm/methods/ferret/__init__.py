@@ -31,4 +31,5 @@ def check_ferret(cfg: Config, spec: MethodSpec) -> None:
 register_method("ferret", server="fedllm.methods.ferret.server:FerretServer",
                 client="fedllm.methods.ferret.client:FerretClient",
                 spec=MethodSpec(default_rule="fedavg", delta_kind="dense", server_optimizers=False, compression=False,
-                                dp=False, check=check_ferret))
+                                dp=False, check=check_ferret,
+                                why_sync="a reply's coordinates are on the random bases of the round it trained in"))

@@ -10,4 +10,4 @@ register_method("lora", server="fedllm.methods.adapters.server:LoraServer",
                 client="fedllm.methods.adapters.client:LoraClient",
                 spec=MethodSpec(default_rule="fedavg", utility=True, quantize=True, peft=PEFT_TYPES,
                                 optimizers=OPTIMIZERS, auto_modules=True, keep_optimizer=True, init_from=True, secagg=True,
-                                variates=True, check=check_adapter))
+                                variates=True, buffered=True, check=check_adapter))

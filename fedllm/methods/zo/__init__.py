@@ -7,4 +7,4 @@ from fedllm.methods.zo.config import check_zo
 register_method("zo", server="fedllm.methods.zo.server:ZOServer", client="fedllm.methods.zo.client:ZOClient",
                 spec=MethodSpec(default_rule="fedavg", compression=False, dp=False, delta_kind="sums", secagg=True,
                                 secagg_range=1024.0, secagg_agree=("zo-version", "zo-fingerprint"),
-                                schedule=False, check=check_zo))
+                                schedule=False, buffered=True, check=check_zo))

@@ -15,15 +15,18 @@ from fedllm.errors import PayloadError
 from fedllm.methods.base import Transform
 from fedllm.methods.zo import engine as zo
 from fedllm.methods.zo.server import SUMS, WARM
+from fedllm.methods.zo.state import Accumulators
 from fedllm.protocol import ZO, ZO_SUMS
 
 VALUES = "g"  # the one tensor an attack transform sees: the step scalars, in step order
+HELD = "zo-accumulators"  # server.mode=async: the accumulators this node holds, in context.state
 
 
 class ZOClient:
     def __init__(self, cfg: Config, context: Context, partition_id: int) -> None:
         self.cfg = cfg
         self.engine, self.tokenizer = zo.engine_for(cfg)
+        self.context = context
         self.pairs: list[tuple[int, float]] = []
         self.delta: torch.Tensor | None = None  # a warm-up round's dense delta (zo.warmup-rounds)
         self.warming = False  # whether this round, at the synced state, is a warm-up round
@@ -38,7 +41,15 @@ class ZOClient:
                                "(fedllm version, dtype and model must match; the device does not matter)")
         self.seed, self.pairs, self.delta = seed, [], None
         t0 = time.perf_counter()
-        regenerated = self.engine.sync(zo.decode_down(bytes(down["down"]), self.engine.state))
+        local = self.engine.state
+        if self.cfg.server.mode == "async":  # the nodes sharing this process's engine may hold other versions
+            held = self.context.state.config_records.get(HELD)
+            local = (Accumulators.from_bytes(bytes(held["state"]), local.k, local.n) if held is not None
+                     else Accumulators(local.k, n=local.n))
+        state = zo.decode_down(bytes(down["down"]), local)
+        regenerated = self.engine.sync(state)  # moves the weights either way, to this node's version
+        if self.cfg.server.mode == "async":
+            self.context.state[HELD] = ConfigRecord({"state": state.to_bytes()})
         self.warming = self.engine.warming()
         return {"zo-version": self.engine.state.version, "zo-fingerprint": self.engine.fingerprint,
                 "sync-seeds": regenerated, "sync-seconds": time.perf_counter() - t0}

@@ -69,6 +69,9 @@ def check_zo(cfg: Config, spec: MethodSpec) -> None:
     if cfg.zo.warmup_rounds and cfg.secagg.enabled:
         raise ConfigError("zo.warmup-rounds: the warm-up's dense deltas do not go through secure aggregation "
                           "(secagg.enabled): set zo.warmup-rounds=0")
+    if cfg.zo.warmup_rounds and cfg.server.mode == "async":
+        raise ConfigError("zo.warmup-rounds: a warm-up ends at a round, and an asynchronous version may take replies "
+                          "trained before it ended; set zo.warmup-rounds=0 with server.mode=async")
 
 
 register_section("zo", ZOConfig)

@@ -81,9 +81,13 @@ class ZOServer:
         if metrics.get("zo-fingerprint") != self.fingerprint:
             raise PayloadError("perturbation fingerprint differs from the server's "
                                "(fedllm version, dtype or model)")
-        if metrics.get("zo-version") != self.state.version:
-            raise PayloadError(f"stale update: trained at version {metrics.get('zo-version')}, "
-                               f"global is {self.state.version}")
+        trained = metrics.get("zo-version")
+        if self.cfg.server.mode == "async":  # a stale reply's sums join the newer version (FedBuff)
+            if not isinstance(trained, (int, float)) or not 0 <= trained <= self.state.version:
+                raise PayloadError(f"update trained at version {trained!r}, global is {self.state.version}")
+        elif trained != self.state.version:
+            raise PayloadError(f"stale update: trained at version {trained}, global is {self.state.version}")
+        self.downlink.accepted(msg.metadata.src_node_id)  # it holds the version it was sent
         if sums is None:  # decoded once the cheap checks have passed
             sums, nbytes = {SUMS: zo.decode(up, self.k)}, len(up)
         return Update(msg.metadata.src_node_id, sums, n, metrics, nbytes)
