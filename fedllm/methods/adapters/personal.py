@@ -27,9 +27,11 @@ value (B = 0: the base's layer unchanged), so "the global model" is the shared a
 
 Either way each client, in the rounds after the server evaluates (server.eval-every) and in the last,
 reports on its own share of the held-out split (partitioned as its training data) the loss of the
-global adapter alone (global-eval-loss) and of its personalised model, global + private
-(personal-eval-loss), both at the global state it just received; the run's summary carries their means
-over the last evaluated round's clients (fedllm.reporting.runlog.personal_figures).
+global adapter alone at the global state it just received (global-eval-loss) and of its personalised
+model, that global state + its private part (personal-eval-loss): dual's private adapter as its
+private steps of the round left it (fitted on top of that global state), head's private layers as
+its last round left them. The run's summary carries their means over the last evaluated round's
+clients (fedllm.reporting.runlog.personal_figures).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import functools
 import logging
 import math
 import re
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from fedllm.config import Config
 from fedllm.errors import ConfigError, DataError
@@ -153,6 +155,7 @@ class Personal:
         self.cfg, self.context, self.partition_id = cfg, context, partition_id
         self.kind = cfg.lora.personal
         self.private: set[str] = set()  # head: the private tensor names
+        self.loss: Callable[[], float] | None = None  # this round's held-out loss of the model as it is, when due
 
     def build(self, model_cfg: Any, lora_cfg: Any, seed: int) -> tuple[Any, Any]:
         """(PeftModel, tokenizer) from the process cache; dual's carries the second adapter."""
@@ -186,44 +189,37 @@ class Personal:
         return {**shared, **mine}
 
     def evaluate(self, net: Any, tokenizer: Any, shared: State, server_round: int) -> dict[str, float]:
-        """global-eval-loss and personal-eval-loss on this client's held-out share (nothing when the
-        round is not due or the client has no share); leaves the model as training starts from it
-        (dual: the shared adapter alone active)."""
-        from fedllm.evaluation.held_out import eval_loss
+        """global-eval-loss (and with head personal-eval-loss) on this client's held-out share, at the
+        global state just received; nothing when the round is not due or the client has no share
+        (dual's personal-eval-loss comes after its private steps, in `before`). Leaves the model as
+        training starts from it (dual: the shared adapter alone active)."""
         from fedllm.methods.adapters import engine as lora
 
+        self.loss = None
         if not due(self.cfg, server_round) or "data-path" in self.context.node_config:
             return {}
         pid, n = self.partition_id, int(self.context.node_config.get("num-partitions", 1))
         examples = list(held_out_share(tuple(sorted(self.cfg.to_flat().items())), pid, n))
         if not examples:
             return {}
-        batch = self.cfg.server.eval_batch_size
-
-        def loss() -> float:
-            return eval_loss(net, tokenizer, examples, self.cfg.data, batch)
-
+        self.loss = functools.partial(held_out_loss, net, tokenizer, examples, self.cfg)
         if self.kind == "dual":
-            alone = loss()
-            net.base_model.set_adapter([DEFAULT, SECOND])
-            try:
-                return {"global-eval-loss": alone, "personal-eval-loss": loss()}
-            finally:
-                net.base_model.set_adapter(DEFAULT)
+            return {"global-eval-loss": self.loss()}
         personal = lora.adapter_state(net)
         lora.set_adapter_state(net, {**shared, **{k: net.fedllm_initial[k] for k in self.private}})
         try:
-            alone = loss()
+            alone = self.loss()
         finally:
             lora.set_adapter_state(net, personal)
-        return {"global-eval-loss": alone, "personal-eval-loss": loss()}
+        return {"global-eval-loss": alone, "personal-eval-loss": self.loss()}
 
     def before(self, net: Any, rows: list[dict[str, list[int]]], pad_id: int, seed: int,
                clock: tuple[int, int]) -> dict[str, float]:
         """Before the round's local steps: dual trains the private adapter for train.local-steps on the
         same batches (a fresh AdamW; the shared adapter frozen at the global state, both active), keeps
         it in the node state, and leaves the shared adapter alone active for the shared steps. Returns
-        its private-train-loss."""
+        its private-train-loss, and when the round is due personal-eval-loss: the global state just
+        received with the private adapter just trained on it (what the node holds for its own use)."""
         from flwr.app import ArrayRecord
 
         from fedllm.methods.adapters import engine as lora
@@ -236,10 +232,11 @@ class Personal:
             module.lora_B[DEFAULT].requires_grad_(False)
         try:
             stats = lora.train(net, rows, self.cfg.train, pad_id, seed=seed, clock=clock)
+            figures = {"personal-eval-loss": self.loss()} if self.loss is not None else {}
         finally:
             net.base_model.set_adapter(DEFAULT)
         self.context.state[PRIVATE] = ArrayRecord(private_state(net))
-        return {"private-train-loss": stats["train-loss"]}
+        return {"private-train-loss": stats["train-loss"], **figures}
 
     def keep(self, net: Any) -> None:
         """After the round's local steps: head's private tensors go to the node state (dual's went in
@@ -256,6 +253,12 @@ class Personal:
         """What may leave the node: `state` without head's private tensors (dual's adapter state
         holds the shared adapter only)."""
         return {k: t for k, t in state.items() if k not in self.private}
+
+
+def held_out_loss(net: Any, tokenizer: Any, examples: list[dict[str, str]], cfg: Config) -> float:
+    from fedllm.evaluation.held_out import eval_loss
+
+    return eval_loss(net, tokenizer, examples, cfg.data, cfg.server.eval_batch_size)
 
 
 def dual_model(model_cfg: Any, lora_cfg: Any, seed: int) -> tuple[Any, Any]:
