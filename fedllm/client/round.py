@@ -132,6 +132,7 @@ def handle(request: RecordDict, context: Context, started: float | None = None) 
     start-seconds, the wait until the first training step."""
     started = time.time() if started is None else started
     cfg, pid, half = client_half(request, context)
+    loaded = time.time()  # the model is in this process's cache from here on
     server_round = int(request.config_records[CONFIG].get("server-round", 0))
     attack = cfg.attack.kinds().get(pid)
     hooks = ATTACKS.get(attack).impl if attack else Attack()  # an honest client: no hooks
@@ -161,8 +162,8 @@ def handle(request: RecordDict, context: Context, started: float | None = None) 
     log.info("client %d round %d: loss %.4f", pid, server_round, stats["train-loss"])
     records = half.upload(poisoning(cfg, hooks, seed))
     slow = cfg.server.delays().get(pid)
-    if slow is not None:  # server.simulate-delay: a site `slow` times slower
-        time.sleep((slow - 1.0) * (time.time() - started))
+    if slow is not None:  # server.simulate-delay: a site `slow` times slower at the round's work (not the model's load)
+        time.sleep((slow - 1.0) * (time.time() - loaded))
     metrics["client-seconds"] = time.time() - started  # the message's whole work here: sync, train, encode
     reply = RecordDict({**records, METRICS: MetricRecord(metrics)})
     if hooks.replay:

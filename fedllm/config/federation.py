@@ -7,6 +7,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 
 from fedllm.config.fields import check_device, choice, option, positive
 from fedllm.errors import ConfigError
@@ -89,8 +90,9 @@ class ServerConfig:
     async_lr: float = option("server.mode=async: server learning rate on each version's aggregate of the "
                              "staleness-weighted updates.", 1.0, check="> 0")
     simulate_delay: str = option("Simulated slow clients, 'partition=factor,...' (e.g. '3=8'): that client "
-                                 "waits (factor - 1) x its own work's seconds before it replies, as a site factor "
-                                 "times slower would; for tests and benchmarks of server.mode.", "")
+                                 "waits (factor - 1) x its own work's seconds (sync, train, encode; not the model's "
+                                 "first load) before it replies, as a site factor times slower would; for tests and "
+                                 "benchmarks of server.mode.", "")
 
     def __post_init__(self) -> None:
         # first: the sections built after [server] (compression, attack, ...) check names against
@@ -292,8 +294,10 @@ class LedgerConfig:
                               "simulated")
     seed: int = option("Seed of the derived (simulation) keys.", 0, check=">= 0")
     pool: float = option("Ether the owner puts in the reward pool when deploying.", 100.0, check=">= 0")
-    stake: float = option("Ether each simulated client stakes.", 1.0, check=">= 0")
-    min_stake: float = option("Smallest stake the contract accepts (ether), when deploying.", 0.5, check=">= 0")
+    stake: float = option("Ether each simulated client stakes; above 0 and at least ledger.min-stake (FedLedger "
+                          "refuses a zero stake, which would lock the account).", 1.0, check="> 0")
+    min_stake: float = option("Smallest stake the contract accepts (ether), when deploying; above 0 (FedLedger "
+                              "refuses 0).", 0.5, check="> 0")
     reward_per_round: float = option("Ether shared among the round's clients by score (less if the pool is "
                                      "smaller).", 1.0, check=">= 0")
     unbonding_seconds: int = option("Seconds between a client's unbond request and its withdrawal; penalties "
@@ -323,13 +327,21 @@ class LedgerConfig:
         if self.contract and not re.fullmatch(r"0x[0-9a-fA-F]{40}", self.contract.strip()):
             raise ConfigError(f"ledger.contract: {self.contract!r} is not an address (0x and 40 hex digits)")
         choice("ledger.slashed-to", self.slashed_to, ("pool", "burn"))
-        for key, value in (("ledger.pool", self.pool), ("ledger.stake", self.stake),
-                           ("ledger.min-stake", self.min_stake), ("ledger.reward-per-round", self.reward_per_round),
+        for key, value in (("ledger.pool", self.pool), ("ledger.reward-per-round", self.reward_per_round),
                            ("ledger.unbonding-seconds", self.unbonding_seconds),
                            ("ledger.free-rider-ratio", self.free_rider_ratio), ("ledger.noise-z", self.noise_z),
                            ("ledger.oversize-ratio", self.oversize_ratio)):
             if value < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {value}")
+        for key, value in (("ledger.stake", self.stake), ("ledger.min-stake", self.min_stake)):
+            if math.isfinite(value) and int(Decimal(str(value)) * 10**18) < 1:  # FedLedger refuses a zero stake:
+                # it would pass registration and then fail commit and unbond, the account locked for good
+                raise ConfigError(f"{key}: must be at least 1 wei (1e-18 ether): FedLedger refuses a zero stake, "
+                                  f"got {value}")
+        if (self.client_keys == "simulated" and not self.contract and math.isfinite(self.min_stake)
+                and self.stake < self.min_stake):
+            raise ConfigError(f"ledger.stake: {self.stake} is below ledger.min-stake ({self.min_stake}), which the "
+                              "contract deployed for this run would refuse")
         positive("ledger.validation-examples", self.validation_examples)
         positive("ledger.shapley-permutations", self.shapley_permutations)
         self.penalty_map()
