@@ -11,6 +11,12 @@ pragma solidity ^0.8.24;
 /// The aggregator slashes stake with an evidence hash, never more than the stake. Stake leaves
 /// after an unbonding period, during which penalties still apply.
 ///
+/// A stake is never zero: the constructor refuses `minStake` 0 and `register` refuses a payment
+/// of 0. A zero-stake account would pass `register` and then fail every call that requires a
+/// stake (commit, requestUnbond, withdraw) while its identity bars a second registration: it
+/// would be locked for good. An account whose stake reaches zero later (withdrawn, or slashed in
+/// full) is done: a new account registers with a new identity.
+///
 /// Leaves are keccak256(bytes.concat(keccak256(abi.encode(round, client, score, cumulative,
 /// updateHash)))) and inner nodes hash their children in sorted order (OpenZeppelin's
 /// StandardMerkleTree convention), so a leaf can never pass for an inner node.
@@ -58,6 +64,7 @@ contract FedLedger {
     error AlreadyRegistered();
     error IdentityTaken();
     error StakeTooLow(uint256 minStake);
+    error ZeroMinStake();
     error RoundNotAfter(uint256 lastRound);
     error PoolTooSmall(uint256 pool);
     error BadProof();
@@ -88,6 +95,7 @@ contract FedLedger {
     }
 
     constructor(address aggregator_, uint256 minStake_, uint256 unbondingPeriod_, bool burnSlashed_) payable {
+        if (minStake_ == 0) revert ZeroMinStake();
         owner = msg.sender;
         aggregator = aggregator_;
         minStake = minStake_;
@@ -119,7 +127,7 @@ contract FedLedger {
     function register(bytes32 identity) external payable {
         if (clients[msg.sender].stake != 0 || clients[msg.sender].identity != bytes32(0)) revert AlreadyRegistered();
         if (identity == bytes32(0) || accountOf[identity] != address(0)) revert IdentityTaken();
-        if (msg.value < minStake) revert StakeTooLow(minStake);
+        if (msg.value == 0 || msg.value < minStake) revert StakeTooLow(minStake); // a zero stake would lock the account
         clients[msg.sender] = Client(identity, msg.value, 0, 0);
         accountOf[identity] = msg.sender;
         totalStaked += msg.value;

@@ -325,3 +325,54 @@ def test_addresses_chains_and_foreign_contracts_are_refused_up_front():
     foreign = L._send(w3, owner, tx).contractAddress
     with pytest.raises(LedgerError, match="is not this fedllm's FedLedger"):
         Ledger(w3, foreign)
+
+
+def test_a_zero_stake_is_refused_so_no_account_is_ever_locked(world, chain):
+    """With minStake 0 a zero-stake registration used to pass, then commit and requestUnbond
+    failed (NotRegistered) and a second registration too (AlreadyRegistered): locked for good."""
+    ledger, owner, agg, clients = world
+    with pytest.raises(LedgerError, match="ZeroMinStake"):
+        Ledger.deploy(chain, owner, agg.address, min_stake=0)
+    newcomer = dev_account(chain, 4242, "zero-stake", 5)
+    identity = b"\x77" * 32
+    with pytest.raises(LedgerError, match="StakeTooLow"):
+        ledger.register(newcomer, identity, 0)
+    assert ledger.view("clients", newcomer.address)[0] == bytes(32)  # nothing recorded: free to try again
+    ledger.register(newcomer, identity, ETH)  # the same account and identity, now with a stake
+    ledger.commit(newcomer, 1, b"\x55" * 32)
+    ledger.send(newcomer, "requestUnbond")
+    advance(chain, UNBONDING + 1)
+    ledger.send(newcomer, "withdraw")
+    assert ledger.stake_of(newcomer.address) == 0
+
+
+@pytest.mark.parametrize("flat, message", [
+    ({"ledger.stake": 0.0, "ledger.min-stake": 0.0}, "ledger.stake: must be at least 1 wei"),
+    ({"ledger.min-stake": 0.0}, "ledger.min-stake: must be at least 1 wei"),
+    ({"ledger.stake": 1e-20}, "ledger.stake: must be at least 1 wei"),
+    ({"ledger.stake": -1.0}, "ledger.stake: must be at least 1 wei"),
+    ({"ledger.stake": 0.25}, r"ledger.stake: 0.25 is below ledger.min-stake \(0.5\)"),
+])
+def test_config_refuses_a_stake_the_contract_would_refuse(flat, message):
+    from fedllm.config import Config
+    from fedllm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as err:
+        Config.from_flat(flat)
+    assert "\n" not in str(err.value)
+    Config.from_flat({"ledger.stake": 0.25, "ledger.contract": "0x" + "12" * 20})  # the contract's minStake decides
+
+
+def test_a_run_refuses_a_stake_below_an_existing_contracts_minimum(tmp_path, monkeypatch):
+    from fedllm.config import Config
+    from fedllm.errors import ConfigError
+    from fedllm.ledger import chain as chain_module
+    from fedllm.ledger.session import LedgerSession
+
+    w3 = connect("tester")
+    monkeypatch.setattr(chain_module, "connect", lambda url: w3)  # the session attaches on this chain
+    owner = dev_account(w3, 0, "owner", 50)
+    deployed = Ledger.deploy(w3, owner, owner.address, min_stake=ETH)
+    cfg = Config.from_flat({"ledger.enabled": True, "ledger.contract": deployed.address, "ledger.stake": 0.5})
+    with pytest.raises(ConfigError, match="ledger.stake: 0.5 ether is below the minStake"):
+        LedgerSession(cfg, tmp_path)

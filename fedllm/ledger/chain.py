@@ -215,9 +215,14 @@ class Ledger:
                burn_slashed: bool = False, pool: int = 0) -> "Ledger":
         art = artifact("FedLedger")
         factory = w3.eth.contract(abi=art["abi"], bytecode=art["bytecode"])
-        tx = factory.constructor(aggregator, min_stake, unbonding_seconds, burn_slashed).build_transaction(
-            {"from": owner.address, "value": pool, "nonce": w3.eth.get_transaction_count(owner.address)})
-        receipt = _send(w3, owner, tx)
+        try:
+            tx = factory.constructor(aggregator, min_stake, unbonding_seconds, burn_slashed).build_transaction(
+                {"from": owner.address, "value": pool, "nonce": w3.eth.get_transaction_count(owner.address)})
+            receipt = _send(w3, owner, tx)
+        except LedgerError:
+            raise
+        except Exception as err:  # a revert in the constructor (e.g. ZeroMinStake)
+            raise LedgerError(f"FedLedger constructor: {_reason(_error_selectors(art['abi']), err)}") from err
         ledger = cls(w3, receipt.contractAddress)
         ledger.deploy_gas = receipt.gasUsed
         return ledger
@@ -238,16 +243,7 @@ class Ledger:
 
     def reason(self, err: Exception) -> str:
         """The contract error's name for a revert (custom errors come back as a selector)."""
-        data = getattr(err, "data", None)
-        if isinstance(data, str) and data.startswith("0x") and len(data) >= 10:
-            return self.errors.get(data[:10], data)
-        text = str(err)
-        raw = re.search(r"b(['\"]).*\1", text)  # py-evm puts the raw revert bytes in the message
-        if raw:
-            with contextlib.suppress(ValueError, SyntaxError):
-                selector = "0x" + ast.literal_eval(raw.group(0))[:4].hex()
-                return self.errors.get(selector, text)
-        return text
+        return _reason(self.errors, err)
 
     def view(self, fn: str, *args: Any) -> Any:
         return getattr(self.contract.functions, fn)(*args).call()
@@ -289,6 +285,20 @@ def _send(w3: Any, sender: Any, tx: dict[str, Any]) -> Any:
     if receipt.status != 1:
         raise LedgerError(f"transaction {tx_hash.to_0x_hex()} reverted")
     return receipt
+
+
+def _reason(errors: dict[str, str], err: Exception) -> str:
+    """The contract error's name for a revert (custom errors come back as a selector)."""
+    data = getattr(err, "data", None)
+    if isinstance(data, str) and data.startswith("0x") and len(data) >= 10:
+        return errors.get(data[:10], data)
+    text = str(err)
+    raw = re.search(r"b(['\"]).*\1", text)  # py-evm puts the raw revert bytes in the message
+    if raw:
+        with contextlib.suppress(ValueError, SyntaxError):
+            selector = "0x" + ast.literal_eval(raw.group(0))[:4].hex()
+            return errors.get(selector, text)
+    return text
 
 
 def _fees(w3: Any) -> dict[str, int]:

@@ -61,6 +61,11 @@ class LedgerSession:
                 self.w3, self.owner, self.aggregator.address, ledger.to_wei(self.lc.min_stake),
                 self.lc.unbonding_seconds, self.lc.slashed_to == "burn", ledger.to_wei(self.lc.pool))
             deploy_gas = self.contract.deploy_gas
+        if self.lc.client_keys == "simulated" and ledger.to_wei(self.lc.stake) < self.contract.min_stake:
+            from fedllm.errors import ConfigError
+
+            raise ConfigError(f"ledger.stake: {self.lc.stake} ether is below the minStake of FedLedger at "
+                              f"{self.contract.address} ({self.contract.min_stake / 1e18} ether)")
         # zo updates live on the clients' own draws from the seed pool, which barely overlap, so
         # an honest update is as unaligned with the others as noise: no noise test there
         self.rules = contribution.FlagRules(self.lc.free_rider_ratio,
