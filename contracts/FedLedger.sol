@@ -3,8 +3,11 @@ pragma solidity ^0.8.24;
 
 /// @title FedLedger: stakes, per-round contribution records, pulled rewards, capped slashing.
 /// @notice The owner funds the reward pool and appoints the aggregator (the federated server's
-/// account). Clients register with a stake and may commit the hash of an update before the
-/// server aggregates it. Per round the aggregator records one Merkle root over the leaves
+/// account). Clients register with a stake and may commit to an update before the server
+/// aggregates it: keccak256(abi.encode(this contract, round, client, update hash)), bound to the
+/// committer so that a commitment copied from the mempool is worth nothing to the copier. Each
+/// commitment gets the round's next order index (1, 2, ...); a round's commitments close when the
+/// aggregator records it. Of identical uploads, the first committed is the original. Per round the aggregator records one Merkle root over the leaves
 /// (round, client, score, cumulative reward, update hash) and the global model hash, and
 /// allocates the round's rewards from the pool: the cost of a round does not grow with the
 /// number of clients. A client pulls its cumulative reward with a Merkle proof of its leaf.
@@ -45,13 +48,15 @@ contract FedLedger {
     mapping(uint256 => bytes32) public roundRoot;
     mapping(uint256 => bytes32) public modelHash;
     mapping(address => mapping(uint256 => bytes32)) public commitments;
+    mapping(address => mapping(uint256 => uint256)) public commitOrder; // 1-based, in the round
+    mapping(uint256 => uint256) public commitCount;
 
     bool private entered;
 
     event AggregatorSet(address indexed aggregator);
     event Funded(uint256 amount, uint256 pool);
     event Registered(address indexed client, bytes32 indexed identity, uint256 stake);
-    event Committed(address indexed client, uint256 indexed round, bytes32 updateHash);
+    event Committed(address indexed client, uint256 indexed round, bytes32 commitment, uint256 order);
     event RoundRecorded(uint256 indexed round, bytes32 root, bytes32 modelHash, uint256 reward, uint256 clients);
     event Claimed(address indexed client, uint256 amount, uint256 cumulative);
     event Slashed(address indexed client, uint256 indexed round, uint256 amount, bytes32 evidence, bool burned);
@@ -71,6 +76,8 @@ contract FedLedger {
     error NothingToClaim();
     error OverAllocated();
     error AlreadyCommitted();
+    error RoundClosed(uint256 lastRound);
+    error EmptyCommitment();
     error Unbonding();
     error StillBonded(uint256 until);
     error TransferFailed();
@@ -134,12 +141,18 @@ contract FedLedger {
         emit Registered(msg.sender, identity, msg.value);
     }
 
-    /// @notice Commit to an update before the server aggregates it; once per round.
-    function commit(uint256 round, bytes32 updateHash) external {
+    /// @notice Commit to an update before revealing it (sending it to the server); once per
+    /// round, before the round is recorded. `commitment` is keccak256(abi.encode(address(this),
+    /// round, msg.sender, updateHash)); the order index ranks it among the round's commitments.
+    function commit(uint256 round, bytes32 commitment) external {
         if (clients[msg.sender].stake == 0) revert NotRegistered();
+        if (round <= lastRound) revert RoundClosed(lastRound);
+        if (commitment == bytes32(0)) revert EmptyCommitment(); // reads as "none" later
         if (commitments[msg.sender][round] != bytes32(0)) revert AlreadyCommitted();
-        commitments[msg.sender][round] = updateHash;
-        emit Committed(msg.sender, round, updateHash);
+        uint256 order = ++commitCount[round];
+        commitments[msg.sender][round] = commitment;
+        commitOrder[msg.sender][round] = order;
+        emit Committed(msg.sender, round, commitment, order);
     }
 
     /// @notice Pull the reward owed by the leaf of `round`: its cumulative reward less what

@@ -323,6 +323,10 @@ class LedgerConfig:
         choice("ledger.client-keys", self.client_keys, ("simulated", "node"))
         if self.chain != "tester" and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", self.chain):
             why = " (ws(s):// needs web3's async API; use the node's http(s) URL)" if self.chain.startswith("ws") else ""
+    commit_reveal: bool = option("Each client commits keccak256(contract, round, account, update hash) on chain "
+                                 "before its reply leaves (the reveal): of identical uploads only the later "
+                                 "committed are duplicates, and a reply without its commitment is invalid. Needs a "
+                                 "chain node the clients reach (ledger.chain=URL, not tester).", False)
             raise ConfigError(f"ledger.chain: {self.chain!r} is neither 'tester' nor an http(s):// URL{why}")
         if self.contract and not re.fullmatch(r"0x[0-9a-fA-F]{40}", self.contract.strip()):
             raise ConfigError(f"ledger.contract: {self.contract!r} is not an address (0x and 40 hex digits)")

@@ -17,7 +17,8 @@ Flags (`flag_updates`) name what an update looks like, for a penalty: `free-ride
 with the others' coordinate-wise median than a random direction: |cos| * sqrt(D) < `noise_z`),
 `opposed` (cos * sqrt(D) <= -`noise_z`: a flipped sign), `oversized` (norm above
 `oversize_ratio` x the median), `duplicate` (the
-same bytes as another client's update this round), `replay` (the same bytes as an update of
+same bytes as another client's update this round: all of them, or, with commitments on chain,
+all but the first committed), `replay` (the same bytes as an update of
 an earlier round), `stale` (cosine >= 0.999 with an earlier global delta), `outlier` (left
 out or cut by a robust strategy), `invalid` (a payload the server dropped).
 """
@@ -185,8 +186,12 @@ def cosine_with_others_median(units: torch.Tensor, active: torch.Tensor) -> torc
 
 
 def flag_updates(vectors: torch.Tensor, hashes: list[bytes], history: History,
-                 rules: FlagRules | None = None) -> list[list[str]]:
-    """The flags of each accepted update (rows of `vectors`, (n, D)), in row order; O(n D log n)."""
+                 rules: FlagRules | None = None, order: list[int] | None = None) -> list[list[str]]:
+    """The flags of each accepted update (rows of `vectors`, (n, D)), in row order; O(n D log n).
+
+    `order`: each update's commitment order index on chain (ledger.commit-reveal; 0: none kept).
+    Of identical updates the first committed is the original and the others are `duplicate`;
+    when none of them committed, who copied whom cannot be told and every copy is flagged."""
     rules = rules or FlagRules()
     n, dim = vectors.shape
     flags: list[list[str]] = [[] for _ in range(n)]
@@ -217,9 +222,12 @@ def flag_updates(vectors: torch.Tensor, hashes: list[bytes], history: History,
             flags[i].append("oversized")
         if stale[i]:
             flags[i].append("stale")
+    order = order or [0] * n
     for i, h in enumerate(hashes):
         if hashes.count(h) > 1:
-            flags[i].append("duplicate")  # who copied whom cannot be told: every copy is flagged
+            first = min((order[j] for j, g in enumerate(hashes) if g == h and order[j] > 0), default=0)
+            if first == 0 or order[i] != first:  # committed later, or not at all: a copy
+                flags[i].append("duplicate")
         if h in history.hashes:
             flags[i].append("replay")
     return flags

@@ -151,9 +151,10 @@ class LedgerSession:
         """Each accepted update's flags: the scorers' tests, a robust rule's outliers, and an
         upload that is not the one its client committed to on chain ("invalid")."""
         updates = result.updates
+        broken, order = self.commitments(server_round, signers)
         flags = ([[] for _ in updates] if vectors is None
-                 else contribution.flag_updates(vectors, digests, self.history, self.rules))
-        broken = self.broken_commitments(server_round, signers)
+                 else contribution.flag_updates(vectors, digests, self.history, self.rules,
+                                                order=[order.get(u.node_id, 0) for u in updates]))
         for i, u in enumerate(updates):
             if u.node_id in result.outliers:
                 flags[i].append("outlier")
@@ -248,15 +249,23 @@ class LedgerSession:
             out[node] = (account, digest)
         return out
 
-    def broken_commitments(self, server_round: int, signers: dict[int, tuple[str, bytes]]) -> set[int]:
-        """Nodes that committed on chain to an update other than the one they sent this round."""
-        broken = set()
+    def commitments(self, server_round: int, signers: dict[int, tuple[str, bytes]]) -> tuple[set[int], dict[int, int]]:
+        """(nodes whose reveal breaks their commitment, node -> order index of a kept one).
+
+        A node breaks it by committing on chain to anything but `chain.commitment` of the update
+        it sent, or, with ledger.commit-reveal, by not committing at all. The order index (1 =
+        first committed this round) tells an original from its copies."""
+        broken, order = set(), {}
         for node, (account, digest) in signers.items():
-            if self.contract.view("commitments", account, server_round) not in (bytes(32), digest):
-                log.warning("ledger: round %d: node %d sent an update other than the one it committed", server_round,
-                            node)
+            committed = self.contract.view("commitments", account, server_round)
+            if committed == ledger.commitment(self.address, server_round, account, digest):
+                order[node] = self.contract.view("commitOrder", account, server_round)
+            elif committed != bytes(32) or self.lc.commit_reveal:
+                log.warning("ledger: round %d: node %d %s", server_round, node,
+                            "sent an update other than the one it committed" if committed != bytes(32)
+                            else "sent an update it had not committed (ledger.commit-reveal)")
                 broken.add(node)
-        return broken
+        return broken, order
 
     def enrol(self, account: str, pid: int) -> bool:
         """Start tracking an account: register a simulated client (partition `pid`) with its
@@ -270,8 +279,7 @@ class LedgerSession:
                 return False
             stake = ledger.to_wei(self.lc.stake)
             ledger.transfer(self.w3, self.owner, account, stake + ledger.to_wei(0.1))  # stake and gas
-            identity = ledger.update_digest(self.address, pid, bytes(32))  # any unique 32 bytes per partition
-            self.contract.register(client, identity, stake)
+            self.contract.register(client, ledger.simulated_identity(self.address, pid), stake)
         self.accounts[account] = {"partition": pid, "cumulative": self.contract.claimed_of(account), "slashed": 0,
                                   "stake-start": self.contract.stake_of(account)}
         return True
