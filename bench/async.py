@@ -3,20 +3,25 @@ client 8 times slower and with equal speeds.
 
     python bench/async.py [--engine ray|inprocess] [--cpus-per-client 0.5] [--only ROW,...] [--fresh] [--out FILE]
 
-SmolLM2-135M-Instruct, LoRA r=8 on q,v, the built-in suite (7 families, 8 training and 4 held-out
-examples each, split IID over 4 clients), 4 local steps of batch 2 at lr 1e-3 per message.
-server.simulate-delay=3=8 makes partition 3 wait 7 x its own work before it replies (a site 8 times
-slower). The clients run in parallel on Ray (the default engine, --cpus-per-client 0.5: 4 actors at
+SmolLM2-135M-Instruct, LoRA r=8 on q,v, the built-in suite (7 families, 24 training and 4 held-out
+examples each, split IID over 4 clients), 2 local steps of batch 2 at lr 1e-3 per message.
+server.simulate-delay=3=8 makes partition 3 wait 7 x its own work (the model's first load aside)
+before it replies (a site 8 times slower). The clients run in parallel on Ray (the default engine, --cpus-per-client 0.5: 4 actors at
 once sharing this machine's cores), as a federation's sites would.
 Rows:
 - sync-slow: 4 rounds of all 4 clients; each round waits for the slow one.
-- async-slow: server.concurrency=4, server.buffer-size=2, 16 versions (32 accepted replies, twice
+- async-slow: server.concurrency=4, server.buffer-size=2, 24 versions (48 accepted replies, three times
   sync-slow's 16: the fast clients keep training while the slow one works).
 - sync-equal / async-equal: equal speeds, 4 rounds against 4 versions of buffer 4 (the same 16
   accepted replies, i.e. the same client steps).
+- async-equal-nowait: async-equal with server.version-wait=0 (FedBuff as published: a client whose
+  reply is in trains at once on the current version, even when the version is a moment from being
+  replaced). Every async row else keeps the default 0.5.
 Columns: versions, accepted replies, eval loss after, the seconds of training until the eval loss first
 reaches sync-slow's final one (`to-target`, the rows' train-seconds summed: evaluation excluded in
-both modes), the run's wall seconds, and the staleness histogram of the accepted replies.
+both modes, though asynchronous clients go on training while the server evaluates), the run's wall
+seconds (Ray's start and every evaluation included), and the staleness histogram of the accepted
+replies.
 Goals: async-slow reaches sync-slow's final eval loss in <= 0.5 x sync-slow's training seconds;
 async-equal's eval loss within 2% of sync-equal's.
 Each finished row is kept in the JSON (an interrupted bench continues; --fresh reruns --only rows).
@@ -36,17 +41,19 @@ from typing import Any
 from rows import kept, run_rows, save
 
 OUT = Path(__file__).with_suffix(".json")
-COMMON = {"data.partition": "iid", "data.train-per-family": 8, "data.eval-per-family": 4,
-          "server.exact-match-examples": 0, "train.batch-size": 2, "train.local-steps": 4, "train.lr": 1e-3,
+COMMON = {"data.partition": "iid", "data.train-per-family": 24, "data.eval-per-family": 4,
+          "server.exact-match-examples": 0, "train.batch-size": 2, "train.local-steps": 2, "train.lr": 1e-3,
           "lora.rank": 8, "lora.alpha": 16, "server.min-clients": 4, "server.checkpoint": False,
           "server.round-timeout": 900.0}
 SLOW = {"server.simulate-delay": "3=8"}
 ROWS = {
     "sync-slow": {**SLOW, "server.num-rounds": 4},
     "async-slow": {**SLOW, "server.mode": "async", "server.concurrency": 4, "server.buffer-size": 2,
-                   "server.num-rounds": 16},
+                   "server.num-rounds": 24},
     "sync-equal": {"server.num-rounds": 4},
     "async-equal": {"server.mode": "async", "server.concurrency": 4, "server.buffer-size": 4, "server.num-rounds": 4},
+    "async-equal-nowait": {"server.mode": "async", "server.concurrency": 4, "server.buffer-size": 4,
+                           "server.num-rounds": 4, "server.version-wait": 0.0},
 }
 CLIENTS = 4
 

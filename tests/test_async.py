@@ -111,6 +111,22 @@ def test_a_stale_reply_weighs_less_and_a_second_one_is_dropped(pump):
     assert update is None and flight is None and why.startswith("answers no message in flight")
 
 
+def test_an_idle_client_waits_only_for_a_version_about_to_be_made(pump):
+    from fedllm.server.buffered import Flight
+
+    pump.flights.clear()
+    pump.work = {1: 10.0, 2: 10.0, 3: 80.0}  # node 3 is 8 times slower
+    pump.flights.update({"a": Flight(2, 0, 1, math.inf, 100.0), "b": Flight(3, 0, 1, math.inf, 100.0)})
+    assert pump.version_eta(1) == 110.0 and pump.version_eta(2) == 180.0 and pump.version_eta(3) == math.inf
+    assert pump.holds(1, pump.version_eta(1), now=108.0)  # node 2's reply is 2 s away: half its own 10 s
+    assert not pump.holds(1, pump.version_eta(1), now=100.0)  # 10 s away: train on the current version
+    assert not pump.holds(1, pump.version_eta(1), now=120.0)  # node 2 is overdue: stop waiting
+    assert not pump.holds(1, pump.version_eta(2), now=108.0)  # the slow client's reply is not waited for
+    assert pump.work_of(4) == pytest.approx(100.0 / 3)  # a node not heard from yet: the others' mean
+    pump.cfg = pump.cfg.replace(server__version_wait=0.0)
+    assert not pump.holds(1, pump.version_eta(1), now=108.0)  # FedBuff as published
+
+
 def test_a_reply_older_than_max_staleness_is_dropped_with_its_age(pump):
     update, why, flight = pump.admit(reply("m2", 2, torch.ones(2, 2)), current=5)
     assert update is None and flight.node == 2
@@ -126,8 +142,10 @@ def test_a_bad_reply_is_dropped_not_raised(pump):
 
 
 # --- tiny runs --------------------------------------------------------------------------------------
+# version-wait 0: the in-process engine runs clients one after another, so the work times that decide a
+# wait are not a parallel federation's; these runs check the published FedBuff, reproducibly
 ASYNC = {"server.mode": "async", "server.num-rounds": 3, "server.concurrency": 3, "server.buffer-size": 2,
-         "server.exact-match-examples": 0}
+         "server.exact-match-examples": 0, "server.version-wait": 0.0}
 
 
 @pytest.mark.usefixtures("task_identity")

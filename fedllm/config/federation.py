@@ -89,6 +89,11 @@ class ServerConfig:
                                 "(0: none are).", 16, check=">= 0")
     async_lr: float = option("server.mode=async: server learning rate on each version's aggregate of the "
                              "staleness-weighted updates.", 1.0, check="> 0")
+    version_wait: float = option("server.mode=async: an idle client waits for the version being made, rather than "
+                                 "train on the current one, when the replies in flight are expected to make it "
+                                 "within this fraction of the client's own work time (each node's: a moving average "
+                                 "of its replies' seconds); 0: never waits (FedBuff as published).", 0.5,
+                                 check=">= 0")
     simulate_delay: str = option("Simulated slow clients, 'partition=factor,...' (e.g. '3=8'): that client "
                                  "waits (factor - 1) x its own work's seconds (sync, train, encode; not the model's "
                                  "first load) before it replies, as a site factor times slower would; for tests and "
@@ -318,15 +323,15 @@ class LedgerConfig:
                             "opposed (a flipped sign); 0 turns both tests off (they are off for zo).", 4.0, check=">= 0")
     oversize_ratio: float = option("An update whose norm exceeds this multiple of the median norm is oversized "
                                    "(a scaled update); 0 turns the test off.", 5.0, check=">= 0")
+    commit_reveal: bool = option("Each client commits keccak256(contract, round, account, update hash) on chain "
+                                 "before its reply leaves (the reveal): of identical uploads only the later "
+                                 "committed are duplicates, and a reply without its commitment is invalid. Needs a "
+                                 "chain node the clients reach (ledger.chain=URL, not tester).", False)
 
     def __post_init__(self) -> None:
         choice("ledger.client-keys", self.client_keys, ("simulated", "node"))
         if self.chain != "tester" and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", self.chain):
             why = " (ws(s):// needs web3's async API; use the node's http(s) URL)" if self.chain.startswith("ws") else ""
-    commit_reveal: bool = option("Each client commits keccak256(contract, round, account, update hash) on chain "
-                                 "before its reply leaves (the reveal): of identical uploads only the later "
-                                 "committed are duplicates, and a reply without its commitment is invalid. Needs a "
-                                 "chain node the clients reach (ledger.chain=URL, not tester).", False)
             raise ConfigError(f"ledger.chain: {self.chain!r} is neither 'tester' nor an http(s):// URL{why}")
         if self.contract and not re.fullmatch(r"0x[0-9a-fA-F]{40}", self.contract.strip()):
             raise ConfigError(f"ledger.contract: {self.contract!r} is not an address (0x and 40 hex digits)")

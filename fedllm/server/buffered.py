@@ -11,7 +11,9 @@ server.buffer-size accepted replies make global version v: update i, trained on 
 weighs server.async-lr x (1 + s_i)^-a with staleness s_i = (v - 1) - v_i and a =
 server.staleness-exponent, and the rule chain folds the weighted updates as in a synchronous
 round (streaming where it streams). A client is sent the newest version as soon as its reply is
-in. One row of metrics.jsonl per version.
+in, unless the replies in flight are about to make a newer one (within server.version-wait of its
+own work time: at equal speeds no client retrains a version about to be replaced, so the versions
+match synchronous rounds; a slow client's reply is not waited for). One row of metrics.jsonl per version.
 
 What goes wrong has a named reason, and nothing applied is lost:
 - a second reply to one message (a client answering an old version twice), or a reply to a message
@@ -29,6 +31,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,12 +54,14 @@ REMEMBERED = 65536  # answered message ids kept to name a second reply a duplica
 @dataclass(frozen=True)
 class Flight:
     """A train message in flight: its node, the global version it carried, the round number it
-    was sent as (the version it helps make), and when the server stops waiting for it."""
+    was sent as (the version it helps make), when the server stops waiting for it, and when it was
+    sent (time.monotonic())."""
 
     node: int
     version: int
     server_round: int
     deadline: float
+    sent: float = 0.0
 
 
 def staleness_weight(staleness: int, exponent: float) -> float:
@@ -81,6 +86,7 @@ class Buffered:
         self.early: collections.deque[Message] = collections.deque()  # pulled, not yet read
         self.last_sent: dict[int, int] = {}  # node -> dispatch number (idle nodes go oldest first)
         self.dispatched = 0
+        self.work: dict[int, float] = {}  # node -> moving average of its replies' seconds (send to reply)
 
     # --- sending --------------------------------------------------------------------------------
     def idle(self) -> list[int]:
@@ -89,10 +95,35 @@ class Buffered:
         nodes = [n for n in self.grid.get_node_ids() if n not in busy]
         return sorted(nodes, key=lambda n: (self.last_sent.get(n, -1), n))
 
-    def fill(self, current: int, run_config: ConfigRecord, down: dict[str, int]) -> None:
-        """Send the global version `current` to idle nodes until server.concurrency are in flight."""
+    def work_of(self, node: int) -> float | None:
+        """A node's expected seconds from send to reply: its own moving average, else the mean of the
+        others' (None while no reply has come)."""
+        if node in self.work:
+            return self.work[node]
+        return sum(self.work.values()) / len(self.work) if self.work else None
+
+    def version_eta(self, needed: int) -> float:
+        """When the messages in flight are expected to have brought the `needed` replies the version
+        being made lacks (time.monotonic(); inf when they cannot, or nothing is known yet)."""
+        etas = sorted(f.sent + w for f in self.flights.values() if (w := self.work_of(f.node)) is not None)
+        return etas[needed - 1] if 0 < needed <= len(etas) else math.inf
+
+    def holds(self, node: int, eta: float, now: float) -> bool:
+        """Whether idle `node` waits for the version being made rather than train on the current one:
+        the replies in flight are expected to make it within server.version-wait x the node's own work
+        time (and are not overdue by more than that)."""
+        wait, work = self.cfg.server.version_wait, self.work_of(node)
+        return wait > 0 and work is not None and abs(eta - now) < wait * work
+
+    def fill(self, current: int, run_config: ConfigRecord, down: dict[str, int], needed: int = 0) -> None:
+        """Send the global version `current` to idle nodes until server.concurrency are in flight,
+        except to those that wait for the version being made (`needed` replies away; `holds`)."""
         want = self.cfg.server.in_flight(len(list(self.grid.get_node_ids()))) - len(self.flights)
-        nodes = self.idle()[:max(want, 0)]
+        if want <= 0:
+            return
+        now = time.monotonic()
+        eta = self.version_eta(needed)
+        nodes = [n for n in self.idle() if not self.holds(n, eta, now)][:want]
         if not nodes:
             return
         messages = []
@@ -101,9 +132,10 @@ class Buffered:
             self.last_sent[node] = self.dispatched
             # the dispatch number varies the client's seed: a node sent one version twice trains anew
             messages.append(self.strategy.train_message(current + 1, run_config, node, {"dispatch": self.dispatched}))
-        deadline = time.monotonic() + self.cfg.server.round_timeout
+        sent = time.monotonic()
         for m, mid in zip(messages, self.grid.push_messages(messages)):
-            self.flights[mid] = Flight(m.metadata.dst_node_id, current, current + 1, deadline)
+            self.flights[mid] = Flight(m.metadata.dst_node_id, current, current + 1,
+                                       sent + self.cfg.server.round_timeout, sent)
             node = str(m.metadata.dst_node_id)
             down[node] = down.get(node, 0) + payload_bytes(m.content)
 
@@ -136,6 +168,8 @@ class Buffered:
         self.answered[mid] = None
         while len(self.answered) > REMEMBERED:
             self.answered.popitem(last=False)
+        took = time.monotonic() - flight.sent
+        self.work[flight.node] = took if flight.node not in self.work else 0.5 * (self.work[flight.node] + took)
         staleness = current - flight.version
         bound = self.cfg.server.max_staleness
         if bound and staleness > bound:
@@ -184,7 +218,7 @@ class Buffered:
         into = self.strategy.accumulator(size)
         try:
             while len(updates) < size:
-                self.fill(current, run_config, down)
+                self.fill(current, run_config, down, size - len(updates))
                 got = False
                 for reply in self.arrivals():
                     got = True
@@ -202,7 +236,7 @@ class Buffered:
                             update = dataclasses.replace(update, delta={})
                         updates.append(update)
                     if flight is not None:
-                        self.fill(current, run_config, down)  # its node is idle: the newest version
+                        self.fill(current, run_config, down, size - len(updates))  # its node is idle
                     if len(updates) >= size:
                         break
                 self.expire(missing)
