@@ -130,3 +130,29 @@ def test_clients_register_and_commit_in_order_on_anvil(tmp_path):
         gas.append(fed.commit(keys[1], 2, ledger.commitment(session.address, 2, keys[1].address, digest)).gas_used)
         assert fed.view("commitOrder", keys[1].address, 2) == 2
         assert gas[0] < 100_000, gas
+
+
+def test_a_tiny_run_on_anvil_flags_the_copier_only(tiny_model_dir, tmp_path):
+    """End to end through the in-process engine, which runs the clients in node order: the victim
+    (partition 0) commits and replies before its copier (partition 3) does."""
+    if not ANVIL.exists():
+        if shutil.which("npm"):
+            pytest.fail(f"{ANVIL} missing although npm is here: run `make` (npm install --prefix contracts)")
+        pytest.skip("npm is not installed, so anvil (@foundry-rs/anvil) cannot be")
+    import json
+
+    from conftest import tiny_run_config
+    from fedllm.server.grid import LocalGrid
+    from fedllm.server.loop import run
+
+    with anvil() as url:
+        cfg = tiny_run_config(tiny_model_dir, tmp_path, **{
+            "ledger.enabled": True, "ledger.chain": url, "ledger.commit-reveal": True, "ledger.noise-z": 0.0,
+            "attack.clients": "3=duplicate", "attack.victim": 0, "server.exact-match-examples": 0})
+        ledger.preflight(cfg)
+        run_dir = run(LocalGrid(4), cfg)
+        for r in (1, 2):
+            clients = json.loads((run_dir / "ledger" / f"round-{r:04d}.json").read_text())["clients"]
+            flags = {c["partition"]: c["flags"] for c in clients}
+            assert flags == {0: [], 1: [], 2: [], 3: ["duplicate"]}, (r, flags)
+            assert {c["partition"] for c in clients if c["reward"] > 0} == {0, 1, 2}
