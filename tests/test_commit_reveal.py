@@ -105,6 +105,12 @@ def test_commit_reveal_needs_a_chain_the_clients_reach():
     cfg = Config.from_flat({"ledger.enabled": True, "ledger.commit-reveal": True})
     with pytest.raises(ledger.LedgerError, match="ledger.commit-reveal: .*not the server's in-process 'tester'"):
         ledger.preflight(cfg)
+    with pytest.raises(ledger.LedgerError, match="ledger.commit-reveal: .*not the server's in-process 'tester'"):
+        ledger.commit_upload(cfg.ledger, ledger.derived_account(0, "client-0"), "0x" + "12" * 20, 1, bytes(32), 0)
+    cfg = Config.from_flat({"ledger.enabled": True, "ledger.commit-reveal": True, "ledger.chain": "http://127.0.0.1:9",
+                            "server.mode": "async"})
+    with pytest.raises(ledger.LedgerError, match="ledger.commit-reveal: not with server.mode=async"):
+        ledger.preflight(cfg)
 
 
 def test_clients_register_and_commit_in_order_on_anvil(tmp_path):

@@ -178,9 +178,11 @@ def preflight(cfg: Any) -> None:
     """
     lc = cfg.ledger
     artifact("FedLedger")
-    if lc.commit_reveal and lc.chain == "tester":
-        raise LedgerError("ledger.commit-reveal: clients send their own commit transactions, so ledger.chain must be "
-                          "a node's URL they reach (e.g. anvil's), not the server's in-process 'tester' chain")
+    if lc.commit_reveal:
+        _check_commit_reveal(lc.chain)
+        if cfg.server.mode == "async":  # a stale reply answers a round that may be recorded (closed) already
+            raise LedgerError("ledger.commit-reveal: not with server.mode=async, whose stale replies answer rounds "
+                              "whose commitments may have closed")
     w3 = connect(lc.chain)
     for field, spec in (("ledger.owner-key", lc.owner_key), ("ledger.aggregator-key", lc.aggregator_key)):
         if spec:
@@ -361,6 +363,12 @@ def commitment(contract: str, server_round: int, account: str, digest: bytes) ->
                          [to_checksum_address(contract), server_round, to_checksum_address(account), digest]))
 
 
+def _check_commit_reveal(chain: str) -> None:
+    if chain == "tester":
+        raise LedgerError("ledger.commit-reveal: clients send their own commit transactions, so ledger.chain must be "
+                          "a node's URL they reach (e.g. anvil's), not the server's in-process 'tester' chain")
+
+
 def simulated_identity(contract: str, pid: int) -> bytes:
     """The identity a simulated client (ledger.client-keys=simulated) registers under: unique
     per partition and contract."""
@@ -375,6 +383,7 @@ def commit_upload(lc: Any, account: Any, contract: str, server_round: int, diges
     Raises:
         LedgerError: when the chain or the contract refuses (e.g. NotRegistered, RoundClosed).
     """
+    _check_commit_reveal(lc.chain)
     w3 = connect(lc.chain)
     fed = Ledger(w3, contract)
     if lc.client_keys == "simulated" and fed.view("clients", account.address)[0] == bytes(32):
