@@ -8,7 +8,7 @@ typo never passes silently. Dashes and underscores in key names are interchangea
     cfg.lora.rank          # 16
     cfg.to_flat()          # back to a flat dict, e.g. to send to clients
 
-The sections live in fedllm/config/training.py and federation.py (a method's own in its
+The sections live in fedllm/config/training.py, server.py and federation.py (a method's own in its
 folder); fields.py has what a section is made of.
 """
 
