@@ -12,6 +12,7 @@ import torch
 
 from fedllm.config import Config
 from fedllm.ledger import chain as ledger
+from fedllm.ledger.commit import commit_upload, commitment
 from fedllm.ledger.anvil import ANVIL, anvil
 from fedllm.ledger.scoring import History, flag_updates
 from fedllm.ledger.session import LedgerSession
@@ -62,18 +63,18 @@ def test_the_copier_is_flagged_not_its_victim_and_a_broken_commitment_is_invalid
     digest = {pid: ledger.update_hash(r.content) for pid, r in enumerate(replies)}
 
     def commit(pid, value=None):
-        session.contract.commit(keys[pid], 1, value or ledger.commitment(session.address, 1, keys[pid].address,
+        session.contract.commit(keys[pid], 1, value or commitment(session.address, 1, keys[pid].address,
                                                                             digest[pid]))
 
     commit(0)  # the original commits before it reveals
     commit(1)
     commit(2)
     commit(3)  # the copier has the bytes only once the victim revealed them: it commits later
-    commit(4, ledger.commitment(session.address, 1, keys[4].address, digest[1]))
+    commit(4, commitment(session.address, 1, keys[4].address, digest[1]))
     with pytest.raises(ledger.LedgerError, match="AlreadyCommitted"):
         commit(4)  # a commitment cannot be changed once made
     # a commitment copied from the mempool is bound to the victim's account: it is no use to the copier
-    session.contract.commit(keys[5], 2, ledger.commitment(session.address, 2, keys[0].address, digest[0]))
+    session.contract.commit(keys[5], 2, commitment(session.address, 2, keys[0].address, digest[0]))
     assert digest[3] == digest[0]
     assert [session.contract.view("commitOrder", keys[p].address, 1) for p in range(6)] == [1, 2, 3, 4, 5, 0]
 
@@ -106,7 +107,7 @@ def test_commit_reveal_needs_a_chain_the_clients_reach():
     with pytest.raises(ledger.LedgerError, match="ledger.commit-reveal: .*not the server's in-process 'tester'"):
         ledger.preflight(cfg)
     with pytest.raises(ledger.LedgerError, match="ledger.commit-reveal: .*not the server's in-process 'tester'"):
-        ledger.commit_upload(cfg.ledger, ledger.derived_account(0, "client-0"), "0x" + "12" * 20, 1, bytes(32), 0)
+        commit_upload(cfg.ledger, ledger.derived_account(0, "client-0"), "0x" + "12" * 20, 1, bytes(32), 0)
     cfg = Config.from_flat({"ledger.enabled": True, "ledger.commit-reveal": True, "ledger.chain": "http://127.0.0.1:9",
                             "server.mode": "async"})
     with pytest.raises(ledger.LedgerError, match="ledger.commit-reveal: not with server.mode=async"):
@@ -128,12 +129,12 @@ def test_clients_register_and_commit_in_order_on_anvil(tmp_path):
         digest = b"\x33" * 32
         gas = []
         for pid, key in enumerate(keys):
-            assert ledger.commit_upload(cfg.ledger, key, session.address, 1, digest, pid) == pid + 1
-        assert ledger.commit_upload(cfg.ledger, keys[0], session.address, 2, digest, 0) == 1
+            assert commit_upload(cfg.ledger, key, session.address, 1, digest, pid) == pid + 1
+        assert commit_upload(cfg.ledger, keys[0], session.address, 2, digest, 0) == 1
         assert session.contract.stake_of(keys[1].address) == ETH
         assert session.enrol(keys[1].address, 1)  # the server finds it registered, with its stake
         fed = session.contract
-        gas.append(fed.commit(keys[1], 2, ledger.commitment(session.address, 2, keys[1].address, digest)).gas_used)
+        gas.append(fed.commit(keys[1], 2, commitment(session.address, 2, keys[1].address, digest)).gas_used)
         assert fed.view("commitOrder", keys[1].address, 2) == 2
         assert gas[0] < 100_000, gas
 

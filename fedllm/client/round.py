@@ -203,8 +203,9 @@ def signed(content: RecordDict, request: RecordDict, context: Context, cfg: Conf
         account = ledger.read_key(str(spec), "node config ledger-key")
     digest = ledger.update_hash(content)
     if cfg.ledger.commit_reveal:  # on chain before the reply (the reveal) leaves: an original commits first
-        ledger.commit_upload(cfg.ledger, account, str(config["ledger-contract"]), int(config["server-round"]),
-                             digest, pid)
+        from fedllm.ledger.commit import commit_upload
+
+        commit_upload(cfg.ledger, account, str(config["ledger-contract"]), int(config["server-round"]), digest, pid)
     signature = ledger.sign_update(account, str(config["ledger-contract"]), int(config["server-round"]), digest)
     content[LEDGER] = ConfigRecord({"account": account.address, "signature": signature})
     return content

@@ -179,7 +179,7 @@ def preflight(cfg: Any) -> None:
     lc = cfg.ledger
     artifact("FedLedger")
     if lc.commit_reveal:
-        _check_commit_reveal(lc.chain)
+        check_commit_reveal(lc.chain)
         if cfg.server.mode == "async":  # a stale reply answers a round that may be recorded (closed) already
             raise LedgerError("ledger.commit-reveal: not with server.mode=async, whose stale replies answer rounds "
                               "whose commitments may have closed")
@@ -351,19 +351,7 @@ def update_digest(contract: str, server_round: int, digest: bytes) -> bytes:
     return keccak(encode(["address", "uint256", "bytes32"], [to_checksum_address(contract), server_round, digest]))
 
 
-def commitment(contract: str, server_round: int, account: str, digest: bytes) -> bytes:
-    """What a client commits on chain before it reveals its upload (ledger.commit-reveal):
-    keccak256(abi.encode(contract, round, account, update hash)). Bound to the committer, so a
-    commitment copied from the mempool is worth nothing to the copier (it does not know the
-    update hash behind it)."""
-    from eth_abi import encode
-    from eth_utils import keccak, to_checksum_address
-
-    return keccak(encode(["address", "uint256", "address", "bytes32"],
-                         [to_checksum_address(contract), server_round, to_checksum_address(account), digest]))
-
-
-def _check_commit_reveal(chain: str) -> None:
+def check_commit_reveal(chain: str) -> None:
     if chain == "tester":
         raise LedgerError("ledger.commit-reveal: clients send their own commit transactions, so ledger.chain must be "
                           "a node's URL they reach (e.g. anvil's), not the server's in-process 'tester' chain")
@@ -373,24 +361,6 @@ def simulated_identity(contract: str, pid: int) -> bytes:
     """The identity a simulated client (ledger.client-keys=simulated) registers under: unique
     per partition and contract."""
     return update_digest(contract, pid, bytes(32))
-
-
-def commit_upload(lc: Any, account: Any, contract: str, server_round: int, digest: bytes, pid: int) -> int:
-    """ledger.commit-reveal, on the client: commit to the upload on chain (and wait for the
-    receipt) before the reply leaves; a simulated client not yet registered registers itself
-    first, funded by the dev chain's unlocked account. Returns the commitment's order index.
-
-    Raises:
-        LedgerError: when the chain or the contract refuses (e.g. NotRegistered, RoundClosed).
-    """
-    _check_commit_reveal(lc.chain)
-    w3 = connect(lc.chain)
-    fed = Ledger(w3, contract)
-    if lc.client_keys == "simulated" and fed.view("clients", account.address)[0] == bytes(32):
-        dev_account(w3, lc.seed, f"client-{pid}", ether=lc.stake + 1.0)  # the same derived key, now funded
-        fed.register(account, simulated_identity(contract, pid), to_wei(lc.stake))
-    fed.commit(account, server_round, commitment(contract, server_round, account.address, digest))
-    return fed.view("commitOrder", account.address, server_round)
 
 
 def sign_update(account: Any, contract: str, server_round: int, digest: bytes) -> bytes:

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from fedllm.ledger import chain as ledger, scoring as contribution
+from fedllm.ledger.commit import commitment
 from fedllm.config import Config
 from fedllm.ledger.merkle import Leaf, MerkleTree
 from fedllm.protocol import METRICS, RoundResult
@@ -258,7 +259,7 @@ class LedgerSession:
         broken, order = set(), {}
         for node, (account, digest) in signers.items():
             committed = self.contract.view("commitments", account, server_round)
-            if committed == ledger.commitment(self.address, server_round, account, digest):
+            if committed == commitment(self.address, server_round, account, digest):
                 order[node] = self.contract.view("commitOrder", account, server_round)
             elif committed != bytes(32) or self.lc.commit_reveal:
                 log.warning("ledger: round %d: node %d %s", server_round, node,
