@@ -376,3 +376,21 @@ def test_a_run_refuses_a_stake_below_an_existing_contracts_minimum(tmp_path, mon
     cfg = Config.from_flat({"ledger.enabled": True, "ledger.contract": deployed.address, "ledger.stake": 0.5})
     with pytest.raises(ConfigError, match="ledger.stake: 0.5 ether is below the minStake"):
         LedgerSession(cfg, tmp_path)
+
+
+def test_commitments_are_ranked_per_round_and_close_with_it(world):
+    ledger, owner, agg, clients = world
+    with pytest.raises(LedgerError, match="EmptyCommitment"):
+        ledger.commit(clients[0], 1, bytes(32))  # would read as "no commitment"
+    for i in (2, 0, 1):
+        ledger.commit(clients[i], 1, bytes([i + 1]) * 32)
+    assert [ledger.view("commitOrder", c.address, 1) for c in clients] == [2, 3, 1]
+    assert ledger.view("commitCount", 1) == 3 and ledger.view("commitOrder", clients[0].address, 2) == 0
+    ledger.commit(clients[0], 2, b"\x09" * 32)  # a later round ranks on its own
+    assert ledger.view("commitOrder", clients[0].address, 2) == 1
+    record(ledger, agg, 2, clients, [0, 0, 0])
+    with pytest.raises(LedgerError, match="RoundClosed"):
+        ledger.commit(clients[1], 2, b"\x0a" * 32)  # recorded: too late to commit
+    with pytest.raises(LedgerError, match="RoundClosed"):
+        ledger.commit(clients[1], 1, b"\x0a" * 32)  # and so are the rounds before it
+    ledger.commit(clients[1], 3, b"\x0a" * 32)
