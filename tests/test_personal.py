@@ -177,6 +177,7 @@ def test_a_resume_keeps_what_the_nodes_hold(tiny_model_dir, tmp_path):
     ({"lora.personal": "dual", "secagg.enabled": True}, "set secagg.enabled=false"),
     ({"lora.personal": "dual", "server.strategy": "scaffold"}, "SCAFFOLD"),
     ({"lora.personal": "head", "server.init-from": "/tmp/adapter"}, "lora.personal=head"),
+    ({"lora.personal": "head", "lora.personal-lr": 1e-3}, "lora.personal-lr: only lora.personal=dual"),
 ])
 def test_combinations_that_do_not_fit_are_refused(flat, words):
     with pytest.raises(ConfigError) as err:

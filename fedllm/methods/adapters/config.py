@@ -48,6 +48,9 @@ class LoraConfig:
          "lora.peft=lora). dual trains a second LoRA adapter of the same modules and rank beside the shared one "
          "(FedDPA); head keeps the adapter's tensors on the top quarter of the adapted decoder layers private "
          "(FedPer). Clients report global-eval-loss and personal-eval-loss on their held-out share.", "none")
+    personal_lr: float = option("With lora.personal=dual: the private adapter's learning rate (0: train.lr). It trains "
+                                "on one client's data alone, where FedAvg's train.lr (tuned for the average of many "
+                                "clients' steps) overfits.", 0.0, check=">= 0")
 
     def __post_init__(self) -> None:
         choice("lora.peft", self.peft, PEFT_TYPES)

@@ -15,9 +15,12 @@ Measured on bench/quality.py (row personal) before this order: training both at 
 left the averaged shared adapter 43% above FedAvg's eval loss (the private adapters took the clients'
 data); training the private adapter after the shared one fitted it on top of the client's locally
 trained shared adapter, a residual that did not carry over to the next global state (personalised
-loss 1.05 of the global adapter's). Only the shared adapter is read for the upload. The private adapter starts with B' = 0 (no change) from its own seed and lives in the node
-state (context.state[PRIVATE]); a node that has none yet starts from that fresh adapter, so nothing of
-one node's adapter reaches another node's round through the process's cached model.
+loss 1.05 of the global adapter's). The private steps take lora.personal-lr (0: train.lr): they fit
+one client's data alone, where FedAvg's rate (tuned for the average of many clients' steps) overfits.
+Only the shared adapter is read for the upload. The private adapter starts with B' = 0 (no change)
+from its own seed and lives in the node state (context.state[PRIVATE]); a node that has none yet
+starts from that fresh adapter, so nothing of one node's adapter reaches another node's round through
+the process's cached model.
 
 head, after FedPer (Arivazhagan et al., 2019, https://arxiv.org/abs/1912.00818: shared base layers,
 personal top layers): the adapter's tensors on the top quarter (at least one) of the adapted decoder
@@ -36,6 +39,7 @@ clients (fedllm.reporting.runlog.personal_figures).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -61,6 +65,9 @@ def check(cfg: Config) -> None:
         ConfigError: naming lora.personal and why the combination does not fit.
     """
     kind, method = cfg.lora.personal, cfg.train.method
+    if cfg.lora.personal_lr and kind != "dual":
+        raise ConfigError(f"lora.personal-lr: only lora.personal=dual trains an adapter of its own "
+                          f"(lora.personal={kind}); leave it 0")
     if kind == "none":
         return
     if method != "lora":
@@ -231,7 +238,9 @@ class Personal:
             module.lora_A[DEFAULT].requires_grad_(False)
             module.lora_B[DEFAULT].requires_grad_(False)
         try:
-            stats = lora.train(net, rows, self.cfg.train, pad_id, seed=seed, clock=clock)
+            steps = self.cfg.train if not self.cfg.lora.personal_lr else dataclasses.replace(
+                self.cfg.train, lr=self.cfg.lora.personal_lr)
+            stats = lora.train(net, rows, steps, pad_id, seed=seed, clock=clock)
             figures = {"personal-eval-loss": self.loss()} if self.loss is not None else {}
         finally:
             net.base_model.set_adapter(DEFAULT)
