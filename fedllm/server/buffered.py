@@ -115,11 +115,11 @@ class Buffered:
         wait, work = self.cfg.server.version_wait, self.work_of(node)
         return wait > 0 and work is not None and abs(eta - now) < wait * work
 
-    def fill(self, current: int, run_config: ConfigRecord, down: dict[str, int], needed: int = 0) -> None:
+    def fill(self, current: int, run_config: ConfigRecord, down: dict[str, int], needed: int = 1) -> None:
         """Send the global version `current` to idle nodes until server.concurrency are in flight,
         except to those that wait for the version being made (`needed` replies away; `holds`)."""
         want = self.cfg.server.in_flight(len(list(self.grid.get_node_ids()))) - len(self.flights)
-        if want <= 0:
+        if want <= 0 or needed <= 0:  # a full buffer: the newer version is a moment away
             return
         now = time.monotonic()
         eta = self.version_eta(needed)
