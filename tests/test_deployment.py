@@ -1,7 +1,7 @@
 """Deployment with real processes: a SuperLink (TLS, SuperNode authentication) and two
 SuperNodes on 127.0.0.1 at free ports, each training on its own data file, via the walkthrough's
-examples/deployment/deploy.py: a LoRA run and a SecAgg+ run, and a SuperNode whose key is not
-registered is refused; in the heavy tier (`make test-all`) also a ZO run with the ledger on, a
+examples/deployment/deploy.py: a LoRA run, a SecAgg+ run and asynchronous versions, and a SuperNode
+whose key is not registered is refused; in the heavy tier (`make test-all`) also a ZO run with the ledger on, a
 Streaming DiLoCo run and a DPO run on the sites' pair files, on the same federation (each method's
 own path is covered in the simulation tests)."""
 
@@ -104,6 +104,16 @@ def test_secagg_across_sites(federation):
         assert r["clients-ok"] == 2 and r["dropped"] == [] and r["secagg-clipped"] == 0
         assert r["secagg-weight"] == pytest.approx(24, abs=1e-3)  # 16 + 8 examples, summed under the masks
         assert all("num-examples" not in c for c in r["clients"].values())  # no site's count in the clear
+
+
+def test_async_versions_across_sites(federation):
+    """server.mode=async through a real SuperLink: each accepted reply is a version (buffer 1), the
+    other site's reply lands on a newer version than it trained on."""
+    rows = _run(federation, "async", ' server.mode="async" server.buffer-size=1',
+                replace=(("server.num-rounds=2", "server.num-rounds=4"),))
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4] and rows[4]["eval-loss"] < rows[0]["eval-loss"]
+    assert all(r["clients-ok"] == 1 and r["dropped"] == [] for r in rows[1:])
+    assert any(int(s) > 0 for r in rows[1:] for s in r["staleness"])
 
 
 @pytest.mark.heavy
