@@ -87,6 +87,7 @@ class Buffered:
         self.last_sent: dict[int, int] = {}  # node -> dispatch number (idle nodes go oldest first)
         self.dispatched = 0
         self.work: dict[int, float] = {}  # node -> moving average of its replies' seconds (send to reply)
+        self.heard: dict[int, int] = {}  # node -> replies read
 
     # --- sending --------------------------------------------------------------------------------
     def idle(self) -> list[int]:
@@ -169,7 +170,10 @@ class Buffered:
         while len(self.answered) > REMEMBERED:
             self.answered.popitem(last=False)
         took = time.monotonic() - flight.sent
-        self.work[flight.node] = took if flight.node not in self.work else 0.5 * (self.work[flight.node] + took)
+        heard = self.heard.get(flight.node, 0)
+        # a node's first reply carries its model's load: its second replaces it, later ones average in
+        self.work[flight.node] = took if heard < 2 else 0.5 * (self.work[flight.node] + took)
+        self.heard[flight.node] = heard + 1
         staleness = current - flight.version
         bound = self.cfg.server.max_staleness
         if bound and staleness > bound:
