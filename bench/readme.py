@@ -269,6 +269,15 @@ and <= 1.05x the plain loop; 8 clients >= 0.9x one client's tokens/s; zo peak <=
 - **Client memory**: a client's peak RSS (one client's two rounds in a process of its own, by VmHWM) is 5.5 to
   6.9 GB against 0.54 GB of float32 weights: its weights, AdamW moments, snapshot and held fragments, with part of
   its state held twice in serialized form. 2 CPU cores shared with other work, so the wall times are loose."""),
+    "async": ("5a46653f3d2d", """- **One client 8x slower**: async reaches the synchronous run's final eval loss (1.5334) in 0.25 of its
+  training seconds, 0.384 counted in whole round seconds (async evaluates every one of its 24 versions; goal
+  <= 0.5: met either way), and ends at 1.0113 after 48 accepted replies. Replies were at most 4 versions old.
+- **Equal speeds**: async-equal 0.995 of sync-equal's eval loss at the same 16 replies (goal within 2%: met),
+  with server.version-wait 0.5 (5 of 16 replies one version old). Before the wait's work-time estimate
+  dropped each node's first reply (its model load), the same row gave 1.039; with no wait (FedBuff as
+  published) 1.029, 9 of 16 replies stale. One run each: Ray's arrival order varies run to run.
+- The rows ran one after another on 2 cores (4 Ray actors at 0.5 CPU); sync-slow's training seconds were
+  349.8 in an earlier run under other benches' load, 174.9 here: compare ratios within this JSON only."""),
     "quality": ("28eddafd488a", """\
 - **Best rule**: `fedavgm(lr=1.5, momentum=0.0)` with `train.keep-optimizer=true` (from FedAvg's best: 7 local
   steps a round, lr 4e-3) reaches 0.985 +- 0.045 of centralized LoRA's gain at 2 epochs over 3 seeds (goal >= 0.98:
