@@ -59,7 +59,7 @@ def fits(cfg: Config, method: str, variates: bool) -> None:
         raise ConfigError("lora.client-ranks: scaffold keeps one control variate of the global adapter's shape per "
                           "client, and a lower-rank client trains part of it; give every client lora.rank "
                           "(lora.client-ranks='', lora.policy=none)")
-    if getattr(cfg.server, "mode", "sync") != "sync":  # server.mode is newer than this module
+    if cfg.server.mode != "sync":
         raise ConfigError("server.mode: scaffold updates c from one round's cohort of variate deltas; asynchronous "
                           "rounds apply replies trained at older versions of c; use server.mode=sync")
 
