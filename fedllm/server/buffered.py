@@ -90,10 +90,10 @@ class Buffered:
         self.heard: dict[int, int] = {}  # node -> replies read
 
     # --- sending --------------------------------------------------------------------------------
-    def idle(self) -> list[int]:
-        """Connected nodes without a message in flight, the longest idle first."""
+    def idle(self, connected: list[int]) -> list[int]:
+        """The `connected` nodes without a message in flight, the longest idle first."""
         busy = {f.node for f in self.flights.values()}
-        nodes = [n for n in self.grid.get_node_ids() if n not in busy]
+        nodes = [n for n in connected if n not in busy]
         return sorted(nodes, key=lambda n: (self.last_sent.get(n, -1), n))
 
     def work_of(self, node: int) -> float | None:
@@ -119,12 +119,15 @@ class Buffered:
     def fill(self, current: int, run_config: ConfigRecord, down: dict[str, int], needed: int = 1) -> None:
         """Send the global version `current` to idle nodes until server.concurrency are in flight,
         except to those that wait for the version being made (`needed` replies away; `holds`)."""
-        want = self.cfg.server.in_flight(len(list(self.grid.get_node_ids()))) - len(self.flights)
-        if want <= 0 or needed <= 0:  # a full buffer: the newer version is a moment away
+        if needed <= 0:  # a full buffer: the newer version is a moment away
+            return
+        connected = list(self.grid.get_node_ids())  # once a call: a deployment's grid asks the SuperLink
+        want = self.cfg.server.in_flight(len(connected)) - len(self.flights)
+        if want <= 0:
             return
         now = time.monotonic()
         eta = self.version_eta(needed)
-        nodes = [n for n in self.idle() if not self.holds(n, eta, now)][:want]
+        nodes = [n for n in self.idle(connected) if not self.holds(n, eta, now)][:want]
         if not nodes:
             return
         messages = []
