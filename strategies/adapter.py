@@ -141,12 +141,18 @@ class FedLLMStrategy(Strategy):
                 log.exception("round %d: reply of node %d could not be checked", server_round,
                               msg.metadata.src_node_id)
                 continue
-            if into is not None:
-                into.add(update.delta, update.num_examples)
-                update = dataclasses.replace(update, delta={})
-            updates.append(update)
+            updates.append(self.fold(update, into))
         updates.sort(key=lambda u: (u.metrics.get("partition-id", 0.0), u.node_id))
         return updates, dropped
+
+    @staticmethod
+    def fold(update: Update, into: Running | SumTree | None) -> Update:
+        """The update as a round keeps it: with `into` (a streamed round), folded into it and kept
+        without its tensors (its node, examples and metrics stay for the round's row)."""
+        if into is None:
+            return update
+        into.add(update.delta, update.num_examples)
+        return dataclasses.replace(update, delta={})
 
     def round(self, server_round: int, replies: Iterable[Message], sent: Iterable[Message] = ()) -> RoundResult:
         """Validate, aggregate and apply one round's replies (to the messages `sent`, when

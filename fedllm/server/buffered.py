@@ -238,10 +238,7 @@ class Buffered:
                         give_up = time.monotonic() + patience
                         if keep_replies:
                             replies.append(reply)
-                        if into is not None:
-                            into.add(update.delta, update.num_examples)
-                            update = dataclasses.replace(update, delta={})
-                        updates.append(update)
+                        updates.append(self.strategy.fold(update, into))
                     if flight is not None:
                         self.fill(current, run_config, down, size - len(updates))  # its node is idle
                     if len(updates) >= size:
