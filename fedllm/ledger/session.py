@@ -30,6 +30,14 @@ SCORE_SCALE = 10**6  # scores travel as fixed-point integers
 UtilityOf = Callable[[list[int]], float]  # indices of accepted updates -> minus validation loss
 
 
+def flag_rules(cfg: Config) -> contribution.FlagRules:
+    """The flags' thresholds for a run (the server's and `fedllm verify`'s)."""
+    # zo updates live on the clients' own draws from the seed pool, which barely overlap, so
+    # an honest update is as unaligned with the others as noise: no noise test there
+    return contribution.FlagRules(cfg.ledger.free_rider_ratio, cfg.ledger.noise_z if cfg.train.method == "lora" else 0.0,
+                                  oversize_ratio=cfg.ledger.oversize_ratio)
+
+
 class LedgerSession:
     """One run's ledger: deploys (or attaches to) FedLedger and keeps the round bookkeeping."""
 
@@ -67,11 +75,7 @@ class LedgerSession:
 
             raise ConfigError(f"ledger.stake: {self.lc.stake} ether is below the minStake of FedLedger at "
                               f"{self.contract.address} ({self.contract.min_stake / 1e18} ether)")
-        # zo updates live on the clients' own draws from the seed pool, which barely overlap, so
-        # an honest update is as unaligned with the others as noise: no noise test there
-        self.rules = contribution.FlagRules(self.lc.free_rider_ratio,
-                                            self.lc.noise_z if cfg.train.method == "lora" else 0.0,
-                                            oversize_ratio=self.lc.oversize_ratio)
+        self.rules = flag_rules(cfg)
         self.penalties = self.lc.penalty_map()
         self.history = contribution.History()
         self.accounts: dict[str, dict[str, Any]] = {}  # address -> partition, node, cumulative, leaf
