@@ -31,6 +31,14 @@ contract FedLedger {
         uint64 unbondingEnds; // 0 while bonded
     }
 
+    /// What else a round's record holds: the sha256 of the server's manifest of the round (the
+    /// content-addressed artifacts `fedllm verify` recomputes it from), who posted it and when.
+    struct RoundInfo {
+        bytes32 manifest;
+        address aggregator;
+        uint64 postedAt; // 0: not recorded
+    }
+
     address public immutable owner;
     uint256 public immutable minStake;
     uint256 public immutable unbondingPeriod; // seconds
@@ -50,6 +58,7 @@ contract FedLedger {
     mapping(address => mapping(uint256 => bytes32)) public commitments;
     mapping(address => mapping(uint256 => uint256)) public commitOrder; // 1-based, in the round
     mapping(uint256 => uint256) public commitCount;
+    mapping(uint256 => RoundInfo) public rounds;
 
     bool private entered;
 
@@ -57,7 +66,8 @@ contract FedLedger {
     event Funded(uint256 amount, uint256 pool);
     event Registered(address indexed client, bytes32 indexed identity, uint256 stake);
     event Committed(address indexed client, uint256 indexed round, bytes32 commitment, uint256 order);
-    event RoundRecorded(uint256 indexed round, bytes32 root, bytes32 modelHash, uint256 reward, uint256 clients);
+    event RoundRecorded(uint256 indexed round, bytes32 root, bytes32 modelHash, uint256 reward, uint256 clients,
+        bytes32 manifest);
     event Claimed(address indexed client, uint256 amount, uint256 cumulative);
     event Slashed(address indexed client, uint256 indexed round, uint256 amount, bytes32 evidence, bool burned);
     event UnbondingStarted(address indexed client, uint256 until);
@@ -197,20 +207,26 @@ contract FedLedger {
 
     // --- aggregator -----------------------------------------------------------------------
 
-    /// @notice Record a round: one root over every client's leaf, and `reward` moved from the
-    /// pool to the claimable allocation (the sum of the round's leaf rewards).
-    function recordRound(uint256 round, bytes32 root, bytes32 modelHash_, uint256 reward, uint256 numClients)
-        external
-        onlyAggregator
-    {
+    /// @notice Record a round: one root over every client's leaf, the global model's hash, the
+    /// sha256 of the round's manifest, and `reward` moved from the pool to the claimable
+    /// allocation (the sum of the round's leaf rewards).
+    function recordRound(
+        uint256 round,
+        bytes32 root,
+        bytes32 modelHash_,
+        uint256 reward,
+        uint256 numClients,
+        bytes32 manifest
+    ) external onlyAggregator {
         if (round <= lastRound) revert RoundNotAfter(lastRound);
         if (reward > pool) revert PoolTooSmall(pool);
         lastRound = round;
         roundRoot[round] = root;
         modelHash[round] = modelHash_;
+        rounds[round] = RoundInfo(manifest, msg.sender, uint64(block.timestamp));
         pool -= reward;
         allocated += reward;
-        emit RoundRecorded(round, root, modelHash_, reward, numClients);
+        emit RoundRecorded(round, root, modelHash_, reward, numClients, manifest);
     }
 
     /// @notice Take up to `amount` of a client's stake (never more than it holds) with the hash

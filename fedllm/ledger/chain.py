@@ -4,7 +4,7 @@
     owner = dev_account(w3, seed=0)                          # a funded key on a dev chain
     ledger = Ledger.deploy(w3, owner, aggregator=owner.address, min_stake=to_wei(0.5))
     ledger.register(client, identity, stake=to_wei(1.0))
-    gas = ledger.record_round(owner, 1, tree.root, model_hash, reward, n).gas_used
+    gas = ledger.record_round(owner, 1, tree.root, model_hash, reward, n, manifest).gas_used
 
 Every transaction is signed here with a local key (eth-account) and sent raw, so the same code
 runs on the embedded chain, on anvil, and on any JSON-RPC node. A revert raises LedgerError
@@ -263,8 +263,10 @@ class Ledger:
         return self.send(owner, "fund", value=value)
 
     def record_round(self, aggregator: Any, server_round: int, root: bytes, model_hash: bytes, reward: int,
-                     num_clients: int) -> Receipt:
-        return self.send(aggregator, "recordRound", server_round, root, model_hash, reward, num_clients)
+                     num_clients: int, manifest: bytes = bytes(32)) -> Receipt:
+        """Post a round: its Merkle root, the global model's hash, the reward it allocates and the
+        sha256 of its manifest (what `fedllm verify` recomputes the round from)."""
+        return self.send(aggregator, "recordRound", server_round, root, model_hash, reward, num_clients, manifest)
 
     def slash(self, aggregator: Any, client: str, server_round: int, amount: int, evidence: bytes) -> Receipt:
         return self.send(aggregator, "slash", self.w3.to_checksum_address(client), server_round, amount, evidence)
