@@ -8,6 +8,7 @@
     fedllm prepare-model                       # convert the default GGUF once
     fedllm config                              # every config key, its default and help
     fedllm ledger runs/NAME                    # stakes, scores, rewards and penalties of a run
+    fedllm verify runs/NAME [--round N]        # recompute posted rounds from their artifacts (exit 1: differs)
     fedllm report runs/NAME                    # runs/NAME/report.html (also written at the end of a run)
     fedllm compare runs/A runs/B --out cmp.html  # several runs' plots overlaid
     fedllm eval runs/NAME --tasks fedllm_builtin,fedllm_builtin_mc   # lm-eval tasks on a run's result
@@ -63,6 +64,13 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("config", help="list every config key with its default and help")
     led = sub.add_parser("ledger", help="show a run's ledger: stakes, scores, rewards, penalties")
     led.add_argument("run_dir", type=Path, help="a run directory (server.run-dir/server.run-name)")
+    ver = sub.add_parser("verify", help="recompute a run's posted rounds from their artifacts and compare with the chain")
+    ver.add_argument("run_dir", type=Path)
+    ver.add_argument("--round", type=int, action="append", dest="rounds", metavar="N",
+                     help="only round N (repeatable; default: every posted round)")
+    ver.add_argument("--chain", metavar="URL", help="read what was posted from this JSON-RPC node (default: the run's "
+                     "ledger.chain)")
+    ver.add_argument("--json", action="store_true", help="print the verdicts as JSON (a verifier's votes)")
     rep = sub.add_parser("report", help="write RUN_DIR/report.html: plots, final figures, config (no network)")
     rep.add_argument("run_dir", type=Path)
     rep.add_argument("--plugins", action="store_true",
@@ -109,6 +117,23 @@ def ledger_command(args: argparse.Namespace) -> None:
     print(ledger_view(args.run_dir))
 
 
+def verify_command(args: argparse.Namespace) -> int:
+    """Exit 0 when every round checked reproduces, 1 otherwise."""
+    from fedllm.ledger.verify import verify
+
+    if not args.run_dir.is_dir():
+        raise FedLLMError(f"{args.run_dir}: no such run directory")
+    checks = verify(args.run_dir, args.rounds, args.chain)
+    if args.json:
+        print(json.dumps([{"round": c.round, "status": c.status, "posted": c.posted, "recomputed": c.recomputed,
+                           "problems": c.problems, "source": c.source} for c in checks], indent=1))
+    else:
+        print(f"compared with {checks[0].source}" if checks else "no round was posted")
+        for c in checks:
+            print(c.line())
+    return 0 if all(c.status == "reproduced" for c in checks) else 1
+
+
 def report_command(args: argparse.Namespace) -> None:
     from fedllm.reporting.report import render_compare, render_report
 
@@ -150,7 +175,7 @@ def config_command(args: argparse.Namespace) -> None:
 COMMANDS = {
     "_engine": lambda args: run_engine(json.loads(os.environ[ENGINE_JOB])),  # the supervised child of simulate
     "simulate": simulate_command, "prepare-model": prepare_model_command, "config": config_command,
-    "ledger": ledger_command, "report": report_command, "compare": report_command, "eval": eval_command,
+    "ledger": ledger_command, "verify": verify_command, "report": report_command, "compare": report_command, "eval": eval_command,
     "tasks": tasks_command,
 }
 
@@ -164,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("flwr").propagate = False  # Flower logs through its own handler
     logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state database set-up
     try:
-        COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except Stopped as err:
         print(f"fedllm: {err}", file=sys.stderr)
         return err.exit_code
@@ -183,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fedllm: error: {err.filename or ''}: {err.strerror or err}".lstrip(": "), file=sys.stderr)
         return 2
-    return 0
+    return int(code or 0)  # a command may return its exit status (verify: 1 for a round that differs)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch
 from fedllm.ledger import chain as ledger, scoring as contribution
 from fedllm.ledger.commit import commitment
 from fedllm.config import Config
+from fedllm.ledger.artifacts import MANIFEST_FORMAT, Store
 from fedllm.ledger.merkle import Leaf, MerkleTree
 from fedllm.protocol import METRICS, RoundResult
 
@@ -28,6 +29,18 @@ log = logging.getLogger(__name__)
 
 SCORE_SCALE = 10**6  # scores travel as fixed-point integers
 UtilityOf = Callable[[list[int]], float]  # indices of accepted updates -> minus validation loss
+
+
+Row = tuple[int, str, bytes, float, list[str]]  # node, account, update hash, score, flags
+
+
+def settle(server_round: int, rows: list[Row], budget: int, before: dict[str, int]) -> list[Leaf]:
+    """Each row's leaf: its fixed-point score and cumulative reward (`before` plus its share of
+    `budget`, proportional to the scores)."""
+    fixed = [int(max(score, 0.0) * SCORE_SCALE) for *_, score, _ in rows]
+    shares = contribution.reward_shares(budget, fixed)
+    return [Leaf(server_round, account, score, before[account] + share, digest)
+            for (_, account, digest, _, _), score, share in zip(rows, fixed, shares)]
 
 
 def flag_rules(cfg: Config) -> contribution.FlagRules:
@@ -78,6 +91,8 @@ class LedgerSession:
         self.rules = flag_rules(cfg)
         self.penalties = self.lc.penalty_map()
         self.history = contribution.History()
+        self.seen: dict[int, tuple[set[int], dict[int, int]]] = {}  # server round -> commitments()
+        self.store: Store | None = None  # the rounds' artifacts, once `watch` names the strategy
         self.accounts: dict[str, dict[str, Any]] = {}  # address -> partition, node, cumulative, leaf
         if cursor is not None:
             self.history = contribution.History.from_state(cursor["history"])
@@ -124,6 +139,50 @@ class LedgerSession:
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
         tmp.replace(path)
 
+    # --- what a verifier needs ------------------------------------------------------------------
+    def watch(self, strategy: Any, cfg: Config, validation: list[dict[str, str]]) -> None:
+        """From now on, write each round's inputs as content-addressed artifacts under
+        RUN_DIR/ledger/artifacts/ and post their manifest's sha256 with the round: `strategy`
+        (whose state before each round is kept), the run's config and the validation examples
+        the scorers and flags use."""
+        self.strategy = strategy
+        self.store = Store(self.dir / "artifacts")
+        self.config_sha = self.store.put_json(cfg.to_flat())
+        self.validation_sha = self.store.put_json(validation)
+        self.state_sha = self.store.put_state(strategy.state_dict())
+
+    def inputs(self, server_round: int, signers: dict[int, tuple[str, bytes]], result: RoundResult,
+               history: dict[str, Any]) -> dict[str, Any] | None:
+        """The round's inputs for its manifest (None before `watch`): every artifact by sha256
+        and what the chain supplied; the strategy's state after the round becomes the next
+        round's state before."""
+        if self.store is None:
+            return None
+        broken, order = self.commitments(server_round, signers)
+        updates = [{"node": str(u.node_id), "num-examples": u.num_examples, "metrics": u.metrics,
+                    "bytes-up": u.bytes_up, "delta": self.store.put_state(u.delta)} for u in result.updates]
+        out = {"format": MANIFEST_FORMAT, "round": server_round, "contract": self.address,
+               "config": self.config_sha, "validation": self.validation_sha, "state-before": self.state_sha,
+               "history-before": self.store.put_state(history), "updates": updates,
+               "dropped": [[str(node), reason] for node, reason in result.dropped],
+               "signers": {str(n): [a, d.hex()] for n, (a, d) in sorted(signers.items())},
+               "commitments": {"broken": sorted(str(n) for n in broken),
+                               "order": {str(n): i for n, i in sorted(order.items())}},
+               "threads": torch.get_num_threads(), "torch": torch.__version__}
+        self.state_sha = self.store.put_state(self.strategy.state_dict())
+        return out
+
+    @classmethod
+    def replica(cls, cfg: Config, history: contribution.History,
+                seen: tuple[set[int], dict[int, int]], server_round: int) -> "LedgerSession":
+        """A session with no chain that recomputes a recorded round's rows (`assess`) from its
+        manifest: the flags' history before the round and the commitments the round read."""
+        self = cls.__new__(cls)
+        self.lc, self.secagg, self.rules = cfg.ledger, cfg.secagg.enabled, flag_rules(cfg)
+        self.penalties, self.history, self.accounts = self.lc.penalty_map(), history, {}
+        self.seen = {server_round: seen}
+        return self
+
     # --- one round ----------------------------------------------------------------------------
     def record(self, server_round: int, signers: dict[int, tuple[str, bytes]], result: RoundResult,
                model_hash: bytes, utility_of: UtilityOf | None = None) -> dict[str, Any]:
@@ -131,6 +190,21 @@ class LedgerSession:
         hash), from `signers()`; `result`: the round's accepted and dropped replies); returns
         the metrics row's "ledger"."""
         t0 = time.perf_counter()
+        history = self.history.state_dict()  # what the flags compare with, for the round's manifest
+        rows, digests, mean = self.assess(server_round, signers, result, utility_of)
+        out = self._post(server_round, rows, model_hash, self.inputs(server_round, signers, result, history))
+        self.history.add([d for d in digests if d], mean)
+        out["seconds"] = round(time.perf_counter() - t0, 3)
+        log.info("ledger: round %d: %d clients, %.4f ETH shared, %d flagged; gas %d (record) + %d (slash), %.2f s",
+                 server_round, len(rows), sum(out["rewards"].values()) / 1e18, len(out["flags"]), out["gas-record"],
+                 out["gas-slash"], out["seconds"])
+        return out
+
+    def assess(self, server_round: int, signers: dict[int, tuple[str, bytes]], result: RoundResult,
+               utility_of: UtilityOf | None = None) -> tuple[list[Row], list[bytes], torch.Tensor | None]:
+        """The round's rows (node, account, update hash, score, flags: one per signed reply), the
+        accepted updates' hashes and the example-weighted mean of the unflagged ones; what `record`
+        posts, and what `fedllm verify` recomputes with a `replica`."""
         updates = list(result.updates)
         digests = [signers.get(u.node_id, (None, b""))[1] for u in updates]
         vectors = None if self.secagg else (  # under secagg: no update to score or flag
@@ -143,13 +217,7 @@ class LedgerSession:
                 if u.node_id in signers]
         rows += [(node, *signers[node], 0.0, ["invalid"]) for node, reason in result.dropped
                  if node in signers and not reason.startswith("client error")]
-        out = self._post(server_round, rows, model_hash)
-        self.history.add([d for d in digests if d], mean)
-        out["seconds"] = round(time.perf_counter() - t0, 3)
-        log.info("ledger: round %d: %d clients, %.4f ETH shared, %d flagged; gas %d (record) + %d (slash), %.2f s",
-                 server_round, len(rows), sum(out["rewards"].values()) / 1e18, len(out["flags"]), out["gas-record"],
-                 out["gas-slash"], out["seconds"])
-        return out
+        return rows, digests, mean
 
     def _flags(self, server_round: int, signers: dict[int, tuple[str, bytes]], result: RoundResult,
                vectors: torch.Tensor | None, digests: list[bytes]) -> list[list[str]]:
@@ -189,23 +257,29 @@ class LedgerSession:
             scores[i] = s
         return scores, mean
 
-    def _post(self, server_round: int, rows: list[tuple[Any, ...]], model_hash: bytes) -> dict[str, Any]:
-        """Shares of the round's reward by score, the round's Merkle root on chain, the slashes, and
-        RUN_DIR/ledger/round-N.json with every client's leaf and proof."""
-        fixed = [int(max(s, 0.0) * SCORE_SCALE) for *_, s, _ in rows]
+    def _post(self, server_round: int, rows: list[Row], model_hash: bytes,
+              inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Shares of the round's reward by score, the round's Merkle root (and, with `inputs`, its
+        manifest: fedllm.ledger.artifacts) on chain, the slashes, and RUN_DIR/ledger/round-N.json
+        with every client's leaf and proof."""
         budget = min(ledger.to_wei(self.lc.reward_per_round), self.contract.view("pool"))
-        shares = contribution.reward_shares(budget, fixed)
-        leaves = []
-        for (node, account, digest, _, _), score, share in zip(rows, fixed, shares):
-            acct = self.accounts[account]
-            acct["cumulative"] += share
-            leaves.append(Leaf(server_round, account, score, acct["cumulative"], digest))
+        before = {account: self.accounts[account]["cumulative"] for _, account, *_ in rows}
+        leaves = settle(server_round, rows, budget, before)
+        shares = [leaf.cumulative - before[leaf.client] for leaf in leaves]
+        for leaf in leaves:
+            self.accounts[leaf.client]["cumulative"] = leaf.cumulative
         out: dict[str, Any] = {"scores": {}, "flags": {}, "rewards": {}, "slashed": {}, "gas-record": 0, "gas-slash": 0}
         if not leaves:
             return out
         tree = MerkleTree(leaves)
+        manifest = "" if inputs is None else self.store.put_json({
+            **inputs, "budget": budget, "cumulative-before": before, "root": tree.root.hex(),
+            "model-hash": model_hash.hex(), "clients": [
+                {"node": str(node), "account": account, "score-fixed": leaf.score, "flags": fl,
+                 "cumulative": leaf.cumulative} for (node, account, _, _, fl), leaf in zip(rows, leaves)]})
         out["gas-record"] = self.contract.record_round(self.aggregator, server_round, tree.root, model_hash,
-                                                       sum(shares), len(leaves)).gas_used
+                                                       sum(shares), len(leaves),
+                                                       manifest=bytes.fromhex(manifest or "00" * 32)).gas_used
         entries = []
         for k, ((node, account, digest, score, fl), share, leaf) in enumerate(zip(rows, shares, leaves)):
             taken, evidence = 0, None
@@ -226,7 +300,8 @@ class LedgerSession:
             if taken:
                 out["slashed"][str(node)] = taken
         self.write(f"round-{server_round:04d}.json", {"round": server_round, "root": tree.root.hex(),
-                                                      "model-hash": model_hash.hex(), "reward": sum(shares),
+                                                      "model-hash": model_hash.hex(), "manifest": manifest,
+                                                      "reward": sum(shares),
                                                       "gas-record": out["gas-record"], "clients": entries})
         return out
 
@@ -259,7 +334,10 @@ class LedgerSession:
 
         A node breaks it by committing on chain to anything but `chain.commitment` of the update
         it sent, or, with ledger.commit-reveal, by not committing at all. The order index (1 =
-        first committed this round) tells an original from its copies."""
+        first committed this round) tells an original from its copies. What a round read is kept
+        (`seen`): the round's manifest records it, and a replica reads it from there."""
+        if server_round in self.seen:
+            return self.seen[server_round]
         broken, order = set(), {}
         for node, (account, digest) in signers.items():
             committed = self.contract.view("commitments", account, server_round)
@@ -270,6 +348,7 @@ class LedgerSession:
                             "sent an update other than the one it committed" if committed != bytes(32)
                             else "sent an update it had not committed (ledger.commit-reveal)")
                 broken.add(node)
+        self.seen = {server_round: (broken, order)}
         return broken, order
 
     def enrol(self, account: str, pid: int) -> bool:

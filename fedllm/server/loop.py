@@ -66,6 +66,8 @@ def run(grid: Grid, cfg: Config) -> Path:
             if not ckpt:
                 _round_zero(cfg, strategy, grid, metrics, trackers, evaluate)
             validation = em_subset(held_out, cfg.ledger.validation_examples)
+            if books is not None:  # each round's inputs as artifacts, for `fedllm verify`
+                books.watch(strategy, cfg, validation)
             extra = {"ledger-contract": books.address} if books else {}
             pump = Buffered(cfg, strategy, grid) if cfg.server.mode == "async" else None
             if pump is not None and ckpt:

@@ -1,0 +1,132 @@
+"""Verifiable rounds: every posted round recomputes from its content-addressed artifacts alone
+(`fedllm verify`), and a tampered artifact, score or aggregate is caught."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+
+from conftest import tiny_run_config
+from fedllm.cli import main
+from fedllm.ledger.verify import verify
+from fedllm.server.grid import LocalGrid
+from fedllm.server.loop import run
+
+LEDGER = {"ledger.enabled": True, "ledger.reward-per-round": 0.1, "ledger.validation-examples": 2}
+
+
+def ledger_run(tiny_model_dir, tmp_path, clients=3, **over):
+    cfg = tiny_run_config(tiny_model_dir, tmp_path, **{**LEDGER, **over})
+    return run(LocalGrid(clients), cfg)
+
+
+def test_a_lora_run_reproduces_bit_for_bit(tiny_model_dir, tmp_path):
+    out = ledger_run(tiny_model_dir, tmp_path, **{"ledger.scorer": "loo"})
+    checks = verify(out)
+    assert [c.round for c in checks] == [1, 2]
+    assert all(c.status == "reproduced" for c in checks), [c.line() for c in checks]
+    for c in checks:
+        record = json.loads((out / "ledger" / f"round-{c.round:04d}.json").read_text())
+        assert c.recomputed["root"] == record["root"] and c.recomputed["model-hash"] == record["model-hash"]
+
+
+@pytest.mark.parametrize("method", ["zo", "dpo"])
+def test_zo_and_dpo_runs_reproduce(method, tiny_model_dir, tmp_path):
+    out = ledger_run(tiny_model_dir, tmp_path, **{"train.method": method})
+    checks = verify(out)
+    assert len(checks) == 2 and all(c.status == "reproduced" for c in checks), [c.line() for c in checks]
+
+
+@pytest.fixture(scope="module")
+def honest_run(tiny_model_dir, tmp_path_factory):
+    """A 2-round LoRA run with the ledger (GTG-Shapley scores, so the recomputation evaluates the
+    model), kept for the tampering tests, which each work on a copy."""
+    return ledger_run(tiny_model_dir, tmp_path_factory.mktemp("honest"), **{"ledger.scorer": "shapley"})
+
+
+def copy_of(run_dir, tmp_path):
+    return shutil.copytree(run_dir, tmp_path / "copy")
+
+
+def manifest_of(run_dir, n):
+    sha = json.loads((run_dir / "ledger" / f"round-{n:04d}.json").read_text())["manifest"]
+    return json.loads((run_dir / "ledger" / "artifacts" / f"{sha}.json").read_text())
+
+
+def test_an_altered_or_deleted_artifact_makes_the_round_unverifiable(honest_run, tmp_path):
+    out = copy_of(honest_run, tmp_path)
+    delta = out / "ledger" / "artifacts" / f"{manifest_of(out, 2)['updates'][0]['delta']}.safetensors"
+    data = bytearray(delta.read_bytes())
+    data[-1] ^= 1  # one bit of one update's tensors
+    delta.write_bytes(bytes(data))
+    first, second = verify(out)
+    assert first.status == "reproduced"
+    assert second.status == "unverifiable" and "artifact altered" in second.problems[0]
+    delta.unlink()
+    assert "artifact missing" in verify(out, [2])[0].problems[0]
+    state = out / "ledger" / "artifacts" / f"{manifest_of(out, 1)['state-before']}.safetensors"
+    state.unlink()
+    assert verify(out, [1])[0].status == "unverifiable"
+
+
+def test_a_manifest_rewritten_after_posting_is_not_the_posted_one(honest_run, tmp_path):
+    out = copy_of(honest_run, tmp_path)
+    record = json.loads((out / "ledger" / "round-0001.json").read_text())
+    path = out / "ledger" / "artifacts" / f"{record['manifest']}.json"
+    manifest = json.loads(path.read_text())
+    manifest["budget"] += 1
+    path.write_text(json.dumps(manifest))  # same name, other bytes
+    check = verify(out, [1])[0]
+    assert check.status == "unverifiable" and "altered" in check.problems[0]
+
+
+def test_a_dishonest_aggregators_score_reward_or_aggregate_is_caught(tiny_model_dir, tmp_path, monkeypatch):
+    """Three servers that each post something other than what their inputs give: a score raised,
+    the reward shared out unevenly, the aggregate scaled. verify names the difference."""
+    from fedllm.ledger import session
+    from fedllm.methods.adapters.server import LoraServer
+
+    honest_scores, honest_settle, honest_apply = session.LedgerSession._scores, session.settle, LoraServer.apply
+
+    def raised(self, *args, **kwargs):
+        scores, mean = honest_scores(self, *args, **kwargs)
+        return [s + 0.5 if i == 0 else s for i, s in enumerate(scores)], mean
+
+    def uneven(server_round, rows, budget, before):
+        leaves = honest_settle(server_round, rows, budget, before)
+        return [dataclasses.replace(leaves[0], cumulative=leaves[0].cumulative + 1), *leaves[1:]]
+
+    def scaled(self, aggregate, updates, server_round):
+        return honest_apply(self, {k: 2 * t for k, t in aggregate.items()}, updates, server_round)
+
+    for name, (owner, attr, dishonest) in {"score": (session.LedgerSession, "_scores", raised),
+                                           "reward": (session, "settle", uneven),
+                                           "aggregate": (LoraServer, "apply", scaled)}.items():
+        with monkeypatch.context() as m:
+            m.setattr(owner, attr, dishonest)
+            out = ledger_run(tiny_model_dir, tmp_path / name, **{"server.num-rounds": 1})
+        check = verify(out)[0]  # the honest code again
+        assert check.status == "mismatch", name
+        text = "\n".join(check.problems)
+        if name == "aggregate":
+            assert "model-hash: posted" in text and "root" not in text.split("model-hash")[0]
+        else:
+            assert text.startswith("root: posted")
+            assert ("score-fixed recorded" if name == "score" else "cumulative recorded") in text
+
+
+def test_the_cli_exits_0_1_or_2(honest_run, tmp_path, capsys):
+    assert main(["verify", str(honest_run)]) == 0
+    assert "round 2: reproduced" in capsys.readouterr().out
+    assert main(["verify", str(honest_run), "--round", "2", "--json"]) == 0
+    votes = json.loads(capsys.readouterr().out)
+    assert [v["round"] for v in votes] == [2] and len(votes[0]["recomputed"]["root"]) == 64
+    assert main(["verify", str(honest_run), "--round", "7"]) == 2
+    assert "round(s) 7 were not posted" in capsys.readouterr().err
+    assert main(["verify", str(tmp_path)]) == 2
+    out = copy_of(honest_run, tmp_path)
+    next((out / "ledger" / "artifacts").glob("*.safetensors")).unlink()
+    assert main(["verify", str(out)]) == 1
