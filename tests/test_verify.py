@@ -33,9 +33,15 @@ def test_a_lora_run_reproduces_bit_for_bit(tiny_model_dir, tmp_path):
         assert c.recomputed["root"] == record["root"] and c.recomputed["model-hash"] == record["model-hash"]
 
 
-@pytest.mark.parametrize("method", ["zo", "dpo"])
-def test_zo_and_dpo_runs_reproduce(method, tiny_model_dir, tmp_path):
-    out = ledger_run(tiny_model_dir, tmp_path, **{"train.method": method})
+@pytest.mark.parametrize("keys", [
+    {"train.method": "zo"},
+    {"train.method": "dpo"},
+    {"server.strategy": "scaffold", "compression.up": "int8"},  # control variates beside the state; a codec
+    {"server.strategy": "fedadam"},  # a server optimizer's moments in the state before each round
+    {"server.mode": "async", "server.concurrency": 3, "server.buffer-size": 2},  # stale, down-weighted updates
+], ids=["zo", "dpo", "scaffold-int8", "fedadam", "async"])
+def test_other_methods_rules_and_modes_reproduce(keys, tiny_model_dir, tmp_path):
+    out = ledger_run(tiny_model_dir, tmp_path, **keys)
     checks = verify(out)
     assert len(checks) == 2 and all(c.status == "reproduced" for c in checks), [c.line() for c in checks]
 

@@ -192,9 +192,13 @@ class LedgerSession:
         t0 = time.perf_counter()
         history = self.history.state_dict()  # what the flags compare with, for the round's manifest
         rows, digests, mean = self.assess(server_round, signers, result, utility_of)
-        out = self._post(server_round, rows, model_hash, self.inputs(server_round, signers, result, history))
+        t1 = time.perf_counter()
+        inputs = self.inputs(server_round, signers, result, history)
+        kept = time.perf_counter() - t1
+        out = self._post(server_round, rows, model_hash, inputs)
         self.history.add([d for d in digests if d], mean)
         out["seconds"] = round(time.perf_counter() - t0, 3)
+        out["artifact-seconds"] = round(kept, 3)  # writing the round's artifacts (part of `seconds`)
         log.info("ledger: round %d: %d clients, %.4f ETH shared, %d flagged; gas %d (record) + %d (slash), %.2f s",
                  server_round, len(rows), sum(out["rewards"].values()) / 1e18, len(out["flags"]), out["gas-record"],
                  out["gas-slash"], out["seconds"])
