@@ -20,6 +20,26 @@ pragma solidity ^0.8.24;
 /// would be locked for good. An account whose stake reaches zero later (withdrawn, or slashed in
 /// full) is done: a new account registers with a new identity.
 ///
+/// Disputes (on when `challengeWindow` > 0). The aggregator keeps a bond of at least
+/// `aggregatorBond` on the contract (bondAggregator) to record rounds. For `challengeWindow`
+/// seconds after a round is recorded, a registered client other than the round's aggregator may
+/// dispute it with a bond of at least `disputeBond`. For `votingPeriod` seconds after that, every
+/// registered client but the aggregator (the challenger included) may post the root and model
+/// hash it recomputed from the round's manifest (`fedllm verify`), once, weighted by its stake
+/// (not while unbonding; and `unbondingPeriod` >= `votingPeriod`, so no stake votes twice).
+/// After that anyone resolves it: the answer with the most stake decides, if the votes carry at
+/// least `quorumBps` of the stake staked when the dispute opened and no two answers tie.
+///  - Upheld (the posted root and model hash win): the challenger's bond is forfeited (to the
+///    pool, or burned).
+///  - Overturned (another answer wins): the committee's root and model hash replace the posted
+///    ones; the aggregator loses up to `aggregatorBond` of its bond; the challenger is owed its
+///    bond back and half of that (the rest to the pool, or burned).
+///  - Undecided (no quorum, or a tie): the posted round stands, nobody is slashed, the
+///    challenger is owed its bond back.
+/// A round's leaves are claimable once its window has passed and no dispute is open on any
+/// round (a later round's cumulative reward includes the earlier rounds'). Payouts are pulled
+/// (collect), so no challenger can block a resolution by refusing a transfer.
+///
 /// Leaves are keccak256(bytes.concat(keccak256(abi.encode(round, client, score, cumulative,
 /// updateHash)))) and inner nodes hash their children in sorted order (OpenZeppelin's
 /// StandardMerkleTree convention), so a leaf can never pass for an inner node.
@@ -37,12 +57,38 @@ contract FedLedger {
         bytes32 manifest;
         address aggregator;
         uint64 postedAt; // 0: not recorded
+        Status status;
+    }
+
+    enum Status {
+        Posted, // not disputed (yet)
+        Disputed, // votes open, or closed and not resolved
+        Upheld,
+        Overturned,
+        Undecided
+    }
+
+    struct Dispute {
+        address challenger;
+        uint64 votingEnds;
+        bool tied; // two answers share the most stake
+        uint128 bond;
+        uint128 quorum; // stake the votes must carry for a decision
+        uint128 votedWeight;
+        uint128 topWeight;
+        bytes32 topRoot; // the answer with the most stake so far
+        bytes32 topModelHash;
     }
 
     address public immutable owner;
     uint256 public immutable minStake;
     uint256 public immutable unbondingPeriod; // seconds
     bool public immutable burnSlashed; // true: slashed funds are locked forever; false: to the pool
+    uint256 public immutable challengeWindow; // seconds after a round's record; 0: disputes off
+    uint256 public immutable votingPeriod; // seconds after a dispute opens
+    uint256 public immutable disputeBond; // the least a challenger bonds
+    uint256 public immutable aggregatorBond; // the least bond to record rounds; what an overturned round costs
+    uint256 public immutable quorumBps; // share of the stake (in 1/10000) the votes must carry
 
     address public aggregator;
     uint256 public pool; // funded and not allocated to a round
@@ -50,6 +96,7 @@ contract FedLedger {
     uint256 public burned;
     uint256 public totalStaked;
     uint256 public lastRound;
+    uint256 public openDisputes;
 
     mapping(address => Client) public clients;
     mapping(bytes32 => address) public accountOf;
@@ -59,6 +106,11 @@ contract FedLedger {
     mapping(address => mapping(uint256 => uint256)) public commitOrder; // 1-based, in the round
     mapping(uint256 => uint256) public commitCount;
     mapping(uint256 => RoundInfo) public rounds;
+    mapping(uint256 => Dispute) public disputes;
+    mapping(uint256 => mapping(bytes32 => uint256)) public weightOf; // round, keccak(root, model hash)
+    mapping(uint256 => mapping(address => bool)) public voted;
+    mapping(address => uint256) public bondOf; // aggregators' bonds
+    mapping(address => uint256) public owed; // what resolved disputes pay out, pulled with collect()
 
     bool private entered;
 
@@ -72,6 +124,12 @@ contract FedLedger {
     event Slashed(address indexed client, uint256 indexed round, uint256 amount, bytes32 evidence, bool burned);
     event UnbondingStarted(address indexed client, uint256 until);
     event Withdrawn(address indexed client, uint256 amount);
+    event AggregatorBonded(address indexed aggregator, uint256 amount, uint256 bond);
+    event AggregatorUnbonded(address indexed aggregator, uint256 amount);
+    event Disputed(uint256 indexed round, address indexed challenger, uint256 bond, uint256 votingEnds);
+    event Voted(uint256 indexed round, address indexed verifier, bytes32 root, bytes32 modelHash, uint256 weight);
+    event Resolved(uint256 indexed round, Status outcome, bytes32 root, bytes32 modelHash, uint256 slashed);
+    event Collected(address indexed account, uint256 amount);
 
     error NotOwner();
     error NotAggregator();
@@ -93,6 +151,23 @@ contract FedLedger {
     error TransferFailed();
     error Reentrant();
     error DirectPayment();
+    error BadDisputeRules();
+    error DisputesOff();
+    error ZeroBond();
+    error AggregatorBondTooLow(uint256 aggregatorBond);
+    error BondLocked(uint256 until);
+    error RoundNotRecorded();
+    error WindowClosed(uint256 closedAt);
+    error AlreadyDisputed();
+    error DisputeBondTooLow(uint256 disputeBond);
+    error Accused();
+    error NotDisputed();
+    error VotingClosed(uint256 closedAt);
+    error VotingOpen(uint256 until);
+    error AlreadyVoted();
+    error EmptyRoot();
+    error NotFinal(uint256 finalAt);
+    error DisputeOpen();
 
     modifier onlyOwner() {
         if (msg.sender != owner) revert NotOwner();
@@ -111,8 +186,28 @@ contract FedLedger {
         entered = false;
     }
 
-    constructor(address aggregator_, uint256 minStake_, uint256 unbondingPeriod_, bool burnSlashed_) payable {
+    constructor(
+        address aggregator_,
+        uint256 minStake_,
+        uint256 unbondingPeriod_,
+        bool burnSlashed_,
+        uint256 challengeWindow_,
+        uint256 votingPeriod_,
+        uint256 disputeBond_,
+        uint256 aggregatorBond_,
+        uint256 quorumBps_
+    ) payable {
         if (minStake_ == 0) revert ZeroMinStake();
+        if (
+            challengeWindow_ != 0
+                && (votingPeriod_ == 0 || disputeBond_ == 0 || aggregatorBond_ == 0 || quorumBps_ == 0
+                    || quorumBps_ > 10_000 || unbondingPeriod_ < votingPeriod_)
+        ) revert BadDisputeRules(); // a shorter unbonding would let a voter withdraw, re-register and vote again
+        challengeWindow = challengeWindow_;
+        votingPeriod = votingPeriod_;
+        disputeBond = disputeBond_;
+        aggregatorBond = aggregatorBond_;
+        quorumBps = quorumBps_;
         owner = msg.sender;
         aggregator = aggregator_;
         minStake = minStake_;
@@ -166,11 +261,17 @@ contract FedLedger {
     }
 
     /// @notice Pull the reward owed by the leaf of `round`: its cumulative reward less what
-    /// was paid before. The leaf must name the caller.
+    /// was paid before. The leaf must name the caller; with disputes on, the round must be
+    /// final (its window passed) and no dispute open.
     function claim(uint256 round, uint256 score, uint256 cumulative, bytes32 updateHash, bytes32[] calldata proof)
         external
         nonReentrant
     {
+        if (challengeWindow != 0) {
+            if (openDisputes != 0) revert DisputeOpen();
+            uint256 finalAt = rounds[round].postedAt + challengeWindow;
+            if (block.timestamp < finalAt) revert NotFinal(finalAt);
+        }
         bytes32 leaf = keccak256(bytes.concat(keccak256(abi.encode(round, msg.sender, score, cumulative, updateHash))));
         if (!verify(proof, roundRoot[round], leaf)) revert BadProof();
         Client storage c = clients[msg.sender];
@@ -219,11 +320,12 @@ contract FedLedger {
         bytes32 manifest
     ) external onlyAggregator {
         if (round <= lastRound) revert RoundNotAfter(lastRound);
+        if (challengeWindow != 0 && bondOf[msg.sender] < aggregatorBond) revert AggregatorBondTooLow(aggregatorBond);
         if (reward > pool) revert PoolTooSmall(pool);
         lastRound = round;
         roundRoot[round] = root;
         modelHash[round] = modelHash_;
-        rounds[round] = RoundInfo(manifest, msg.sender, uint64(block.timestamp));
+        rounds[round] = RoundInfo(manifest, msg.sender, uint64(block.timestamp), Status.Posted);
         pool -= reward;
         allocated += reward;
         emit RoundRecorded(round, root, modelHash_, reward, numClients, manifest);
@@ -246,6 +348,125 @@ contract FedLedger {
         emit Slashed(client, round, taken, evidence, burnSlashed);
     }
 
+    /// @notice Bond the caller as an aggregator (adds to its bond); with disputes on, recordRound
+    /// needs a bond of at least `aggregatorBond`.
+    function bondAggregator() external payable {
+        if (msg.value == 0) revert ZeroBond();
+        bondOf[msg.sender] += msg.value;
+        emit AggregatorBonded(msg.sender, msg.value, bondOf[msg.sender]);
+    }
+
+    /// @notice Take the caller's aggregator bond back: only once the last recorded round's window
+    /// has passed and no dispute is open, so that no round it may have posted can still cost it.
+    function withdrawAggregatorBond() external nonReentrant {
+        uint256 until = rounds[lastRound].postedAt + challengeWindow;
+        if (openDisputes != 0 || block.timestamp < until) revert BondLocked(until);
+        uint256 amount = bondOf[msg.sender];
+        if (amount == 0) revert NothingToClaim();
+        bondOf[msg.sender] = 0;
+        emit AggregatorUnbonded(msg.sender, amount);
+        (bool ok,) = msg.sender.call{value: amount}("");
+        if (!ok) revert TransferFailed();
+    }
+
+    // --- disputes ---------------------------------------------------------------------------
+
+    /// @notice Dispute a round within its challenge window, bonding at least `disputeBond`; opens
+    /// the vote for `votingPeriod` seconds. One dispute per round.
+    function dispute(uint256 round) external payable {
+        if (challengeWindow == 0) revert DisputesOff();
+        RoundInfo storage r = rounds[round];
+        if (r.postedAt == 0) revert RoundNotRecorded();
+        if (block.timestamp >= r.postedAt + challengeWindow) revert WindowClosed(r.postedAt + challengeWindow);
+        if (r.status != Status.Posted) revert AlreadyDisputed();
+        if (clients[msg.sender].stake == 0) revert NotRegistered();
+        if (msg.sender == r.aggregator) revert Accused();
+        if (msg.value < disputeBond) revert DisputeBondTooLow(disputeBond);
+        r.status = Status.Disputed;
+        openDisputes += 1;
+        uint64 votingEnds = uint64(block.timestamp + votingPeriod);
+        Dispute storage d = disputes[round];
+        d.challenger = msg.sender;
+        d.votingEnds = votingEnds;
+        d.bond = uint128(msg.value); // ether's supply is far below 2^128 wei
+        d.quorum = uint128(totalStaked * quorumBps / 10_000);
+        emit Disputed(round, msg.sender, msg.value, votingEnds);
+    }
+
+    /// @notice Post the root and model hash the caller recomputed for a disputed round; once per
+    /// verifier, weighted by its stake, before the vote closes.
+    function vote(uint256 round, bytes32 root, bytes32 modelHash_) external {
+        RoundInfo storage r = rounds[round];
+        Dispute storage d = disputes[round];
+        if (r.status != Status.Disputed) revert NotDisputed();
+        if (block.timestamp >= d.votingEnds) revert VotingClosed(d.votingEnds);
+        Client storage c = clients[msg.sender];
+        uint256 weight = c.stake;
+        if (weight == 0) revert NotRegistered();
+        if (c.unbondingEnds != 0) revert Unbonding(); // its stake may leave before the vote closes
+        if (msg.sender == r.aggregator) revert Accused();
+        if (voted[round][msg.sender]) revert AlreadyVoted();
+        if (root == bytes32(0)) revert EmptyRoot(); // a zero root would make the round unclaimable
+        voted[round][msg.sender] = true;
+        bytes32 answer = keccak256(abi.encode(root, modelHash_));
+        uint256 total = weightOf[round][answer] + weight;
+        weightOf[round][answer] = total;
+        d.votedWeight += uint128(weight);
+        if (total > d.topWeight) {
+            d.topWeight = uint128(total);
+            d.topRoot = root;
+            d.topModelHash = modelHash_;
+            d.tied = false;
+        } else if (total == d.topWeight) {
+            d.tied = true; // another answer has as much (this one was below it before the vote)
+        }
+        emit Voted(round, msg.sender, root, modelHash_, weight);
+    }
+
+    /// @notice Close a dispute once its vote has closed (anyone may call): upheld, overturned or
+    /// undecided, as the contract's notice says; returns the outcome.
+    function resolve(uint256 round) external returns (Status outcome) {
+        RoundInfo storage r = rounds[round];
+        Dispute storage d = disputes[round];
+        if (r.status != Status.Disputed) revert NotDisputed();
+        if (block.timestamp < d.votingEnds) revert VotingOpen(d.votingEnds);
+        openDisputes -= 1;
+        uint256 taken = 0; // from the aggregator's bond: only when overturned
+        if (d.votedWeight == 0 || d.votedWeight < d.quorum || d.tied) {
+            outcome = Status.Undecided;
+            owed[d.challenger] += d.bond;
+        } else if (d.topRoot == roundRoot[round] && d.topModelHash == modelHash[round]) {
+            outcome = Status.Upheld;
+            _forfeit(d.bond);
+        } else {
+            outcome = Status.Overturned;
+            roundRoot[round] = d.topRoot;
+            modelHash[round] = d.topModelHash;
+            uint256 bond = bondOf[r.aggregator];
+            taken = bond < aggregatorBond ? bond : aggregatorBond;
+            bondOf[r.aggregator] = bond - taken;
+            owed[d.challenger] += d.bond + taken / 2;
+            _forfeit(taken - taken / 2);
+        }
+        r.status = outcome;
+        emit Resolved(round, outcome, roundRoot[round], modelHash[round], taken);
+    }
+
+    /// @notice Pull what resolved disputes owe the caller.
+    function collect() external nonReentrant {
+        uint256 amount = owed[msg.sender];
+        if (amount == 0) revert NothingToClaim();
+        owed[msg.sender] = 0;
+        emit Collected(msg.sender, amount);
+        (bool ok,) = msg.sender.call{value: amount}("");
+        if (!ok) revert TransferFailed();
+    }
+
+    function _forfeit(uint256 amount) private {
+        if (burnSlashed) burned += amount;
+        else pool += amount;
+    }
+
     // --- views ------------------------------------------------------------------------------
 
     function stakeOf(address client) external view returns (uint256) {
@@ -254,6 +475,12 @@ contract FedLedger {
 
     function claimedOf(address client) external view returns (uint256) {
         return clients[client].claimed;
+    }
+
+    /// @notice Whether a leaf of `round` may be claimed now (its proof aside).
+    function isFinal(uint256 round) external view returns (bool) {
+        RoundInfo storage r = rounds[round];
+        return r.postedAt != 0 && (challengeWindow == 0 || (openDisputes == 0 && block.timestamp >= r.postedAt + challengeWindow));
     }
 
     function verify(bytes32[] calldata proof, bytes32 root, bytes32 leaf) public pure returns (bool) {

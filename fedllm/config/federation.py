@@ -157,6 +157,19 @@ class LedgerConfig:
                                  "before its reply leaves (the reveal): of identical uploads only the later "
                                  "committed are duplicates, and a reply without its commitment is invalid. Needs a "
                                  "chain node the clients reach (ledger.chain=URL, not tester).", False)
+    challenge_window: int = option("Seconds after a round is recorded during which a registered client may dispute it "
+                                   "on chain with a bond (FedLedger, when deploying); a round's rewards are claimable "
+                                   "after it; 0: disputes off, rewards claimable at once.", 0, check=">= 0")
+    voting_seconds: int = option("With disputes on: seconds a dispute's vote stays open to verifiers (registered "
+                                 "clients but the aggregator) posting the root they recomputed.", 3600, check="> 0")
+    dispute_bond: float = option("With disputes on: least ether a challenger bonds; lost when its dispute is upheld.",
+                                 0.1, check="> 0")
+    aggregator_bond: float = option("With disputes on: ether the aggregator bonds before recording rounds (posted at "
+                                    "the run's start); what an overturned round costs it, half to the challenger.",
+                                    1.0, check="> 0")
+    dispute_quorum: float = option("With disputes on: share of the staked ether the votes must carry for a "
+                                   "decision (else the round stands and the challenger's bond is returned).", 0.5,
+                                   check="(0, 1]")
 
     def __post_init__(self) -> None:
         choice("ledger.client-keys", self.client_keys, ("simulated", "node"))
@@ -182,8 +195,26 @@ class LedgerConfig:
             raise ConfigError(f"ledger.stake: {self.stake} is below ledger.min-stake ({self.min_stake}), which the "
                               "contract deployed for this run would refuse")
         positive("ledger.validation-examples", self.validation_examples)
+        self.check_disputes()
         positive("ledger.shapley-permutations", self.shapley_permutations)
         self.penalty_map()
+
+    def check_disputes(self) -> None:
+        """The dispute keys: only checked beyond their sign when disputes are on."""
+        if self.challenge_window < 0:
+            raise ConfigError(f"ledger.challenge-window: must be >= 0 seconds (0: disputes off), got "
+                              f"{self.challenge_window}")
+        if self.challenge_window == 0:
+            return
+        positive("ledger.voting-seconds", self.voting_seconds)
+        for key, value in (("ledger.dispute-bond", self.dispute_bond), ("ledger.aggregator-bond", self.aggregator_bond)):
+            if not math.isfinite(value) or int(Decimal(str(value)) * 10**18) < 1:
+                raise ConfigError(f"{key}: must be at least 1 wei (1e-18 ether) with disputes on, got {value}")
+        if not 0 < self.dispute_quorum <= 1:
+            raise ConfigError(f"ledger.dispute-quorum: must be in (0, 1], got {self.dispute_quorum}")
+        if not self.contract and self.unbonding_seconds < self.voting_seconds:  # FedLedger's BadDisputeRules
+            raise ConfigError(f"ledger.unbonding-seconds: must be at least ledger.voting-seconds ({self.voting_seconds}) "
+                              f"with disputes on, or a voter could withdraw and vote again; got {self.unbonding_seconds}")
 
     def penalty_map(self) -> dict[str, float]:
         """ledger.penalties as {flag: fraction of the stake}."""

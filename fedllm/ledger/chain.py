@@ -217,16 +217,17 @@ class Ledger:
 
     @classmethod
     def deploy(cls, w3: Any, owner: Any, aggregator: str, min_stake: int, unbonding_seconds: int = 86_400,
-               burn_slashed: bool = False, pool: int = 0) -> "Ledger":
+               burn_slashed: bool = False, pool: int = 0, disputes: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)) -> "Ledger":
+        """`disputes`: fedllm.ledger.dispute.DisputeRules (window, voting, bonds, quorum); window 0: off."""
         art = artifact("FedLedger")
         factory = w3.eth.contract(abi=art["abi"], bytecode=art["bytecode"])
         try:
-            tx = factory.constructor(aggregator, min_stake, unbonding_seconds, burn_slashed).build_transaction(
+            tx = factory.constructor(aggregator, min_stake, unbonding_seconds, burn_slashed, *disputes).build_transaction(
                 {"from": owner.address, "value": pool, "nonce": w3.eth.get_transaction_count(owner.address)})
             receipt = _send(w3, owner, tx)
         except LedgerError:
             raise
-        except Exception as err:  # a revert in the constructor (e.g. ZeroMinStake)
+        except Exception as err:  # a revert in the constructor (e.g. ZeroMinStake, BadDisputeRules)
             raise LedgerError(f"FedLedger constructor: {_reason(_error_selectors(art['abi']), err)}") from err
         ledger = cls(w3, receipt.contractAddress)
         ledger.deploy_gas = receipt.gasUsed
@@ -264,8 +265,7 @@ class Ledger:
 
     def record_round(self, aggregator: Any, server_round: int, root: bytes, model_hash: bytes, reward: int,
                      num_clients: int, manifest: bytes = bytes(32)) -> Receipt:
-        """Post a round: its Merkle root, the global model's hash, the reward it allocates and the
-        sha256 of its manifest (what `fedllm verify` recomputes the round from)."""
+        """Post a round: root, model hash, the reward it allocates, its manifest's sha256."""
         return self.send(aggregator, "recordRound", server_round, root, model_hash, reward, num_clients, manifest)
 
     def slash(self, aggregator: Any, client: str, server_round: int, amount: int, evidence: bytes) -> Receipt:

@@ -20,6 +20,7 @@ import torch
 
 from fedllm.ledger import chain as ledger, scoring as contribution
 from fedllm.ledger.commit import commitment
+from fedllm.ledger.dispute import Disputes, rules_of
 from fedllm.config import Config
 from fedllm.ledger.artifacts import MANIFEST_FORMAT, Store
 from fedllm.ledger.merkle import Leaf, MerkleTree
@@ -69,8 +70,8 @@ class LedgerSession:
         if self.lc.owner_key:
             self.owner = ledger.read_key(self.lc.owner_key, "ledger.owner-key")
         else:
-            self.owner = ledger.dev_account(self.w3, self.lc.seed, "owner",
-                                            ether=2 * self.lc.pool + 64 * (self.lc.stake + 1) + 10)
+            self.owner = ledger.dev_account(self.w3, self.lc.seed, "owner", ether=2 * self.lc.pool + 64 * (
+                self.lc.stake + 1) + 10 + (self.lc.aggregator_bond if self.lc.challenge_window else 0))
         self.aggregator = (ledger.read_key(self.lc.aggregator_key, "ledger.aggregator-key")
                            if self.lc.aggregator_key else self.owner)
         deploy_gas = 0
@@ -81,8 +82,11 @@ class LedgerSession:
         else:
             self.contract = ledger.Ledger.deploy(
                 self.w3, self.owner, self.aggregator.address, ledger.to_wei(self.lc.min_stake),
-                self.lc.unbonding_seconds, self.lc.slashed_to == "burn", ledger.to_wei(self.lc.pool))
+                self.lc.unbonding_seconds, self.lc.slashed_to == "burn", ledger.to_wei(self.lc.pool),
+                disputes=rules_of(self.lc))
             deploy_gas = self.contract.deploy_gas
+        self.disputes = Disputes(self.contract)
+        self.disputes.top_up(self.aggregator)  # with disputes on, recordRound needs the aggregator's bond
         if self.lc.client_keys == "simulated" and ledger.to_wei(self.lc.stake) < self.contract.min_stake:
             from fedllm.errors import ConfigError
 
@@ -102,7 +106,8 @@ class LedgerSession:
             return
         self.write("chain.json", {"chain": self.lc.chain, "contract": self.contract.address,
                                   "owner": self.owner.address, "aggregator": self.aggregator.address,
-                                  "deploy-gas": deploy_gas, "slashed-to": self.lc.slashed_to})
+                                  "deploy-gas": deploy_gas, "slashed-to": self.lc.slashed_to,
+                                  "disputes": self.disputes.rules()._asdict()})
         log.info("ledger: FedLedger at %s on %s", self.contract.address, self.lc.chain)
 
     @property
@@ -400,7 +405,8 @@ class LedgerSession:
         accounts' stake, claimed and pending rewards are written to accounts.json."""
         if self.lc.client_keys == "simulated":
             for account, acct in self.accounts.items():
-                if acct["cumulative"] > self.contract.claimed_of(account) and "round" in acct:
+                if (acct["cumulative"] > self.contract.claimed_of(account) and "round" in acct
+                        and self.disputes.is_final(acct["round"])):  # else its challenge window is open: pending
                     entry = json.loads((self.dir / f"round-{acct['round']:04d}.json").read_text())["clients"][acct["leaf"]]
                     leaf = Leaf(acct["round"], account, entry["score-fixed"], entry["cumulative"],
                                 bytes.fromhex(entry["update-hash"]))
