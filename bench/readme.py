@@ -213,6 +213,27 @@ def ledger(d: dict[str, Any]) -> Table:
                    r["check-ms-per-reply"], r["flags-ok"]] for r in d["results"]])
     out += ["", "Gas per round, most / fewest clients: "
             + ", ".join(f"{c} {fmt(g, 5)}" for c, g in d["gas-growth"].items()) + " (goal: flat)."]
+    return out + ledger_disputes(d.get("disputes", []))
+
+
+def ledger_disputes(runs: list[dict[str, Any]]) -> Table:
+    """The dispute figures, one chain's (the chains agree to the unit; the JSON keeps both)."""
+    if not runs:
+        return []
+    d = runs[0]
+    out = ["", f"Disputes ({', '.join(r['chain'] for r in runs)}): recordRound with a non-zero manifest hash, with "
+           "disputes off and on, against 86,715 (recordRound before manifests and disputes).", ""]
+    out += table(["call", "gas, disputes off", "gas, disputes on", "on / 86,715"],
+                 [[label, d[f"{key}-off"], d[f"{key}-on"], round(d[f"{key}-on"] / 86_715, 2)]
+                  for key, label in (("gas-record", "recordRound"), ("gas-record-round1", "recordRound, round 1"),
+                                     ("gas-claim", "claim"), ("deploy-gas", "deploy"))])
+    out += ["", "A whole dispute by committee size and outcome (dispute + votes + resolve + the challenger's "
+            "collect):", ""]
+    out += table(["verifiers", "outcome", "dispute", "first vote", "each later vote", "resolve", "collect", "total",
+                  "total / 86,715"],
+                 [[name.split("-")[0], c["outcome"], c["dispute"], c["votes"][0],
+                   round(sum(c["votes"][1:]) / len(c["votes"][1:])) if len(c["votes"]) > 1 else "-", c["resolve"],
+                   c["collect"], c["total"], round(c["total"] / 86_715, 2)] for name, c in d["committees"].items()])
     return out
 
 

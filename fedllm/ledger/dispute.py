@@ -166,6 +166,8 @@ def chain_time(w3: Any) -> int:
 def advance_time(w3: Any, seconds: int) -> None:
     """Move a dev chain's clock `seconds` ahead and mine a block: the in-process tester chain
     (time travel) or anvil/hardhat (evm_increaseTime, evm_mine). A real chain refuses."""
+    if seconds <= 0:
+        return
     tester = getattr(w3.provider, "ethereum_tester", None)
     if tester is not None:
         tester.time_travel(chain_time(w3) + seconds)
