@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from fedllm.config.federation import LedgerConfig
 from fedllm.ledger.chain import Ledger, LedgerError, Receipt, to_wei
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,8 @@ class DisputeRules(NamedTuple):
     quorum_bps: int = 5000  # share of the stake (in 1/10000) the votes must carry for a decision
 
 
-def rules_of(lc: Any) -> DisputeRules:
-    """The DisputeRules a run deploys with, from its [ledger] config (a LedgerConfig)."""
+def rules_of(lc: LedgerConfig) -> DisputeRules:
+    """The DisputeRules a run deploys with, from its [ledger] config."""
     if lc.challenge_window == 0:
         return DisputeRules()
     return DisputeRules(lc.challenge_window, lc.voting_seconds, to_wei(lc.dispute_bond), to_wei(lc.aggregator_bond),
