@@ -151,3 +151,73 @@ def test_opposed_and_oversized_flags():
     v = torch.stack(honest + [-honest[0], 10 * honest[1]])
     flags = flag_updates(v, [bytes([i]) for i in range(8)], History())
     assert flags == [[]] * 6 + [["opposed"], ["oversized"]]
+
+
+def test_helpful_compares_each_gain_with_the_median_by_hand():
+    from fedllm.ledger.scoring import helpful
+
+    gains = [0.4, 0.2, 0.3, 0.04, -0.2, 9.0]
+    active = [True, True, True, True, True, False]  # the last is idle: neither counted nor judged
+    # active gains sorted: -0.2, 0.04, 0.2, 0.3, 0.4 -> median 0.2; ratio 0.5: bars +-0.1
+    assert helpful(gains, active, 0.5) == [True, True, True, None, False, None]
+    assert helpful(gains, active, 0.0) == [None] * 6  # the test off
+    assert helpful([-0.2, 0.0, 0.1], [True] * 3, 0.5) == [None] * 3  # median 0: nothing is confirmed
+
+
+def minority_round():
+    """Six updates on a majority task, two honest ones on a minority task that pulls partly
+    against the majority's direction, and one sign-flipped majority update (D = 4000)."""
+    gen = torch.Generator().manual_seed(3)
+    majority = torch.randn(4000, generator=gen, dtype=torch.float64)
+    minority = -0.6 * majority + torch.randn(4000, generator=gen, dtype=torch.float64)
+    rows = [majority + 0.8 * torch.randn(4000, generator=gen, dtype=torch.float64) for _ in range(6)]
+    rows += [minority + 0.3 * torch.randn(4000, generator=gen, dtype=torch.float64) for _ in range(2)]
+    return torch.stack(rows + [-rows[0]])
+
+
+def test_an_honest_minority_whose_validation_gain_vouches_for_it_is_not_opposed():
+    v = minority_round()
+    hashes = [bytes([i]) * 32 for i in range(9)]
+    # by geometry alone the minority's honest updates look like flipped signs ...
+    assert flag_updates(v, hashes, History()) == [[]] * 6 + [["opposed"]] * 3
+    # ... the validation data tells them from the flipped one: they lower the loss, it raises it
+    gains = [0.30, 0.28, 0.31, 0.25, 0.29, 0.27, 0.16, 0.18, -0.30]  # median 0.27: bars +-0.135
+    assert flag_updates(v, hashes, History(), gains=gains) == [[]] * 8 + [["opposed", "harmful"]]
+    # with the test off (harmful_ratio 0) the gains are not used
+    assert flag_updates(v, hashes, History(), FlagRules(harmful_ratio=0.0), gains=gains) == [[]] * 6 + [["opposed"]] * 3
+
+
+def test_harmful_flags_an_update_that_raises_the_validation_loss_where_the_others_lower_it():
+    """A label-flipped or poisoned update may keep an honest norm and direction; its validation
+    gain gives it away."""
+    v = honest_round()
+    hashes = [bytes([i]) * 32 for i in range(5)]
+    gains = [0.20, 0.22, 0.18, 0.21, -0.15]  # median 0.20: harmful below -0.10
+    assert flag_updates(v, hashes, History(), gains=gains) == [[], [], [], [], ["harmful"]]
+    gains[4] = -0.05  # within the slice's resolution: no verdict
+    assert flag_updates(v, hashes, History(), gains=gains) == [[]] * 5
+    v[2] = 0.0  # a free rider is flagged as one; its gain is neither judged nor in the median
+    gains[2], gains[4] = -5.0, -0.15
+    assert flag_updates(v, hashes, History(), gains=gains) == [[], [], ["free-rider"], [], ["harmful"]]
+
+
+def test_noise_is_waived_for_a_helpful_update_and_kept_for_an_unhelpful_one():
+    v = honest_round()
+    v[4] = torch.randn(4000, generator=torch.Generator().manual_seed(9), dtype=torch.float64) * v[0].norm() / 63
+    hashes = [bytes([i]) * 32 for i in range(5)]
+    assert flag_updates(v, hashes, History(), gains=[0.2, 0.2, 0.2, 0.2, 0.15])[4] == []  # it helps
+    assert flag_updates(v, hashes, History(), gains=[0.2, 0.2, 0.2, 0.2, 0.01])[4] == ["noise"]  # no verdict
+    assert flag_updates(v, hashes, History(), gains=[0.2, 0.2, 0.2, 0.2, -0.2])[4] == ["noise", "harmful"]
+
+
+def test_validation_gains_evaluate_each_update_alone_against_none():
+    from fedllm.ledger.scoring import validation_gains
+
+    calls = []
+
+    def utility(s):
+        calls.append(s)
+        return -2.0 + sum((0.5, -0.25, 0.0)[i] for i in s)
+
+    assert validation_gains(utility, 3) == pytest.approx([0.5, -0.25, 0.0])
+    assert calls == [frozenset(), frozenset({0}), frozenset({1}), frozenset({2})]  # n + 1 evaluations

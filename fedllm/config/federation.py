@@ -110,7 +110,8 @@ class SecAggConfig:
             raise ConfigError(f"secagg.threshold: must be a fraction in (0.5, 1] or a whole count >= 2, got {t}")
 
 
-PENALTY_FLAGS = ("free-rider", "noise", "opposed", "oversized", "duplicate", "replay", "stale", "outlier", "invalid")
+PENALTY_FLAGS = ("free-rider", "noise", "opposed", "harmful", "oversized", "duplicate", "replay", "stale", "outlier",
+                 "invalid")
 
 
 @dataclass
@@ -144,8 +145,8 @@ class LedgerConfig:
     shapley_permutations: int = option("GTG-Shapley: most permutations sampled per round.", 20, check="> 0")
     penalties: str = option("Share of the stake slashed per flag, 'flag=fraction,...' (flags: "
                             + ", ".join(PENALTY_FLAGS) + ").",
-                            "free-rider=0.5,noise=0.5,opposed=0.5,oversized=0.25,duplicate=0.25,replay=0.5,stale=0.25,"
-                            "outlier=0.1,invalid=0.1")
+                            "free-rider=0.5,noise=0.5,opposed=0.5,harmful=0.5,oversized=0.25,duplicate=0.25,"
+                            "replay=0.5,stale=0.25,outlier=0.1,invalid=0.1")
     free_rider_ratio: float = option("An update whose norm is below this share of the median norm is a free "
                                      "rider's.", 0.05, check=">= 0")
     noise_z: float = option("An update less aligned with the others' coordinate-wise median than |cos| sqrt(D) < "
@@ -153,6 +154,12 @@ class LedgerConfig:
                             "opposed (a flipped sign); 0 turns both tests off (they are off for zo).", 4.0, check=">= 0")
     oversize_ratio: float = option("An update whose norm exceeds this multiple of the median norm is oversized "
                                    "(a scaled update); 0 turns the test off.", 5.0, check=">= 0")
+    harmful_ratio: float = option("Validation gain test, against the round's median gain m (a gain: the loss on "
+                                  "ledger.validation-examples of the pre-round state minus that state moved by one "
+                                  "update alone): a gain below -harmful-ratio x m is harmful (it moves the loss the "
+                                  "wrong way), one of at least harmful-ratio x m is never noise or opposed (a non-IID "
+                                  "minority's honest step). One evaluation per client and round; 0 turns it off.",
+                                  0.5, check=">= 0")
     commit_reveal: bool = option("Each client commits keccak256(contract, round, account, update hash) on chain "
                                  "before its reply leaves (the reveal): of identical uploads only the later "
                                  "committed are duplicates, and a reply without its commitment is invalid. Needs a "
@@ -182,7 +189,7 @@ class LedgerConfig:
         for key, value in (("ledger.pool", self.pool), ("ledger.reward-per-round", self.reward_per_round),
                            ("ledger.unbonding-seconds", self.unbonding_seconds),
                            ("ledger.free-rider-ratio", self.free_rider_ratio), ("ledger.noise-z", self.noise_z),
-                           ("ledger.oversize-ratio", self.oversize_ratio)):
+                           ("ledger.oversize-ratio", self.oversize_ratio), ("ledger.harmful-ratio", self.harmful_ratio)):
             if value < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {value}")
         for key, value in (("ledger.stake", self.stake), ("ledger.min-stake", self.min_stake)):

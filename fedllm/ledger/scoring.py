@@ -15,12 +15,21 @@ A scorer is `f(vectors, weights, aggregate, utility) -> list[float]`; register y
 Flags (`flag_updates`) name what an update looks like, for a penalty: `free-rider` (norm below
 `free_rider_ratio` x the median norm: a zero or near-zero update), `noise` (no more aligned
 with the others' coordinate-wise median than a random direction: |cos| * sqrt(D) < `noise_z`),
-`opposed` (cos * sqrt(D) <= -`noise_z`: a flipped sign), `oversized` (norm above
-`oversize_ratio` x the median), `duplicate` (the
-same bytes as another client's update this round: all of them, or, with commitments on chain,
-all but the first committed), `replay` (the same bytes as an update of
+`opposed` (cos * sqrt(D) <= -`noise_z`: a flipped sign), `harmful` (its validation gain, the
+validation loss of the pre-round state minus that of the state moved by this update alone, is
+below -`harmful_ratio` x the round's median gain: it raises the loss where the others lower
+it), `oversized` (norm above `oversize_ratio` x the median),
+`duplicate` (the same bytes as another client's update this round: all of them, or, with
+commitments on chain, all but the first committed), `replay` (the same bytes as an update of
 an earlier round), `stale` (cosine >= 0.999 with an earlier global delta), `outlier` (left
 out or cut by a robust strategy), `invalid` (a payload the server dropped).
+
+The geometric tests (`noise`, `opposed`) compare an update with the round's majority, which a
+client whose task differs from most others' (a non-IID minority) need not follow. With
+validation gains the data has the last word: an update whose gain is at least `harmful_ratio` x
+the median lowers the validation loss (its own task's examples in it included) and is not
+called `noise` or `opposed`, whatever its direction. Gains within +-`harmful_ratio` x the
+median tell nothing either way (the slice's resolution): the geometry stands.
 """
 
 from __future__ import annotations
@@ -133,6 +142,23 @@ class FlagRules:
     noise_z: float = 4.0
     stale_cosine: float = 0.999
     oversize_ratio: float = 5.0
+    harmful_ratio: float = 0.5  # of the median validation gain; 0: no harmful test, no waiver
+
+
+def helpful(gains: list[float], active: list[bool], ratio: float) -> list[bool | None]:
+    """The validation data's verdict on each update, against m, the median gain of the active
+    updates: True (gain >= ratio x m: it lowers the loss), False (gain < -ratio x m: it raises
+    it) or None (in between; an inactive update; `ratio` 0; or m <= 0, a round in which the data
+    confirms no direction)."""
+    values = sorted(g for g, a in zip(gains, active) if a)
+    if ratio <= 0 or not values:
+        return [None] * len(gains)
+    k = len(values)
+    median = (values[(k - 1) // 2] + values[k // 2]) / 2
+    if not median > 0:
+        return [None] * len(gains)
+    return [None if not a else True if g >= ratio * median else False if g < -ratio * median else None
+            for g, a in zip(gains, active)]
 
 
 @dataclass
@@ -186,12 +212,15 @@ def cosine_with_others_median(units: torch.Tensor, active: torch.Tensor) -> torc
 
 
 def flag_updates(vectors: torch.Tensor, hashes: list[bytes], history: History,
-                 rules: FlagRules | None = None, order: list[int] | None = None) -> list[list[str]]:
+                 rules: FlagRules | None = None, order: list[int] | None = None,
+                 gains: list[float] | None = None) -> list[list[str]]:
     """The flags of each accepted update (rows of `vectors`, (n, D)), in row order; O(n D log n).
 
     `order`: each update's commitment order index on chain (ledger.commit-reveal; 0: none kept).
     Of identical updates the first committed is the original and the others are `duplicate`;
-    when none of them committed, who copied whom cannot be told and every copy is flagged."""
+    when none of them committed, who copied whom cannot be told and every copy is flagged.
+    `gains`: each update's validation gain (`validation_gains`), or None without validation data:
+    then no `harmful` test, and `noise` and `opposed` stand on the geometry alone."""
     rules = rules or FlagRules()
     n, dim = vectors.shape
     flags: list[list[str]] = [[] for _ in range(n)]
@@ -203,6 +232,7 @@ def flag_updates(vectors: torch.Tensor, hashes: list[bytes], history: History,
     units = vectors / norms.clamp_min(1e-300)[:, None]  # (n, D)
     units[idle] = 0.0  # a zero update has no direction to judge, nor to lend
     cos_others = cosine_with_others_median(units, ~idle)  # (n,)
+    helps = helpful(gains, (~idle).tolist(), rules.harmful_ratio) if gains is not None else [None] * n
     stale = torch.zeros(n, dtype=torch.bool)
     for g in history.global_deltas:
         if g.norm() > 0:
@@ -213,11 +243,13 @@ def flag_updates(vectors: torch.Tensor, hashes: list[bytes], history: History,
             flags[i].append("free-rider")
             continue
         z = float(cos_others[i]) * math.sqrt(dim)  # a random direction gives |z| about 1
-        if int((~idle).sum()) > 1 and rules.noise_z > 0:
+        if int((~idle).sum()) > 1 and rules.noise_z > 0 and not helps[i]:  # the data vouches for a helper
             if abs(z) < rules.noise_z:
                 flags[i].append("noise")
             elif z <= -rules.noise_z:
                 flags[i].append("opposed")  # pulls against the others: a flipped sign
+        if helps[i] is False:
+            flags[i].append("harmful")
         if big[i]:
             flags[i].append("oversized")
         if stale[i]:
@@ -231,6 +263,13 @@ def flag_updates(vectors: torch.Tensor, hashes: list[bytes], history: History,
         if h in history.hashes:
             flags[i].append("replay")
     return flags
+
+
+def validation_gains(utility: Utility, n: int) -> list[float]:
+    """u({i}) - u(empty) for each of `n` updates: how much each alone lowers the validation loss
+    of the pre-round state (n + 1 evaluations)."""
+    empty = utility(frozenset())
+    return [utility(frozenset({i})) - empty for i in range(n)]
 
 
 def reward_shares(budget: int, scores: list[int]) -> list[int]:

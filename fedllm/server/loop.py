@@ -137,8 +137,9 @@ def round_row(server_round: int, outcome: RoundOutcome, figures: dict[str, Any],
 
 
 def needs_utility(cfg: Config) -> bool:
-    """Whether ledger.scorer calls the method's validation utility."""
-    return bool(SCORERS.get(cfg.ledger.scorer).meta.get("needs_utility"))
+    """Whether the ledger calls the method's validation utility: ledger.scorer does, or the
+    harmful flag's validation gains are on (ledger.harmful-ratio above 0)."""
+    return bool(SCORERS.get(cfg.ledger.scorer).meta.get("needs_utility")) or cfg.ledger.harmful_ratio > 0
 
 
 def _books(cfg: Config, run_dir: Path, ckpt: dict[str, Any] | None) -> Any:
