@@ -188,8 +188,8 @@ def test_an_honest_minority_whose_validation_gain_vouches_for_it_is_not_opposed(
 
 
 def test_harmful_flags_an_update_that_raises_the_validation_loss_where_the_others_lower_it():
-    """A label-flipped or poisoned update may keep an honest norm and direction; its validation
-    gain gives it away."""
+    """An update may keep an honest norm and direction (poisoned data) and still raise the
+    validation loss; its gain gives it away."""
     v = honest_round()
     hashes = [bytes([i]) * 32 for i in range(5)]
     gains = [0.20, 0.22, 0.18, 0.21, -0.15]  # median 0.20: harmful below -0.10

@@ -25,9 +25,11 @@ from fedllm.protocol import (ARRAYS, DOWN, LEDGER, METRICS, PEFT, SCORES, UPDATE
 
 
 def needs_model(cfg: Config) -> bool:
-    """Whether the server loads the base model: to evaluate, merge, or score on validation."""
+    """Whether the server loads the base model: to evaluate, merge, or score or flag on validation
+    (a scorer with needs_utility, or the harmful flag's validation gains)."""
     scorer = SCORERS.get(cfg.ledger.scorer)
-    return cfg.server.evaluate or cfg.server.merge or (cfg.ledger.enabled and bool(scorer.meta.get("needs_utility")))
+    return cfg.server.evaluate or cfg.server.merge or (cfg.ledger.enabled and (
+        bool(scorer.meta.get("needs_utility")) or cfg.ledger.harmful_ratio > 0))
 
 
 class LoraServer:
