@@ -126,7 +126,7 @@ def verify_command(args: argparse.Namespace) -> int:
     checks = verify(args.run_dir, args.rounds, args.chain)
     if args.json:
         print(json.dumps([{"round": c.round, "status": c.status, "posted": c.posted, "recomputed": c.recomputed,
-                           "problems": c.problems, "source": c.source} for c in checks], indent=1))
+                           "vote": c.vote(), "problems": c.problems, "source": c.source} for c in checks], indent=1))
     else:
         print(f"compared with {checks[0].source}" if checks else "no round was posted")
         for c in checks:

@@ -136,3 +136,60 @@ def test_the_cli_exits_0_1_or_2(honest_run, tmp_path, capsys):
     out = copy_of(honest_run, tmp_path)
     next((out / "ledger" / "artifacts").glob("*.safetensors")).unlink()
     assert main(["verify", str(out)]) == 1
+
+
+def test_disputes_end_to_end_on_anvil(tiny_model_dir, tmp_path, monkeypatch):
+    """On a real node: (1) a server that raised one client's score posts its round; a client
+    runs verify and disputes it, the other clients vote the recomputed root, and the round is
+    overturned: the aggregator's bond is slashed, the challenger repaid with a share, and the
+    chain now holds the root everybody recomputes. (2) An honest round whose artifacts are
+    deleted afterwards: the verifiers vote `unavailable`, and the aggregator loses its bond too.
+    (3) An honest round disputed anyway: the votes uphold it and the challenger's bond is lost."""
+    from fedllm.ledger import chain as ledger, session
+    from fedllm.ledger.anvil import ANVIL, anvil
+    from fedllm.ledger.dispute import Disputes, advance_time
+
+    if not ANVIL.exists():
+        pytest.fail(f"{ANVIL} missing: run `make` (npm install --prefix contracts)")
+    honest = session.LedgerSession._scores
+
+    def raised(self, *args, **kwargs):
+        scores, mean = honest(self, *args, **kwargs)
+        return [s + 0.5 if i == 0 else s for i, s in enumerate(scores)], mean
+
+    with anvil() as url:
+        keys = {"ledger.chain": url, "ledger.challenge-window": 3600, "ledger.voting-seconds": 600,
+                "ledger.dispute-bond": 0.01, "ledger.aggregator-bond": 1.0, "server.num-rounds": 1}
+        w3 = ledger.connect(url)
+        outcomes = {}
+        for case in ("dishonest", "deleted", "honest"):
+            with monkeypatch.context() as m:
+                if case == "dishonest":
+                    m.setattr(session.LedgerSession, "_scores", raised)
+                out = ledger_run(tiny_model_dir, tmp_path / case, **{**keys, "ledger.seed": len(outcomes)})
+            if case == "deleted":
+                for blob in (out / "ledger" / "artifacts").glob("*.safetensors"):
+                    blob.unlink()
+            check = verify(out)[0]
+            assert check.source.startswith("FedLedger") and check.status == {
+                "dishonest": "mismatch", "deleted": "unverifiable", "honest": "reproduced"}[case], check.line()
+            meta = json.loads((out / "ledger" / "chain.json").read_text())
+            court = Disputes(ledger.Ledger(w3, meta["contract"]))
+            clients = [ledger.derived_account(len(outcomes), f"client-{p}") for p in range(3)]
+            bond = court.bond_of(meta["aggregator"])
+            court.challenge(clients[0], 1, ledger.to_wei(0.01))
+            vote = check.vote()
+            for c in clients[1:]:
+                court.vote(c, 1, bytes.fromhex(vote["root"]), bytes.fromhex(vote["model-hash"]))
+            advance_time(w3, 601)
+            resolution = court.resolve(clients[0], 1)
+            outcomes[case] = resolution.outcome
+            if case == "honest":
+                assert court.bond_of(meta["aggregator"]) == bond and court.owed(clients[0].address) == 0
+                continue
+            assert resolution.slashed == ledger.to_wei(1.0) and court.bond_of(meta["aggregator"]) == bond - resolution.slashed
+            assert court.owed(clients[0].address) == ledger.to_wei(0.01) + resolution.slashed // 2
+            assert court.round(1).root.hex() == vote["root"]
+            if case == "dishonest":  # the chain now holds what everybody recomputes
+                assert verify(out)[0].status == "reproduced"
+    assert outcomes == {"dishonest": "overturned", "deleted": "overturned", "honest": "upheld"}

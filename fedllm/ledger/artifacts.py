@@ -4,7 +4,7 @@ written so that anyone holding the run directory can recompute the round (`fedll
 RUN_DIR/ledger/artifacts/<sha256>.<ext> holds each blob under the sha256 of its bytes:
 - `.safetensors`: a state (the strategy's before the round, an update's delta, the flags'
   history), as data only: tensors in safetensors, the rest in its header's JSON
-  (fedllm.server.checkpoint's format; nothing is unpickled);
+  (fedllm.states: nothing is unpickled);
 - `.json`: the run config, the validation examples, and each round's manifest.
 
 A round's manifest names every input by its sha256 (the state before the round, each accepted
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from fedllm.errors import FedLLMError
+from fedllm.states import from_data, to_data
 
 MANIFEST_FORMAT = 1
 META_KEY = "fedllm-artifact"
@@ -97,16 +98,12 @@ class Store:
         """A state (tensors, numbers, strings, bytes, lists, tuples, dicts with string keys)."""
         from safetensors.torch import save
 
-        from fedllm.server.checkpoint import to_data
-
         tensors: dict[str, torch.Tensor] = {}
         meta = json.dumps(to_data(obj, tensors), sort_keys=True)
         return self.put(save(tensors, metadata={META_KEY: meta}), "safetensors")
 
     def get_state(self, digest: str) -> Any:
         from safetensors.torch import load
-
-        from fedllm.server.checkpoint import from_data
 
         data = self.get(digest, "safetensors")
         path = self.path(digest, "safetensors")
@@ -116,3 +113,44 @@ class Store:
             return from_data(json.loads(meta), load(data))
         except Exception as err:  # a foreign file under a valid name: data only, nothing ran
             raise ArtifactError(f"{path}: not a fedllm state ({type(err).__name__}: {err})") from None
+
+
+class Trail:
+    """One run's artifacts: the config and the validation examples once, then each round the
+    strategy's state before it, its accepted updates and the flags' history, and its manifest."""
+
+    def __init__(self, root: Path, strategy: Any, flat_config: dict[str, Any], validation: list[Any]) -> None:
+        self.store = Store(root)
+        self.strategy = strategy
+        self.config = self.store.put_json(flat_config)
+        self.validation = self.store.put_json(validation)
+        self.state = self.store.put_state(strategy.state_dict())
+
+    def inputs(self, server_round: int, contract: str, signers: dict[int, tuple[str, bytes]], result: Any,
+               history: dict[str, Any], commitments: tuple[set[int], dict[int, int]]) -> dict[str, Any]:
+        """The round's inputs (`result`: its RoundResult; `history`: the flags' history before it;
+        `commitments`: what the chain said of them), every artifact by sha256; the strategy's state
+        after the round becomes the next round's state before."""
+        broken, order = commitments
+        updates = [{"node": str(u.node_id), "num-examples": u.num_examples, "metrics": u.metrics,
+                    "bytes-up": u.bytes_up, "delta": self.store.put_state(u.delta)} for u in result.updates]
+        out = {"format": MANIFEST_FORMAT, "round": server_round, "contract": contract, "config": self.config,
+               "validation": self.validation, "state-before": self.state,
+               "history-before": self.store.put_state(history), "updates": updates,
+               "dropped": [[str(node), reason] for node, reason in result.dropped],
+               "signers": {str(n): [a, d.hex()] for n, (a, d) in sorted(signers.items())},
+               "commitments": {"broken": sorted(str(n) for n in broken),
+                               "order": {str(n): i for n, i in sorted(order.items())}},
+               "threads": torch.get_num_threads(), "torch": torch.__version__}
+        self.state = self.store.put_state(self.strategy.state_dict())
+        return out
+
+    def manifest(self, inputs: dict[str, Any], budget: int, before: dict[str, int], rows: list[Any],
+                 leaves: list[Any], root: bytes, model_hash: bytes) -> str:
+        """Write the round's manifest (its inputs and outputs: the reward budget, each account's
+        cumulative reward before it, each client's leaf, the root and the model hash); its sha256."""
+        return self.store.put_json({
+            **inputs, "budget": budget, "cumulative-before": before, "root": root.hex(),
+            "model-hash": model_hash.hex(), "clients": [
+                {"node": str(node), "account": account, "score-fixed": leaf.score, "flags": fl,
+                 "cumulative": leaf.cumulative} for (node, account, _, _, fl), leaf in zip(rows, leaves)]})

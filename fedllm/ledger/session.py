@@ -22,7 +22,7 @@ from fedllm.ledger import chain as ledger, scoring as contribution
 from fedllm.ledger.commit import commitment
 from fedllm.ledger.dispute import Disputes, rules_of
 from fedllm.config import Config
-from fedllm.ledger.artifacts import MANIFEST_FORMAT, Store
+from fedllm.ledger.artifacts import Trail
 from fedllm.ledger.merkle import Leaf, MerkleTree
 from fedllm.protocol import METRICS, RoundResult
 
@@ -49,7 +49,7 @@ def flag_rules(cfg: Config) -> contribution.FlagRules:
     # zo updates live on the clients' own draws from the seed pool, which barely overlap, so
     # an honest update is as unaligned with the others as noise: no noise test there
     return contribution.FlagRules(cfg.ledger.free_rider_ratio, cfg.ledger.noise_z if cfg.train.method == "lora" else 0.0,
-                                  oversize_ratio=cfg.ledger.oversize_ratio, harmful_ratio=cfg.ledger.harmful_ratio)
+                                  oversize_ratio=cfg.ledger.oversize_ratio)
 
 
 class LedgerSession:
@@ -96,7 +96,7 @@ class LedgerSession:
         self.penalties = self.lc.penalty_map()
         self.history = contribution.History()
         self.seen: dict[int, tuple[set[int], dict[int, int]]] = {}  # server round -> commitments()
-        self.store: Store | None = None  # the rounds' artifacts, once `watch` names the strategy
+        self.trail: Trail | None = None  # the rounds' artifacts, once `watch` names the strategy
         self.accounts: dict[str, dict[str, Any]] = {}  # address -> partition, node, cumulative, leaf
         if cursor is not None:
             self.history = contribution.History.from_state(cursor["history"])
@@ -146,36 +146,10 @@ class LedgerSession:
 
     # --- what a verifier needs ------------------------------------------------------------------
     def watch(self, strategy: Any, cfg: Config, validation: list[dict[str, str]]) -> None:
-        """From now on, write each round's inputs as content-addressed artifacts under
-        RUN_DIR/ledger/artifacts/ and post their manifest's sha256 with the round: `strategy`
-        (whose state before each round is kept), the run's config and the validation examples
-        the scorers and flags use."""
-        self.strategy = strategy
-        self.store = Store(self.dir / "artifacts")
-        self.config_sha = self.store.put_json(cfg.to_flat())
-        self.validation_sha = self.store.put_json(validation)
-        self.state_sha = self.store.put_state(strategy.state_dict())
-
-    def inputs(self, server_round: int, signers: dict[int, tuple[str, bytes]], result: RoundResult,
-               history: dict[str, Any]) -> dict[str, Any] | None:
-        """The round's inputs for its manifest (None before `watch`): every artifact by sha256
-        and what the chain supplied; the strategy's state after the round becomes the next
-        round's state before."""
-        if self.store is None:
-            return None
-        broken, order = self.commitments(server_round, signers)
-        updates = [{"node": str(u.node_id), "num-examples": u.num_examples, "metrics": u.metrics,
-                    "bytes-up": u.bytes_up, "delta": self.store.put_state(u.delta)} for u in result.updates]
-        out = {"format": MANIFEST_FORMAT, "round": server_round, "contract": self.address,
-               "config": self.config_sha, "validation": self.validation_sha, "state-before": self.state_sha,
-               "history-before": self.store.put_state(history), "updates": updates,
-               "dropped": [[str(node), reason] for node, reason in result.dropped],
-               "signers": {str(n): [a, d.hex()] for n, (a, d) in sorted(signers.items())},
-               "commitments": {"broken": sorted(str(n) for n in broken),
-                               "order": {str(n): i for n, i in sorted(order.items())}},
-               "threads": torch.get_num_threads(), "torch": torch.__version__}
-        self.state_sha = self.store.put_state(self.strategy.state_dict())
-        return out
+        """From now on, write each round's inputs (`strategy`'s state before it, its updates; the
+        config and the validation examples the scorers use) as content-addressed artifacts under
+        RUN_DIR/ledger/artifacts/, and post their manifest's sha256 with the round."""
+        self.trail = Trail(self.dir / "artifacts", strategy, cfg.to_flat(), validation)
 
     @classmethod
     def replica(cls, cfg: Config, history: contribution.History,
@@ -198,7 +172,8 @@ class LedgerSession:
         history = self.history.state_dict()  # what the flags compare with, for the round's manifest
         rows, digests, mean = self.assess(server_round, signers, result, utility_of)
         t1 = time.perf_counter()
-        inputs = self.inputs(server_round, signers, result, history)
+        inputs = None if self.trail is None else self.trail.inputs(
+            server_round, self.address, signers, result, history, self.commitments(server_round, signers))
         kept = time.perf_counter() - t1
         out = self._post(server_round, rows, model_hash, inputs)
         self.history.add([d for d in digests if d], mean)
@@ -219,7 +194,7 @@ class LedgerSession:
         vectors = None if self.secagg else (  # under secagg: no update to score or flag
             torch.stack([contribution.flatten(u.delta) for u in updates]) if updates
             else torch.zeros(0, 1, dtype=torch.float64))
-        flags = self._flags(server_round, signers, result, vectors, digests, utility_of)
+        flags = self._flags(server_round, signers, result, vectors, digests)
         scores, mean = self._scores(server_round, updates, flags, vectors, utility_of)
         # clients: (node, account, digest, score, flags) for every signed reply
         rows = [(u.node_id, *signers[u.node_id], scores[i], flags[i]) for i, u in enumerate(updates)
@@ -229,21 +204,14 @@ class LedgerSession:
         return rows, digests, mean
 
     def _flags(self, server_round: int, signers: dict[int, tuple[str, bytes]], result: RoundResult,
-               vectors: torch.Tensor | None, digests: list[bytes],
-               utility_of: UtilityOf | None = None) -> list[list[str]]:
-        """Each accepted update's flags: the scorers' tests (with `utility_of`, the method's
-        validation utility, each update's validation gain for `harmful`), a robust rule's
-        outliers, and an upload that is not the one its client committed to on chain ("invalid")."""
+               vectors: torch.Tensor | None, digests: list[bytes]) -> list[list[str]]:
+        """Each accepted update's flags: the scorers' tests, a robust rule's outliers, and an
+        upload that is not the one its client committed to on chain ("invalid")."""
         updates = result.updates
         broken, order = self.commitments(server_round, signers)
-        gains = (contribution.validation_gains(lambda chosen: utility_of(sorted(chosen)), len(updates))
-                 if utility_of is not None and vectors is not None and self.rules.harmful_ratio > 0 else None)
-        if gains is not None:
-            log.debug("ledger: round %d: validation gains %s", server_round,
-                      {u.node_id: round(g, 6) for u, g in zip(updates, gains)})
         flags = ([[] for _ in updates] if vectors is None
                  else contribution.flag_updates(vectors, digests, self.history, self.rules,
-                                                order=[order.get(u.node_id, 0) for u in updates], gains=gains))
+                                                order=[order.get(u.node_id, 0) for u in updates]))
         for i, u in enumerate(updates):
             if u.node_id in result.outliers:
                 flags[i].append("outlier")
@@ -288,11 +256,8 @@ class LedgerSession:
         if not leaves:
             return out
         tree = MerkleTree(leaves)
-        manifest = "" if inputs is None else self.store.put_json({
-            **inputs, "budget": budget, "cumulative-before": before, "root": tree.root.hex(),
-            "model-hash": model_hash.hex(), "clients": [
-                {"node": str(node), "account": account, "score-fixed": leaf.score, "flags": fl,
-                 "cumulative": leaf.cumulative} for (node, account, _, _, fl), leaf in zip(rows, leaves)]})
+        manifest = "" if inputs is None else self.trail.manifest(inputs, budget, before, rows, leaves, tree.root,
+                                                                model_hash)
         out["gas-record"] = self.contract.record_round(self.aggregator, server_round, tree.root, model_hash,
                                                        sum(shares), len(leaves),
                                                        manifest=bytes.fromhex(manifest or "00" * 32)).gas_used

@@ -16,11 +16,13 @@ What was posted is read from the chain (ledger.chain in the run's config, or `--
 The in-process chain (ledger.chain=tester) ended with its server: its runs are compared with the
 run's own records of what it posted (RUN_DIR/ledger/round-NNNN.json), which says so.
 
-A round is `reproduced`, `mismatch` (with each difference named: the root, the model hash, and
-which client's score, flags or reward) or `unverifiable` (an artifact missing or altered, a
+A round is `reproduced` (the recomputed root and model hash equal the posted ones; after a
+dispute overturned a round, the chain holds the committee's root), `mismatch` (with each
+difference named: the root, the model hash, and which client's score, flags or reward differs
+from what the manifest says the server computed) or `unverifiable` (an artifact missing or altered, a
 manifest that is not the posted one). A dispute's verifier votes the recomputed root and model
-hash (`--json` prints them); for an unverifiable round there is nothing to vote but "not this
-root": the aggregator must keep the artifacts it committed to.
+hash (`--json` prints them as `vote`); for an unverifiable round it votes `unavailable()`, a
+root no leaf proves against: the aggregator must keep the artifacts it committed to.
 """
 
 from __future__ import annotations
@@ -37,6 +39,15 @@ from fedllm.ledger.merkle import MerkleTree
 ZERO = "00" * 32
 
 
+def unavailable() -> str:
+    """What a verifier votes for a round it cannot recompute (an artifact missing or altered): a
+    root and model hash no leaf can prove against, so an overturned round pays nothing and its
+    aggregator, who had to keep the artifacts it committed to, loses its bond."""
+    from eth_utils import keccak
+
+    return keccak(text="fedllm: the round's artifacts are unavailable").hex()
+
+
 @dataclass
 class Check:
     """One round's verdict: `status` is reproduced, mismatch or unverifiable."""
@@ -47,6 +58,12 @@ class Check:
     recomputed: dict[str, str] = field(default_factory=dict)  # root, model-hash (hex)
     problems: list[str] = field(default_factory=list)
     source: str = "chain"  # where `posted` came from: chain, or the run's records
+
+    def vote(self) -> dict[str, str]:
+        """The root and model hash to vote in a dispute of this round."""
+        if self.status == "unverifiable":
+            return {"root": unavailable(), "model-hash": unavailable()}
+        return {"root": self.recomputed["root"], "model-hash": self.recomputed["model-hash"]}
 
     def line(self) -> str:
         head = f"round {self.round}: {self.status}"
@@ -112,13 +129,12 @@ class Verifier:
         except ArtifactError as err:
             out.problems.append(str(err))
             return out
+        clients = out.recomputed.pop("clients")
         for key in ("root", "model-hash"):
             if out.recomputed[key] != posted[key]:
                 out.problems.append(f"{key}: posted 0x{posted[key]}, recomputed 0x{out.recomputed[key]}")
-        for key in ("root", "model-hash"):
-            if manifest.get(key) != posted[key]:
-                out.problems.append(f"{key}: the manifest says 0x{manifest.get(key)}, posted 0x{posted[key]}")
-        out.problems += client_differences(manifest.get("clients", []), out.recomputed.pop("clients"))
+        if out.problems:  # what the server says it computed, client by client, against the recomputation
+            out.problems += client_differences(manifest.get("clients", []), clients)
         out.status = "mismatch" if out.problems else "reproduced"
         return out
 
