@@ -62,6 +62,12 @@ def client_start(d: dict[str, Any]) -> list[Row]:
              lambda v: v <= 2)]
 
 
+def verified(d: dict[str, Any]) -> list[Row]:
+    rounds = sum(r["rounds"] for r in d["results"])
+    return [("posted rounds that fedllm verify reproduces bit for bit (share)",
+             sum(r["reproduced"] for r in d["results"]) / max(rounds, 1), "= 1", lambda v: v == 1)]
+
+
 def robustness(d: dict[str, Any]) -> list[Row]:
     table = {a: t for a, t in d["table"].items() if a != "none"}
     return [("worst attack: best strategy's eval loss / clean", max(t["relative-eval-loss"][t["best"]]
@@ -177,6 +183,7 @@ SUITE: list[tuple[str, list[str], Callable[[dict[str, Any]], list[Row]]]] = [
     ("client_start", ["--repeats", "1"], client_start),
     ("robustness", ["--attacks", "sign-flip,scale", "--strategies", "median", "--rounds", "2", "--steps", "1"],
      robustness),
+    ("verify", ["--only", "zo,dpo", "--rounds", "1"], verified),
     ("quality", ["--seeds", "0", "--epochs", "2", "--only", "fedavg,defaults", "--fresh"], quality),
     ("diloco", ["--clients", "2", "--steps", "16", "--inner-steps", "16", "--fresh"], diloco),
     ("async", ["--engine", "inprocess", "--only", "sync-equal,async-equal", "--fresh"], buffered),
