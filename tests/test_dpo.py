@@ -287,10 +287,12 @@ def test_sft_then_dpo_from_the_sft_adapter(tiny_model_dir, tmp_path):
 
 
 def test_dpo_composes_with_codecs_the_ledger_and_resume(tiny_model_dir, tmp_path):
-    """int8 codecs both ways with the ledger on (in-process chain): every round is on the ledger; a
+    """int8 codecs both ways with the ledger on (in-process chain): every round is on the ledger and
+    `fedllm verify` recomputes each from its artifacts (the downlink's error feedback included); a
     resume for a third round gives the uninterrupted run's held-out rewards (the reference
     log-likelihoods come back from the checkpoint)."""
     pytest.importorskip("web3")
+    from fedllm.ledger.verify import verify
     from fedllm.server.grid import LocalGrid
     from fedllm.server.loop import run
 
@@ -298,6 +300,7 @@ def test_dpo_composes_with_codecs_the_ledger_and_resume(tiny_model_dir, tmp_path
     booked = run(LocalGrid(2), tiny_run_config(tiny_model_dir, tmp_path, **over, **{"ledger.enabled": True,
                                                                                     "server.run-name": "ledger"}))
     assert all((booked / "ledger" / f"round-{r:04d}.json").is_file() for r in (1, 2))
+    assert [c.status for c in verify(booked)] == ["reproduced", "reproduced"]
     over = {"train.method": "dpo", "compression.down": "int8"}  # the server's codec state is checkpointed
     whole = run(LocalGrid(2), tiny_run_config(tiny_model_dir, tmp_path, **over, **{"server.num-rounds": 3,
                                                                                    "server.run-name": "whole"}))
