@@ -64,7 +64,8 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("config", help="list every config key with its default and help")
     led = sub.add_parser("ledger", help="show a run's ledger: stakes, scores, rewards, penalties")
     led.add_argument("run_dir", type=Path, help="a run directory (server.run-dir/server.run-name)")
-    ver = sub.add_parser("verify", help="recompute a run's posted rounds from their artifacts and compare with the chain")
+    ver = sub.add_parser("verify", help="recompute a run's posted rounds from their artifacts and compare with "
+                         "what was posted")
     ver.add_argument("run_dir", type=Path)
     ver.add_argument("--round", type=int, action="append", dest="rounds", metavar="N",
                      help="only round N (repeatable; default: every posted round)")
@@ -126,7 +127,8 @@ def verify_command(args: argparse.Namespace) -> int:
     checks = verify(args.run_dir, args.rounds, args.chain)
     if args.json:
         print(json.dumps([{"round": c.round, "status": c.status, "posted": c.posted, "recomputed": c.recomputed,
-                           "vote": c.vote(), "problems": c.problems, "source": c.source} for c in checks], indent=1))
+                           "vote": c.vote(), "problems": c.problems, "source": c.source, "leaves": c.leaves}
+                          for c in checks], indent=1))
     else:
         print(f"compared with {checks[0].source}" if checks else "no round was posted")
         for c in checks:

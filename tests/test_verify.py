@@ -148,6 +148,7 @@ def test_disputes_end_to_end_on_anvil(tiny_model_dir, tmp_path, monkeypatch):
     from fedllm.ledger import chain as ledger, session
     from fedllm.ledger.anvil import ANVIL, anvil
     from fedllm.ledger.dispute import Disputes, advance_time
+    from fedllm.ledger.merkle import Leaf
 
     if not ANVIL.exists():
         pytest.fail(f"{ANVIL} missing: run `make` (npm install --prefix contracts)")
@@ -187,9 +188,16 @@ def test_disputes_end_to_end_on_anvil(tiny_model_dir, tmp_path, monkeypatch):
             if case == "honest":
                 assert court.bond_of(meta["aggregator"]) == bond and court.owed(clients[0].address) == 0
                 continue
-            assert resolution.slashed == ledger.to_wei(1.0) and court.bond_of(meta["aggregator"]) == bond - resolution.slashed
+            assert resolution.slashed == ledger.to_wei(1.0)
+            assert court.bond_of(meta["aggregator"]) == bond - resolution.slashed
             assert court.owed(clients[0].address) == ledger.to_wei(0.01) + resolution.slashed // 2
             assert court.round(1).root.hex() == vote["root"]
-            if case == "dishonest":  # the chain now holds what everybody recomputes
+            if case == "dishonest":  # the chain now holds what everybody recomputes, and pays by it
                 assert verify(out)[0].status == "reproduced"
+                advance_time(w3, 3600)  # the round's window closes
+                mine = next(e for e in check.leaves if e["account"] == clients[1].address)
+                leaf = Leaf(1, mine["account"], mine["score-fixed"], mine["cumulative"],
+                            bytes.fromhex(mine["update-hash"]))
+                court.ledger.claim(clients[1], leaf, [bytes.fromhex(p) for p in mine["proof"]])
+                assert court.ledger.claimed_of(clients[1].address) == mine["cumulative"] > 0
     assert outcomes == {"dishonest": "overturned", "deleted": "overturned", "honest": "upheld"}

@@ -21,7 +21,8 @@ dispute overturned a round, the chain holds the committee's root), `mismatch` (w
 difference named: the root, the model hash, and which client's score, flags or reward differs
 from what the manifest says the server computed) or `unverifiable` (an artifact missing or altered, a
 manifest that is not the posted one). A dispute's verifier votes the recomputed root and model
-hash (`--json` prints them as `vote`); for an unverifiable round it votes `unavailable()`, a
+hash (`--json` prints them as `vote`, with each recomputed leaf and its Merkle proof: what the
+clients claim with once a dispute has overturned the round); for an unverifiable round it votes `unavailable()`, a
 root no leaf proves against: the aggregator must keep the artifacts it committed to.
 """
 
@@ -56,6 +57,7 @@ class Check:
     status: str
     posted: dict[str, str]  # root, model-hash, manifest (hex)
     recomputed: dict[str, str] = field(default_factory=dict)  # root, model-hash (hex)
+    leaves: list[dict[str, Any]] = field(default_factory=list)  # each recomputed leaf and its Merkle proof
     problems: list[str] = field(default_factory=list)
     source: str = "chain"  # where `posted` came from: chain, or the run's records
 
@@ -68,7 +70,8 @@ class Check:
     def line(self) -> str:
         head = f"round {self.round}: {self.status}"
         if self.status == "reproduced":
-            return f"{head}: root 0x{self.recomputed['root'][:16]}…, model hash 0x{self.recomputed['model-hash'][:16]}…"
+            root, model = self.recomputed["root"], self.recomputed["model-hash"]
+            return f"{head}: root 0x{root[:16]}…, model hash 0x{model[:16]}…"
         return head + "".join(f"\n  - {p}" for p in self.problems)
 
 
@@ -129,7 +132,8 @@ class Verifier:
         except ArtifactError as err:
             out.problems.append(str(err))
             return out
-        clients = out.recomputed.pop("clients")
+        out.leaves = out.recomputed.pop("clients")
+        clients = out.leaves
         for key in ("root", "model-hash"):
             if out.recomputed[key] != posted[key]:
                 out.problems.append(f"{key}: posted 0x{posted[key]}, recomputed 0x{out.recomputed[key]}")
@@ -188,10 +192,12 @@ class Verifier:
             leaves = settle(n, rows, int(m["budget"]), {a: int(c) for a, c in m["cumulative-before"].items()})
         except (KeyError, TypeError, ValueError) as err:
             raise ArtifactError(f"manifest of round {n}: malformed ({type(err).__name__}: {err})") from None
+        tree = MerkleTree(leaves) if leaves else None
         clients = [{"node": str(node), "account": account, "score-fixed": leaf.score, "flags": fl,
-                    "cumulative": leaf.cumulative} for (node, account, _, _, fl), leaf in zip(rows, leaves)]
-        return {"root": MerkleTree(leaves).root.hex() if leaves else ZERO, "model-hash": model_hash.hex(),
-                "clients": clients}
+                    "cumulative": leaf.cumulative, "update-hash": leaf.update_hash.hex(),
+                    "proof": [p.hex() for p in tree.proof(k)]}
+                   for k, ((node, account, _, _, fl), leaf) in enumerate(zip(rows, leaves))]
+        return {"root": tree.root.hex() if tree else ZERO, "model-hash": model_hash.hex(), "clients": clients}
 
 
 def client_differences(recorded: list[dict[str, Any]], recomputed: list[dict[str, Any]]) -> list[str]:
