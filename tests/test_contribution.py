@@ -183,6 +183,10 @@ def test_an_honest_minority_whose_validation_gain_vouches_for_it_is_not_opposed(
     # ... the validation data tells them from the flipped one: they lower the loss, it raises it
     gains = [0.30, 0.28, 0.31, 0.25, 0.29, 0.27, 0.16, 0.18, -0.30]  # median 0.27: bars +-0.135
     assert flag_updates(v, hashes, History(), gains=gains) == [[]] * 8 + [["opposed", "harmful"]]
+    # a minority whose gain is small or even slightly negative (within the slice's resolution)
+    # is not opposed either: only a confirmed harm is
+    gains[6], gains[7] = 0.01, -0.06
+    assert flag_updates(v, hashes, History(), gains=gains) == [[]] * 8 + [["opposed", "harmful"]]
     # with the test off (harmful_ratio 0) the gains are not used
     assert flag_updates(v, hashes, History(), FlagRules(harmful_ratio=0.0), gains=gains) == [[]] * 6 + [["opposed"]] * 3
 

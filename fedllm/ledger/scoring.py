@@ -27,9 +27,10 @@ out or cut by a robust strategy), `invalid` (a payload the server dropped).
 The geometric tests (`noise`, `opposed`) compare an update with the round's majority, which a
 client whose task differs from most others' (a non-IID minority) need not follow. With
 validation gains the data has the last word: an update whose gain is at least `harmful_ratio` x
-the median lowers the validation loss (its own task's examples in it included) and is not
-called `noise` or `opposed`, whatever its direction. Gains within +-`harmful_ratio` x the
-median tell nothing either way (the slice's resolution): the geometry stands.
+the median lowers the validation loss (its own task's examples in it included) and is never
+`noise`; an update is `opposed` only when its gain also confirms the harm (below -`harmful_ratio`
+x the median: it is then `harmful` too). A gain in between tells nothing either way (the slice's
+resolution): `noise` stands on the geometry, `opposed` is not raised.
 """
 
 from __future__ import annotations
@@ -220,7 +221,8 @@ def flag_updates(vectors: torch.Tensor, hashes: list[bytes], history: History,
     Of identical updates the first committed is the original and the others are `duplicate`;
     when none of them committed, who copied whom cannot be told and every copy is flagged.
     `gains`: each update's validation gain (`validation_gains`), or None without validation data:
-    then no `harmful` test, and `noise` and `opposed` stand on the geometry alone."""
+    then no `harmful` test, and `noise` and `opposed` stand on the geometry alone. With gains, a
+    helpful update is never `noise` and only a harmful one is `opposed`."""
     rules = rules or FlagRules()
     n, dim = vectors.shape
     flags: list[list[str]] = [[] for _ in range(n)]
@@ -233,6 +235,7 @@ def flag_updates(vectors: torch.Tensor, hashes: list[bytes], history: History,
     units[idle] = 0.0  # a zero update has no direction to judge, nor to lend
     cos_others = cosine_with_others_median(units, ~idle)  # (n,)
     helps = helpful(gains, (~idle).tolist(), rules.harmful_ratio) if gains is not None else [None] * n
+    judged = any(h is not None for h in helps)  # the gains give verdicts (ratio > 0, a positive median)
     stale = torch.zeros(n, dtype=torch.bool)
     for g in history.global_deltas:
         if g.norm() > 0:
@@ -246,7 +249,7 @@ def flag_updates(vectors: torch.Tensor, hashes: list[bytes], history: History,
         if int((~idle).sum()) > 1 and rules.noise_z > 0 and not helps[i]:  # the data vouches for a helper
             if abs(z) < rules.noise_z:
                 flags[i].append("noise")
-            elif z <= -rules.noise_z:
+            elif z <= -rules.noise_z and (not judged or helps[i] is False):  # the data confirms the harm
                 flags[i].append("opposed")  # pulls against the others: a flipped sign
         if helps[i] is False:
             flags[i].append("harmful")
