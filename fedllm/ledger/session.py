@@ -49,7 +49,7 @@ def flag_rules(cfg: Config) -> contribution.FlagRules:
     # zo updates live on the clients' own draws from the seed pool, which barely overlap, so
     # an honest update is as unaligned with the others as noise: no noise test there
     return contribution.FlagRules(cfg.ledger.free_rider_ratio, cfg.ledger.noise_z if cfg.train.method == "lora" else 0.0,
-                                  oversize_ratio=cfg.ledger.oversize_ratio)
+                                  oversize_ratio=cfg.ledger.oversize_ratio, harmful_ratio=cfg.ledger.harmful_ratio)
 
 
 class LedgerSession:
@@ -194,7 +194,7 @@ class LedgerSession:
         vectors = None if self.secagg else (  # under secagg: no update to score or flag
             torch.stack([contribution.flatten(u.delta) for u in updates]) if updates
             else torch.zeros(0, 1, dtype=torch.float64))
-        flags = self._flags(server_round, signers, result, vectors, digests)
+        flags = self._flags(server_round, signers, result, vectors, digests, utility_of)
         scores, mean = self._scores(server_round, updates, flags, vectors, utility_of)
         # clients: (node, account, digest, score, flags) for every signed reply
         rows = [(u.node_id, *signers[u.node_id], scores[i], flags[i]) for i, u in enumerate(updates)
@@ -204,14 +204,21 @@ class LedgerSession:
         return rows, digests, mean
 
     def _flags(self, server_round: int, signers: dict[int, tuple[str, bytes]], result: RoundResult,
-               vectors: torch.Tensor | None, digests: list[bytes]) -> list[list[str]]:
-        """Each accepted update's flags: the scorers' tests, a robust rule's outliers, and an
-        upload that is not the one its client committed to on chain ("invalid")."""
+               vectors: torch.Tensor | None, digests: list[bytes],
+               utility_of: UtilityOf | None = None) -> list[list[str]]:
+        """Each accepted update's flags: the scorers' tests (with `utility_of`, the method's
+        validation utility, each update's validation gain for `harmful`), a robust rule's
+        outliers, and an upload that is not the one its client committed to on chain ("invalid")."""
         updates = result.updates
         broken, order = self.commitments(server_round, signers)
+        gains = (contribution.validation_gains(lambda chosen: utility_of(sorted(chosen)), len(updates))
+                 if utility_of is not None and vectors is not None and self.rules.harmful_ratio > 0 else None)
+        if gains is not None:
+            log.debug("ledger: round %d: validation gains %s", server_round,
+                      {u.node_id: round(g, 6) for u, g in zip(updates, gains)})
         flags = ([[] for _ in updates] if vectors is None
                  else contribution.flag_updates(vectors, digests, self.history, self.rules,
-                                                order=[order.get(u.node_id, 0) for u in updates]))
+                                                order=[order.get(u.node_id, 0) for u in updates], gains=gains))
         for i, u in enumerate(updates):
             if u.node_id in result.outliers:
                 flags[i].append("outlier")
