@@ -256,7 +256,8 @@ RENDER: dict[str, Callable[[dict[str, Any]], Table]] = {
 def command(name: str, d: dict[str, Any]) -> str:
     """The command that produced a bench's JSON, from the settings it records (defaults left out)."""
     setup = d.get("setup", {}) if isinstance(d.get("setup"), dict) else {}
-    defaults = {"diloco": {"steps": 32, "inner-steps": 16, "clients": 4}, "dpo": {"rounds": 3, "steps": 8, "clients": 4}}
+    defaults = {"diloco": {"steps": 32, "inner-steps": 16, "clients": 4}, "dpo": {"rounds": 3, "steps": 8, "clients": 4},
+                "robustness": {"strategies": "fedavg,median,trimmed-mean,krum,multikrum,norm-bounded"}}
     args = [f"--{k} {setup[k]}" for k, v in defaults.get(name, {}).items() if k in setup and setup[k] != v]
     if name == "gpu" and d.get("device") != "cpu":
         args.append("--sizes " + ",".join(d.get("sizes", {})))

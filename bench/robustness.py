@@ -12,7 +12,10 @@ depends only on its request, so replies are reused across runs whose request is 
 (all of round 1). Reported per attack and strategy: the final eval loss relative to the clean
 FedAvg run (goal: some robust strategy within 5% for every attack); per attack: precision and
 recall of the ledger's flags (any flag but the strategies' own "outlier") over the rounds the
-attack is active (replay from round 2), in the FedAvg run (goal >= 0.9 each).
+attack is active (replay from round 2), in the FedAvg run (goal >= 0.9 each), with the ledger's
+defaults (validation gains on: `harmful`, and no noise/opposed for an update the data vouches
+for). The duplicate attack runs on anvil with ledger.commit-reveal, so that the copies can be
+told from the original (without commitments every copy is flagged, the victim too).
 `--quick` runs a tiny random model: it checks the script, its figures mean nothing.
 Prints a table and writes JSON.
 """
@@ -51,8 +54,9 @@ class MemoGrid(LocalGrid):
     def reply(self, message):
         node = message.metadata.dst_node_id
         kind = self.attack if node - 1 in ATTACKERS else "honest"
-        if kind in ("replay", "duplicate"):  # they keep state between rounds (replay) or read another's
-            return super().reply(message)
+        config = message.content.config_records["config"]
+        if kind in ("replay", "duplicate") or config.get("ledger.commit-reveal"):
+            return super().reply(message)  # state between rounds (replay), another's update, a commit on chain
         content = message.content
         digest = hashlib.sha1()
         for name in sorted(content.array_records):
@@ -67,24 +71,36 @@ class MemoGrid(LocalGrid):
 
 
 def run_one(base: dict, attack: str, strategy: str, run_dir: Path) -> dict:
+    """One run; the duplicate attack runs on anvil with ledger.commit-reveal (the in-process
+    engine runs clients in node order, so the victim, partition 0, commits before its copiers):
+    without commitments who copied whom cannot be told, and every copy is flagged."""
+    import contextlib
+
     from fedllm.server.loop import run
 
     flat = {**base, "server.strategy": strategy, "server.run-dir": str(run_dir),
             "server.run-name": f"{attack}-{strategy}",
             "attack.clients": ",".join(f"{p}={attack}" for p in ATTACKERS) if attack != "none" else ""}
     t0 = time.perf_counter()
-    out = run(MemoGrid(attack), Config.from_flat(flat))
+    with contextlib.ExitStack() as stack:
+        if attack == "duplicate":
+            from fedllm.ledger.anvil import anvil
+
+            flat.update({"ledger.chain": stack.enter_context(anvil()), "ledger.commit-reveal": True})
+        out = run(MemoGrid(attack), Config.from_flat(flat))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"attack": attack, "strategy": strategy, "eval-loss": rows[-1]["eval-loss"],
             "eval-loss-start": rows[0]["eval-loss"], "seconds": round(time.perf_counter() - t0, 1),
+            "ledger-seconds": [r.get("ledger", {}).get("seconds") for r in rows[1:]],
             "flags": [{node: flags for node, flags in r.get("ledger", {}).get("flags", {}).items()} for r in rows[1:]]}
 
 
-def detection(result: dict, attack: str) -> tuple[float, float]:
+def detection(result: dict, attack: str) -> dict:
     """Precision and recall of the flags (not "outlier") against the attacker nodes, over the
-    rounds the attack is active."""
+    rounds the attack is active, with the counts and who was flagged wrongly or missed."""
     attackers = {str(p + 1) for p in ATTACKERS} if attack != "none" else set()
     tp = fp = positives = 0
+    wrong, missed = [], []
     for rnd, flags in enumerate(result["flags"], start=1):
         if attack == "replay" and rnd == 1:
             continue  # a replayer has nothing to replay in its first round: it trains honestly
@@ -92,9 +108,31 @@ def detection(result: dict, attack: str) -> tuple[float, float]:
         tp += len(flagged & attackers)
         fp += len(flagged - attackers)
         positives += len(attackers)
+        wrong += [f"round {rnd} node {n}: {'+'.join(flags[n])}" for n in sorted(flagged - attackers)]
+        missed += [f"round {rnd} node {n}" for n in sorted(attackers - flagged)]
     precision = tp / (tp + fp) if tp + fp else (1.0 if positives == 0 else 0.0)
     recall = tp / positives if positives else 1.0
-    return precision, recall
+    return {"precision": precision, "recall": recall, "true-positives": tp, "false-positives": fp,
+            "attacker-rounds": positives, "flagged-honest": wrong, "missed": missed}
+
+
+def summarize(results: list[dict], attacks: list[str]) -> tuple[float, dict, list[dict]]:
+    """(the clean FedAvg run's final eval loss, the table by attack, its rows for the README)."""
+    clean = next(r["eval-loss"] for r in results if r["attack"] == "none" and r["strategy"] == "fedavg")
+    table, rows = {}, []
+    for attack in attacks:
+        rel = {r["strategy"]: r["eval-loss"] / clean for r in results if r["attack"] == attack}
+        fedavg = next(r for r in results if r["attack"] == attack and r["strategy"] == "fedavg")
+        found = detection(fedavg, attack)
+        table[attack] = {"relative-eval-loss": rel, "best": min(rel, key=rel.get), **found}
+        seconds = [s for s in fedavg.get("ledger-seconds", []) if s is not None]
+        rows.append({"attack": attack, "precision": found["precision"], "recall": found["recall"],
+                     "flagged attackers": f"{found['true-positives']}/{found['attacker-rounds']}",
+                     "flagged honest": found["false-positives"],
+                     "best strategy": table[attack]["best"],
+                     "its eval loss / clean": rel[table[attack]["best"]],
+                     "ledger s / round": sum(seconds) / len(seconds) if seconds else None})
+    return clean, table, rows
 
 
 def main() -> None:
@@ -128,12 +166,7 @@ def main() -> None:
             print(f"  {attack:10} {strategy:13} eval loss {r['eval-loss']:.4f} ({r['seconds']:.0f} s)", flush=True)
             if attack == "none" and strategy == "fedavg":
                 honest_norm = median_update_norm(tmp / "none-fedavg")
-    clean = next(r["eval-loss"] for r in results if r["attack"] == "none" and r["strategy"] == "fedavg")
-    table = {}
-    for attack in attacks:
-        rel = {r["strategy"]: r["eval-loss"] / clean for r in results if r["attack"] == attack}
-        p, rc = detection(next(r for r in results if r["attack"] == attack and r["strategy"] == "fedavg"), attack)
-        table[attack] = {"relative-eval-loss": rel, "best": min(rel, key=rel.get), "precision": p, "recall": rc}
+    clean, table, rows = summarize(results, attacks)
     print(f"\nfinal eval loss / clean FedAvg's ({clean:.4f}); {CLIENTS} clients, attackers {list(ATTACKERS)}, "
           f"{args.rounds} rounds x {args.steps} steps")
     print(f"{'attack':11}" + "".join(f"{s:>13}" for s in strategies) + f"{'best':>14}{'precision':>10}{'recall':>8}")
@@ -141,8 +174,11 @@ def main() -> None:
         best = t["relative-eval-loss"][t["best"]]
         print(f"{attack:11}" + "".join(f"{t['relative-eval-loss'][s]:>13.4f}" for s in strategies)
               + f"{t['best']:>14}{t['precision']:>10.2f}{t['recall']:>8.2f}" + ("" if best <= 1.05 else "  (> 1.05)"))
-    args.out.write_text(json.dumps({"rounds": args.rounds, "steps": args.steps, "quick": args.quick,
-                                    "clean-eval-loss": clean, "table": table, "runs": results}, indent=2) + "\n")
+    setup = {"rounds": args.rounds, "steps": args.steps, "attacks": ",".join(attacks[1:]),
+             "strategies": ",".join(strategies)}
+    args.out.write_text(json.dumps({"rounds": args.rounds, "steps": args.steps, "quick": args.quick, "setup": setup,
+                                    "clean-eval-loss": clean, "rows": rows, "table": table, "runs": results},
+                                   indent=2) + "\n")
     print(f"wrote {args.out}")
 
 
