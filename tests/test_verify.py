@@ -92,10 +92,10 @@ def test_a_manifest_rewritten_after_posting_is_not_the_posted_one(honest_run, tm
 def test_a_dishonest_aggregators_score_reward_or_aggregate_is_caught(tiny_model_dir, tmp_path, monkeypatch):
     """Three servers that each post something other than what their inputs give: a score raised,
     the reward shared out unevenly, the aggregate scaled. verify names the difference."""
-    from fedllm.ledger import session
+    from fedllm.ledger import scoring, session
     from fedllm.methods.adapters.server import LoraServer
 
-    honest_scores, honest_settle, honest_apply = session.LedgerSession._scores, session.settle, LoraServer.apply
+    honest_scores, honest_settle, honest_apply = session.LedgerSession._scores, scoring.settle, LoraServer.apply
 
     def raised(self, *args, **kwargs):
         scores, mean = honest_scores(self, *args, **kwargs)
@@ -109,7 +109,7 @@ def test_a_dishonest_aggregators_score_reward_or_aggregate_is_caught(tiny_model_
         return honest_apply(self, {k: 2 * t for k, t in aggregate.items()}, updates, server_round)
 
     for name, (owner, attr, dishonest) in {"score": (session.LedgerSession, "_scores", raised),
-                                           "reward": (session, "settle", uneven),
+                                           "reward": (scoring, "settle", uneven),
                                            "aggregate": (LoraServer, "apply", scaled)}.items():
         with monkeypatch.context() as m:
             m.setattr(owner, attr, dishonest)

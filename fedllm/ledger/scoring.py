@@ -42,6 +42,7 @@ from typing import Any, Callable
 
 import torch
 
+from fedllm.ledger.merkle import Leaf
 from fedllm.registry import Registry
 
 Utility = Callable[[frozenset[int]], float]
@@ -282,3 +283,16 @@ def reward_shares(budget: int, scores: list[int]) -> list[int]:
     if total == 0 or budget <= 0:
         return [0] * len(scores)
     return [budget * max(s, 0) // total for s in scores]
+
+
+SCORE_SCALE = 10**6  # scores travel as fixed-point integers
+Row = tuple[int, str, bytes, float, list[str]]  # a ledger row: node, account, update hash, score, flags
+
+
+def settle(server_round: int, rows: list[Row], budget: int, before: dict[str, int]) -> list[Leaf]:
+    """Each row's leaf: its fixed-point score and cumulative reward (`before` plus its share of
+    `budget`, proportional to the scores)."""
+    fixed = [int(max(score, 0.0) * SCORE_SCALE) for *_, score, _ in rows]
+    shares = reward_shares(budget, fixed)
+    return [Leaf(server_round, account, score, before[account] + share, digest)
+            for (_, account, digest, _, _), score, share in zip(rows, fixed, shares)]

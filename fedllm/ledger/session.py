@@ -28,28 +28,16 @@ from fedllm.protocol import METRICS, RoundResult
 
 log = logging.getLogger(__name__)
 
-SCORE_SCALE = 10**6  # scores travel as fixed-point integers
 UtilityOf = Callable[[list[int]], float]  # indices of accepted updates -> minus validation loss
-
-
-Row = tuple[int, str, bytes, float, list[str]]  # node, account, update hash, score, flags
-
-
-def settle(server_round: int, rows: list[Row], budget: int, before: dict[str, int]) -> list[Leaf]:
-    """Each row's leaf: its fixed-point score and cumulative reward (`before` plus its share of
-    `budget`, proportional to the scores)."""
-    fixed = [int(max(score, 0.0) * SCORE_SCALE) for *_, score, _ in rows]
-    shares = contribution.reward_shares(budget, fixed)
-    return [Leaf(server_round, account, score, before[account] + share, digest)
-            for (_, account, digest, _, _), score, share in zip(rows, fixed, shares)]
 
 
 def flag_rules(cfg: Config) -> contribution.FlagRules:
     """The flags' thresholds for a run (the server's and `fedllm verify`'s)."""
     # zo updates live on the clients' own draws from the seed pool, which barely overlap, so
     # an honest update is as unaligned with the others as noise: no noise test there
-    return contribution.FlagRules(cfg.ledger.free_rider_ratio, cfg.ledger.noise_z if cfg.train.method == "lora" else 0.0,
-                                  oversize_ratio=cfg.ledger.oversize_ratio, harmful_ratio=cfg.ledger.harmful_ratio)
+    lc = cfg.ledger
+    return contribution.FlagRules(lc.free_rider_ratio, lc.noise_z if cfg.train.method == "lora" else 0.0,
+                                  oversize_ratio=lc.oversize_ratio, harmful_ratio=lc.harmful_ratio)
 
 
 class LedgerSession:
@@ -185,7 +173,7 @@ class LedgerSession:
         return out
 
     def assess(self, server_round: int, signers: dict[int, tuple[str, bytes]], result: RoundResult,
-               utility_of: UtilityOf | None = None) -> tuple[list[Row], list[bytes], torch.Tensor | None]:
+               utility_of: UtilityOf | None = None) -> tuple[list[contribution.Row], list[bytes], torch.Tensor | None]:
         """The round's rows (node, account, update hash, score, flags: one per signed reply), the
         accepted updates' hashes and the example-weighted mean of the unflagged ones; what `record`
         posts, and what `fedllm verify` recomputes with a `replica`."""
@@ -248,14 +236,14 @@ class LedgerSession:
             scores[i] = s
         return scores, mean
 
-    def _post(self, server_round: int, rows: list[Row], model_hash: bytes,
+    def _post(self, server_round: int, rows: list[contribution.Row], model_hash: bytes,
               inputs: dict[str, Any] | None = None) -> dict[str, Any]:
         """Shares of the round's reward by score, the round's Merkle root (and, with `inputs`, its
         manifest: fedllm.ledger.artifacts) on chain, the slashes, and RUN_DIR/ledger/round-N.json
         with every client's leaf and proof."""
         budget = min(ledger.to_wei(self.lc.reward_per_round), self.contract.view("pool"))
         before = {account: self.accounts[account]["cumulative"] for _, account, *_ in rows}
-        leaves = settle(server_round, rows, budget, before)
+        leaves = contribution.settle(server_round, rows, budget, before)
         shares = [leaf.cumulative - before[leaf.client] for leaf in leaves]
         for leaf in leaves:
             self.accounts[leaf.client]["cumulative"] = leaf.cumulative

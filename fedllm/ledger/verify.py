@@ -9,7 +9,7 @@ the server used:
   loaded with the recorded state before the round and concludes the round on the recorded
   updates; the global state's digest must equal the posted model hash;
 - the flags and scores (`LedgerSession.assess` on a replica holding the recorded flag history
-  and commitments), the reward shares and cumulative rewards (`session.settle`) and the Merkle
+  and commitments), the reward shares and cumulative rewards (`scoring.settle`) and the Merkle
   root over the leaves, which must equal the posted root.
 
 What was posted is read from the chain (ledger.chain in the run's config, or `--chain URL`).
@@ -166,7 +166,7 @@ class Verifier:
         import torch
 
         from fedllm.ledger import scoring
-        from fedllm.ledger.session import LedgerSession, settle
+        from fedllm.ledger.session import LedgerSession
         from fedllm.protocol import Update
         from fedllm.server.loop import needs_utility
 
@@ -189,7 +189,7 @@ class Verifier:
             history = scoring.History.from_state(self.store.get_state(m["history-before"]))
             signers = {int(k): (a, bytes.fromhex(d)) for k, (a, d) in m["signers"].items()}
             rows, _, _ = LedgerSession.replica(cfg, history, seen, n).assess(n, signers, result, utility)
-            leaves = settle(n, rows, int(m["budget"]), {a: int(c) for a, c in m["cumulative-before"].items()})
+            leaves = scoring.settle(n, rows, int(m["budget"]), {a: int(c) for a, c in m["cumulative-before"].items()})
         except (KeyError, TypeError, ValueError) as err:
             raise ArtifactError(f"manifest of round {n}: malformed ({type(err).__name__}: {err})") from None
         tree = MerkleTree(leaves) if leaves else None
