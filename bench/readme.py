@@ -267,15 +267,16 @@ def command(name: str, d: dict[str, Any]) -> str:
 # ---- notes: what a recorded run shows, kept only while its JSON is the one they were written for ----
 
 NOTES: dict[str, tuple[str, str]] = {  # bench: (sha256 prefix of its JSON, the note)
-    "robustness": ("c237aca1fa47", """\
-FedAvg only (the flags' figures; the robust strategies were not rerun: their eval-loss goal is the short
-suite's, bench/results.json). Flags: precision and recall 1.00 for zero, noise, sign-flip, scale, replay and
-duplicate (on anvil with commit-reveal), no honest client flagged in any run. label-flip: no flag raised
-(recall 0): at 2 local steps a label-flipped update's validation gains sit inside the honest spread (the
-parity flipper's gain on its own family's examples even above its honest twin's) and the run's eval loss
-is 1.001 of the clean run's; nothing in the data tells it, and the harmful test does not guess. The
-validation gains cost 11 evaluations of 16 examples a round: 50 to 80 s on one CPU thread, the rest of the
-ledger about 1 s. Two invocations merged (see the JSON's note)."""),
+    "robustness": ("e3127dd1d277", """\
+FedAvg for every attack (the flags' figures), median for the clean run, zero, noise and sign-flip (the
+attacks where FedAvg ends above 1.05 of clean): the worst attack's best strategy is then replay's FedAvg at
+1.031. Flags: precision and recall 1.00 for zero, noise, sign-flip, scale, replay and duplicate (on anvil
+with commit-reveal), no honest client flagged in any run. label-flip: no flag raised (recall 0): at 2 local
+steps a label-flipped update's validation gains sit inside the honest spread (the parity flipper's gain on
+its own family's examples even above its honest twin's) and the run's eval loss is 1.001 of the clean
+run's; nothing in the data tells it, and the harmful test does not guess. The validation gains cost 11
+evaluations of 16 examples a round: 50 to 80 s on one CPU thread, the rest of the ledger about 1 s. Three
+invocations merged (see the JSON's note)."""),
     "zo": ("3aaa566ca864", """\
 fedllm's device-independent z is faster than what it replaced on the CPU: Gaussian 2.68x torch.randn,
 Rademacher 1.16x numpy SFC64 signs (goal 1.0x each); Rademacher z is 9.54x torch.randn (goal 5x)."""),
