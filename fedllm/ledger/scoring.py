@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -48,6 +49,12 @@ from fedllm.registry import Registry
 Utility = Callable[[frozenset[int]], float]
 Scorer = Callable[[torch.Tensor, list[float], torch.Tensor, Utility | None], list[float]]
 SCORERS: Registry[Scorer] = Registry("scorer", "ledger.scorer")
+
+
+def needs_utility(lc: Any) -> bool:
+    """Whether a run's ledger (its LedgerConfig) calls the method's validation utility: its
+    scorer does, or the harmful flag's validation gains are on (ledger.harmful-ratio above 0)."""
+    return bool(SCORERS.get(lc.scorer).meta.get("needs_utility")) or lc.harmful_ratio > 0
 
 
 def register_scorer(name: str, **meta: Any) -> Callable[[Scorer], Scorer]:
@@ -152,11 +159,10 @@ def helpful(gains: list[float], active: list[bool], ratio: float) -> list[bool |
     updates: True (gain >= ratio x m: it lowers the loss), False (gain < -ratio x m: it raises
     it) or None (in between; an inactive update; `ratio` 0; or m <= 0, a round in which the data
     confirms no direction)."""
-    values = sorted(g for g, a in zip(gains, active) if a)
+    values = [g for g, a in zip(gains, active) if a]
     if ratio <= 0 or not values:
         return [None] * len(gains)
-    k = len(values)
-    median = (values[(k - 1) // 2] + values[k // 2]) / 2
+    median = statistics.median(values)
     if not median > 0:
         return [None] * len(gains)
     return [None if not a else True if g >= ratio * median else False if g < -ratio * median else None

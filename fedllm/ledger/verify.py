@@ -98,14 +98,15 @@ def posted_rounds(run_dir: Path, chain: str | None = None) -> tuple[dict[int, di
     if url == "tester":
         return records, "the run's records (ledger.chain=tester ended with its server)"
     from fedllm.ledger import chain as ledger
+    from fedllm.ledger.dispute import Disputes
 
-    contract = ledger.Ledger(ledger.connect(url), meta["contract"])
+    court = Disputes(ledger.Ledger(ledger.connect(url), meta["contract"]))
     out = {}
-    for n in range(1, contract.view("lastRound") + 1):
-        root = contract.view("roundRoot", n)
-        if root != bytes(32):
-            out[n] = {"root": root.hex(), "model-hash": contract.view("modelHash", n).hex(),
-                      "manifest": contract.view("rounds", n)[0].hex()}
+    for n in range(1, court.ledger.view("lastRound") + 1):
+        record = court.round(n)  # after an overturn: the committee's root and model hash
+        if record.root != bytes(32):
+            out[n] = {"root": record.root.hex(), "model-hash": record.model_hash.hex(),
+                      "manifest": record.manifest.hex()}
     return out, f"FedLedger {meta['contract']} on {url}"
 
 
@@ -168,7 +169,6 @@ class Verifier:
         from fedllm.ledger import scoring
         from fedllm.ledger.session import LedgerSession
         from fedllm.protocol import Update
-        from fedllm.server.loop import needs_utility
 
         try:
             cfg, strategy = self.strategy(m["config"])
@@ -183,7 +183,7 @@ class Verifier:
             result = strategy.conclude(n, updates, dropped, None, 0)
             model_hash = strategy.method.digest()
             utility = (strategy.method.utility(list(result.updates), self.store.get_json(m["validation"]))
-                       if needs_utility(cfg) else None)
+                       if scoring.needs_utility(cfg.ledger) else None)
             seen = ({int(x) for x in m["commitments"]["broken"]},
                     {int(k): int(v) for k, v in m["commitments"]["order"].items()})
             history = scoring.History.from_state(self.store.get_state(m["history-before"]))

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from fedllm import rng
 from fedllm.server import checkpoint
 from fedllm.config import Config
-from fedllm.ledger.scoring import SCORERS
+from fedllm.ledger.scoring import needs_utility
 from fedllm.evaluation.held_out import em_subset
 from fedllm.methods import data_splits
 from fedllm.protocol import METRICS
@@ -136,12 +136,6 @@ def round_row(server_round: int, outcome: RoundOutcome, figures: dict[str, Any],
     }
 
 
-def needs_utility(cfg: Config) -> bool:
-    """Whether the ledger calls the method's validation utility: ledger.scorer does, or the
-    harmful flag's validation gains are on (ledger.harmful-ratio above 0)."""
-    return bool(SCORERS.get(cfg.ledger.scorer).meta.get("needs_utility")) or cfg.ledger.harmful_ratio > 0
-
-
 def _books(cfg: Config, run_dir: Path, ckpt: dict[str, Any] | None) -> Any:
     """The ledger session (ledger.enabled), continued from the checkpoint's cursor on a resume."""
     if not cfg.ledger.enabled:
@@ -178,7 +172,7 @@ def _account(cfg: Config, books: Any, server_round: int, outcome: RoundOutcome, 
     if books is None:
         return {}
     method, result = strategy.method, outcome.result
-    utility = method.utility(list(result.updates), validation) if needs_utility(cfg) else None
+    utility = method.utility(list(result.updates), validation) if needs_utility(cfg.ledger) else None
     signers: dict[int, Any] = {}
     for trained, replies in _by_round(outcome.replies, server_round).items():  # async: stale replies signed theirs
         signers.update(books.signers(trained, replies))

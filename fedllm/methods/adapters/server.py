@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from fedllm.compression import Feedback, compress, decode, parse
 from fedllm.config import Config
-from fedllm.ledger.scoring import SCORERS
+from fedllm.ledger.scoring import needs_utility
 from fedllm.evaluation.held_out import eval_loss
 from fedllm.methods.base import Ask, UtilityOf
 from fedllm.methods.downlink import Downlink
@@ -27,9 +27,7 @@ from fedllm.protocol import (ARRAYS, DOWN, LEDGER, METRICS, PEFT, SCORES, UPDATE
 def needs_model(cfg: Config) -> bool:
     """Whether the server loads the base model: to evaluate, merge, or score or flag on validation
     (a scorer with needs_utility, or the harmful flag's validation gains)."""
-    scorer = SCORERS.get(cfg.ledger.scorer)
-    return cfg.server.evaluate or cfg.server.merge or (cfg.ledger.enabled and (
-        bool(scorer.meta.get("needs_utility")) or cfg.ledger.harmful_ratio > 0))
+    return cfg.server.evaluate or cfg.server.merge or (cfg.ledger.enabled and needs_utility(cfg.ledger))
 
 
 class LoraServer:
